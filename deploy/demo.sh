@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# `make demo`: migrate, seed a demo cluster + endpoint, create a demo API key, then run the fake
+# model server and the gateway (gunicorn + uvicorn worker) on 127.0.0.1 until Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+GATEWAY_PORT="${GATEWAY_PORT:-8000}"
+MODEL_PORT="${MODEL_PORT:-8001}"
+BASE_URL="http://127.0.0.1:${GATEWAY_PORT}/resource_server/v1"
+
+python manage.py migrate --verbosity 0
+python manage.py seed_demo --model-url "http://127.0.0.1:${MODEL_PORT}/v1"
+KEY="$(python manage.py create_api_key --user demo@example.org --name demo 2>/dev/null)"
+
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; echo "Stopped."; }
+trap cleanup EXIT INT TERM
+
+python manage.py fake_vllm --port "$MODEL_PORT" --ttft 0.05 --tokens-per-second 40 &
+pids+=($!)
+gunicorn -c deploy/gunicorn.conf.py --bind "127.0.0.1:${GATEWAY_PORT}" --workers 1 &
+pids+=($!)
+
+for _ in $(seq 1 100); do
+  curl -sf "http://127.0.0.1:${GATEWAY_PORT}/resource_server/health" >/dev/null && break
+  sleep 0.1
+done
+
+cat <<MSG
+
+The gateway is running at ${BASE_URL}  (admin: http://127.0.0.1:${GATEWAY_PORT}/admin/ after
+'python manage.py createsuperuser'; API docs: http://127.0.0.1:${GATEWAY_PORT}/resource_server/docs)
+
+Your demo API key (shown once):  ${KEY}
+
+Try it with curl:
+
+  curl ${BASE_URL}/chat/completions \\
+    -H "Authorization: Bearer ${KEY}" -H "Content-Type: application/json" \\
+    -d '{"model": "demo-model", "messages": [{"role": "user", "content": "Hello!"}]}'
+
+or with the OpenAI Python client (.venv/bin/python):
+
+  from openai import OpenAI
+  client = OpenAI(base_url="${BASE_URL}", api_key="${KEY}")
+  reply = client.chat.completions.create(model="demo-model", messages=[{"role": "user", "content": "Hello!"}])
+  print(reply.choices[0].message.content)
+  for chunk in client.chat.completions.create(model="demo-model", stream=True,
+                                              messages=[{"role": "user", "content": "Tell me more"}]):
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+Press Ctrl-C to stop.
+MSG
+wait -n "${pids[@]}"

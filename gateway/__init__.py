@@ -1,0 +1,1 @@
+"""Django project of the inference gateway: settings, URLs and the ASGI/WSGI entry points."""

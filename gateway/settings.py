@@ -1,0 +1,124 @@
+"""Django settings, derived from the typed `GatewaySettings` read from the environment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dj_database_url
+
+from gateway.config import GatewaySettings
+
+GATEWAY = GatewaySettings()
+GATEWAY.check_production_safety()
+
+SECRET_KEY = GATEWAY.SECRET_KEY or GATEWAY.development_secret_key()
+DEBUG = GATEWAY.DEBUG
+ALLOWED_HOSTS = GATEWAY.ALLOWED_HOSTS
+CSRF_TRUSTED_ORIGINS = GATEWAY.CSRF_TRUSTED_ORIGINS
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "ninja",
+    "resource_server",
+]
+
+MIDDLEWARE = [
+    "resource_server.middleware.RequestContextMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "gateway.urls"
+ASGI_APPLICATION = "gateway.asgi.application"
+WSGI_APPLICATION = "gateway.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+def _database() -> dict[str, Any]:
+    if GATEWAY.DATABASE_URL:
+        config: dict[str, Any] = dict(
+            dj_database_url.parse(GATEWAY.DATABASE_URL, conn_max_age=60, conn_health_checks=True)
+        )
+        return config
+    GATEWAY.DATA_DIR.mkdir(parents=True, exist_ok=True)
+    return {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": GATEWAY.DATA_DIR / "gateway.sqlite3",
+        # A file, not memory, so that end-to-end tests' server processes share the test database.
+        "TEST": {"NAME": GATEWAY.DATA_DIR / "test.sqlite3"},
+        "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+    }
+
+
+DATABASES = {"default": _database()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+if GATEWAY.REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": GATEWAY.REDIS_URL,
+            "KEY_PREFIX": "gateway",
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = GATEWAY.DATA_DIR / "static"
+
+if GATEWAY.is_production:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": GATEWAY.LOG_LEVEL},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        # httpx logs every upstream request at INFO: one line per inference is noise, not signal.
+        "httpx": {"level": "WARNING"},
+    },
+}
+DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY.MAX_REQUEST_BYTES

@@ -1,0 +1,1 @@
+"""The gateway app: data model, admin, OpenAI-compatible API, auth and dispatch to model servers."""

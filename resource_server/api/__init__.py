@@ -1,0 +1,1 @@
+"""The HTTP API (django-ninja), mounted at /resource_server/."""

@@ -1,0 +1,33 @@
+"""Bearer authentication for ninja operations, backed by the authenticator chain."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest
+from ninja.security.http import HttpAuthBase
+
+from resource_server.auth.base import Principal
+from resource_server.auth.chain import principal_from_token
+from resource_server.errors import AuthenticationFailed
+
+
+class BearerAuth(HttpAuthBase):
+    openapi_scheme = "bearer"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_async = True
+
+    async def __call__(self, request: HttpRequest) -> Principal:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationFailed(
+                "Missing credentials: send 'Authorization: Bearer <token>' with a Globus access token "
+                "or a gateway API key.",
+                code="missing_credentials",
+                bearer_error="invalid_request",
+            )
+        return await principal_from_token(token)
+
+
+bearer_auth = BearerAuth()

@@ -1,0 +1,1 @@
+"""Dispatch: one backend module per way of reaching a model server, chosen per Endpoint."""

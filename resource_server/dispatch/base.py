@@ -1,0 +1,136 @@
+"""The Backend seam: how the gateway hands a validated request to a model server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+import orjson
+
+from resource_server.errors import ServiceUnavailable, UpstreamError
+
+logger = logging.getLogger(__name__)
+
+
+class Route(StrEnum):
+    """OpenAI routes the gateway serves, as paths relative to a server's `/v1/`."""
+
+    CHAT = "chat/completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    route: Route
+    body: dict[str, Any]
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class BackendHealth:
+    ok: bool
+    detail: str
+
+
+class UpstreamStream(Protocol):
+    """An opened upstream stream: yields complete SSE events (`data: ...\\n\\n`) as they arrive."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Backend(Protocol):
+    async def submit(self, request: UpstreamRequest) -> bytes:
+        """Send a non-streamed request; return the JSON body of a 2xx reply or raise UpstreamError."""
+        ...
+
+    async def open_stream(self, request: UpstreamRequest) -> UpstreamStream:
+        """Start a streamed request; raise UpstreamError if the server refuses it before streaming."""
+        ...
+
+    async def health(self) -> BackendHealth: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SseSplitter:
+    """Cuts a byte stream into whole server-sent events, so each is relayed as soon as it is complete."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._pending + chunk if self._pending else chunk
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        *events, self._pending = data.split(b"\n\n")
+        return [event + b"\n\n" for event in events if event]
+
+
+def _error_message(content: bytes) -> str:
+    """The message of an OpenAI, vLLM or FastAPI error body; empty if there is none."""
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return ""
+    if not isinstance(body, dict):
+        return ""
+    error = body.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    for key in ("message", "detail"):
+        if isinstance(body.get(key), str):
+            return str(body[key])
+    return ""
+
+
+_CLIENT_ERROR_CODES = {
+    400: "invalid_request",
+    404: "model_not_found",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+}
+
+
+def upstream_error(status: int, content: bytes, *, model_server: str) -> UpstreamError | ServiceUnavailable:
+    """What the caller gets when the model server answers `status`.
+
+    The caller's own mistakes (4xx) reach them as that 4xx with the server's message, so that
+    "prompt too long" is a 400 they can act on. Server failures become 502/503/504 without the
+    server's internals, which are logged instead.
+    """
+    message = _error_message(content)
+    if 400 <= status < 500 and status not in (401, 403, 407):
+        code = _CLIENT_ERROR_CODES.get(status, "invalid_request")
+        if "maximum context length" in message or "context length" in message:
+            code = "context_length_exceeded"
+        return UpstreamError(
+            message or f"The model server rejected the request (HTTP {status}).",
+            status=status,
+            error_type="invalid_request_error",
+            code=code,
+        )
+    logger.warning("model server %s answered HTTP %s: %s", model_server, status, message[:500])
+    if status in (401, 403, 407):
+        return UpstreamError(
+            "The model server refused the gateway's credentials. Please tell the gateway administrators.",
+            code="upstream_auth_failed",
+        )
+    if status == 503:
+        return ServiceUnavailable(
+            "The model server is temporarily unavailable. Please retry shortly.",
+            retry_after=5,
+            code="upstream_unavailable",
+        )
+    if status == 504:
+        return UpstreamError("The model server timed out.", status=504, code="upstream_timeout")
+    return UpstreamError(
+        f"The model server failed (HTTP {status}). Please retry; if it persists, tell the administrators."
+    )

@@ -1,0 +1,164 @@
+"""Data held by the gateway: clusters, the endpoints that serve models on them, users, keys, usage."""
+
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.utils import timezone
+
+from resource_server.dispatch.registry import BACKEND_CHOICES, backend_config_errors
+
+
+def _string_list_validator(value: object) -> None:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ValidationError('Enter a JSON list of non-empty strings, for example ["anl.gov"].')
+
+
+class AccessRules(models.Model):
+    """Who may use a cluster or endpoint: empty lists mean everyone the gateway admits."""
+
+    allowed_groups = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[_string_list_validator],
+        help_text="Globus group UUIDs; a caller in any of them is allowed. Empty: no group rule.",
+    )
+    allowed_domains = models.JSONField(
+        default=list,
+        blank=True,
+        validators=[_string_list_validator],
+        help_text="Identity-provider domains such as anl.gov; a caller from any of them is allowed. "
+        "Empty: no domain rule.",
+    )
+
+    class Meta:
+        abstract = True
+
+
+class Cluster(AccessRules):
+    name = models.SlugField(max_length=64, unique=True, help_text="Used in URLs: /resource_server/<name>/...")
+    description = models.TextField(blank=True)
+    maintenance = models.BooleanField(
+        default=False, help_text="While on, requests for this cluster's models get 503 with the message below."
+    )
+    maintenance_message = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Framework(models.TextChoices):
+    VLLM = "vllm", "vLLM"
+    SGLANG = "sglang", "SGLang"
+    OPENAI = "openai", "OpenAI-compatible"
+
+
+class Endpoint(AccessRules):
+    """One model served on one cluster through one framework and one backend."""
+
+    cluster = models.ForeignKey(Cluster, on_delete=models.PROTECT, related_name="endpoints")
+    framework = models.CharField(max_length=32, choices=Framework.choices, default=Framework.VLLM)
+    model = models.CharField(
+        max_length=255, help_text="Exactly as researchers send it, e.g. meta-llama/Llama-3.1-8B-Instruct."
+    )
+    backend = models.CharField(max_length=32, choices=BACKEND_CHOICES)
+    backend_config = models.JSONField(
+        default=dict, help_text="Settings of the chosen backend; see the admin guide for each backend."
+    )
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model", "cluster__name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["cluster", "framework", "model"], name="endpoint_unique_model_per_cluster_framework"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} ({self.framework})"
+
+    def clean(self) -> None:
+        super().clean()
+        if self.model != self.model.strip() or not self.model:
+            raise ValidationError({"model": "The model name must not be empty or start/end with spaces."})
+        errors = backend_config_errors(self.backend, self.backend_config)
+        if errors:
+            raise ValidationError({"backend_config": errors})
+
+
+class User(models.Model):
+    """A researcher (or service client) known to the gateway by their identity."""
+
+    identity_id = models.CharField(max_length=64, unique=True, help_text="Globus identity UUID, or a local id.")
+    username = models.CharField(max_length=255, unique=True, help_text="e.g. jdoe@anl.gov")
+    name = models.CharField(max_length=255, blank=True)
+    identity_provider = models.CharField(max_length=255, blank=True)
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["username"]
+
+    def __str__(self) -> str:
+        return self.username
+
+
+class ApiKey(models.Model):
+    """A gateway API key. Only a hash of the secret is stored; the key is shown once at creation."""
+
+    owner = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=32, unique=True, editable=False, help_text="Visible part of the key.")
+    secret_hash = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.name})"
+
+
+class RequestLog(models.Model):
+    """One row per inference request, success or error."""
+
+    request_id = models.CharField(max_length=64, unique=True)
+    user = models.ForeignKey(User, on_delete=models.PROTECT, related_name="requests")
+    api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="requests")
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.SET_NULL, null=True, blank=True, related_name="requests")
+    model = models.CharField(max_length=255, blank=True, help_text="Model name as the caller sent it.")
+    route = models.CharField(max_length=32)
+    streamed = models.BooleanField(default=False)
+    status_code = models.PositiveSmallIntegerField()
+    error_code = models.CharField(max_length=64, blank=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    total_tokens = models.PositiveIntegerField(null=True, blank=True)
+    latency_ms = models.FloatField()
+    time_to_first_token_ms = models.FloatField(null=True, blank=True)
+    request_body = models.JSONField(null=True, blank=True)
+    response_body = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, help_text="When the request arrived.")
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["user", "created_at"], name="requestlog_user_time"),
+            models.Index(fields=["model", "created_at"], name="requestlog_model_time"),
+            models.Index(fields=["created_at"], name="requestlog_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.route} {self.status_code}"

@@ -1,0 +1,1 @@
+"""Selectors: read-only queries, named <entity>_<get|list|resolve>."""

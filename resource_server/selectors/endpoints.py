@@ -1,0 +1,164 @@
+"""Which endpoint serves a model for a caller, read from a routing table each worker keeps.
+
+The table is reloaded from the database at most every ROUTING_CACHE_SECONDS, so admin changes
+reach every worker within that time without a query on each request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from pydantic import BaseModel, ValidationError
+
+from resource_server.auth.base import Principal
+from resource_server.dispatch.registry import BACKENDS
+from resource_server.errors import NotFound, PermissionDenied, ServiceUnavailable
+from resource_server.models import Cluster, Endpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRule:
+    groups: frozenset[str]
+    domains: frozenset[str]
+
+    def allows(self, principal: Principal) -> bool:
+        if not self.groups and not self.domains:
+            return True
+        return bool(self.groups & principal.groups) or principal.domain in self.domains
+
+
+def _rule(groups: list[str], domains: list[str]) -> AccessRule:
+    return AccessRule(frozenset(groups), frozenset(domain.lower() for domain in domains))
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRoute:
+    id: int
+    model: str
+    framework: str
+    cluster: str
+    backend: str
+    config: BaseModel
+    created: int
+    maintenance_message: str | None
+    rules: tuple[AccessRule, AccessRule]
+
+    def allows(self, principal: Principal) -> bool:
+        return all(rule.allows(principal) for rule in self.rules)
+
+    def serves(self, cluster: str | None, framework: str | None) -> bool:
+        """Whether this route is in the scope of a FIRST path (None: any cluster / framework)."""
+        return (cluster is None or self.cluster == cluster) and (framework is None or self.framework == framework)
+
+
+@dataclass(slots=True)
+class RoutingTable:
+    by_model: dict[str, list[EndpointRoute]] = field(default_factory=dict)
+    clusters: frozenset[str] = frozenset()
+    loaded_at: float = float("-inf")
+
+
+_table = RoutingTable()
+
+
+def _load_table() -> RoutingTable:
+    by_model: dict[str, list[EndpointRoute]] = defaultdict(list)
+    for endpoint in Endpoint.objects.filter(enabled=True).select_related("cluster"):
+        cluster = endpoint.cluster
+        try:
+            config = BACKENDS[endpoint.backend].config_model.model_validate(endpoint.backend_config)
+        except (KeyError, ValidationError):
+            logger.error("endpoint %s has an invalid backend config; it is not served", endpoint.pk)
+            continue
+        by_model[endpoint.model].append(
+            EndpointRoute(
+                id=endpoint.pk,
+                model=endpoint.model,
+                framework=endpoint.framework,
+                cluster=cluster.name,
+                backend=endpoint.backend,
+                config=config,
+                created=int(endpoint.created_at.timestamp()),
+                maintenance_message=(cluster.maintenance_message or "The cluster is under maintenance.")
+                if cluster.maintenance
+                else None,
+                rules=(
+                    _rule(cluster.allowed_groups, cluster.allowed_domains),
+                    _rule(endpoint.allowed_groups, endpoint.allowed_domains),
+                ),
+            )
+        )
+    clusters = frozenset(Cluster.objects.values_list("name", flat=True))
+    return RoutingTable(by_model=dict(by_model), clusters=clusters, loaded_at=time.monotonic())
+
+
+async def routing_table() -> RoutingTable:
+    global _table
+    if time.monotonic() - _table.loaded_at >= settings.GATEWAY.ROUTING_CACHE_SECONDS:
+        _table = await sync_to_async(_load_table)()
+    return _table
+
+
+def routing_table_forget() -> None:
+    """Make the next request reload the table (used after admin edits in this process, and by tests)."""
+    global _table
+    _table = RoutingTable()
+
+
+def _check_scope(table: RoutingTable, cluster: str | None) -> None:
+    if cluster is not None and cluster not in table.clusters:
+        raise NotFound(f"There is no cluster named {cluster!r} on this gateway.", code="cluster_not_found")
+
+
+async def endpoint_resolve(
+    *, principal: Principal, model: str, cluster: str | None = None, framework: str | None = None
+) -> EndpointRoute:
+    """The endpoint that serves `model` to `principal`, or the error that explains why none does."""
+    table = await routing_table()
+    _check_scope(table, cluster)
+    candidates = [route for route in table.by_model.get(model, ()) if route.serves(cluster, framework)]
+    if not candidates:
+        where = f" on {cluster}/{framework}" if cluster else ""
+        raise NotFound(
+            f"The model `{model}` does not exist{where}. GET /v1/models lists the models you can use.",
+            code="model_not_found",
+            param="model",
+        )
+    allowed = [route for route in candidates if route.allows(principal)]
+    if not allowed:
+        raise PermissionDenied(
+            f"You do not have access to the model `{model}`. Ask the gateway administrators which group grants it.",
+            code="model_access_denied",
+            param="model",
+        )
+    for route in allowed:
+        if route.maintenance_message is None:
+            return route
+    raise ServiceUnavailable(
+        f"The model `{model}` is unavailable: {allowed[0].maintenance_message}",
+        retry_after=300,
+        code="cluster_maintenance",
+    )
+
+
+async def model_list(
+    *, principal: Principal, cluster: str | None = None, framework: str | None = None
+) -> list[dict[str, object]]:
+    """Models the caller may use, in OpenAI's list shape, one entry per model name."""
+    table = await routing_table()
+    _check_scope(table, cluster)
+    models: dict[str, dict[str, object]] = {}
+    for name, routes in table.by_model.items():
+        for route in routes:
+            if route.serves(cluster, framework) and route.allows(principal):
+                models.setdefault(
+                    name, {"id": name, "object": "model", "created": route.created, "owned_by": route.cluster}
+                )
+    return [models[name] for name in sorted(models)]

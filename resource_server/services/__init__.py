@@ -1,0 +1,1 @@
+"""Services: the gateway's work and side effects, named <entity>_<action>."""

@@ -1,0 +1,215 @@
+"""The UsageSink: one RequestLog row per inference request, written off the request path.
+
+Requests hand records to an in-memory queue and never wait on the database. A background
+thread writes them in batches. While the database is down it keeps the records and retries;
+at shutdown whatever could not be written goes to a spool file that the next start replays.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from django.conf import settings
+from django.db import IntegrityError, close_old_connections, transaction
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from resource_server.models import ApiKey, RequestLog
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    request_id: str
+    user_id: int
+    route: str
+    api_key_id: int | None = None
+    created_at: datetime = field(default_factory=timezone.now)
+    model: str = ""
+    endpoint_id: int | None = None
+    streamed: bool = False
+    status_code: int = 200
+    error_code: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    latency_ms: float = 0.0
+    time_to_first_token_ms: float | None = None
+    request_body: Any = None
+    response_body: Any = None
+
+    def set_usage(self, usage: object) -> None:
+        """Take token counts exactly as the model server reported them; never estimate."""
+        if not isinstance(usage, dict):
+            return
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            value = usage.get(name)
+            if isinstance(value, int) and value >= 0:
+                setattr(self, name, value)
+
+
+class UsageSink:
+    max_pending = 100_000
+
+    def __init__(self, *, batch_size: int, flush_seconds: float, spool_dir: Path) -> None:
+        self._queue: queue.SimpleQueue[UsageRecord] = queue.SimpleQueue()
+        self._batch_size = batch_size
+        self._flush_seconds = flush_seconds
+        self._spool_dir = spool_dir
+        self._pending: list[UsageRecord] = []
+        self._accepted = 0
+        self._settled = 0
+        self._progress = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def record(self, record: UsageRecord) -> None:
+        """Accept a record without blocking."""
+        with self._progress:
+            self._accepted += 1
+        self._queue.put(record)
+        if self._thread is None:
+            self._start()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every record accepted so far is written; False if that took longer than `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            target = self._accepted
+            while self._settled < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._progress.wait(remaining)
+        return True
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is not None:
+                return
+            self._pending.extend(self._read_spool())
+            with self._progress:
+                self._accepted += len(self._pending)
+            self._thread = threading.Thread(target=self._run, name="usage-sink", daemon=True)
+            self._thread.start()
+            atexit.register(self._shutdown)
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while True:
+            self._collect()
+            if not self._pending:
+                continue
+            batch = self._pending[: self._batch_size]
+            try:
+                self._write(batch)
+            except Exception:
+                logger.exception("could not write %d usage records; retrying in %.0f s", len(batch), backoff)
+                close_old_connections()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
+            del self._pending[: len(batch)]
+            with self._progress:
+                self._settled += len(batch)
+                self._progress.notify_all()
+
+    def _collect(self) -> None:
+        """Move queued records into the pending list, waiting briefly for the first one."""
+        timeout = None if not self._pending else 0.0
+        try:
+            if timeout is None:
+                self._pending.append(self._queue.get(timeout=self._flush_seconds))
+            while len(self._pending) < self.max_pending:
+                self._pending.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _write(self, batch: list[UsageRecord]) -> None:
+        close_old_connections()
+        rows = [RequestLog(**asdict(record)) for record in batch]
+        try:
+            with transaction.atomic():
+                RequestLog.objects.bulk_create(rows)
+        except IntegrityError:
+            # An endpoint or key deleted since the request must not cost the other rows: write one by one.
+            for row in rows:
+                self._write_one(row)
+        last_used: dict[int, datetime] = {}
+        for record in batch:
+            if record.api_key_id is not None:
+                last_used[record.api_key_id] = max(
+                    record.created_at, last_used.get(record.api_key_id, record.created_at)
+                )
+        for key_id, used_at in last_used.items():
+            ApiKey.objects.filter(pk=key_id).update(last_used_at=used_at)
+
+    @staticmethod
+    def _write_one(row: RequestLog) -> None:
+        try:
+            with transaction.atomic():
+                row.save(force_insert=True)
+        except IntegrityError:
+            if RequestLog.objects.filter(request_id=row.request_id).exists():
+                return  # written before a retry: keep one row per request
+            row.endpoint_id = None
+            row.api_key_id = None
+            with transaction.atomic():
+                row.save(force_insert=True)
+
+    def _spool_path(self) -> Path:
+        return self._spool_dir / f"usage-{os.getpid()}-{time.time_ns()}.jsonl"
+
+    def _read_spool(self) -> list[UsageRecord]:
+        records: list[UsageRecord] = []
+        if not self._spool_dir.is_dir():
+            return records
+        for path in sorted(self._spool_dir.glob("usage-*.jsonl")):
+            claimed = path.with_suffix(".replaying")
+            try:
+                path.rename(claimed)  # rename is atomic: one worker replays each file
+            except FileNotFoundError:
+                continue
+            for line in claimed.read_bytes().splitlines():
+                data = orjson.loads(line)
+                data["created_at"] = parse_datetime(data["created_at"])
+                records.append(UsageRecord(**data))
+            claimed.unlink()
+        if records:
+            logger.info("replaying %d spooled usage records", len(records))
+        return records
+
+    def _shutdown(self) -> None:
+        if self.flush(timeout=5.0):
+            return
+        leftovers = list(self._pending)
+        try:
+            while True:
+                leftovers.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        if not leftovers:
+            return
+        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        path = self._spool_path()
+        path.write_bytes(b"".join(orjson.dumps(asdict(record)) + b"\n" for record in leftovers))
+        logger.warning("database unavailable at shutdown: %d usage records spooled to %s", len(leftovers), path)
+
+
+usage_sink = UsageSink(
+    batch_size=settings.GATEWAY.USAGE_BATCH_SIZE,
+    flush_seconds=settings.GATEWAY.USAGE_FLUSH_SECONDS,
+    spool_dir=settings.GATEWAY.DATA_DIR / "usage-spool",
+)

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from resource_server.models import ApiKey, Cluster, Endpoint, User
+from resource_server.selectors.endpoints import routing_table_forget
+from resource_server.services.api_keys import api_key_create
+from resource_server.services.usage import usage_sink
+from tests.servers import fake_model_server
+
+
+@pytest.fixture(scope="session")
+def model_server() -> Iterator[str]:
+    """One fake vLLM server for the session (its behaviour is chosen per request)."""
+    with fake_model_server("--model", "demo-model", "--model", "org/model.v1", "--max-model-len", "512") as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def _fresh_routing() -> Iterator[None]:
+    routing_table_forget()
+    yield
+    routing_table_forget()
+    usage_sink.flush(timeout=10)
+
+
+@dataclass
+class Seeded:
+    user: User
+    api_key: ApiKey
+    key: str
+    cluster: Cluster
+    endpoint: Endpoint
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def seed(model_url: str, *, username: str = "ada@anl.gov") -> Seeded:
+    """A user with an API key, and a cluster whose endpoint is served by `model_url`."""
+    user = User.objects.create(identity_id=f"id-{username}", username=username, name="Ada")
+    key_row, key = api_key_create(owner=user, name="test")
+    cluster = Cluster.objects.create(name="polaris", description="test cluster")
+    endpoint = Endpoint.objects.create(
+        cluster=cluster,
+        framework="vllm",
+        model="demo-model",
+        backend="direct",
+        backend_config={"base_url": model_url, "read_timeout": 5},
+    )
+    return Seeded(user=user, api_key=key_row, key=key, cluster=cluster, endpoint=endpoint)
+
+
+@pytest.fixture
+def seeded(transactional_db: None, model_server: str) -> Seeded:
+    return seed(model_server)

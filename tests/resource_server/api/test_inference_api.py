@@ -1,0 +1,328 @@
+"""The API through the full Django stack (middleware included), against the fake model server."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import orjson
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import AsyncClient
+from django.utils import timezone
+
+from resource_server.models import Cluster, Endpoint, RequestLog
+from resource_server.services.usage import usage_sink
+from tests.conftest import Seeded
+from tests.servers import fake_stats, free_port
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BASE = "/resource_server/v1"
+CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 5}
+
+
+async def post(path: str, body: Any, seeded: Seeded | None = None, **headers: str) -> Any:
+    if seeded is not None:
+        headers = {**seeded.auth, **headers}
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return await AsyncClient().post(path, raw, content_type="application/json", headers=headers)
+
+
+async def rows() -> list[RequestLog]:
+    assert await sync_to_async(usage_sink.flush)(timeout=10)
+    return [row async for row in RequestLog.objects.order_by("created_at")]
+
+
+def error_of(response: Any) -> dict[str, Any]:
+    body = orjson.loads(response.content)
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return dict(body["error"])
+
+
+async def test_health_needs_no_credentials() -> None:
+    response = await AsyncClient().get("/resource_server/health")
+    assert response.status_code == 200
+    assert orjson.loads(response.content) == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("authorization", "code"),
+    [
+        (None, "missing_credentials"),
+        ("Basic abc", "missing_credentials"),
+        ("Bearer ", "missing_credentials"),
+        ("Bearer igw_000000000000_unknownunknownunknownunknown", "invalid_api_key"),
+        ("Bearer not-a-key", "invalid_api_key"),
+    ],
+)
+async def test_bad_credentials_get_401_and_no_usage_row(seeded: Seeded, authorization: str | None, code: str) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    response = await post(f"{BASE}/chat/completions", CHAT, **headers)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer ")
+    assert error_of(response)["code"] == code
+    assert await rows() == []
+
+
+async def test_tampered_key_with_known_prefix_is_refused(seeded: Seeded) -> None:
+    tampered = seeded.key[:-4] + ("AAAA" if not seeded.key.endswith("AAAA") else "BBBB")
+    response = await post(f"{BASE}/chat/completions", CHAT, Authorization=f"Bearer {tampered}")
+    assert response.status_code == 401
+
+
+async def test_expired_and_revoked_keys_are_refused(seeded: Seeded) -> None:
+    seeded.api_key.expires_at = timezone.now() - timedelta(seconds=1)
+    await seeded.api_key.asave()
+    response = await post(f"{BASE}/chat/completions", CHAT, seeded)
+    assert (response.status_code, error_of(response)["code"]) == (401, "expired_api_key")
+
+    seeded.api_key.expires_at = None
+    seeded.api_key.revoked_at = timezone.now()
+    await seeded.api_key.asave()
+    # A fresh key row is needed to bypass the per-worker cache of the earlier (expired) lookup.
+    response = await post(f"{BASE}/chat/completions", CHAT, seeded)
+    assert response.status_code == 401
+    assert await RequestLog.objects.acount() == 0
+
+
+async def test_chat_completion_is_relayed_and_logged_with_upstream_usage(seeded: Seeded) -> None:
+    response = await post(f"{BASE}/chat/completions", CHAT, seeded)
+    assert response.status_code == 200, response.content
+    body = orjson.loads(response.content)
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["finish_reason"] == "length"
+    [row] = await rows()
+    assert row.request_id == response.headers["X-Request-ID"]
+    assert (row.user_id, row.api_key_id, row.endpoint_id) == (seeded.user.pk, seeded.api_key.pk, seeded.endpoint.pk)
+    assert (row.status_code, row.error_code, row.streamed, row.route) == (200, "", False, "chat/completions")
+    usage = body["usage"]
+    assert (row.prompt_tokens, row.completion_tokens, row.total_tokens) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+        usage["total_tokens"],
+    )
+    assert row.completion_tokens == 5
+    assert row.request_body is None, "bodies are not stored unless LOG_REQUEST_BODIES is on"
+    await seeded.api_key.arefresh_from_db()
+    assert seeded.api_key.last_used_at is not None
+
+
+async def test_unknown_fields_reach_the_model_server_unchanged(seeded: Seeded, model_server: str) -> None:
+    extras = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "guided_json": {"type": "object"}}
+    response = await post(f"{BASE}/chat/completions", {**CHAT, **extras}, seeded)
+    assert response.status_code == 200
+    forwarded = fake_stats(model_server)["last_request"]
+    assert isinstance(forwarded, dict)
+    assert {name: forwarded[name] for name in extras} == extras
+
+
+async def test_completions_and_embeddings(seeded: Seeded) -> None:
+    response = await post(
+        f"{BASE}/completions", {"model": "demo-model", "prompt": "Once upon", "max_tokens": 3}, seeded
+    )
+    assert response.status_code == 200
+    assert orjson.loads(response.content)["usage"]["completion_tokens"] == 3
+
+    response = await post(f"{BASE}/embeddings", {"model": "demo-model", "input": ["a b", "c"]}, seeded)
+    assert response.status_code == 200
+    body = orjson.loads(response.content)
+    assert [item["index"] for item in body["data"]] == [0, 1]
+    logged = await rows()
+    assert [row.route for row in logged] == ["completions", "embeddings"]
+    assert logged[1].prompt_tokens == body["usage"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({**CHAT, "temperature": 3}, "temperature", "invalid_value"),
+        ({**CHAT, "max_tokens": "10"}, "max_tokens", "invalid_value"),
+        ({"model": "demo-model"}, "messages", "missing_required_parameter"),
+        ({**CHAT, "messages": [{"content": "x"}]}, "messages.0.role", "missing_required_parameter"),
+    ],
+)
+async def test_invalid_fields_get_400_naming_the_parameter(
+    seeded: Seeded, body: dict[str, Any], param: str, code: str
+) -> None:
+    response = await post(f"{BASE}/chat/completions", body, seeded)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    [row] = await rows()
+    assert (row.status_code, row.error_code) == (400, code)
+
+
+async def test_malformed_json_gets_400(seeded: Seeded) -> None:
+    response = await post(f"{BASE}/chat/completions", b'{"model": ', seeded)
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "invalid_json"
+
+
+async def test_unknown_model_gets_404_model_not_found(seeded: Seeded) -> None:
+    response = await post(f"{BASE}/chat/completions", {**CHAT, "model": "demo_model"}, seeded)
+    assert response.status_code == 404
+    error = error_of(response)
+    assert (error["code"], error["param"]) == ("model_not_found", "model")
+    [row] = await rows()
+    assert (row.status_code, row.model, row.endpoint_id) == (404, "demo_model", None)
+
+
+async def test_model_names_that_differ_by_dot_or_slash_stay_distinct(seeded: Seeded, model_server: str) -> None:
+    await Endpoint.objects.acreate(
+        cluster=seeded.cluster, model="org/model.v1", backend="direct", backend_config={"base_url": model_server}
+    )
+    for lookalike in ("org/model-v1", "org-model.v1", "org/model_v1", "org_model_v1"):
+        response = await post(f"{BASE}/chat/completions", {**CHAT, "model": lookalike}, seeded)
+        assert response.status_code == 404, lookalike
+    response = await post(f"{BASE}/chat/completions", {**CHAT, "model": "org/model.v1"}, seeded)
+    assert response.status_code == 200
+    assert orjson.loads(response.content)["model"] == "org/model.v1"
+
+
+async def test_prompt_longer_than_the_context_reaches_the_client_as_400(seeded: Seeded) -> None:
+    long_chat = {**CHAT, "messages": [{"role": "user", "content": "word " * 600}]}
+    response = await post(f"{BASE}/chat/completions", long_chat, seeded)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["code"] == "context_length_exceeded"
+    assert "maximum context length is 512" in error["message"]
+
+
+async def test_upstream_500_becomes_502_without_internals(seeded: Seeded) -> None:
+    body = {**CHAT, "fake_vllm": {"status": 500, "message": "CUDA error at /opt/vllm/worker.py:42"}}
+    response = await post(f"{BASE}/chat/completions", body, seeded)
+    assert response.status_code == 502
+    assert "/opt/vllm" not in response.content.decode()
+    [row] = await rows()
+    assert (row.status_code, row.error_code) == (502, "upstream_error")
+
+
+async def test_unreachable_model_server_gets_503_with_retry_after(seeded: Seeded) -> None:
+    seeded.endpoint.backend_config = {"base_url": f"http://127.0.0.1:{free_port()}/v1"}
+    await seeded.endpoint.asave()
+    response = await post(f"{BASE}/chat/completions", CHAT, seeded)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert error_of(response)["code"] == "upstream_unreachable"
+
+
+async def test_model_server_timeout_gets_504(seeded: Seeded, model_server: str) -> None:
+    seeded.endpoint.backend_config = {"base_url": model_server, "read_timeout": 0.5}
+    await seeded.endpoint.asave()
+    response = await post(f"{BASE}/chat/completions", {**CHAT, "fake_vllm": {"hang": True}}, seeded)
+    assert response.status_code == 504
+    [row] = await rows()
+    assert (row.status_code, row.error_code) == (504, "upstream_timeout")
+
+
+async def read_events(response: Any) -> list[bytes]:
+    assert response["Content-Type"] == "text/event-stream"
+    data = b"".join([chunk async for chunk in response.streaming_content])
+    return [event for event in data.split(b"\n\n") if event]
+
+
+async def test_stream_relays_every_chunk_then_done_and_hides_usage_not_asked_for(seeded: Seeded) -> None:
+    response = await post(f"{BASE}/chat/completions", {**CHAT, "stream": True}, seeded)
+    assert response.status_code == 200
+    events = await read_events(response)
+    assert events[-1] == b"data: [DONE]"
+    chunks = [orjson.loads(event.removeprefix(b"data: ")) for event in events[:-1]]
+    assert all(chunk["choices"] for chunk in chunks), "the usage-only chunk was not asked for"
+    text = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
+    reference = orjson.loads((await post(f"{BASE}/chat/completions", CHAT, seeded)).content)
+    assert text == reference["choices"][0]["message"]["content"]
+    streamed_row = (await rows())[0]
+    assert streamed_row.streamed
+    assert (streamed_row.prompt_tokens, streamed_row.completion_tokens) == (
+        reference["usage"]["prompt_tokens"],
+        reference["usage"]["completion_tokens"],
+    )
+    assert streamed_row.time_to_first_token_ms is not None
+
+
+async def test_stream_keeps_the_usage_chunk_when_asked(seeded: Seeded, model_server: str) -> None:
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    events = await read_events(await post(f"{BASE}/chat/completions", body, seeded))
+    last = orjson.loads(events[-2].removeprefix(b"data: "))
+    assert last["choices"] == []
+    assert last["usage"]["completion_tokens"] == 5
+    assert (await rows())[0].completion_tokens == 5
+
+
+async def test_stream_always_asks_upstream_for_usage(seeded: Seeded, model_server: str) -> None:
+    await read_events(await post(f"{BASE}/completions", {"model": "demo-model", "prompt": "x", "stream": True}, seeded))
+    forwarded = fake_stats(model_server)["last_request"]
+    assert isinstance(forwarded, dict)
+    assert forwarded["stream_options"] == {"include_usage": True}
+
+
+async def test_stream_refused_upstream_gets_a_json_error(seeded: Seeded) -> None:
+    long_chat = {**CHAT, "stream": True, "messages": [{"role": "user", "content": "word " * 600}]}
+    response = await post(f"{BASE}/chat/completions", long_chat, seeded)
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "context_length_exceeded"
+
+
+async def test_stream_broken_midway_ends_with_an_error_event_and_done(seeded: Seeded) -> None:
+    body = {**CHAT, "stream": True, "fake_vllm": {"fail_after_tokens": 2}}
+    events = await read_events(await post(f"{BASE}/chat/completions", body, seeded))
+    assert events[-1] == b"data: [DONE]"
+    error = orjson.loads(events[-2].removeprefix(b"data: "))["error"]
+    assert error["code"] in {"upstream_stream_truncated", "upstream_connection_failed"}
+    [row] = await rows()
+    assert row.status_code == 502
+
+
+async def test_models_lists_only_what_the_caller_may_use(seeded: Seeded, model_server: str) -> None:
+    restricted = await Cluster.objects.acreate(name="aurora", allowed_domains=["uchicago.edu"])
+    await Endpoint.objects.acreate(
+        cluster=restricted, model="secret-model", backend="direct", backend_config={"base_url": model_server}
+    )
+    response = await AsyncClient().get(f"{BASE}/models", headers=seeded.auth)
+    assert response.status_code == 200
+    body = orjson.loads(response.content)
+    assert body["object"] == "list"
+    assert [item["id"] for item in body["data"]] == ["demo-model"]
+    assert body["data"][0]["owned_by"] == "polaris"
+
+    response = await post(f"{BASE}/chat/completions", {**CHAT, "model": "secret-model"}, seeded)
+    assert response.status_code == 403
+    assert error_of(response)["code"] == "model_access_denied"
+
+
+async def test_first_paths_route_by_cluster_and_framework(seeded: Seeded) -> None:
+    response = await post("/resource_server/polaris/vllm/v1/chat/completions", CHAT, seeded)
+    assert response.status_code == 200
+    response = await post("/resource_server/polaris/sglang/v1/chat/completions", CHAT, seeded)
+    assert (response.status_code, error_of(response)["code"]) == (404, "model_not_found")
+    response = await post("/resource_server/nowhere/vllm/v1/chat/completions", CHAT, seeded)
+    assert (response.status_code, error_of(response)["code"]) == (404, "cluster_not_found")
+    response = await AsyncClient().get("/resource_server/polaris/vllm/v1/models", headers=seeded.auth)
+    assert [item["id"] for item in orjson.loads(response.content)["data"]] == ["demo-model"]
+
+
+async def test_cluster_in_maintenance_gets_503_with_its_message(seeded: Seeded) -> None:
+    seeded.cluster.maintenance = True
+    seeded.cluster.maintenance_message = "Polaris is down for upgrades until Monday."
+    await seeded.cluster.asave()
+    response = await post(f"{BASE}/chat/completions", CHAT, seeded)
+    assert response.status_code == 503
+    assert "until Monday" in error_of(response)["message"]
+    assert "Retry-After" in response.headers
+
+
+async def test_unknown_route_and_wrong_method_use_the_envelope(seeded: Seeded) -> None:
+    response = await AsyncClient().get(f"{BASE}/nothing-here", headers=seeded.auth)
+    assert (response.status_code, error_of(response)["code"]) == (404, "unknown_route")
+    response = await AsyncClient().get(f"{BASE}/chat/completions", headers=seeded.auth)
+    assert (response.status_code, error_of(response)["code"]) == (405, "method_not_allowed")
+
+
+async def test_openapi_schema_and_docs_are_served() -> None:
+    schema = orjson.loads((await AsyncClient().get("/resource_server/openapi.json")).content)
+    assert "/resource_server/v1/chat/completions" in schema["paths"]
+    assert "/resource_server/{cluster}/{framework}/v1/chat/completions" in schema["paths"]
+    docs = await AsyncClient().get("/resource_server/docs")
+    assert docs.status_code == 200

@@ -1,0 +1,86 @@
+"""Real server processes on free loopback ports, for API and end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode} before answering {url}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up within {timeout} s")
+
+
+@contextmanager
+def running(
+    args: Sequence[str], health_url: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen(list(args), cwd=ROOT, env={**os.environ, **(env or {})})
+    try:
+        wait_until_up(health_url, process)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def fake_model_server(*options: str) -> Iterator[str]:
+    """The project's fake vLLM server; yields its OpenAI base URL (ending in /v1)."""
+    port = free_port()
+    args = [sys.executable, "-m", "resource_server.fakes.model_server", "--port", str(port), *options]
+    with running(args, f"http://127.0.0.1:{port}/health"):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@contextmanager
+def gateway_server(env: dict[str, str]) -> Iterator[str]:
+    """The gateway as deployed: gunicorn with one uvicorn worker. Yields its root URL."""
+    port = free_port()
+    args = [
+        str(Path(sys.executable).with_name("gunicorn")),
+        "-c",
+        "deploy/gunicorn.conf.py",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "1",
+    ]
+    with running(args, f"http://127.0.0.1:{port}/resource_server/health", env):
+        yield f"http://127.0.0.1:{port}"
+
+
+def fake_stats(base_url: str) -> dict[str, object]:
+    response = httpx.get(base_url.removesuffix("/v1") + "/fake/stats", timeout=5)
+    response.raise_for_status()
+    data: dict[str, object] = response.json()
+    return data
