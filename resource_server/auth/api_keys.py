@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -11,11 +12,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils import timezone
 
 from resource_server.auth.base import AuthKind, Principal
-from resource_server.errors import AuthenticationFailed
+from resource_server.errors import AuthenticationFailed, ServiceUnavailable
 from resource_server.models import ApiKey
+
+logger = logging.getLogger(__name__)
 
 KEY_MARKER = "igw_"
 PREFIX_LENGTH = len(KEY_MARKER) + 12
@@ -58,7 +62,16 @@ class ApiKeyAuthenticator:
         digest = api_key_hash(token)
         cached = self._cache.get(digest)
         if cached is None or cached.fresh_until < time.monotonic():
-            cached = await self._load(token, digest)
+            try:
+                cached = await self._load(token, digest)
+            except DatabaseError:
+                if cached is None:
+                    raise ServiceUnavailable(
+                        "The gateway cannot check API keys right now. Please retry shortly.",
+                        retry_after=5,
+                        code="auth_unavailable",
+                    ) from None
+                logger.warning("database unavailable; accepting API key %s from cache", cached.principal.api_key_id)
         if cached.expires_at is not None and cached.expires_at <= timezone.now():
             self._cache.pop(digest, None)
             raise AuthenticationFailed("This API key has expired. Create a new one.", code="expired_api_key")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import DatabaseError
 from pydantic import BaseModel, ValidationError
 
 from resource_server.auth.base import Principal
@@ -66,6 +67,7 @@ class RoutingTable:
 
 
 _table = RoutingTable()
+_RETRY_AFTER_DB_ERROR = 2.0
 
 
 def _load_table() -> RoutingTable:
@@ -101,8 +103,21 @@ def _load_table() -> RoutingTable:
 
 async def routing_table() -> RoutingTable:
     global _table
-    if time.monotonic() - _table.loaded_at >= settings.GATEWAY.ROUTING_CACHE_SECONDS:
+    now = time.monotonic()
+    if now - _table.loaded_at < settings.GATEWAY.ROUTING_CACHE_SECONDS:
+        return _table
+    try:
         _table = await sync_to_async(_load_table)()
+    except DatabaseError:
+        if _table.loaded_at == float("-inf"):
+            raise ServiceUnavailable(
+                "The gateway cannot read its model registry right now. Please retry shortly.",
+                retry_after=5,
+                code="registry_unavailable",
+            ) from None
+        # Keep serving what we knew during a database outage; try again in a few seconds.
+        logger.warning("database unavailable; routing with the table loaded %.0f s ago", now - _table.loaded_at)
+        _table.loaded_at = now - settings.GATEWAY.ROUTING_CACHE_SECONDS + _RETRY_AFTER_DB_ERROR
     return _table
 
 

@@ -73,6 +73,7 @@ class UsageSink:
         self._progress = threading.Condition()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._stopping = threading.Event()
 
     def record(self, record: UsageRecord) -> None:
         """Accept a record without blocking."""
@@ -80,7 +81,7 @@ class UsageSink:
             self._accepted += 1
         self._queue.put(record)
         if self._thread is None:
-            self._start()
+            self.start()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every record accepted so far is written; False if that took longer than `timeout`."""
@@ -94,7 +95,8 @@ class UsageSink:
                 self._progress.wait(remaining)
         return True
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the writer (and replay spooled records); called at worker start-up or on first use."""
         with self._start_lock:
             if self._thread is not None:
                 return
@@ -103,11 +105,11 @@ class UsageSink:
                 self._accepted += len(self._pending)
             self._thread = threading.Thread(target=self._run, name="usage-sink", daemon=True)
             self._thread.start()
-            atexit.register(self._shutdown)
+            atexit.register(self.stop)
 
     def _run(self) -> None:
         backoff = 1.0
-        while True:
+        while not self._stopping.is_set():
             self._collect()
             if not self._pending:
                 continue
@@ -191,17 +193,23 @@ class UsageSink:
             logger.info("replaying %d spooled usage records", len(records))
         return records
 
-    def _shutdown(self) -> None:
-        if self.flush(timeout=5.0):
+    def stop(self, timeout: float = 5.0) -> None:
+        """Write what is left; what cannot be written within `timeout` goes to the spool file."""
+        if self._thread is None or self._stopping.is_set() or self.flush(timeout=timeout):
             return
+        self._stopping.set()
         leftovers = list(self._pending)
         try:
             while True:
                 leftovers.append(self._queue.get_nowait())
         except queue.Empty:
             pass
+        with self._progress:
+            self._settled += len(leftovers)
+            self._progress.notify_all()
         if not leftovers:
             return
+        # A batch the writer was still retrying may land too; the unique request_id keeps one row on replay.
         self._spool_dir.mkdir(parents=True, exist_ok=True)
         path = self._spool_path()
         path.write_bytes(b"".join(orjson.dumps(asdict(record)) + b"\n" for record in leftovers))
