@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 import pytest
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.test import AsyncClient
 from django.utils import timezone
 
@@ -327,3 +328,11 @@ async def test_openapi_schema_and_docs_are_served() -> None:
     assert "/resource_server/{cluster}/{framework}/v1/chat/completions" in schema["paths"]
     docs = await AsyncClient().get("/resource_server/docs")
     assert docs.status_code == 200
+
+
+async def test_bodies_are_stored_only_when_the_setting_allows(seeded: Seeded, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings.GATEWAY, "LOG_REQUEST_BODIES", True)
+    response = await post(f"{BASE}/chat/completions", CHAT, seeded)
+    [row] = await rows()
+    assert row.request_body == CHAT
+    assert row.response_body == orjson.loads(response.content)
