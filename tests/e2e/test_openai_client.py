@@ -154,6 +154,7 @@ def test_client_disconnect_closes_the_upstream_stream(stack: Stack) -> None:
         "messages": HELLO,
         "max_tokens": 200,
         "stream": True,
+        "ignore_eos": True,
         "fake_vllm": {"tokens_per_second": 20},
     }
     with httpx.stream(

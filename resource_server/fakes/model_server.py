@@ -1,0 +1,1239 @@
+"""A fast, deterministic fake of vLLM's OpenAI-compatible server, as a pure ASGI app.
+
+It backs the demo, the test-suite and the benchmarks. It answers like vLLM 0.32 does (routes, response
+and error bodies, SSE framing, context-length rules, the --api-key check; checked against captures of a
+real server) but "generates" words from a fixed vocabulary picked by a hash of the prompt, so the same
+request always gets the same answer. A token is one whitespace-separated word, in prompts and completions.
+
+Faults can be set for the whole server (`FakeServerConfig`) or per request with an extra body field, which
+also proves that a proxy in front passes unknown fields through::
+
+    "fake_vllm": {"status": 503, "message": "...", "latency": 0.2, "ttft": 0.05,
+                  "tokens_per_second": 50, "hang": true, "fail_after_tokens": 3}
+
+`GET /fake/stats` returns counters and the last inference request body.
+
+Run it with `python -m resource_server.fakes.model_server --port 8001` or `python manage.py fake_vllm`.
+The app itself needs only the standard library and orjson; uvicorn is imported only to run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import math
+import os
+import struct
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
+from http import HTTPStatus
+from typing import Any, Literal
+
+import orjson
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+JSON = dict[str, Any]
+Header = tuple[bytes, bytes]
+StreamOutcome = Literal["completed", "aborted", "disconnected"]
+
+VLLM_VERSION = "0.32.0"  # the release whose answers this fake copies
+SYSTEM_FINGERPRINT = f"vllm-{VLLM_VERSION}-fake"
+ERROR_STATUSES = frozenset(s.value for s in HTTPStatus if 400 <= s.value < 600)
+
+
+@dataclass(frozen=True, slots=True)
+class FakeServerConfig:
+    """What the fake serves and how it misbehaves. Checked on creation: bad values fail at boot.
+
+    `default_max_tokens` is the /v1/completions length when a request sets none (vLLM and OpenAI
+    use 16); chat, like vLLM, may then use the rest of the context.
+    """
+
+    models: tuple[str, ...] = ("demo-model",)
+    max_model_len: int = 4096
+    embedding_dim: int = 16
+    latency: float = 0.0
+    ttft: float = 0.0
+    tokens_per_second: float = 0.0
+    default_max_tokens: int = 16
+    error_rate: float = 0.0
+    error_status: int = 500
+    error_message: str = "Injected failure from the fake vLLM server."
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        checks = (
+            (bool(self.models) and all(self.models), "models must be non-empty names"),
+            (self.max_model_len >= 1, "max_model_len must be at least 1"),
+            (self.embedding_dim >= 1, "embedding_dim must be at least 1"),
+            (self.default_max_tokens >= 1, "default_max_tokens must be at least 1"),
+            (
+                min(self.latency, self.ttft, self.tokens_per_second) >= 0,
+                "latency, ttft and tokens_per_second must be >= 0",
+            ),
+            (0 <= self.error_rate <= 1, "error_rate must be between 0 and 1"),
+            (self.error_status in ERROR_STATUSES, "error_status must be 4xx or 5xx"),
+            (self.api_key != "", "api_key must be None or non-empty"),
+        )
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+_DEFAULTS = FakeServerConfig()
+
+
+def create_app(config: FakeServerConfig) -> FakeModelServer:
+    """Build the ASGI app for `config`."""
+    return FakeModelServer(config)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+# vLLM names the common statuses like the OpenAI SDK's exceptions; others get the HTTP phrase.
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+def error_type_for(status: int) -> str:
+    """The envelope `type` the fake uses for an HTTP error status."""
+    return _ERROR_TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "")
+
+
+class ApiError(Exception):
+    """An error answered in vLLM's envelope: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = int(status)  # a plain int, not HTTPStatus, in the JSON body
+        self.message = message
+        self.param = param
+        self.error_type = error_type or error_type_for(self.status)
+
+    def body(self) -> bytes:
+        error = {"message": self.message, "type": self.error_type, "param": self.param}
+        return orjson.dumps({"error": {**error, "code": self.status}})
+
+
+_UNSET = object()
+
+
+def _invalid(param: str | None, message: str, value: object = _UNSET) -> ApiError:
+    """A failed vLLM-side check: BadRequestError, with vLLM's "(parameter=..., value=...)" tail."""
+    if param is None:
+        return ApiError(HTTPStatus.BAD_REQUEST, message)
+    tail = f"parameter={param}" if value is _UNSET else f"parameter={param}, value={value}"
+    return ApiError(HTTPStatus.BAD_REQUEST, f"{message} ({tail})", param=param)
+
+
+def _schema_error(loc: str, kind: str, msg: str, value: object, **ctx: str) -> ApiError:
+    """A body that fails vLLM's request schema: FastAPI's validation error, typed 'Bad Request'."""
+    detail: JSON = {"type": kind, "loc": loc, "msg": msg, "input": _input_repr(value)}
+    if ctx:
+        detail["ctx"] = ctx
+    return ApiError(
+        HTTPStatus.BAD_REQUEST,
+        f"1 validation error:\n  {detail!r}",
+        param=loc,
+        error_type="Bad Request",
+    )
+
+
+def _input_repr(value: object) -> str:
+    if isinstance(value, dict | list):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return str(value)
+
+
+# --- field readers: strict JSON types, reported in pydantic's words ---------------------------
+
+
+def _is_int(value: object) -> bool:
+    # JSON true/false arrive as bool, which is a subclass of int.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+# kind -> (check, pydantic error type, message, error type and message when a string was sent)
+_KINDS: dict[str, tuple[Callable[[object], bool], str, str, str, str]] = {
+    "integer": (
+        _is_int,
+        "int_type",
+        "Input should be a valid integer",
+        "int_parsing",
+        "Input should be a valid integer, unable to parse string as an integer",
+    ),
+    "number": (
+        _is_number,
+        "float_type",
+        "Input should be a valid number",
+        "float_parsing",
+        "Input should be a valid number, unable to parse string as a number",
+    ),
+    "boolean": (
+        lambda value: isinstance(value, bool),
+        "bool_type",
+        "Input should be a valid boolean",
+        "bool_parsing",
+        "Input should be a valid boolean, unable to interpret input",
+    ),
+    "string": (
+        lambda value: isinstance(value, str),
+        "string_type",
+        "Input should be a valid string",
+        "string_type",
+        "Input should be a valid string",
+    ),
+    "object": (
+        lambda value: isinstance(value, dict),
+        "dict_type",
+        "Input should be a valid dictionary",
+        "dict_type",
+        "Input should be a valid dictionary",
+    ),
+}
+
+
+def _field(body: Mapping[str, Any], name: str, kind: str, *, at: str = "body") -> Any:
+    """`body[name]` (None when absent or null), or a schema error if it has the wrong JSON type."""
+    value = body.get(name)
+    if value is None:
+        return None
+    check, error, msg, string_error, string_msg = _KINDS[kind]
+    if check(value):
+        return value
+    if isinstance(value, str):
+        error, msg = string_error, string_msg
+    raise _schema_error(f"{at}.{name}", error, msg, value)
+
+
+def _require(body: JSON, name: str) -> Any:
+    if body.get(name) is None:
+        raise _schema_error(f"body.{name}", "missing", "Field required", body)
+    return body[name]
+
+
+# --- per-request faults -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """The `fake_vllm` body field: an injected error, other pacing, a hang or a broken stream."""
+
+    status: int | None = None
+    message: str | None = None
+    latency: float | None = None
+    ttft: float | None = None
+    tokens_per_second: float | None = None
+    hang: bool = False
+    fail_after_tokens: int | None = None
+
+    @property
+    def injects_error(self) -> bool:
+        return self.status is not None or self.message is not None
+
+
+_NO_FAULT = Fault()
+_FAULT_FIELDS = frozenset(spec.name for spec in fields(Fault))
+_FAULT_AT = "body.fake_vllm"
+
+
+def _parse_fault(value: object) -> Fault:
+    if value is None:
+        return _NO_FAULT
+    if not isinstance(value, dict):
+        raise _schema_error(_FAULT_AT, "dict_type", "Input should be a valid dictionary", value)
+    unknown = sorted(value.keys() - _FAULT_FIELDS)
+    if unknown:
+        # Fail loudly so a typo in a test's fault does not silently test nothing.
+        raise _invalid("fake_vllm", f"Unknown fake_vllm fields: {', '.join(unknown)}.")
+    status = _field(value, "status", "integer", at=_FAULT_AT)
+    if status is not None and status not in ERROR_STATUSES:
+        raise _invalid("fake_vllm.status", "status must be a 4xx or 5xx code.", status)
+    fail_after = _field(value, "fail_after_tokens", "integer", at=_FAULT_AT)
+    if fail_after is not None and fail_after < 0:
+        raise _invalid("fake_vllm.fail_after_tokens", "must be non-negative.", fail_after)
+    return Fault(
+        status=status,
+        message=_field(value, "message", "string", at=_FAULT_AT),
+        latency=_seconds(value, "latency"),
+        ttft=_seconds(value, "ttft"),
+        tokens_per_second=_seconds(value, "tokens_per_second"),
+        hang=bool(_field(value, "hang", "boolean", at=_FAULT_AT)),
+        fail_after_tokens=fail_after,
+    )
+
+
+def _seconds(fault: JSON, name: str) -> float | None:
+    value = _field(fault, name, "number", at=_FAULT_AT)
+    if value is not None and value < 0:
+        raise _invalid(f"fake_vllm.{name}", "must be non-negative.", value)
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pace:
+    latency: float
+    ttft: float
+    token_interval: float
+
+
+def _pace(config: FakeServerConfig, fault: Fault) -> _Pace:
+    def pick(override: float | None, default: float) -> float:
+        return default if override is None else override
+
+    rate = pick(fault.tokens_per_second, config.tokens_per_second)
+    return _Pace(
+        latency=pick(fault.latency, config.latency),
+        ttft=pick(fault.ttft, config.ttft),
+        token_interval=1 / rate if rate else 0.0,
+    )
+
+
+class _ErrorSchedule:
+    """Fails an exact, evenly spread fraction of requests, deterministically (no randomness).
+
+    Rate 1/4 fails the 4th, 8th, ... request; rate 2/5 fails the 3rd and 5th of every five.
+    """
+
+    def __init__(self, rate: float) -> None:
+        fraction = Fraction(rate).limit_denominator(1000)
+        self._numerator = fraction.numerator
+        self._denominator = fraction.denominator
+        self._count = 0
+
+    def next_fails(self) -> bool:
+        self._count += 1
+        before = (self._count - 1) * self._numerator // self._denominator
+        return self._count * self._numerator // self._denominator > before
+
+
+# --- prompts and "generation" -----------------------------------------------------------------
+
+# A chat template wraps each message in a few special tokens; count them like one would.
+CHAT_TOKENS_PER_MESSAGE = 3
+MIN_NATURAL_TOKENS = 8
+MAX_NATURAL_TOKENS = 64
+_NATURAL_SPAN = MAX_NATURAL_TOKENS - MIN_NATURAL_TOKENS + 1
+_VOCAB = (
+    *("the", "a", "of", "and", "to", "in", "model", "token", "gateway", "cluster"),
+    *("node", "stream", "answer", "quick", "brown", "fox", "jumps", "over", "lazy"),
+    *("dog", "compute", "endpoint", "research", "science", "data", "graph", "vector"),
+    *("kernel", "batch", "queue", "tensor", "prompt", "river", "forest", "ocean"),
+    *("signal", "energy", "matter", "photon", "lattice", "orbit", "comet", "galaxy"),
+    *("planet", "system", "network", "packet", "routing", "cache", "memory", "thread"),
+    *("socket", "engine", "sample", "result", "value", "limit", "window", "context"),
+)
+# Hash bytes map straight to words, so one C call draws a whole completion.
+_WORD_FOR_BYTE = tuple(_VOCAB[byte % len(_VOCAB)] for byte in range(256))
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    index: int
+    tokens: tuple[str, ...]
+    finish_reason: str
+
+    @property
+    def text(self) -> str:
+        # Each token is " word", so the full text is exactly the concatenation of the chunks.
+        return "".join(f" {token}" for token in self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class _Generation:
+    chat: bool
+    model: str
+    prompt_tokens: int
+    choices: tuple[_Choice, ...]
+    stream: bool
+    include_usage: bool
+
+    def usage(self) -> JSON:
+        completion_tokens = sum(len(choice.tokens) for choice in self.choices)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+            "completion_tokens": completion_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Sampling:
+    max_tokens: int | None
+    min_tokens: int
+    ignore_eos: bool
+    n: int
+    stream: bool
+    include_usage: bool
+
+
+def _generate(seed: str, limit: int, sampling: _Sampling) -> tuple[tuple[str, ...], str]:
+    """Words and finish reason of one choice: the seed's hash fixes the words and a natural length.
+
+    vLLM's `min_tokens` and `ignore_eos` move the natural end, so tests can ask for long outputs.
+    """
+    # SHAKE's output is one stream: the first two bytes set the length, the next ones the words.
+    draw = hashlib.shake_128(seed.encode())
+    natural = MIN_NATURAL_TOKENS + int.from_bytes(draw.digest(2), "little") % _NATURAL_SPAN
+    ends_at = max(natural, sampling.min_tokens)
+    count, finish_reason = (limit, "length") if sampling.ignore_eos or ends_at > limit else (ends_at, "stop")
+    return tuple(map(_WORD_FOR_BYTE.__getitem__, draw.digest(2 + count)[2:])), finish_reason
+
+
+def _parse_sampling(body: JSON, config: FakeServerConfig) -> _Sampling:
+    temperature = _field(body, "temperature", "number")
+    if temperature is not None and temperature < 0:
+        temperature = float(temperature)
+        raise _invalid("temperature", f"temperature must be non-negative, got {temperature}.", temperature)
+    top_p = _field(body, "top_p", "number")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise _invalid("top_p", f"top_p must be in (0, 1], got {float(top_p)}.", float(top_p))
+    # vLLM reads the newer name first and reports either one as max_tokens.
+    max_tokens = _field(body, "max_completion_tokens", "integer")
+    if max_tokens is None:
+        max_tokens = _field(body, "max_tokens", "integer")
+    if max_tokens is not None:
+        _check_max_tokens(max_tokens, config.max_model_len)
+    n = _field(body, "n", "integer")
+    if n is not None and n < 1:
+        raise _invalid(None, f"n must be at least 1, got {n}.")
+    stream = bool(_field(body, "stream", "boolean"))
+    return _Sampling(
+        max_tokens=max_tokens,
+        min_tokens=_min_tokens(body, max_tokens),
+        ignore_eos=bool(_field(body, "ignore_eos", "boolean")),
+        n=n or 1,
+        stream=stream,
+        include_usage=_include_usage(body, stream=stream),
+    )
+
+
+def _min_tokens(body: JSON, max_tokens: int | None) -> int:
+    min_tokens = _field(body, "min_tokens", "integer") or 0
+    if min_tokens < 0:
+        message = f"min_tokens must be greater than or equal to 0, got {min_tokens}."
+        raise _invalid("min_tokens", message, min_tokens)
+    if max_tokens is not None and min_tokens > max_tokens:
+        message = f"min_tokens must be less than or equal to max_tokens={max_tokens}, got {min_tokens}."
+        raise _invalid("min_tokens", message, min_tokens)
+    return int(min_tokens)
+
+
+def _check_max_tokens(max_tokens: int, max_model_len: int) -> None:
+    if max_tokens < 1:
+        raise _invalid("max_tokens", f"max_tokens must be at least 1, got {max_tokens}.", max_tokens)
+    if max_tokens > max_model_len:
+        raise _invalid(
+            "max_tokens",
+            f"max_tokens={max_tokens} cannot be greater than max_model_len={max_model_len}. "
+            "Please request fewer output tokens.",
+            max_tokens,
+        )
+
+
+def _include_usage(body: JSON, *, stream: bool) -> bool:
+    options = _field(body, "stream_options", "object")
+    if options is None:
+        return False
+    if not stream:
+        raise _invalid("stream_options", "Stream options can only be defined when `stream=True`.")
+    include = _field(options, "include_usage", "boolean", at="body.stream_options")
+    return bool(include)
+
+
+def _chat_prompt(body: JSON) -> tuple[str, int]:
+    """Hash seed and token count of a conversation."""
+    messages = _require(body, "messages")
+    if not isinstance(messages, list):
+        raise _schema_error("body.messages", "list_type", "Input should be a valid list", messages)
+    parts = []
+    tokens = 0
+    for position, message in enumerate(messages):
+        at = f"body.messages.{position}"
+        if not isinstance(message, dict):
+            raise _schema_error(at, "dict_type", "Input should be a valid dictionary", message)
+        role = _field(message, "role", "string", at=at)
+        if role is None:
+            raise _schema_error(f"{at}.role", "missing", "Field required", message)
+        text = _message_text(message.get("content"), at)
+        parts.append(f"{role}: {text}")
+        tokens += CHAT_TOKENS_PER_MESSAGE + len(text.split())
+    return "\n".join(parts), tokens
+
+
+def _message_text(content: object, at: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        # Only text parts have words to count; image or audio parts are accepted and ignored.
+        texts = [part.get("text") for part in content if part.get("type") == "text"]
+        return " ".join(text for text in texts if isinstance(text, str))
+    raise _schema_error(f"{at}.content", "string_type", "Input should be a valid string", content)
+
+
+def _prompt_items(value: object, name: str) -> list[tuple[str, int]]:
+    """(hash seed, token count) per prompt, for vLLM's shapes: text(s) or token-id list(s)."""
+    if isinstance(value, str):
+        return [(value, len(value.split()))]
+    if isinstance(value, list) and value:
+        if all(isinstance(item, str) for item in value):
+            return [(item, len(item.split())) for item in value]
+        if all(_is_int(item) for item in value):
+            return [_token_ids_item(value)]
+        if all(isinstance(item, list) and all(_is_int(t) for t in item) for item in value):
+            return [_token_ids_item(item) for item in value]
+    raise _schema_error(f"body.{name}", "string_type", "Input should be a valid string", value)
+
+
+def _completion_prompts(body: JSON) -> list[tuple[str, int]]:
+    prompt = body.get("prompt")
+    if prompt in (None, "", []):
+        raise _invalid("prompt", "Either prompt or prompt_embeds must be provided and non-empty.")
+    return _prompt_items(prompt, "prompt")
+
+
+def _token_ids_item(ids: list[int]) -> tuple[str, int]:
+    return " ".join(map(str, ids)), len(ids)
+
+
+def _check_prompt_fits(prompt_tokens: int, max_model_len: int) -> None:
+    if prompt_tokens > max_model_len:
+        # vLLM stops counting one token past the limit, so it always reports max_model_len + 1.
+        over = max_model_len + 1
+        raise _invalid(
+            "input_tokens",
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+            f"contains at least {over} input tokens, which exceeds this limit even without any "
+            "output tokens. Please reduce the length of the input prompt.",
+            over,
+        )
+
+
+def _completion_budget(prompt_tokens: int, sampling: _Sampling, config: FakeServerConfig, *, chat: bool) -> int:
+    """Tokens this prompt may generate. Like vLLM, a too-large max_tokens is cut to what fits."""
+    _check_prompt_fits(prompt_tokens, config.max_model_len)
+    room = config.max_model_len - prompt_tokens
+    if sampling.max_tokens is not None:
+        budget = min(sampling.max_tokens, room)
+    else:
+        budget = room if chat else min(config.default_max_tokens, room)
+    if budget < 1:
+        raise _invalid("max_tokens", f"max_tokens must be at least 1, got {budget}.", budget)
+    return budget
+
+
+def _generation(
+    *,
+    chat: bool,
+    model: str,
+    prompts: list[tuple[str, int]],
+    sampling: _Sampling,
+    config: FakeServerConfig,
+) -> _Generation:
+    choices: list[_Choice] = []
+    for seed, prompt_tokens in prompts:
+        budget = _completion_budget(prompt_tokens, sampling, config, chat=chat)
+        for sample in range(sampling.n):
+            tokens, finish_reason = _generate(f"{sample}:{seed}", budget, sampling)
+            choices.append(_Choice(len(choices), tokens, finish_reason))
+    return _Generation(
+        chat=chat,
+        model=model,
+        prompt_tokens=sum(tokens for _, tokens in prompts),
+        choices=tuple(choices),
+        stream=sampling.stream,
+        include_usage=sampling.include_usage,
+    )
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + os.urandom(8).hex()  # 16 hex digits, like vLLM
+
+
+# vLLM's response models always carry these fields, mostly null; a proxy should cope with them.
+_CHAT_MESSAGE_EXTRAS = dict.fromkeys(("refusal", "annotations", "audio", "function_call", "reasoning"))
+_CHOICE_EXTRAS: JSON = {"stop_reason": None, "token_ids": None}
+_TEXT_CHOICE_EXTRAS: JSON = {
+    **_CHOICE_EXTRAS,
+    "prompt_logprobs": None,
+    "prompt_token_ids": None,
+}
+_USAGE_DETAILS = dict.fromkeys(("prompt_tokens_details", "completion_tokens_details"))
+_TRANSFER_EXTRAS = dict.fromkeys(("kv_transfer_params", "ec_transfer_params", "metrics"))
+_CHAT_RESPONSE_EXTRAS: JSON = {
+    **dict.fromkeys(("prompt_logprobs", "prompt_token_ids", "prompt_text")),
+    **_TRANSFER_EXTRAS,
+}
+
+
+def _completion_body(generation: _Generation) -> bytes:
+    if generation.chat:
+        prefix, kind, extras = "chatcmpl-", "chat.completion", _CHAT_RESPONSE_EXTRAS
+        choices = [
+            {
+                "index": choice.index,
+                "message": {"role": "assistant", "content": choice.text, **_CHAT_MESSAGE_EXTRAS},
+                "logprobs": None,
+                "finish_reason": choice.finish_reason,
+                **_CHOICE_EXTRAS,
+                "routed_experts": None,
+            }
+            for choice in generation.choices
+        ]
+    else:
+        prefix, kind, extras = "cmpl-", "text_completion", _TRANSFER_EXTRAS
+        choices = [
+            {
+                "index": choice.index,
+                "text": choice.text,
+                "logprobs": None,
+                "finish_reason": choice.finish_reason,
+                **_TEXT_CHOICE_EXTRAS,
+                "routed_experts": None,
+            }
+            for choice in generation.choices
+        ]
+    return orjson.dumps(
+        {
+            "id": _new_id(prefix),
+            "object": kind,
+            "created": int(time.time()),
+            "model": generation.model,
+            "choices": choices,
+            "service_tier": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "usage": {**generation.usage(), **_USAGE_DETAILS},
+            **extras,
+        }
+    )
+
+
+# --- streaming --------------------------------------------------------------------------------
+
+_DONE_EVENT = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class _StreamPlan:
+    """All SSE events of one stream, grouped by when they are due."""
+
+    head: list[bytes]  # chat role chunks, sent with the first token
+    steps: list[list[bytes]]  # per token position: one event per choice still generating
+    tail: list[bytes]  # the usage chunk when asked for, then [DONE]
+
+
+def _sse(payload: JSON) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _stream_plan(generation: _Generation) -> _StreamPlan:
+    chat = generation.chat
+    prefix, kind = ("chatcmpl-", "chat.completion.chunk") if chat else ("cmpl-", "text_completion")
+    base = {
+        "id": _new_id(prefix),
+        "object": kind,
+        "created": int(time.time()),
+        "model": generation.model,
+    }
+    head = []
+    if chat:
+        role = {"role": "assistant", "content": ""}
+        head = [
+            _sse(
+                {
+                    **base,
+                    "choices": [{"index": c.index, "delta": role, "logprobs": None, "finish_reason": None}],
+                    "prompt_token_ids": None,
+                    "prompt_text": None,
+                }
+            )
+            for c in generation.choices
+        ]
+    # vLLM puts the fingerprint on the last chunk: the usage chunk if there is one.
+    fingerprint = {} if generation.include_usage else {"system_fingerprint": SYSTEM_FINGERPRINT}
+
+    def token_event(choice: _Choice, position: int) -> bytes:
+        last = position == len(choice.tokens) - 1
+        return _sse({**base, "choices": [_token_choice(choice, position, chat=chat)], **(fingerprint if last else {})})
+
+    longest = max(len(choice.tokens) for choice in generation.choices)
+    steps = [
+        [token_event(choice, position) for choice in generation.choices if position < len(choice.tokens)]
+        for position in range(longest)
+    ]
+    tail = [_DONE_EVENT]
+    if generation.include_usage:
+        usage = {"choices": [], "usage": generation.usage(), "system_fingerprint": SYSTEM_FINGERPRINT}
+        tail = [_sse({**base, **usage}), _DONE_EVENT]
+    return _StreamPlan(head=head, steps=steps, tail=tail)
+
+
+def _token_choice(choice: _Choice, position: int, *, chat: bool) -> JSON:
+    text = f" {choice.tokens[position]}"
+    finish_reason = choice.finish_reason if position == len(choice.tokens) - 1 else None
+    if not chat:
+        return {
+            "index": choice.index,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": finish_reason,
+            "stop_reason": None,
+            "prompt_token_ids": None,
+            "token_ids": None,
+        }
+    # Chat chunks name stop_reason only on the finishing chunk.
+    stop = {"stop_reason": None} if finish_reason else {}
+    return {
+        "index": choice.index,
+        "delta": {"content": text},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+        **stop,
+        "token_ids": None,
+    }
+
+
+async def _send_events(send: Send, events: list[bytes]) -> None:
+    # One ASGI message per event so each reaches the client as soon as it exists.
+    for event in events:
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+
+
+async def _play(send: Send, plan: _StreamPlan, pace: _Pace, fail_after_tokens: int | None) -> StreamOutcome:
+    try:
+        if pace.ttft:
+            await asyncio.sleep(pace.ttft)
+        await _send_events(send, plan.head)
+        for position, events in enumerate(plan.steps):
+            if position == fail_after_tokens:
+                return "aborted"
+            if position and pace.token_interval:
+                await asyncio.sleep(pace.token_interval)
+            await _send_events(send, events)
+        await _send_events(send, plan.tail)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except OSError:
+        # Servers other than uvicorn report a vanished client by failing the send.
+        return "disconnected"
+    return "completed"
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _until_disconnect(receive: Receive, work: Coroutine[Any, Any, StreamOutcome]) -> StreamOutcome:
+    """Run `work`, cancelling it as soon as the client goes away.
+
+    uvicorn drops data sent to a closed connection without an error, so only the ASGI
+    `http.disconnect` message tells us to stop generating.
+    """
+    worker = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait((worker, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        worker.cancel()  # a no-op when it has finished
+    return worker.result() if worker.done() else "disconnected"
+
+
+# --- embeddings -------------------------------------------------------------------------------
+
+
+def _embedding_vector(seed: str, dim: int) -> bytes:
+    """A deterministic unit vector as little-endian float32, the form both encodings come from."""
+    raw = struct.unpack(f"<{dim}H", hashlib.shake_128(seed.encode()).digest(2 * dim))
+    centred = [value - 32767.5 for value in raw]
+    norm = math.sqrt(math.fsum(value * value for value in centred))  # >= 0.5: never zero
+    return struct.pack(f"<{dim}f", *(value / norm for value in centred))
+
+
+def _encode_embedding(vector: bytes, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":
+        return base64.b64encode(vector).decode("ascii")
+    return list(struct.unpack(f"<{len(vector) // 4}f", vector))
+
+
+# --- HTTP plumbing ----------------------------------------------------------------------------
+
+_JSON_TYPE: Header = (b"content-type", b"application/json")
+_SSE_HEADERS: list[Header] = [(b"content-type", b"text/event-stream; charset=utf-8")]  # vLLM sends no others
+_NOT_FOUND = orjson.dumps({"detail": "Not Found"})
+_METHOD_NOT_ALLOWED = orjson.dumps({"detail": "Method Not Allowed"})
+# vLLM's --api-key check answers with this bare body, not the usual error envelope.
+_UNAUTHORIZED = orjson.dumps({"error": "Unauthorized"})
+_VERSION = orjson.dumps({"version": VLLM_VERSION})
+_STATS_PATH = "/fake/stats"
+
+
+async def _send_response(send: Send, status: int, body: bytes, headers: Sequence[Header]) -> None:
+    length: Header = (b"content-length", str(len(body)).encode())
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(send: Send, status: int, body: bytes, *headers: Header) -> None:
+    await _send_response(send, status, body, (_JSON_TYPE, *headers))
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _check_json_content_type(scope: Scope) -> None:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            if value.split(b";", 1)[0].strip().lower() == b"application/json":
+                return
+            break
+    raise ApiError(
+        HTTPStatus.BAD_REQUEST,
+        "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+        error_type="Bad Request",
+    )
+
+
+def _parse_json(raw: bytes) -> JSON:
+    if not raw:
+        raise _schema_error("body", "missing", "Field required", None)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        position, reason = _json_error_detail(raw, error)
+        raise _schema_error(f"body.{position}", "json_invalid", "JSON decode error", {}, error=reason) from None
+    if not isinstance(body, dict):
+        raise _schema_error(
+            "body",
+            "model_attributes_type",
+            "Input should be a valid dictionary or object to extract fields from",
+            body,
+        )
+    return body
+
+
+def _json_error_detail(raw: bytes, error: orjson.JSONDecodeError) -> tuple[int, str]:
+    # vLLM (FastAPI) quotes the standard library parser; ask it on this rare path only.
+    try:
+        json.loads(raw)
+    except json.JSONDecodeError as stdlib_error:
+        return stdlib_error.pos, stdlib_error.msg
+    except ValueError:  # not UTF-8
+        pass
+    return error.pos, error.msg
+
+
+def _bearer_matches(scope: Scope, token: bytes) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, credential = value.partition(b" ")
+            return scheme.lower() == b"bearer" and hmac.compare_digest(credential, token)
+    return False
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _models_body(config: FakeServerConfig) -> bytes:
+    created = int(time.time())
+    permission = {
+        "id": _new_id("modelperm-"),
+        "object": "model_permission",
+        "created": created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
+    }
+    models = [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": name,
+            "parent": None,
+            "max_model_len": config.max_model_len,
+            "permission": [permission],
+        }
+        for name in config.models
+    ]
+    return orjson.dumps({"object": "list", "data": models})
+
+
+@dataclass(slots=True)
+class FakeStats:
+    """Counters served at /fake/stats so tests can see what reached the model server."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_disconnected: int = 0  # the client went away mid-stream
+    streams_aborted: int = 0  # cut by fake_vllm.fail_after_tokens
+    active_streams: int = 0
+    last_request: JSON | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    body: JSON
+    fault: Fault
+    pace: _Pace
+
+
+class FakeModelServer:
+    """The ASGI app. Build it with `create_app`; one instance keeps its counters in `stats`."""
+
+    def __init__(self, config: FakeServerConfig) -> None:
+        self.config = config
+        self.stats = FakeStats()
+        self._models = frozenset(config.models)
+        self._models_json = _models_body(config)
+        self._token = config.api_key.encode() if config.api_key else None
+        self._errors = _ErrorSchedule(config.error_rate)
+        self._routes: dict[str, dict[str, Handler]] = {
+            "/health": {"GET": self._health},
+            "/version": {"GET": self._version},
+            "/v1/models": {"GET": self._list_models},
+            "/v1/chat/completions": {"POST": self._chat_completions},
+            "/v1/completions": {"POST": self._completions},
+            "/v1/embeddings": {"POST": self._embeddings},
+            _STATS_PATH: {"GET": self._stats},
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if not self._authorized(scope, path, method):
+            await _send_json(send, HTTPStatus.UNAUTHORIZED, _UNAUTHORIZED)
+            return
+        methods = self._routes.get(path)
+        if methods is None:
+            await _send_json(send, HTTPStatus.NOT_FOUND, _NOT_FOUND)
+            return
+        handler = methods.get(method)
+        if handler is None:
+            allow: Header = (b"allow", ", ".join(methods).encode())
+            await _send_json(send, HTTPStatus.METHOD_NOT_ALLOWED, _METHOD_NOT_ALLOWED, allow)
+            return
+        if path != _STATS_PATH:
+            self.stats.requests[path] += 1
+        try:
+            await handler(scope, receive, send)
+        except ApiError as error:
+            await _send_json(send, error.status, error.body())
+
+    def _authorized(self, scope: Scope, path: str, method: str) -> bool:
+        # Like vLLM's middleware: only /v1 routes are guarded, before routing, OPTIONS exempt.
+        if self._token is None or not path.startswith("/v1") or method == "OPTIONS":
+            return True
+        return _bearer_matches(scope, self._token)
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_response(send, HTTPStatus.OK, b"", ())
+
+    async def _version(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_json(send, HTTPStatus.OK, _VERSION)
+
+    async def _list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_json(send, HTTPStatus.OK, self._models_json)
+
+    async def _stats(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_json(send, HTTPStatus.OK, orjson.dumps(self.stats))
+
+    async def _chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = await self._admit(scope, receive)
+        if request is None:
+            return
+        sampling = _parse_sampling(request.body, self.config)
+        prompt = _chat_prompt(request.body)
+        generation = _generation(
+            chat=True,
+            model=self._model(request.body),
+            prompts=[prompt],
+            sampling=sampling,
+            config=self.config,
+        )
+        await self._answer(generation, request, receive, send)
+
+    async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = await self._admit(scope, receive)
+        if request is None:
+            return
+        sampling = _parse_sampling(request.body, self.config)
+        prompts = _completion_prompts(request.body)
+        generation = _generation(
+            chat=False,
+            model=self._model(request.body),
+            prompts=prompts,
+            sampling=sampling,
+            config=self.config,
+        )
+        await self._answer(generation, request, receive, send)
+
+    async def _embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = await self._admit(scope, receive)
+        if request is None:
+            return
+        body = self._embedding_body(request.body)
+        await _sleep(request.pace.latency)
+        await _send_json(send, HTTPStatus.OK, body)
+
+    async def _admit(self, scope: Scope, receive: Receive) -> _Admitted | None:
+        """Read an inference request and apply faults; None once it hung until the client left."""
+        _check_json_content_type(scope)
+        body = _parse_json(await _read_body(receive))
+        self.stats.last_request = body
+        fault = _parse_fault(body.get("fake_vllm"))
+        pace = _pace(self.config, fault)
+        scheduled_error = self._errors.next_fails()
+        if fault.hang:
+            await _wait_disconnect(receive)
+            return None
+        if fault.injects_error or scheduled_error:
+            await _sleep(pace.latency)
+            status = fault.status or self.config.error_status
+            raise ApiError(status, fault.message or self.config.error_message)
+        return _Admitted(body=body, fault=fault, pace=pace)
+
+    def _model(self, body: JSON, *, generating: bool = True) -> str:
+        model = _field(body, "model", "string")
+        if model is None:
+            return self.config.models[0]  # vLLM serves its first name when none is given
+        if model in self._models:
+            return model
+        message = f"The model `{model}` does not exist."
+        if not generating:  # vLLM's pooling (embeddings) server words it more tersely
+            raise ApiError(HTTPStatus.NOT_FOUND, message)
+        aliases = ", ".join(self.config.models)
+        raise ApiError(HTTPStatus.NOT_FOUND, f"{message} Valid aliases: {aliases}.", param="model")
+
+    async def _answer(self, generation: _Generation, request: _Admitted, receive: Receive, send: Send) -> None:
+        if not generation.stream:
+            await _sleep(request.pace.latency)
+            await _send_json(send, HTTPStatus.OK, _completion_body(generation))
+            return
+        plan = _stream_plan(generation)
+        start = {"type": "http.response.start", "status": HTTPStatus.OK, "headers": _SSE_HEADERS}
+        await send(start)
+        stats = self.stats
+        stats.streams_started += 1
+        stats.active_streams += 1
+        try:
+            work = _play(send, plan, request.pace, request.fault.fail_after_tokens)
+            outcome = await _until_disconnect(receive, work)
+        finally:
+            stats.active_streams -= 1
+        if outcome == "completed":
+            stats.streams_completed += 1
+        elif outcome == "aborted":
+            # Returning without the final body message makes uvicorn drop the connection.
+            stats.streams_aborted += 1
+        else:
+            stats.streams_disconnected += 1
+
+    def _embedding_body(self, body: JSON) -> bytes:
+        items = _prompt_items(_require(body, "input"), "input")
+        encoding_format = _field(body, "encoding_format", "string") or "float"
+        if encoding_format not in ("float", "base64"):
+            raise _invalid(
+                "encoding_format",
+                "encoding_format must be 'float' or 'base64'.",
+                encoding_format,
+            )
+        model = self._model(body, generating=False)
+        for _, tokens in items:
+            _check_prompt_fits(tokens, self.config.max_model_len)
+        dim = self.config.embedding_dim
+        data = [
+            {
+                "index": index,
+                "object": "embedding",
+                "embedding": _encode_embedding(_embedding_vector(seed, dim), encoding_format),
+            }
+            for index, (seed, _) in enumerate(items)
+        ]
+        prompt_tokens = sum(tokens for _, tokens in items)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "total_tokens": prompt_tokens,
+            "completion_tokens": 0,
+            **_USAGE_DETAILS,
+        }
+        return orjson.dumps(
+            {
+                "id": _new_id("embd-"),
+                "object": "list",
+                "created": int(time.time()),
+                "model": model,
+                "data": data,
+                "usage": usage,
+            }
+        )
+
+
+async def _sleep(seconds: float) -> None:
+    if seconds:
+        await asyncio.sleep(seconds)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `python -m resource_server.fakes.model_server` and `manage.py fake_vllm`."""
+    d = _DEFAULTS
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8001, help="port (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME",
+        help=f"served model name; repeat for several (default: {d.models[0]})",
+    )
+    parser.add_argument("--max-model-len", type=int, default=d.max_model_len, metavar="N")
+    parser.add_argument("--embedding-dim", type=int, default=d.embedding_dim, metavar="N")
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=d.default_max_tokens,
+        metavar="N",
+        help="/v1/completions length when a request sets no max_tokens (default: %(default)s)",
+    )
+    parser.add_argument("--latency", type=float, default=d.latency, metavar="S", help="delay of JSON answers")
+    parser.add_argument("--ttft", type=float, default=d.ttft, metavar="S", help="delay of a stream's first token")
+    parser.add_argument(
+        "--tokens-per-second",
+        type=float,
+        default=d.tokens_per_second,
+        metavar="R",
+        help="stream pace; 0 (default) streams as fast as possible",
+    )
+    parser.add_argument(
+        "--error-rate",
+        type=float,
+        default=d.error_rate,
+        metavar="F",
+        help="fraction of inference requests that fail, evenly spread, not random",
+    )
+    parser.add_argument("--error-status", type=int, default=d.error_status, metavar="N")
+    parser.add_argument("--error-message", default=d.error_message, metavar="M")
+    parser.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="require 'Authorization: Bearer <key>' on /v1 routes; the key is read from $VAR",
+    )
+
+
+def config_from_options(options: Mapping[str, Any]) -> FakeServerConfig:
+    """Build the config from parsed options; raises ValueError on a bad value."""
+    return FakeServerConfig(
+        models=tuple(options["models"] or _DEFAULTS.models),
+        max_model_len=options["max_model_len"],
+        embedding_dim=options["embedding_dim"],
+        default_max_tokens=options["default_max_tokens"],
+        latency=options["latency"],
+        ttft=options["ttft"],
+        tokens_per_second=options["tokens_per_second"],
+        error_rate=options["error_rate"],
+        error_status=options["error_status"],
+        error_message=options["error_message"],
+        api_key=_api_key_from_env(options["api_key_env"]),
+    )
+
+
+def _api_key_from_env(variable: str | None) -> str | None:
+    if variable is None:
+        return None
+    key = os.environ.get(variable)
+    if not key:
+        raise ValueError(f"--api-key-env names {variable}, which is unset or empty")
+    return key
+
+
+def serve(config: FakeServerConfig, *, host: str, port: int) -> None:
+    """Run the fake under uvicorn (httptools and uvloop when installed) until interrupted."""
+    import uvicorn  # only running the app needs uvicorn; the app itself does not
+
+    models = ", ".join(config.models)
+    print(f"fake vLLM serving {models} on http://{host}:{port}", file=sys.stderr, flush=True)
+    uvicorn.run(
+        create_app(config),
+        host=host,
+        port=port,
+        loop="auto",
+        http="auto",
+        log_level="warning",
+        access_log=False,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m resource_server.fakes.model_server",
+        description="A fast, deterministic fake of vLLM's OpenAI-compatible server.",
+    )
+    add_arguments(parser)
+    options = vars(parser.parse_args(argv))
+    try:
+        config = config_from_options(options)
+    except ValueError as error:
+        parser.error(str(error))
+    serve(config, host=options["host"], port=options["port"])
+
+
+if __name__ == "__main__":
+    main()
