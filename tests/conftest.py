@@ -2,8 +2,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
+from django.db import connection
 
 from resource_server.models import ApiKey, Cluster, Endpoint, User
 from resource_server.selectors.endpoints import routing_table_forget
@@ -17,6 +19,21 @@ def model_server() -> Iterator[str]:
     """One fake vLLM server for the session (its behaviour is chosen per request)."""
     with fake_model_server("--model", "demo-model", "--model", "org/model.v1", "--max-model-len", "512") as url:
         yield url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_test_database(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """Let pytest-django drop the test database: stop our writer thread and end other sessions."""
+    yield
+    usage_sink.stop()
+    with django_db_blocker.unblock():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                # Threads that ran async ORM calls keep their own connections open.
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, transaction
+from django.db import IntegrityError, close_old_connections, connections, transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -108,6 +108,12 @@ class UsageSink:
             atexit.register(self.stop)
 
     def _run(self) -> None:
+        try:
+            self._write_until_stopped()
+        finally:
+            connections.close_all()  # this thread's connection, so the database can be dropped or failed over
+
+    def _write_until_stopped(self) -> None:
         backoff = 1.0
         while not self._stopping.is_set():
             self._collect()
@@ -119,7 +125,7 @@ class UsageSink:
             except Exception:
                 logger.exception("could not write %d usage records; retrying in %.0f s", len(batch), backoff)
                 close_old_connections()
-                time.sleep(backoff)
+                self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 1.0
@@ -194,10 +200,14 @@ class UsageSink:
         return records
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Write what is left; what cannot be written within `timeout` goes to the spool file."""
-        if self._thread is None or self._stopping.is_set() or self.flush(timeout=timeout):
+        """Write what is left and stop; what cannot be written within `timeout` goes to the spool file."""
+        if self._thread is None or self._stopping.is_set():
             return
+        written = self.flush(timeout=timeout)
         self._stopping.set()
+        self._thread.join(timeout=self._flush_seconds + 1)
+        if written:
+            return
         leftovers = list(self._pending)
         try:
             while True:
