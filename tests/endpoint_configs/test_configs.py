@@ -1,0 +1,227 @@
+"""Endpoint configs load with globus-compute-endpoint's own loader; launch_vllm.sh starts and waits for servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml  # type: ignore[import-untyped]  # the venv has no types-PyYAML
+
+from compute_functions import CODE_STRATEGY, DATA_STRATEGY
+from tests.servers import ROOT, free_port
+
+CONFIG_DIR = ROOT / "endpoint_configs"
+LAUNCHER = CONFIG_DIR / "launch_vllm.sh"
+PROVIDERS = {"polaris-pbs": "PBSProProvider", "slurm": "SlurmProvider", "local": "LocalProvider"}
+
+
+def config_text(site: str) -> str:
+    return (CONFIG_DIR / site / "config.yaml").read_text()
+
+
+def test_there_is_a_config_for_each_site() -> None:
+    assert {path.parent.name for path in CONFIG_DIR.glob("*/config.yaml")} == PROVIDERS.keys()
+
+
+@pytest.mark.parametrize("site", sorted(PROVIDERS))
+def test_config_accepts_only_the_gateway_function_and_serializers(site: str) -> None:
+    config = yaml.safe_load(config_text(site))
+
+    assert config["engine"]["allowed_serializers"] == [CODE_STRATEGY, DATA_STRATEGY]
+    assert config["allowed_functions"]
+    assert config["idle_heartbeats_soft"] == 0  # never shut down for idleness
+
+
+@pytest.mark.parametrize("site", sorted(PROVIDERS))
+def test_worker_init_launches_the_models_file_shipped_for_the_site(site: str) -> None:
+    worker_init = yaml.safe_load(config_text(site))["engine"]["provider"]["worker_init"]
+
+    assert "endpoint_configs/launch_vllm.sh" in worker_init
+    assert re.findall(r"endpoint_configs/([\w-]+/models\.txt)", worker_init) == [f"{site}/models.txt"]
+    assert (CONFIG_DIR / site / "models.txt").is_file()
+
+
+@pytest.mark.parametrize("site", sorted(PROVIDERS))
+def test_config_loads_with_the_endpoints_own_loader(site: str) -> None:
+    loader = pytest.importorskip(
+        "globus_compute_endpoint.endpoint.config.utils",
+        reason="globus-compute-endpoint is a cluster-side package; install the `cluster` extra to check configs",
+    )
+
+    config = loader.load_config_yaml(config_text(site))
+
+    engine = config.engine
+    try:
+        assert type(config).__name__ == "UserEndpointConfig"
+        assert type(engine).__name__ == "GlobusComputeEngine"
+        assert type(engine.executor.provider).__name__ == PROVIDERS[site]
+        assert engine.executor.provider.min_blocks >= 1  # a node stays hot with the models loaded
+        assert {strategy.__name__ for strategy in engine.serde.allowed_deserializer_types} == {
+            CODE_STRATEGY.rsplit(".", 1)[1],
+            DATA_STRATEGY.rsplit(".", 1)[1],
+        }
+    finally:
+        engine.shutdown()
+
+
+# --- launch_vllm.sh ----------------------------------------------------------------------------
+
+# Stands in for `vllm serve MODEL --host H --port P [args]`: records how it was called, then serves /health.
+STUB = """#!{python}
+import json, os, sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+args = sys.argv[1:]
+port = int(args[args.index("--port") + 1])
+record = {{"argv": args, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}}
+with open(os.path.join(os.environ["STUB_RECORD_DIR"], f"{{port}}.json"), "w") as out:
+    json.dump(record, out)
+if "--stub-crash" in args:
+    sys.exit("stub: the model failed to load")
+if "--stub-delay" in args:
+    time.sleep(float(args[args.index("--stub-delay") + 1]))
+
+
+class Health(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+HTTPServer((args[args.index("--host") + 1], port), Health).serve_forever()
+"""
+
+
+class Launcher:
+    def __init__(self, tmp_path: Path) -> None:
+        self.logs = tmp_path / "logs"
+        self.records = tmp_path / "records"
+        self.records.mkdir()
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        stub = bin_dir / "vllm"
+        stub.write_text(STUB.format(python=sys.executable))
+        stub.chmod(0o755)
+        path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+        self.env = {**os.environ, "PATH": path, "STUB_RECORD_DIR": str(self.records)}
+
+    def run(self, *args: str, timeout: float = 5) -> subprocess.CompletedProcess[str]:
+        options = ["-l", str(self.logs), "-t", str(timeout), "-i", "0.1", *args]
+        return subprocess.run(
+            ["bash", str(LAUNCHER), *options], env=self.env, capture_output=True, text=True, timeout=30
+        )
+
+    def call(self, port: int) -> dict[str, Any]:
+        record: dict[str, Any] = json.loads((self.records / f"{port}.json").read_text())
+        return record
+
+    def pid(self, port: int) -> int:
+        return int((self.logs / f"vllm-{port}.pid").read_text())
+
+    def stop_all(self) -> None:
+        for pid_file in self.logs.glob("*.pid"):
+            with suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Iterator[Launcher]:
+    launcher = Launcher(tmp_path)
+    yield launcher
+    launcher.stop_all()
+
+
+def healthy(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+        return bool(response.status == 200)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_launcher_is_valid_bash() -> None:
+    assert subprocess.run(["bash", "-n", str(LAUNCHER)], capture_output=True).returncode == 0
+
+
+def test_starts_each_model_on_its_port_and_returns_once_all_are_healthy(launcher: Launcher, tmp_path: Path) -> None:
+    slow, quick = free_port(), free_port()
+    models = tmp_path / "models.txt"
+    models.write_text(
+        f"# comment line\n\nCUDA_VISIBLE_DEVICES=0,1 org/model-a {slow} --tensor-parallel-size 2 --stub-delay 0.5\n"
+    )
+
+    result = launcher.run("-f", str(models), "-m", f"model-b {quick}")
+
+    assert result.returncode == 0, result.stderr
+    assert healthy(slow)  # no retry: the script waited for the slow one
+    assert healthy(quick)
+    vllm_args = ["--tensor-parallel-size", "2", "--stub-delay", "0.5"]
+    assert launcher.call(slow) == {
+        "argv": ["serve", "org/model-a", "--host", "127.0.0.1", "--port", str(slow), *vllm_args],
+        "cuda": "0,1",
+    }
+    assert launcher.call(quick)["cuda"] is None
+    assert alive(launcher.pid(slow))
+    assert alive(launcher.pid(quick))
+    assert (launcher.logs / f"vllm-{slow}.log").is_file()
+
+
+def test_rerun_on_a_warm_node_leaves_the_running_server_alone(launcher: Launcher) -> None:
+    port = free_port()
+    assert launcher.run("-m", f"model-a {port}").returncode == 0
+    first_pid = launcher.pid(port)
+
+    result = launcher.run("-m", f"model-a {port}")
+
+    assert result.returncode == 0
+    assert "already serves" in result.stdout
+    assert launcher.pid(port) == first_pid
+    assert alive(first_pid)
+
+
+def test_a_server_that_exits_fails_fast_and_shows_its_log(launcher: Launcher) -> None:
+    started = time.monotonic()
+
+    result = launcher.run("-m", f"broken-model {free_port()} --stub-crash", timeout=30)
+
+    assert result.returncode == 1
+    assert time.monotonic() - started < 10
+    assert "exited" in result.stderr
+    assert "stub: the model failed to load" in result.stderr
+
+
+def test_a_server_not_healthy_in_time_fails_and_names_the_port(launcher: Launcher) -> None:
+    port = free_port()
+
+    result = launcher.run("-m", f"slow-model {port} --stub-delay 30", timeout=1)
+
+    assert result.returncode == 1
+    assert f"port {port} not healthy after 1s" in result.stderr
+    assert alive(launcher.pid(port))  # left to finish loading
+
+
+def test_a_spec_without_a_port_is_a_usage_error(launcher: Launcher) -> None:
+    result = launcher.run("-m", "model-without-port")
+
+    assert result.returncode == 2
+    assert "bad spec" in result.stderr
