@@ -8,7 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -26,6 +26,14 @@ def _split_csv(value: object) -> object:
 
 
 CsvList = Annotated[list[str], NoDecode]
+_CSV_FIELDS = (
+    "ALLOWED_HOSTS",
+    "CSRF_TRUSTED_ORIGINS",
+    "GLOBUS_ALLOWED_DOMAINS",
+    "GLOBUS_POLICIES",
+    "GLOBUS_REQUIRED_GROUPS",
+    "GLOBUS_SERVICE_CLIENTS",
+)
 
 
 class UnsafeSettingsError(RuntimeError):
@@ -57,10 +65,42 @@ class GatewaySettings(BaseSettings):
     # Largest request body accepted on the inference routes.
     MAX_REQUEST_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024)
 
+    # Globus Auth (docs/globus-auth.md). Without GLOBUS_CLIENT_ID only gateway API keys are accepted.
+    GLOBUS_CLIENT_ID: str = ""
+    GLOBUS_CLIENT_SECRET: SecretStr = SecretStr("")
+    GLOBUS_SCOPE: str = ""
+    GLOBUS_ALLOWED_DOMAINS: CsvList = Field(default_factory=list)
+    GLOBUS_POLICIES: CsvList = Field(default_factory=list)
+    GLOBUS_REQUIRED_GROUPS: CsvList = Field(default_factory=list)
+    GLOBUS_SERVICE_CLIENTS: CsvList = Field(default_factory=list)
+    GLOBUS_TOKEN_CACHE_SECONDS: float = Field(default=60.0, ge=0, le=3600)
+    GLOBUS_GROUPS_CACHE_SECONDS: float = Field(default=300.0, ge=0, le=86400)
+    GLOBUS_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0, le=120)
+
+    # Globus Compute (docs/add-a-model.md): the service account that registers the compute functions and
+    # submits tasks. Endpoints may override it with their own client in their backend config.
+    GLOBUS_COMPUTE_CLIENT_ID: str = ""
+    GLOBUS_COMPUTE_CLIENT_SECRET: SecretStr = SecretStr("")
+    # How long an endpoint's status (online, workers) is trusted before it is fetched again.
+    GLOBUS_COMPUTE_STATUS_CACHE_SECONDS: float = Field(default=30.0, ge=0, le=3600)
+
+    # The stream relay: compute functions on cluster nodes POST each stream's chunks back to the gateway.
+    # The base URL they use, e.g. https://gateway.example.org. Empty: streams through compute backends fail.
+    RELAY_PUBLIC_URL: str = Field(default="", pattern=r"^(https?://[^\s/?#]+[^\s?#]*)?$")
+    # Longest wait for a stream's first chunk: long enough for a node to start and load the model.
+    RELAY_FIRST_CHUNK_SECONDS: float = Field(default=900.0, gt=0, le=86400)
+    # Longest silence between two chunks before the stream ends with an error event.
+    RELAY_IDLE_SECONDS: float = Field(default=120.0, gt=0, le=3600)
+    # Lifetime of a task's relay token: no stream runs longer.
+    RELAY_MAX_STREAM_SECONDS: float = Field(default=3600.0, gt=0, le=86400)
+    RELAY_MAX_MESSAGE_BYTES: int = Field(default=1024 * 1024, ge=1024, le=8 * 1024 * 1024)
+    # Messages a stream may have waiting for its client before the relay asks the function to back off.
+    RELAY_MAX_PENDING_MESSAGES: int = Field(default=1000, ge=1, le=100_000)
+
     @model_validator(mode="before")
     @classmethod
     def _csv_fields(cls, data: dict[str, object]) -> dict[str, object]:
-        for name in ("ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS"):
+        for name in _CSV_FIELDS:
             if name in data:
                 data[name] = _split_csv(data[name])
         return data
@@ -68,6 +108,22 @@ class GatewaySettings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.GATEWAY_ENV is Environment.PRODUCTION
+
+    @property
+    def globus_enabled(self) -> bool:
+        return bool(self.GLOBUS_CLIENT_ID)
+
+    @property
+    def globus_scope(self) -> str:
+        """The scope tokens must carry: GLOBUS_SCOPE, or the client's default `action_all` scope."""
+        return self.GLOBUS_SCOPE or f"https://auth.globus.org/scopes/{self.GLOBUS_CLIENT_ID}/action_all"
+
+    def check_globus(self) -> None:
+        """Refuse a Globus configuration that cannot work, in every environment."""
+        if self.globus_enabled and not self.GLOBUS_CLIENT_SECRET.get_secret_value():
+            raise UnsafeSettingsError("GLOBUS_CLIENT_SECRET must be set when GLOBUS_CLIENT_ID is.")
+        if self.GLOBUS_COMPUTE_CLIENT_ID and not self.GLOBUS_COMPUTE_CLIENT_SECRET.get_secret_value():
+            raise UnsafeSettingsError("GLOBUS_COMPUTE_CLIENT_SECRET must be set when GLOBUS_COMPUTE_CLIENT_ID is.")
 
     def check_production_safety(self) -> None:
         """Refuse to boot production with a default secret, DEBUG on or a wildcard host."""
@@ -84,6 +140,9 @@ class GatewaySettings(BaseSettings):
             raise UnsafeSettingsError("ALLOWED_HOSTS must list the gateway's host names in production, not '*'.")
         if not self.DATABASE_URL:
             raise UnsafeSettingsError("DATABASE_URL must point at PostgreSQL in production.")
+        if self.RELAY_PUBLIC_URL and not self.RELAY_PUBLIC_URL.startswith("https://"):
+            # Relay tokens travel in these requests' headers.
+            raise UnsafeSettingsError("RELAY_PUBLIC_URL must be an https:// URL in production.")
 
     def development_secret_key(self) -> str:
         """A per-checkout random key for development, kept in DATA_DIR so workers agree on it."""

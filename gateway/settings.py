@@ -10,6 +10,7 @@ from gateway.config import GatewaySettings
 
 GATEWAY = GatewaySettings()
 GATEWAY.check_production_safety()
+GATEWAY.check_globus()
 
 SECRET_KEY = GATEWAY.SECRET_KEY or GATEWAY.development_secret_key()
 DEBUG = GATEWAY.DEBUG

@@ -23,19 +23,22 @@ class GatewayError(Exception):
         status: int | None = None,
         error_type: str | None = None,
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
         self.param = param
         self.headers = headers or {}
+        self.extra = extra or {}
         if status is not None:
             self.status = status
         if error_type is not None:
             self.error_type = error_type
 
     def envelope(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+        error = {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}
+        return {"error": error, **self.extra}
 
     def body(self) -> bytes:
         return orjson.dumps(self.envelope())
@@ -52,11 +55,19 @@ class AuthenticationFailed(GatewayError):
     error_type = "authentication_error"
     default_code = "invalid_api_key"
 
-    def __init__(self, message: str, *, code: str | None = None, bearer_error: str = "invalid_token") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        bearer_error: str = "invalid_token",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(
             message,
             code=code,
             headers={"WWW-Authenticate": f'Bearer realm="inference-gateway", error="{bearer_error}"'},
+            extra=extra,
         )
 
 

@@ -122,6 +122,8 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Sealed Globus Groups refresh token of the owner, so the key's group rights can be re-checked.
+    groups_refresh_token = models.TextField(blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at"]

@@ -17,7 +17,8 @@ from tests.servers import fake_model_server
 @pytest.fixture(scope="session")
 def model_server() -> Iterator[str]:
     """One fake vLLM server for the session (its behaviour is chosen per request)."""
-    with fake_model_server("--model", "demo-model", "--model", "org/model.v1", "--max-model-len", "512") as url:
+    models = ("demo-model", "org/model.v1", "group-model")
+    with fake_model_server(*(f"--model={name}" for name in models), "--max-model-len", "512") as url:
         yield url
 
 

@@ -84,3 +84,12 @@ def fake_stats(base_url: str) -> dict[str, object]:
     response.raise_for_status()
     data: dict[str, object] = response.json()
     return data
+
+
+@contextmanager
+def fake_globus_server(*options: str) -> Iterator[str]:
+    """The project's fake Globus Auth + Groups; yields its root URL (for GLOBUS_SDK_SERVICE_URL_*)."""
+    port = free_port()
+    args = [sys.executable, "-m", "resource_server.fakes.globus", "--port", str(port), *options]
+    with running(args, f"http://127.0.0.1:{port}/fake/stats"):
+        yield f"http://127.0.0.1:{port}/"

@@ -18,16 +18,21 @@ class BearerAuth(HttpAuthBase):
         self.is_async = True
 
     async def __call__(self, request: HttpRequest) -> Principal:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise AuthenticationFailed(
-                "Missing credentials: send 'Authorization: Bearer <token>' with a Globus access token "
-                "or a gateway API key.",
-                code="missing_credentials",
-                bearer_error="invalid_request",
-            )
-        return await principal_from_token(token)
+        return await principal_from_token(bearer_token(request))
+
+
+def bearer_token(request: HttpRequest) -> str:
+    """The bearer credential of a request (never log it)."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationFailed(
+            "Missing credentials: send 'Authorization: Bearer <token>' with a Globus access token "
+            "or a gateway API key.",
+            code="missing_credentials",
+            bearer_error="invalid_request",
+        )
+    return token
 
 
 bearer_auth = BearerAuth()

@@ -10,7 +10,7 @@ from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 
-from resource_server.api import health, inference
+from resource_server.api import account, health, inference
 from resource_server.errors import AuthenticationFailed, GatewayError, InvalidRequest
 
 logger = logging.getLogger("resource_server.api")
@@ -24,6 +24,7 @@ api = NinjaAPI(
 )
 api.add_router("", health.router)
 api.add_router("", inference.router)
+api.add_router("", account.router)
 
 
 def _render(request: HttpRequest, error: GatewayError) -> HttpResponse:

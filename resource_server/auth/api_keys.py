@@ -7,7 +7,6 @@ import hmac
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -16,8 +15,12 @@ from django.db import DatabaseError
 from django.utils import timezone
 
 from resource_server.auth.base import AuthKind, Principal
+from resource_server.auth.globus import group_memberships, require_gateway_groups
+from resource_server.auth.sealing import unseal
+from resource_server.cache import LocalTTLCache
 from resource_server.errors import AuthenticationFailed, ServiceUnavailable
 from resource_server.models import ApiKey
+from resource_server.services.users import LOCAL_PROVIDER
 
 logger = logging.getLogger(__name__)
 
@@ -38,51 +41,49 @@ def api_key_hash(key: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _CachedKey:
+class _CheckedKey:
     principal: Principal
     expires_at: datetime | None
-    fresh_until: float
+    checked_at: float
 
 
 class ApiKeyAuthenticator:
-    """Checks gateway API keys, remembering good ones for API_KEY_CACHE_SECONDS per worker.
+    """Checks gateway API keys, remembering good ones per worker.
 
-    A revoked key therefore stops working within that many seconds on every worker.
+    A key is re-read from the database every API_KEY_CACHE_SECONDS (so a revoked key stops working
+    within that time on every worker) and its owner's Globus groups are re-checked at least every
+    GLOBUS_GROUPS_CACHE_SECONDS.
     """
 
-    max_cached = 10_000
-
     def __init__(self) -> None:
-        self._cache: OrderedDict[str, _CachedKey] = OrderedDict()
+        self._cache: LocalTTLCache[_CheckedKey] = LocalTTLCache()
 
     def claims(self, token: str) -> bool:
         return token.startswith(KEY_MARKER)
 
     async def authenticate(self, token: str) -> Principal:
         digest = api_key_hash(token)
-        cached = self._cache.get(digest)
-        if cached is None or cached.fresh_until < time.monotonic():
-            try:
-                cached = await self._load(token, digest)
-            except DatabaseError:
-                if cached is None:
-                    raise ServiceUnavailable(
-                        "The gateway cannot check API keys right now. Please retry shortly.",
-                        retry_after=5,
-                        code="auth_unavailable",
-                    ) from None
-                logger.warning("database unavailable; accepting API key %s from cache", cached.principal.api_key_id)
-        if cached.expires_at is not None and cached.expires_at <= timezone.now():
-            self._cache.pop(digest, None)
+        checked = self._cache.get(digest)
+        if checked is None:
+            checked = await self._check(token, digest)
+        if checked.expires_at is not None and checked.expires_at <= timezone.now():
+            self._cache.pop(digest)
             raise AuthenticationFailed("This API key has expired. Create a new one.", code="expired_api_key")
-        return cached.principal
+        return checked.principal
 
-    async def _load(self, token: str, digest: str) -> _CachedKey:
+    async def _check(self, token: str, digest: str) -> _CheckedKey:
         prefix, separator = token[:PREFIX_LENGTH], token[PREFIX_LENGTH : PREFIX_LENGTH + 1]
         invalid = AuthenticationFailed("Invalid API key.", code="invalid_api_key")
         if separator != "_" or len(token) < PREFIX_LENGTH + 20:
             raise invalid
-        key = await ApiKey.objects.select_related("owner").filter(prefix=prefix).afirst()
+        try:
+            key = await ApiKey.objects.select_related("owner").filter(prefix=prefix).afirst()
+        except DatabaseError:
+            raise ServiceUnavailable(
+                "The gateway cannot check API keys right now. Please retry shortly.",
+                retry_after=5,
+                code="auth_unavailable",
+            ) from None
         if key is None or not hmac.compare_digest(key.secret_hash, digest):
             raise invalid
         if key.revoked_at is not None:
@@ -94,11 +95,23 @@ class ApiKeyAuthenticator:
             identity_id=key.owner.identity_id,
             username=key.owner.username,
             auth_kind=AuthKind.API_KEY,
+            groups=await self._owner_groups(key),
             api_key_id=key.pk,
         )
-        entry = _CachedKey(principal, key.expires_at, time.monotonic() + settings.GATEWAY.API_KEY_CACHE_SECONDS)
-        self._cache[digest] = entry
-        self._cache.move_to_end(digest)
-        while len(self._cache) > self.max_cached:
-            self._cache.popitem(last=False)
-        return entry
+        config = settings.GATEWAY
+        checked = _CheckedKey(principal, key.expires_at, time.monotonic())
+        self._cache.set(digest, checked, min(config.API_KEY_CACHE_SECONDS, config.GLOBUS_GROUPS_CACHE_SECONDS))
+        return checked
+
+    @staticmethod
+    async def _owner_groups(key: ApiKey) -> frozenset[str]:
+        """The owner's current Globus groups; accounts an admin created locally have none and are exempt."""
+        if key.owner.identity_provider == LOCAL_PROVIDER:
+            return frozenset()
+        refresh_token = unseal(key.groups_refresh_token) if key.groups_refresh_token else None
+        if refresh_token is None:
+            groups: frozenset[str] = frozenset()
+        else:
+            groups = await group_memberships.for_refresh_token(key.owner.identity_id, refresh_token)
+        require_gateway_groups(groups)
+        return groups

@@ -1,0 +1,98 @@
+"""Who am I, and my API keys (created with a Globus token, for long-running workflows)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from asgiref.sync import sync_to_async
+from django.http import HttpRequest
+from ninja import Field, Router, Schema
+
+from resource_server.api.security import bearer_auth, bearer_token
+from resource_server.auth.base import Principal
+from resource_server.models import ApiKey
+from resource_server.services.api_keys import api_key_issue, api_key_list, api_key_revoke_own
+
+router = Router(auth=bearer_auth, tags=["Account"])
+
+
+class WhoAmI(Schema):
+    identity_id: str
+    username: str
+    auth_kind: str
+    groups: list[str]
+
+
+class ApiKeyCreate(Schema):
+    name: str = Field(min_length=1, max_length=100)
+    expires_in_days: int | None = Field(default=None, ge=1, le=3650)
+
+
+class ApiKeyOut(Schema):
+    id: str = Field(description="The key's visible prefix; use it to revoke the key.")
+    name: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    @staticmethod
+    def of(key: ApiKey) -> ApiKeyOut:
+        return ApiKeyOut(
+            id=key.prefix,
+            name=key.name,
+            created_at=key.created_at,
+            expires_at=key.expires_at,
+            revoked_at=key.revoked_at,
+            last_used_at=key.last_used_at,
+        )
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="The whole key. It is shown only this once.")
+
+
+class ApiKeyList(Schema):
+    object: str = "list"
+    data: list[ApiKeyOut]
+
+
+def _principal(request: HttpRequest) -> Principal:
+    principal: Principal = request.auth  # type: ignore[attr-defined]
+    return principal
+
+
+@router.get("/whoami", response=WhoAmI, summary="Who the gateway thinks you are", operation_id="whoami")
+async def whoami(request: HttpRequest) -> WhoAmI:
+    principal = _principal(request)
+    return WhoAmI(
+        identity_id=principal.identity_id,
+        username=principal.username,
+        auth_kind=principal.auth_kind.value,
+        groups=sorted(principal.groups),
+    )
+
+
+@router.post("/v1/api-keys", response={201: ApiKeyCreated}, summary="Create an API key", operation_id="api_key_create")
+async def create_api_key(request: HttpRequest, payload: ApiKeyCreate) -> tuple[int, ApiKeyCreated]:
+    key, secret = await api_key_issue(
+        principal=_principal(request),
+        token=bearer_token(request),
+        name=payload.name,
+        expires_in_days=payload.expires_in_days,
+    )
+    return 201, ApiKeyCreated(**ApiKeyOut.of(key).model_dump(), key=secret)
+
+
+@router.get("/v1/api-keys", response=ApiKeyList, summary="List your API keys", operation_id="api_key_list")
+async def list_api_keys(request: HttpRequest) -> ApiKeyList:
+    keys = await sync_to_async(api_key_list)(principal=_principal(request))
+    return ApiKeyList(data=[ApiKeyOut.of(key) for key in keys])
+
+
+@router.delete(
+    "/v1/api-keys/{key_id}", response=ApiKeyOut, summary="Revoke one of your API keys", operation_id="api_key_revoke"
+)
+async def revoke_api_key(request: HttpRequest, key_id: str) -> ApiKeyOut:
+    key = await sync_to_async(api_key_revoke_own)(principal=_principal(request), key_id=key_id)
+    return ApiKeyOut.of(key)

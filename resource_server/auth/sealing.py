@@ -1,0 +1,27 @@
+"""Encryption at rest for the few secrets the gateway must keep (Globus Groups refresh tokens)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from cryptography.fernet import Fernet, InvalidToken
+from django.conf import settings
+
+
+def _fernet() -> Fernet:
+    # A dedicated key derived from SECRET_KEY; rotating SECRET_KEY makes sealed values unreadable.
+    digest = hashlib.sha256(b"inference-gateway/sealing/" + settings.SECRET_KEY.encode()).digest()
+    return Fernet(base64.urlsafe_b64encode(digest))
+
+
+def seal(value: str) -> str:
+    return _fernet().encrypt(value.encode()).decode()
+
+
+def unseal(value: str) -> str | None:
+    """The sealed value, or None if it was sealed under another SECRET_KEY or tampered with."""
+    try:
+        return _fernet().decrypt(value.encode()).decode()
+    except InvalidToken:
+        return None
