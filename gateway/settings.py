@@ -5,8 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import dj_database_url
+import django_stubs_ext
 
 from gateway.config import GatewaySettings
+
+# Lets classes such as admin.ModelAdmin[Model] be subscripted at run time, as the type stubs describe them.
+django_stubs_ext.monkeypatch()
 
 GATEWAY = GatewaySettings()
 GATEWAY.check_production_safety()

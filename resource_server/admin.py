@@ -8,7 +8,7 @@ from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from resource_server.models import ApiKey, Cluster, Endpoint, RequestLog, User
+from resource_server.models import ApiKey, Cluster, ComputeFunction, Endpoint, RequestLog, User
 from resource_server.selectors.endpoints import routing_table_forget
 from resource_server.services.api_keys import api_key_create, api_key_revoke
 
@@ -25,7 +25,7 @@ class RoutingChangeMixin:
         routing_table_forget()
 
 
-class EndpointInline(admin.TabularInline):
+class EndpointInline(admin.TabularInline[Endpoint, Cluster]):
     model = Endpoint
     fields = ("model", "framework", "backend", "enabled")
     show_change_link = True
@@ -35,7 +35,7 @@ class EndpointInline(admin.TabularInline):
 
 
 @admin.register(Cluster)
-class ClusterAdmin(RoutingChangeMixin, admin.ModelAdmin):
+class ClusterAdmin(RoutingChangeMixin, admin.ModelAdmin[Cluster]):
     list_display = ("name", "description", "maintenance", "updated_at")
     list_filter = ("maintenance",)
     search_fields = ("name", "description")
@@ -43,7 +43,7 @@ class ClusterAdmin(RoutingChangeMixin, admin.ModelAdmin):
 
 
 @admin.register(Endpoint)
-class EndpointAdmin(RoutingChangeMixin, admin.ModelAdmin):
+class EndpointAdmin(RoutingChangeMixin, admin.ModelAdmin[Endpoint]):
     list_display = ("model", "cluster", "framework", "backend", "enabled", "updated_at")
     list_filter = ("enabled", "cluster", "framework", "backend")
     search_fields = ("model",)
@@ -51,14 +51,14 @@ class EndpointAdmin(RoutingChangeMixin, admin.ModelAdmin):
 
 
 @admin.register(User)
-class UserAdmin(admin.ModelAdmin):
+class UserAdmin(admin.ModelAdmin[User]):
     list_display = ("username", "name", "identity_provider", "is_active", "created_at")
     list_filter = ("is_active", "identity_provider")
     search_fields = ("username", "name", "identity_id")
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(admin.ModelAdmin[ApiKey]):
     list_display = ("prefix", "name", "owner", "created_at", "expires_at", "revoked_at", "last_used_at")
     list_filter = (("revoked_at", admin.EmptyFieldListFilter), "expires_at", "created_at")
     search_fields = ("prefix", "name", "owner__username")
@@ -86,7 +86,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
 
 @admin.register(RequestLog)
-class RequestLogAdmin(admin.ModelAdmin):
+class RequestLogAdmin(admin.ModelAdmin[RequestLog]):
     list_display = (
         "created_at",
         "user",
@@ -105,6 +105,20 @@ class RequestLogAdmin(admin.ModelAdmin):
     search_fields = ("request_id", "user__username", "model")
     date_hierarchy = "created_at"
     list_select_related = ("user",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(ComputeFunction)
+class ComputeFunctionAdmin(admin.ModelAdmin[ComputeFunction]):
+    """Read-only: rows are written by `python manage.py register_functions`."""
+
+    list_display = ("name", "function_uuid", "client_id", "registered_at")
+    search_fields = ("name", "function_uuid", "client_id")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -72,11 +72,11 @@ class SharedCache:
 
     async def get(self, key: str) -> bytes | None:
         try:
-            value: bytes | None = await self._client().get(key)
+            value = await self._client().get(key)
         except aioredis.RedisError as exc:
             logger.warning("shared cache unavailable (%s); treating %s as a miss", type(exc).__name__, key[:24])
             return None
-        return value
+        return value.encode() if isinstance(value, str) else value
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         if ttl < 1:

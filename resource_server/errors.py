@@ -10,8 +10,8 @@ import orjson
 class GatewayError(Exception):
     """Base of every error a caller may see: it carries status, OpenAI error type, code and param."""
 
-    status: ClassVar[int] = 500
-    error_type: ClassVar[str] = "server_error"
+    status: int = 500
+    error_type: str = "server_error"
     default_code: ClassVar[str] = "internal_error"
 
     def __init__(

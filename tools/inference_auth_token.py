@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import globus_sdk
 from globus_sdk.gare import GlobusAuthorizationParameters
@@ -119,7 +120,7 @@ def config_from(options: argparse.Namespace, parser: argparse.ArgumentParser) ->
     )
 
 
-def build_app(config: ToolConfig, *, storage: TokenStorage | str = "json") -> globus_sdk.UserApp:
+def build_app(config: ToolConfig, *, storage: TokenStorage | Literal["json", "memory"] = "json") -> globus_sdk.UserApp:
     """A UserApp for the gateway's scope that never starts a login on its own.
 
     Without a validation-error handler, missing or unusable tokens raise instead of prompting, so

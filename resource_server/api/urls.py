@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
-from django.http.request import RequestDataTooBig
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 
-from resource_server.api import account, health, inference
+from resource_server.api import account, health, inference, relay
 from resource_server.errors import AuthenticationFailed, GatewayError, InvalidRequest
 
 logger = logging.getLogger("resource_server.api")
@@ -25,6 +25,7 @@ api = NinjaAPI(
 api.add_router("", health.router)
 api.add_router("", inference.router)
 api.add_router("", account.router)
+api.add_router("", relay.router)
 
 
 def _render(request: HttpRequest, error: GatewayError) -> HttpResponse:

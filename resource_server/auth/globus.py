@@ -136,14 +136,17 @@ def _check_policies(data: Mapping[str, Any], policies: list[str]) -> None:
 
 
 def _session_identity(data: Mapping[str, Any], allowed_domains: set[str]) -> Mapping[str, Any]:
-    details = {str(item.get("sub") or item.get("id")): item for item in data.get("identity_set_detail") or ()}
+    details: dict[str, Mapping[str, Any]] = {
+        str(item.get("sub") or item.get("id")): item for item in data.get("identity_set_detail") or ()
+    }
     primary = str(data.get("sub") or "")
     if not allowed_domains:
-        return details.get(primary) or {
+        chosen: Mapping[str, Any] = details.get(primary) or {
             "sub": primary,
             "username": data.get("username"),
             "name": data.get("name"),
         }
+        return chosen
     session = (data.get("session_info") or {}).get("authentications") or {}
     # The token's own identity first, then the others the researcher logged in with in this session.
     candidates = sorted(session, key=lambda identity_id: identity_id != primary)

@@ -396,7 +396,7 @@ def parse_grant(body: Mapping[str, Any], *, default_audience: str, now: int) -> 
         if not client_id:
             raise ControlError("a service token needs the client_id it was issued to")
         identities: tuple[Identity, ...] = (_client_identity(client_id, _get(body, "name", str)),)
-        session_id, authentications = None, ()
+        session_id, authentications = None, tuple[Authentication, ...]()
     elif kind == "user":
         primary = _identity(_object(body.get("identity", {}), "identity", _IDENTITY_FIELDS))
         linked = [_identity(item) for item in _objects(body, "linked_identities", _IDENTITY_FIELDS)]

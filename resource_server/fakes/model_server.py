@@ -1053,7 +1053,7 @@ class FakeModelServer:
         if model is None:
             return self.config.models[0]  # vLLM serves its first name when none is given
         if model in self._models:
-            return model
+            return str(model)
         message = f"The model `{model}` does not exist."
         if not generating:  # vLLM's pooling (embeddings) server words it more tersely
             raise ApiError(HTTPStatus.NOT_FOUND, message)
