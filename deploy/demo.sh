@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# `make demo`: migrate, seed a demo cluster + endpoint, create a demo API key, then run the fake
+# `make demo`: migrate, seed the demo clusters + endpoints, create a demo API key, then run the fake
 # model server and the gateway (gunicorn + uvicorn worker) on 127.0.0.1 until Ctrl-C.
+# `demo-model` goes to the model server directly; `demo-model-hpc` runs through the `local` backend: the
+# compute function that runs on cluster nodes, in a local process pool, streaming back through the relay.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 GATEWAY_PORT="${GATEWAY_PORT:-8000}"
 MODEL_PORT="${MODEL_PORT:-8001}"
 BASE_URL="http://127.0.0.1:${GATEWAY_PORT}/resource_server/v1"
+# Where compute functions send stream chunks: this gateway itself.
+export RELAY_PUBLIC_URL="${RELAY_PUBLIC_URL:-http://127.0.0.1:${GATEWAY_PORT}}"
 
 python manage.py migrate --verbosity 0
 python manage.py seed_demo --model-url "http://127.0.0.1:${MODEL_PORT}/v1"
@@ -16,7 +20,8 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; echo "Stopped."; }
 trap cleanup EXIT INT TERM
 
-python manage.py fake_vllm --port "$MODEL_PORT" --ttft 0.05 --tokens-per-second 40 &
+python manage.py fake_vllm --port "$MODEL_PORT" --model demo-model --model demo-model-hpc \
+  --ttft 0.05 --tokens-per-second 40 &
 pids+=($!)
 gunicorn -c deploy/gunicorn.conf.py --bind "127.0.0.1:${GATEWAY_PORT}" --workers 1 &
 pids+=($!)
@@ -48,6 +53,14 @@ or with the OpenAI Python client (.venv/bin/python):
   for chunk in client.chat.completions.create(model="demo-model", stream=True,
                                               messages=[{"role": "user", "content": "Tell me more"}]):
       print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+The same through the HPC path (the compute function run by the \`local\` backend, streamed via the relay):
+
+  for chunk in client.chat.completions.create(model="demo-model-hpc", stream=True,
+                                              messages=[{"role": "user", "content": "Tell me more"}]):
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+  (or FIRST's path: base_url="http://127.0.0.1:${GATEWAY_PORT}/resource_server/local-hpc/vllm/v1")
 
 Press Ctrl-C to stop.
 MSG

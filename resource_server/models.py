@@ -164,3 +164,26 @@ class RequestLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.route} {self.status_code}"
+
+
+class ComputeFunction(models.Model):
+    """A compute function as registered with Globus Compute by one service account (register_functions).
+
+    Functions belong to the account that registered them, so each account has its own id. The digest of
+    the registered code makes re-running registration a no-op until the function's source changes.
+    """
+
+    name = models.CharField(max_length=100, help_text="The function in compute_functions, e.g. inference.")
+    client_id = models.CharField(max_length=64, help_text="The service account (Globus client id) that owns it.")
+    function_uuid = models.UUIDField(help_text="Goes in Endpoint backend configs and endpoints' allowed_functions.")
+    source_sha256 = models.CharField(max_length=64, help_text="SHA-256 of the code as registered.")
+    registered_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["name", "client_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["name", "client_id"], name="compute_function_unique_per_account")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.function_uuid}"

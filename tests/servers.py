@@ -75,6 +75,8 @@ def gateway_server(env: dict[str, str]) -> Iterator[str]:
         "--workers",
         "1",
     ]
+    # Compute functions (the `local` backend) stream back to this gateway's own relay route.
+    env = {"RELAY_PUBLIC_URL": f"http://127.0.0.1:{port}", **env}
     with running(args, f"http://127.0.0.1:{port}/resource_server/health", env):
         yield f"http://127.0.0.1:{port}"
 

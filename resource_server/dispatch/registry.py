@@ -12,6 +12,8 @@ from pydantic import BaseModel, ValidationError
 
 from resource_server.dispatch.base import Backend
 from resource_server.dispatch.direct import DirectBackend, DirectConfig
+from resource_server.dispatch.globus_compute import GlobusComputeBackend, GlobusComputeConfig
+from resource_server.dispatch.local import LocalBackend, LocalConfig
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,11 @@ class BackendKind:
 
 BACKENDS: dict[str, BackendKind] = {
     kind.name: kind
-    for kind in (BackendKind("direct", "Direct HTTP (OpenAI-compatible server)", DirectConfig, DirectBackend),)
+    for kind in (
+        BackendKind("direct", "Direct HTTP (OpenAI-compatible server)", DirectConfig, DirectBackend),
+        BackendKind("globus_compute", "Globus Compute endpoint", GlobusComputeConfig, GlobusComputeBackend),
+        BackendKind("local", "Local process pool (demo / workstation)", LocalConfig, LocalBackend),
+    )
 }
 BACKEND_CHOICES = [(kind.name, kind.label) for kind in BACKENDS.values()]
 

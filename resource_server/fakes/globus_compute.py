@@ -20,6 +20,7 @@ the task runs, a failure raised on the endpoint, or a task that never finishes.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import multiprocessing
 import threading
@@ -27,7 +28,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +39,8 @@ from globus_compute_sdk.sdk.asynchronous.compute_future import ComputeFuture
 from globus_compute_sdk.sdk.client import FunctionRegistrationData
 from globus_compute_sdk.serialize import ComputeSerializer, SerializationStrategy
 
-from resource_server.dispatch.compute_serde import pack_task, run_task
-from resource_server.dispatch.globus_compute import Credentials
+from resource_server.dispatch.compute_serde import exit_with_parent, pack_task, run_task
+from resource_server.dispatch.globus_compute import ComputeClient, Credentials
 
 SERVICE_URL = "https://compute.api.globus.org"
 
@@ -60,7 +61,7 @@ class Fault:
     """What happens to the task of one request."""
 
     delay: float = 0.0  # seconds before the task starts (a busy or cold endpoint)
-    fail: str | None = None  # the task raises on the endpoint with this message
+    fail: str | None = None  # then the task raises on the endpoint with this message
     hang: bool = False  # the task never finishes
 
 
@@ -88,7 +89,7 @@ class FakeGlobusCompute:
         self.status_gate.set()
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["resource_server.dispatch.compute_serde"])
-        self._endpoints = ProcessPoolExecutor(self.workers, mp_context=context)
+        self._endpoints = ProcessPoolExecutor(self.workers, mp_context=context, initializer=exit_with_parent)
 
     def add_endpoint(self, *, online: bool = True, workers: int = 4) -> str:
         endpoint_id = str(uuid.uuid4())
@@ -120,8 +121,9 @@ class FakeGlobusCompute:
         return FakeClient(self, credentials, serializer)
 
     def executor(
-        self, *, endpoint_id: str, client: FakeClient, serializer: ComputeSerializer, result_serializers: list[str]
+        self, *, endpoint_id: str, client: ComputeClient, serializer: ComputeSerializer, result_serializers: list[str]
     ) -> FakeExecutor:
+        assert isinstance(client, FakeClient), "executors of this fake take its own clients"
         executor = FakeExecutor(self, endpoint_id, client, serializer, list(result_serializers))
         self.executors.append(executor)
         return executor
@@ -203,6 +205,7 @@ class FakeExecutor:
         self.result_serializers = result_serializers
         self.submitted = 0
         self.stopped = False
+        self.watching = True  # False once its result watcher has died
         self._service = service
 
     def submit_to_registered_function(
@@ -226,7 +229,7 @@ class FakeExecutor:
         request = args[0] if args and isinstance(args[0], dict) else {}
         fault = self._service.faults.get(str(request.get("request_id")), Fault())
         output: Future[str] = Future()
-        output.add_done_callback(lambda done: _read_result(result, done, self.serializer))
+        output.add_done_callback(lambda done: _read_result(self, result, done))
         threading.Thread(
             target=self._service.run, args=(task, self.result_serializers, output, fault), daemon=True
         ).start()
@@ -250,13 +253,26 @@ class FakeExecutor:
         self.stopped = True
 
 
-def _read_result(result: ComputeFuture, done: Future[Any], serializer: ComputeSerializer) -> None:
-    """The SDK deserializes a result with the executor's serializer, so its allowlist applies."""
-    exc = done.exception()
-    if exc is not None:
-        result.set_exception(exc)
+def _read_result(executor: FakeExecutor, result: ComputeFuture, done: Future[Any]) -> None:
+    """Complete the caller's future as the SDK's result watcher does, including how it breaks.
+
+    The watcher deserializes with the executor's serializer (so its allowlist applies). Setting a result on
+    a future the caller cancelled is logged and skipped, but setting an *exception* on one raises out of the
+    watcher thread, and then no task of the executor gets its result any more.
+    """
+    if not executor.watching:
         return
+    exc = done.exception()
+    if exc is None:
+        try:
+            value = executor.serializer.deserialize(done.result())
+        except Exception as error:
+            exc = error
+        else:
+            with contextlib.suppress(InvalidStateError):
+                result.set_result(value)
+            return
     try:
-        result.set_result(serializer.deserialize(done.result()))
-    except Exception as error:
-        result.set_exception(error)
+        result.set_exception(exc)
+    except InvalidStateError:
+        executor.watching = False

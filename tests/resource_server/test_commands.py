@@ -30,5 +30,7 @@ def test_create_api_key_refuses_a_non_positive_expiry() -> None:
 def test_seed_demo_is_idempotent() -> None:
     call_command("seed_demo", "--model-url", "http://127.0.0.1:9/v1", stderr=StringIO())
     call_command("seed_demo", "--model-url", "http://127.0.0.1:10/v1", stderr=StringIO())
-    endpoint = Endpoint.objects.get()
-    assert endpoint.backend_config == {"base_url": "http://127.0.0.1:10/v1"}
+    direct, local = Endpoint.objects.order_by("model")
+    assert (direct.model, direct.backend_config) == ("demo-model", {"base_url": "http://127.0.0.1:10/v1"})
+    assert (local.model, local.cluster.name, local.backend) == ("demo-model-hpc", "local-hpc", "local")
+    assert local.backend_config["vllm"] == {"host": "127.0.0.1", "port": 10}

@@ -1,8 +1,14 @@
-"""python manage.py seed_demo --model-url http://127.0.0.1:8001/v1: a demo cluster and endpoint."""
+"""python manage.py seed_demo --model-url http://127.0.0.1:8001/v1: demo clusters and endpoints.
+
+Two ways to one model server: `demo-model` on cluster `demo` over direct HTTP, and `demo-model-hpc` on
+cluster `local-hpc` through the `local` backend (the compute function in a local process pool, streams
+through the relay), the path a model on a Globus Compute endpoint takes.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.core.management.base import BaseCommand, CommandParser
 
@@ -16,6 +22,8 @@ class Command(BaseCommand):
         parser.add_argument("--model-url", default="http://127.0.0.1:8001/v1")
         parser.add_argument("--model", default="demo-model")
         parser.add_argument("--cluster", default="demo")
+        parser.add_argument("--hpc-model", default="demo-model-hpc")
+        parser.add_argument("--hpc-cluster", default="local-hpc")
 
     def handle(self, *args: Any, **options: Any) -> None:
         cluster, _ = Cluster.objects.update_or_create(
@@ -30,3 +38,24 @@ class Command(BaseCommand):
         endpoint.full_clean()
         verb = "Created" if created else "Updated"
         self.stderr.write(f"{verb} endpoint {endpoint.model} on cluster {cluster.name} -> {options['model_url']}")
+
+        server = urlsplit(options["model_url"])
+        hpc_cluster, _ = Cluster.objects.update_or_create(
+            name=options["hpc_cluster"],
+            defaults={"description": "Demo of the compute path: the compute function in a local process pool."},
+        )
+        hpc_endpoint, created = Endpoint.objects.update_or_create(
+            cluster=hpc_cluster,
+            framework=Framework.VLLM,
+            model=options["hpc_model"],
+            defaults={
+                "backend": "local",
+                "backend_config": {"vllm": {"host": server.hostname, "port": server.port}, "workers": 8},
+                "enabled": True,
+            },
+        )
+        hpc_endpoint.full_clean()
+        verb = "Created" if created else "Updated"
+        self.stderr.write(
+            f"{verb} endpoint {hpc_endpoint.model} on cluster {hpc_cluster.name} -> local compute function"
+        )

@@ -1,0 +1,347 @@
+"""What the `globus_compute` and `local` backends share: running `compute_functions.inference` as a task.
+
+A task goes to an executor with the Globus Compute SDK's `Executor` interface (the SDK's own, or a local
+process pool). A non-streamed answer is the task's result. A streamed answer comes back through the relay
+(`services/relay.py`) while the task runs: the function on the node POSTs each batch of SSE events, and
+`ComputeStream` hands them on; the task's result then only says how it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from typing import Annotated, Any, Protocol
+
+import orjson
+from django.conf import settings
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from resource_server.dispatch.base import BackendHealth, UpstreamRequest, upstream_error
+from resource_server.dispatch.direct import EnvVarName
+from resource_server.errors import GatewayError, ServiceUnavailable, UpstreamError
+from resource_server.services.relay import RelayChannel, relay_hub, relay_url
+
+logger = logging.getLogger(__name__)
+
+HostName = Annotated[str, StringConstraints(pattern=r"^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])$", max_length=253)]
+
+
+class TaskExecutor(Protocol):
+    """The part of `globus_compute_sdk.Executor` the backends use."""
+
+    def submit_to_registered_function(
+        self, function_id: str, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None
+    ) -> Future[Any]: ...
+
+
+class VllmServer(BaseModel):
+    """The vLLM server as the task sees it from the node it runs on (usually beside it on 127.0.0.1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: HostName = "127.0.0.1"
+    port: int = Field(ge=1, le=65535, description="The port given to this model in the endpoint's models.txt.")
+    tls: bool = False
+    verify_tls: bool = True
+    api_key_env: EnvVarName | None = Field(
+        default=None, description="Environment variable *on the node* holding vLLM's API key, if it needs one."
+    )
+    connect_timeout: float = Field(default=5.0, gt=0, le=120)
+    read_timeout: float = Field(default=600.0, gt=0, le=3600, description="Longest wait between two bytes.")
+
+
+class ComputeTaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vllm: VllmServer
+    task_timeout: float = Field(
+        default=900.0, gt=0, le=86400, description="Longest wait for a non-streamed answer, cold start included."
+    )
+    first_chunk_timeout: float | None = Field(
+        default=None, gt=0, le=86400, description="Longest wait for a stream's first chunk (RELAY_FIRST_CHUNK_SECONDS)."
+    )
+    idle_timeout: float | None = Field(
+        default=None, gt=0, le=3600, description="Longest silence within a stream (RELAY_IDLE_SECONDS)."
+    )
+
+
+class TaskCancelled(Exception):
+    """The executor dropped the task before it ran (the SDK does so when it shuts an executor down)."""
+
+
+def settled(future: Future[Any]) -> asyncio.Future[Any]:
+    """An asyncio future completed by `future`; giving up on it (a timeout) never cancels `future`.
+
+    Cancelling a Globus Compute future makes the SDK's result watcher fail when the result arrives, and that
+    watcher serves every other request on the executor.
+    """
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[Any] = loop.create_future()
+
+    def copy(done: Future[Any]) -> None:
+        if waiter.done():  # the awaiting side gave up
+            return
+        if done.cancelled():
+            waiter.set_exception(TaskCancelled("the executor dropped the task"))
+        elif (exc := done.exception()) is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(done.result())
+
+    def on_done(done: Future[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+            loop.call_soon_threadsafe(copy, done)
+
+    future.add_done_callback(on_done)
+    return waiter
+
+
+def task_error(status: int, code: str, message: str, *, server: str) -> GatewayError:
+    """What the caller gets when the compute function reports a failure (codes: `compute_functions.inference`)."""
+    if code == "vllm_rejected":
+        # vLLM's own answer (e.g. "prompt too long"): a 4xx stays that 4xx with vLLM's message.
+        return upstream_error(status, orjson.dumps({"error": {"message": message}}), model_server=server)
+    logger.warning("compute task on %s failed: %s: %s", server, code, message[:500])
+    if code in ("vllm_unreachable", "vllm_unhealthy"):
+        return ServiceUnavailable(
+            "The model server on the cluster is not answering; it may still be starting. Please retry shortly.",
+            retry_after=30,
+            code="upstream_unreachable",
+        )
+    if code == "vllm_timeout":
+        return UpstreamError(
+            "The model server on the cluster did not answer in time.", status=504, code="upstream_timeout"
+        )
+    if code in ("vllm_connection_lost", "vllm_stream_broken"):
+        return UpstreamError(
+            "The connection to the model server on the cluster broke off.", code="upstream_connection_failed"
+        )
+    if code == "relay_failed":
+        return UpstreamError("The cluster could not send the stream back to the gateway.", code="relay_failed")
+    return UpstreamError(
+        "This model's cluster setup is misconfigured. Please tell the gateway administrators.",
+        code="backend_misconfigured",
+    )
+
+
+def _error_of(result: dict[str, Any]) -> tuple[int, str, str] | None:
+    error = result.get("error")
+    if not isinstance(error, dict):
+        return None
+    status = error.get("status", result.get("status"))
+    return (status if type(status) is int else 502), str(error.get("code", "")), str(error.get("message", ""))
+
+
+class ComputeBackend(ABC):
+    """Runs one task per request through `_submit`; subclasses choose the executor."""
+
+    label = "compute task"
+
+    def __init__(self, config: ComputeTaskConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    async def _submit(self, request: UpstreamRequest, task: dict[str, Any]) -> Future[Any]:
+        """Hand `task` to an executor (after any availability check); the future of its result."""
+
+    def _task(self, request: UpstreamRequest, stream: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The function's argument (its shape is documented on `compute_functions.inference`)."""
+        task: dict[str, Any] = {
+            "mode": "inference",
+            "route": request.route.value,
+            "body": request.body,
+            "request_id": request.request_id,
+            "vllm": self.config.vllm.model_dump(),
+        }
+        if stream is not None:
+            task["stream"] = stream
+        return task
+
+    def task_failed(self, exc: BaseException) -> GatewayError:
+        logger.warning("compute task on %s raised %s: %s", self.label, type(exc).__name__, str(exc)[:500])
+        return UpstreamError(
+            "The cluster could not run the request. Please retry; if it persists, tell the administrators.",
+            code="compute_task_failed",
+        )
+
+    def reply(self, result: object) -> bytes:
+        """The JSON body of a task's result, or the error it stands for."""
+        if not isinstance(result, dict) or type(result.get("status")) is not int:
+            raise self._malformed(result)
+        failure = _error_of(result)
+        if failure is not None:
+            raise task_error(*failure, server=self.label)
+        status, body = result["status"], result.get("body")
+        if 200 <= status < 300:
+            if not isinstance(body, dict):
+                raise self._malformed(result)
+            return orjson.dumps(body)
+        content = body.encode() if isinstance(body, str) else orjson.dumps(body)
+        raise upstream_error(status, content, model_server=self.label)
+
+    def _malformed(self, result: object) -> UpstreamError:
+        logger.warning("compute task on %s returned an unexpected result: %.300r", self.label, result)
+        return UpstreamError("The cluster returned an answer the gateway cannot read.", code="compute_bad_result")
+
+    async def submit(self, request: UpstreamRequest) -> bytes:
+        future = await self._submit(request, self._task(request))
+        timeout = self.config.task_timeout
+        try:
+            result = await asyncio.wait_for(settled(future), timeout)
+        except TimeoutError:
+            logger.warning("compute task for %s on %s timed out after %g s", request.request_id, self.label, timeout)
+            raise UpstreamError(
+                f"The cluster did not answer within {timeout:g} s. Please retry; a node may have been starting.",
+                status=504,
+                code="compute_timeout",
+            ) from None
+        except Exception as exc:
+            raise self.task_failed(exc) from None
+        return self.reply(result)
+
+    async def open_stream(self, request: UpstreamRequest) -> ComputeStream:
+        gateway = settings.GATEWAY
+        channel = await relay_hub.open(lifetime=gateway.RELAY_MAX_STREAM_SECONDS)
+        try:
+            relay = {"relay_url": relay_url(channel.task_id), "token": channel.token}
+            future = await self._submit(request, self._task(request, relay))
+            stream = ComputeStream(
+                channel,
+                settled(future),
+                self,
+                first_chunk=self.config.first_chunk_timeout or gateway.RELAY_FIRST_CHUNK_SECONDS,
+                idle=self.config.idle_timeout or gateway.RELAY_IDLE_SECONDS,
+                lifetime=gateway.RELAY_MAX_STREAM_SECONDS,
+            )
+            await stream.start()
+        except BaseException:
+            await channel.close()  # revoked: the function's next POST gets 403 and it stops vLLM
+            raise
+        return stream
+
+    @abstractmethod
+    async def health(self) -> BackendHealth: ...
+
+    async def aclose(self) -> None:
+        """Executors are shared by every Endpoint that uses them, so a replaced backend leaves them running."""
+        return None
+
+
+def _retrieve(finished: asyncio.Future[Any]) -> None:
+    # A stream that completes never looks at its task's result; mark it seen so asyncio does not warn.
+    if not finished.cancelled():
+        finished.exception()
+
+
+class ComputeStream:
+    """A streamed answer arriving through the relay while its task runs."""
+
+    def __init__(
+        self,
+        channel: RelayChannel,
+        finished: asyncio.Future[Any],
+        backend: ComputeBackend,
+        *,
+        first_chunk: float,
+        idle: float,
+        lifetime: float,
+    ) -> None:
+        self._channel = channel
+        self._finished = finished
+        finished.add_done_callback(_retrieve)
+        self._backend = backend
+        self._first_chunk = first_chunk
+        self._idle = idle
+        self._lifetime = lifetime
+        self._deadline = time.monotonic() + lifetime
+        self._seq = 0
+        self._ready: list[bytes] = []
+        self._ended = False
+
+    async def start(self) -> None:
+        """Wait for the first message, so that a refusal (e.g. a prompt too long) is raised before streaming."""
+        while not self._ready and not self._ended:
+            self._take(await self._receive(self._first_chunk, first=True))
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while True:
+            events, self._ready = self._ready, []
+            for event in events:
+                yield event
+            if self._ended:
+                return
+            self._take(await self._receive(self._idle, first=False))
+
+    async def aclose(self) -> None:
+        await self._channel.close()
+
+    def _take(self, messages: list[bytes]) -> None:
+        for raw in messages:
+            message = orjson.loads(raw)  # checked by the relay route
+            if message["seq"] < self._seq:
+                continue  # a retried POST that had arrived the first time
+            if message["seq"] > self._seq:
+                raise UpstreamError("The stream from the cluster lost messages.", code="relay_incomplete")
+            self._seq += 1
+            if "error" in message:
+                error = message["error"]
+                raise task_error(error["status"], error["code"], error["message"], server=self._backend.label)
+            if "done" in message:
+                self._ended = True
+                return
+            self._ready.extend(event.encode() for event in message["events"])
+
+    async def _receive(self, limit: float, *, first: bool) -> list[bytes]:
+        """The next messages; waits until they come, the task ends, or `limit` s pass (which raises)."""
+        while True:
+            if self._finished.done():
+                # The task has ended, and whatever it relayed was accepted before it returned.
+                messages = await self._channel.read(0)
+                if messages:
+                    return messages
+                raise self._ended_early()
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamError(
+                    f"The stream exceeded the longest the gateway allows ({self._lifetime:g} s).",
+                    status=504,
+                    code="stream_too_long",
+                )
+            read = asyncio.ensure_future(self._channel.read(min(limit, remaining)))
+            try:
+                await asyncio.wait((read, self._finished), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not read.done():
+                    read.cancel()
+                    await asyncio.wait((read,))  # a read may finish as it is cancelled: keep its messages
+            messages = [] if read.cancelled() else read.result()
+            if messages:
+                return messages
+            if not self._finished.done() and limit < remaining:
+                raise self._timed_out(limit, first=first)
+
+    def _timed_out(self, limit: float, *, first: bool) -> UpstreamError:
+        if first:
+            message = (
+                f"The cluster did not start answering within {limit:g} s. The model may be starting on a node "
+                "that was just allocated; please retry in a few minutes."
+            )
+        else:
+            message = f"The model server on the cluster sent nothing for {limit:g} s."
+        return UpstreamError(message, status=504, code="upstream_timeout")
+
+    def _ended_early(self) -> GatewayError:
+        try:
+            result = self._finished.result()
+        except Exception as exc:
+            return self._backend.task_failed(exc)
+        failure = _error_of(result) if isinstance(result, dict) else None
+        if failure is not None:
+            return task_error(*failure, server=self._backend.label)
+        logger.warning("compute task on %s ended before its stream did: %.300r", self._backend.label, result)
+        return UpstreamError("The cluster ended the task before its stream was complete.", code="relay_incomplete")

@@ -1,0 +1,308 @@
+"""The `globus_compute` backend: each request runs `compute_functions.inference` on a Globus Compute endpoint.
+
+The function runs on a cluster node beside the vLLM server and calls it over loopback. Tasks go through the
+SDK's `Executor`: one per (credentials, endpoint), shared by every Endpoint row that uses that pair, and
+never re-pointed at another endpoint. A request that times out only stops waiting: the executor and every
+other task on it carry on. The endpoint's status comes from the SDK, cached briefly, fetched in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
+from uuid import UUID
+
+from django.conf import settings
+from globus_compute_sdk import Client, Executor
+from globus_compute_sdk.serialize import ComputeSerializer, SerializationStrategy
+from globus_sdk import ClientApp, GlobusAppConfig
+from pydantic import BaseModel, ConfigDict, Field
+
+from compute_functions import DATA_STRATEGY
+from resource_server.dispatch.base import BackendHealth, UpstreamRequest
+from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, TaskExecutor, settled
+from resource_server.dispatch.compute_serde import compute_serializer
+from resource_server.dispatch.direct import EnvVarName
+from resource_server.errors import ServiceUnavailable, UpstreamError
+
+logger = logging.getLogger(__name__)
+
+# How long a request waits for a status fetch before going ahead without it (the fetch carries on).
+_STATUS_WAIT_SECONDS = 5.0
+
+
+class ComputeCredentials(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    client_id: UUID = Field(description="The service account (Globus confidential client) id.")
+    client_secret_env: EnvVarName = Field(description="Environment variable of the gateway holding its secret.")
+
+
+class GlobusComputeConfig(ComputeTaskConfig):
+    endpoint_id: UUID = Field(description="The Globus Compute endpoint (`globus-compute-endpoint list`).")
+    function_id: UUID = Field(description="The function id printed by `python manage.py register_functions`.")
+    credentials: ComputeCredentials | None = Field(
+        default=None, description="Another service account for this endpoint; default GLOBUS_COMPUTE_CLIENT_ID."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    client_id: str
+    client_secret: str = field(repr=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Identifies the account without holding its secret (a rotated secret gets fresh clients)."""
+        return self.client_id, hashlib.sha256(self.client_secret.encode()).hexdigest()[:16]
+
+
+class MissingCredentials(Exception):
+    """A service account's id or secret is not in the environment; the message names the variable."""
+
+
+def default_credentials() -> Credentials | None:
+    """The gateway's service account (GLOBUS_COMPUTE_CLIENT_ID / _SECRET), if configured."""
+    gateway = settings.GATEWAY
+    if not gateway.GLOBUS_COMPUTE_CLIENT_ID:
+        return None
+    return Credentials(gateway.GLOBUS_COMPUTE_CLIENT_ID, gateway.GLOBUS_COMPUTE_CLIENT_SECRET.get_secret_value())
+
+
+def credentials_for(override: ComputeCredentials | None) -> Credentials:
+    """The account an Endpoint submits with: its own override, else the gateway's service account."""
+    if override is None:
+        credentials = default_credentials()
+        if credentials is None:
+            raise MissingCredentials("set GLOBUS_COMPUTE_CLIENT_ID and GLOBUS_COMPUTE_CLIENT_SECRET")
+        return credentials
+    secret = os.environ.get(override.client_secret_env)
+    if not secret:
+        raise MissingCredentials(
+            f"the secret of client {override.client_id} should be in {override.client_secret_env}, which is not set"
+        )
+    return Credentials(str(override.client_id), secret)
+
+
+class ComputeClient(Protocol):
+    """The part of `globus_compute_sdk.Client` the gateway uses."""
+
+    def register_function(self, function: Callable[..., Any], description: str | None = None) -> str: ...
+
+    def get_endpoint_status(self, endpoint_uuid: str) -> dict[str, Any]: ...
+
+
+class ComputeConnector(Protocol):
+    """Builds SDK clients and executors: the real SDK in production, a fake in tests."""
+
+    def client(
+        self,
+        credentials: Credentials,
+        *,
+        code_serialization_strategy: SerializationStrategy,
+        data_serialization_strategy: SerializationStrategy,
+    ) -> ComputeClient: ...
+
+    def executor(
+        self, *, endpoint_id: str, client: ComputeClient, serializer: ComputeSerializer, result_serializers: list[str]
+    ) -> TaskExecutor: ...
+
+
+class SdkConnector:
+    """globus-compute-sdk, authenticated as a confidential client (no browser login, no token files)."""
+
+    def client(
+        self,
+        credentials: Credentials,
+        *,
+        code_serialization_strategy: SerializationStrategy,
+        data_serialization_strategy: SerializationStrategy,
+    ) -> ComputeClient:
+        app = ClientApp(
+            "inference-gateway",
+            client_id=credentials.client_id,
+            client_secret=credentials.client_secret,
+            config=GlobusAppConfig(token_storage="memory"),  # noqa: S106 - a storage kind: tokens stay in memory
+        )
+        client = Client(
+            app=app,
+            code_serialization_strategy=code_serialization_strategy,
+            data_serialization_strategy=data_serialization_strategy,
+            # The check is a network call that only logs; endpoints report version mismatches with results.
+            do_version_check=False,
+        )
+        return cast(ComputeClient, client)
+
+    def executor(
+        self, *, endpoint_id: str, client: ComputeClient, serializer: ComputeSerializer, result_serializers: list[str]
+    ) -> TaskExecutor:
+        executor = Executor(
+            endpoint_id=endpoint_id,
+            client=cast(Client, client),
+            serializer=serializer,
+            result_serializers=result_serializers,
+            label=f"gateway:{endpoint_id}",
+        )
+        return cast(TaskExecutor, executor)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStatus:
+    online: bool | None  # None: unknown, the status could not be fetched
+    workers: int | None = None
+    idle_workers: int | None = None
+    detail: str = ""
+
+
+def _parse_status(raw: object) -> EndpointStatus:
+    """The SDK's `get_endpoint_status` document: {"status": "online", "details": {"total_workers", ...}}."""
+    if not isinstance(raw, dict):
+        return EndpointStatus(None, detail="unreadable status")
+    details = raw.get("details")
+    details = details if isinstance(details, dict) else {}
+    workers = details.get("total_workers") if type(details.get("total_workers")) is int else None
+    idle = details.get("idle_workers") if type(details.get("idle_workers")) is int else None
+    if raw.get("status") != "online":
+        return EndpointStatus(False, workers, idle, str(raw.get("status", "unknown")))
+    if not workers:
+        return EndpointStatus(True, workers, idle, "online; no workers yet: the next task waits for a node")
+    return EndpointStatus(True, workers, idle, f"online; {workers} workers ({idle if idle is not None else '?'} idle)")
+
+
+class ComputeEndpoints:
+    """SDK clients, executors and endpoint statuses, one per (credentials[, endpoint]), for the process."""
+
+    def __init__(self, connector: ComputeConnector) -> None:
+        self._connector = connector
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[str, str], ComputeClient] = {}
+        self._executors: dict[tuple[str, str, str], TaskExecutor] = {}
+        self._statuses: dict[tuple[str, str, str], tuple[float, Future[EndpointStatus]]] = {}
+        self._status_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="compute-status")
+
+    def client(self, credentials: Credentials) -> ComputeClient:
+        """A client that registers functions as source text and sends arguments as JSON."""
+        with self._lock:
+            client = self._clients.get(credentials.key)
+            if client is None:
+                serializer = compute_serializer()
+                client = self._connector.client(
+                    credentials,
+                    code_serialization_strategy=serializer.code_serializer,
+                    data_serialization_strategy=serializer.data_serializer,
+                )
+                self._clients[credentials.key] = client
+            return client
+
+    def _executor(self, credentials: Credentials, endpoint_id: str) -> TaskExecutor:
+        client = self.client(credentials)
+        key = (*credentials.key, endpoint_id)
+        with self._lock:
+            executor = self._executors.get(key)
+            if executor is None:
+                executor = self._connector.executor(
+                    endpoint_id=endpoint_id,
+                    client=client,
+                    serializer=compute_serializer(),
+                    # Results come back as JSON too; our serializer refuses anything else.
+                    result_serializers=[DATA_STRATEGY],
+                )
+                self._executors[key] = executor
+            return executor
+
+    def _discard(self, credentials: Credentials, endpoint_id: str, executor: TaskExecutor) -> None:
+        with self._lock:
+            if self._executors.get((*credentials.key, endpoint_id)) is executor:
+                del self._executors[(*credentials.key, endpoint_id)]
+
+    async def submit(
+        self, credentials: Credentials, endpoint_id: str, function_id: str, task: dict[str, Any]
+    ) -> Future[Any]:
+        # Building an executor starts its threads and may touch the network: never on the event loop.
+        executor = await asyncio.to_thread(self._executor, credentials, endpoint_id)
+        try:
+            return executor.submit_to_registered_function(function_id, args=(task,))
+        except RuntimeError:
+            # The SDK shuts an executor down itself when a submission fails; replace it, once.
+            logger.warning("executor for Globus Compute endpoint %s had stopped; starting a new one", endpoint_id)
+            self._discard(credentials, endpoint_id, executor)
+        executor = await asyncio.to_thread(self._executor, credentials, endpoint_id)
+        return executor.submit_to_registered_function(function_id, args=(task,))
+
+    async def status(self, credentials: Credentials, endpoint_id: str) -> EndpointStatus:
+        """The endpoint's status, at most GLOBUS_COMPUTE_STATUS_CACHE_SECONDS old; one fetch at a time."""
+        key = (*credentials.key, endpoint_id)
+        now = time.monotonic()
+        ttl = settings.GATEWAY.GLOBUS_COMPUTE_STATUS_CACHE_SECONDS
+        with self._lock:
+            cached = self._statuses.get(key)
+            if cached is None or (cached[1].done() and now - cached[0] >= ttl):
+                cached = (now, self._status_threads.submit(self._fetch_status, credentials, endpoint_id))
+                self._statuses[key] = cached
+        try:
+            return await asyncio.wait_for(settled(cached[1]), _STATUS_WAIT_SECONDS)
+        except TimeoutError:
+            return EndpointStatus(None, detail="status check still running")
+
+    def _fetch_status(self, credentials: Credentials, endpoint_id: str) -> EndpointStatus:
+        try:
+            raw = self.client(credentials).get_endpoint_status(endpoint_id)
+        except Exception as exc:
+            logger.warning("status of Globus Compute endpoint %s unavailable: %s", endpoint_id, type(exc).__name__)
+            return EndpointStatus(None, detail=f"status unavailable ({type(exc).__name__})")
+        return _parse_status(raw)
+
+
+compute_endpoints = ComputeEndpoints(SdkConnector())
+
+
+class GlobusComputeBackend(ComputeBackend):
+    config_model = GlobusComputeConfig
+    config: GlobusComputeConfig
+
+    def __init__(self, config: GlobusComputeConfig, *, endpoints: ComputeEndpoints | None = None) -> None:
+        super().__init__(config)
+        self._endpoints = endpoints or compute_endpoints
+        try:
+            self._credentials = credentials_for(config.credentials)
+        except MissingCredentials as exc:
+            logger.error("globus_compute backend misconfigured: %s", exc)
+            raise UpstreamError(
+                "This model's cluster connection is misconfigured on the gateway. Please tell the administrators.",
+                code="backend_misconfigured",
+            ) from None
+        self._endpoint_id = str(config.endpoint_id)
+        self._function_id = str(config.function_id)
+        self.label = f"Globus Compute endpoint {self._endpoint_id}"
+
+    async def _submit(self, request: UpstreamRequest, task: dict[str, Any]) -> Future[Any]:
+        status = await self._endpoints.status(self._credentials, self._endpoint_id)
+        if status.online is False:
+            raise ServiceUnavailable(
+                f"The model `{request.body.get('model')}` is offline right now: the cluster's Globus Compute "
+                "endpoint that serves it is not connected. Please retry later; if it stays offline, tell the "
+                "gateway administrators.",
+                retry_after=60,
+                code="endpoint_offline",
+            )
+        try:
+            return await self._endpoints.submit(self._credentials, self._endpoint_id, self._function_id, task)
+        except Exception as exc:
+            logger.warning("submission to %s failed: %s", self.label, type(exc).__name__)
+            raise ServiceUnavailable(
+                "The gateway cannot reach Globus Compute right now. Please retry shortly.",
+                retry_after=10,
+                code="compute_unavailable",
+            ) from None
+
+    async def health(self) -> BackendHealth:
+        status = await self._endpoints.status(self._credentials, self._endpoint_id)
+        return BackendHealth(ok=status.online is True, detail=status.detail)

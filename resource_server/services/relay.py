@@ -1,0 +1,371 @@
+"""The stream relay: compute functions POST stream messages; the client's handler waits for them.
+
+A streamed request that runs as a compute task cannot answer over the task's own channel (Globus Compute
+returns one result at the end), so the function on the node pushes each batch of SSE events to
+`POST /resource_server/internal/relay/{task_id}` and the handler holding the client's connection reads
+them from a hub:
+
+- `InProcessRelayHub` (embedded default): a queue per task in this process.
+- `RedisRelayHub` (`REDIS_URL` set): a Redis Stream per task, read with blocking XREAD, so the POST may
+  land on any worker or host.
+
+Each task gets its own random token, valid only for that task's relay path, only until its stream ends
+(or `RELAY_MAX_STREAM_SECONDS`), compared in constant time and stored only as a SHA-256 digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol, cast
+
+import orjson
+import redis.asyncio as redis
+from django.conf import settings
+from django.urls import reverse
+from redis.commands.core import AsyncScript
+
+from resource_server.errors import GatewayError, InvalidRequest, PermissionDenied, RateLimited, ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+class Delivery(Enum):
+    ACCEPTED = "accepted"
+    GONE = "gone"  # the stream ended (or expired) since the token was checked
+    FULL = "full"  # the waiting handler is this many messages behind: the function should back off
+
+
+class RelayChannel(Protocol):
+    """The waiting handler's end of one task's relay."""
+
+    task_id: str
+    token: str
+
+    async def read(self, wait: float) -> list[bytes]:
+        """Messages that arrived, in order; waits up to `wait` s for the first (0: do not wait)."""
+        ...
+
+    async def close(self) -> None:
+        """Revoke the token and drop what is left; later POSTs get 403."""
+        ...
+
+
+class RelayHub(Protocol):
+    max_pending: int
+
+    async def open(self, *, lifetime: float) -> RelayChannel: ...
+
+    async def authorized(self, task_id: str, token: str) -> bool: ...
+
+    async def append(self, task_id: str, message: bytes) -> Delivery: ...
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).hexdigest().encode()
+
+
+def _new_task() -> tuple[str, str]:
+    return secrets.token_hex(16), secrets.token_urlsafe(32)
+
+
+# --- in-process ----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Mailbox:
+    task_id: str
+    token: str
+    digest: bytes
+    expires_at: float
+    hub: InProcessRelayHub
+    # The relay POST may be served on another thread's event loop (e.g. a test server): messages are
+    # handed to the owner's loop with call_soon_threadsafe.
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    queue: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+
+    async def read(self, wait: float) -> list[bytes]:
+        if wait > 0 and self.queue.empty():
+            try:
+                first = await asyncio.wait_for(self.queue.get(), wait)
+            except TimeoutError:
+                return []
+            messages = [first]
+        else:
+            messages = []
+        while not self.queue.empty():
+            messages.append(self.queue.get_nowait())
+        return messages
+
+    async def close(self) -> None:
+        self.hub._forget(self.task_id)
+
+
+class InProcessRelayHub:
+    """Relay within one process: right for the embedded default's single worker."""
+
+    def __init__(self, *, max_pending: int) -> None:
+        self.max_pending = max_pending
+        self._mailboxes: dict[str, _Mailbox] = {}
+        self._lock = threading.Lock()
+
+    async def open(self, *, lifetime: float) -> RelayChannel:
+        task_id, token = _new_task()
+        now = time.monotonic()
+        mailbox = _Mailbox(task_id, token, _digest(token), now + lifetime, self)
+        with self._lock:
+            # Handlers always close their mailbox; this only guards against one that never could.
+            for stale in [key for key, box in self._mailboxes.items() if box.expires_at < now]:
+                del self._mailboxes[stale]
+            self._mailboxes[task_id] = mailbox
+        return mailbox
+
+    def _live(self, task_id: str) -> _Mailbox | None:
+        with self._lock:
+            mailbox = self._mailboxes.get(task_id)
+        if mailbox is None or mailbox.expires_at < time.monotonic():
+            return None
+        return mailbox
+
+    async def authorized(self, task_id: str, token: str) -> bool:
+        mailbox = self._live(task_id)
+        return mailbox is not None and hmac.compare_digest(mailbox.digest, _digest(token))
+
+    async def append(self, task_id: str, message: bytes) -> Delivery:
+        mailbox = self._live(task_id)
+        if mailbox is None:
+            return Delivery.GONE
+        if mailbox.queue.qsize() >= self.max_pending:
+            return Delivery.FULL
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is mailbox.loop:
+            mailbox.queue.put_nowait(message)
+        else:
+            mailbox.loop.call_soon_threadsafe(mailbox.queue.put_nowait, message)
+        return Delivery.ACCEPTED
+
+    def _forget(self, task_id: str) -> None:
+        with self._lock:
+            self._mailboxes.pop(task_id, None)
+
+
+# --- Redis ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    try:
+        yield
+    except redis.RedisError as exc:
+        logger.warning("relay store (Redis) failed: %s", type(exc).__name__)
+        raise ServiceUnavailable(
+            "The gateway's stream relay is unavailable right now. Please retry shortly.",
+            retry_after=5,
+            code="relay_unavailable",
+        ) from None
+
+
+# Append only while the token exists and the reader is not too far behind; the stream expires with it.
+_APPEND = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[1]) then return 2 end
+redis.call('XADD', KEYS[2], '*', 'm', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], math.max(redis.call('PTTL', KEYS[1]), 1))
+return 1
+"""
+_APPEND_RESULTS = {0: Delivery.GONE, 1: Delivery.ACCEPTED, 2: Delivery.FULL}
+
+
+class RedisRelayHub:
+    """Relay through Redis Streams, shared by every worker and host.
+
+    Keys (the braces keep both of a task's keys in one Redis Cluster slot):
+        gateway:relay:{<task_id>}:token   SHA-256 of the task's token; expires after the lifetime
+        gateway:relay:{<task_id>}:stream  the messages (field `m`); expires with the token. Entries read are
+                                          deleted in the next read's round trip, so the backlog that
+                                          RELAY_MAX_PENDING_MESSAGES bounds includes the last batch read.
+    """
+
+    prefix = "gateway:relay"
+
+    def __init__(self, url: str, *, max_pending: int) -> None:
+        self._url = url
+        self.max_pending = max_pending
+        # redis.asyncio connections belong to one event loop; tests and commands may run several.
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[redis.Redis, AsyncScript]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _connection(self) -> tuple[redis.Redis, AsyncScript]:
+        loop = asyncio.get_running_loop()
+        connection = self._clients.get(loop)
+        if connection is None:
+            client = redis.Redis.from_url(self._url)
+            connection = (client, client.register_script(_APPEND))
+            self._clients[loop] = connection
+        return connection
+
+    def client(self) -> redis.Redis:
+        return self._connection()[0]
+
+    def keys(self, task_id: str) -> tuple[str, str]:
+        return f"{self.prefix}:{{{task_id}}}:token", f"{self.prefix}:{{{task_id}}}:stream"
+
+    async def open(self, *, lifetime: float) -> RelayChannel:
+        task_id, token = _new_task()
+        token_key, _ = self.keys(task_id)
+        with _store_errors():
+            await self.client().set(token_key, _digest(token), px=max(int(lifetime * 1000), 1), nx=True)
+        return _RedisChannel(task_id, token, self)
+
+    async def authorized(self, task_id: str, token: str) -> bool:
+        with _store_errors():
+            stored = await self.client().get(self.keys(task_id)[0])
+        return isinstance(stored, bytes) and hmac.compare_digest(stored, _digest(token))
+
+    async def append(self, task_id: str, message: bytes) -> Delivery:
+        script = self._connection()[1]
+        with _store_errors():
+            result = await cast(Awaitable[int], script(keys=self.keys(task_id), args=[self.max_pending, message]))
+        return _APPEND_RESULTS[int(result)]
+
+    async def aclose(self) -> None:
+        """Close this loop's connections (tests; a server's loop lives as long as the process)."""
+        connection = self._clients.pop(asyncio.get_running_loop(), None)
+        if connection is not None:
+            await connection[0].aclose()
+
+
+class _RedisChannel:
+    def __init__(self, task_id: str, token: str, hub: RedisRelayHub) -> None:
+        self.task_id = task_id
+        self.token = token
+        self._hub = hub
+        self._stream = hub.keys(task_id)[1]
+        self._last_id = b"0-0"
+        self._read_ids: list[bytes] = []
+
+    async def read(self, wait: float) -> list[bytes]:
+        # One round trip: drop what was read last time (so XLEN is the backlog), then wait in Redis for more
+        # (XREAD BLOCK: it answers as soon as a message is appended).
+        with _store_errors():
+            async with self._hub.client().pipeline(transaction=False) as pipe:
+                if self._read_ids:
+                    pipe.xdel(self._stream, *self._read_ids)
+                block = max(int(wait * 1000), 1) if wait > 0 else None
+                pipe.xread({self._stream: self._last_id}, count=self._hub.max_pending, block=block)
+                replies: list[Any] = await pipe.execute()
+        entries = replies[-1][0][1] if replies[-1] else []
+        self._read_ids = [entry_id for entry_id, _fields in entries]
+        if entries:
+            self._last_id = entries[-1][0]
+        return [fields[b"m"] for _entry_id, fields in entries]
+
+    async def close(self) -> None:
+        with _store_errors():
+            await self._hub.client().delete(*self._hub.keys(self.task_id))
+
+
+# --- the relay route's service -------------------------------------------------------------------
+
+
+def _hub_from_settings() -> RelayHub:
+    gateway = settings.GATEWAY
+    if gateway.REDIS_URL:
+        return RedisRelayHub(gateway.REDIS_URL, max_pending=gateway.RELAY_MAX_PENDING_MESSAGES)
+    return InProcessRelayHub(max_pending=gateway.RELAY_MAX_PENDING_MESSAGES)
+
+
+relay_hub: RelayHub = _hub_from_settings()
+
+
+def relay_url(task_id: str) -> str:
+    """Where the compute function POSTs this task's messages."""
+    base = settings.GATEWAY.RELAY_PUBLIC_URL
+    if not base:
+        raise GatewayError(
+            "Streaming from this cluster is not configured on the gateway (RELAY_PUBLIC_URL is unset). "
+            "Please tell the administrators; requests without `stream` still work.",
+            code="relay_not_configured",
+        )
+    return base.rstrip("/") + reverse("resource_server:relay_message", kwargs={"task_id": task_id})
+
+
+_REFUSED = "Unknown relay task or wrong token."
+
+
+def _check_message(body: bytes) -> None:
+    """One message of the compute function's relay protocol (see `compute_functions.inference`)."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("The relay message is not valid JSON.", code="invalid_json") from None
+    if not isinstance(message, dict):
+        raise InvalidRequest("The relay message must be a JSON object.")
+    seq = message.get("seq")
+    if type(seq) is not int or seq < 0:
+        raise InvalidRequest("The relay message needs a non-negative integer `seq`.", param="seq")
+    kinds = [kind for kind in ("events", "done", "error") if kind in message]
+    if len(kinds) != 1 or len(message) != 2:
+        raise InvalidRequest("A relay message carries `seq` and exactly one of `events`, `done`, `error`.")
+    if kinds == ["events"]:
+        events = message["events"]
+        # Each event is relayed verbatim to the client, so each must be one complete SSE event.
+        if not isinstance(events, list) or not events or not all(_is_event(event) for event in events):
+            raise InvalidRequest("`events` must be a list of complete SSE events.", param="events")
+    elif kinds == ["done"]:
+        if message["done"] is not True:
+            raise InvalidRequest("`done` must be true.", param="done")
+    else:
+        error = message["error"]
+        if not (
+            isinstance(error, dict)
+            and type(error.get("status")) is int
+            and isinstance(error.get("code"), str)
+            and isinstance(error.get("message"), str)
+        ):
+            raise InvalidRequest("`error` needs an integer `status`, a `code` and a `message`.", param="error")
+
+
+def _is_event(event: object) -> bool:
+    return isinstance(event, str) and event.endswith("\n\n") and "\n\n" not in event[:-2]
+
+
+async def relay_deliver(
+    *, task_id: str, authorization: str, content_length: int | None, read_body: Callable[[], bytes]
+) -> None:
+    """Accept one message for a waiting stream, or raise the error the compute function acts on.
+
+    403: unknown task, wrong or revoked token (the function stops); 413: too large; 400: malformed;
+    429: the handler is far behind (the function retries with backoff).
+    """
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or not await relay_hub.authorized(task_id, token):
+        raise PermissionDenied(_REFUSED, code="relay_forbidden")
+    limit = settings.GATEWAY.RELAY_MAX_MESSAGE_BYTES
+    too_large = InvalidRequest(f"A relay message may be at most {limit} bytes.", status=413, code="request_too_large")
+    if content_length is not None and content_length > limit:
+        raise too_large  # before the body is loaded into memory
+    body = read_body()
+    if len(body) > limit:
+        raise too_large
+    _check_message(body)
+    delivery = await relay_hub.append(task_id, body)
+    if delivery is Delivery.GONE:
+        raise PermissionDenied(_REFUSED, code="relay_forbidden")
+    if delivery is Delivery.FULL:
+        raise RateLimited("The gateway is behind on this stream; retry shortly.", retry_after=1, code="relay_full")

@@ -1,0 +1,64 @@
+"""Fixtures for the compute backends: a relay the compute functions can reach, and a fake Globus Compute."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+from pydantic import SecretStr
+
+from gateway.asgi import application
+from resource_server.fakes.globus_compute import FakeGlobusCompute
+from resource_server.services.relay import RedisRelayHub, relay_hub
+from tests.servers import free_port
+
+CLIENT_ID, CLIENT_SECRET = "7d0b6f5e-2c1a-4b8e-9f3d-5a6c7e8f9a01", "gateway-compute-secret"
+OTHER_ID, OTHER_SECRET = "c3e1a2b4-5d6f-4a7b-8c9d-0e1f2a3b4c5d", "site-compute-secret"
+
+
+@pytest.fixture(scope="module")
+def relay_base() -> Iterator[str]:
+    """The gateway's real ASGI app in this process (so it shares the in-process relay hub), on a real port."""
+    port = free_port()
+    config = uvicorn.Config(application, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the relay server did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def compute() -> Iterator[FakeGlobusCompute]:
+    fake = FakeGlobusCompute(clients={CLIENT_ID: CLIENT_SECRET, OTHER_ID: OTHER_SECRET})
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def gateway_settings(settings: Any, relay_base: str) -> Any:
+    """The gateway's service account and relay URL, as an admin would set them."""
+    settings.GATEWAY = settings.GATEWAY.model_copy(
+        update={
+            "GLOBUS_COMPUTE_CLIENT_ID": CLIENT_ID,
+            "GLOBUS_COMPUTE_CLIENT_SECRET": SecretStr(CLIENT_SECRET),
+            "RELAY_PUBLIC_URL": relay_base,
+        }
+    )
+    return settings
+
+
+@pytest.fixture(autouse=True)
+async def _close_relay_connections() -> AsyncIterator[None]:
+    yield
+    if isinstance(relay_hub, RedisRelayHub):
+        await relay_hub.aclose()

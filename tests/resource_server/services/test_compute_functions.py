@@ -1,0 +1,167 @@
+"""Registering the compute function with (fake) Globus Compute, and Endpoints following the registration."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import CommandError, call_command
+from globus_compute_sdk.serialize import ComputeSerializer, PureSourceTextInspect
+from globus_compute_sdk.serialize.base import IDENTIFIER_LENGTH
+from pydantic import SecretStr
+
+from resource_server.dispatch.globus_compute import ComputeEndpoints
+from resource_server.fakes.globus_compute import FakeGlobusCompute
+from resource_server.models import Cluster, ComputeFunction, Endpoint
+from resource_server.services.compute_functions import RegistrationError, compute_functions_register
+
+pytestmark = pytest.mark.django_db
+
+CLIENT_ID, CLIENT_SECRET = "7d0b6f5e-2c1a-4b8e-9f3d-5a6c7e8f9a01", "gateway-compute-secret"
+SITE_ID, SITE_SECRET = "c3e1a2b4-5d6f-4a7b-8c9d-0e1f2a3b4c5d", "site-compute-secret"
+
+
+@pytest.fixture
+def compute() -> Iterator[FakeGlobusCompute]:
+    fake = FakeGlobusCompute(clients={CLIENT_ID: CLIENT_SECRET, SITE_ID: SITE_SECRET}, workers=1)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def endpoints(compute: FakeGlobusCompute) -> ComputeEndpoints:
+    return ComputeEndpoints(compute)
+
+
+@pytest.fixture
+def service_account(settings: Any) -> Any:
+    settings.GATEWAY = settings.GATEWAY.model_copy(
+        update={"GLOBUS_COMPUTE_CLIENT_ID": CLIENT_ID, "GLOBUS_COMPUTE_CLIENT_SECRET": SecretStr(CLIENT_SECRET)}
+    )
+    return settings
+
+
+def endpoint(model: str, function_id: str, **config: Any) -> Endpoint:
+    cluster, _ = Cluster.objects.get_or_create(name="polaris")
+    row = Endpoint(
+        cluster=cluster,
+        model=model,
+        backend="globus_compute",
+        backend_config={"endpoint_id": str(uuid.uuid4()), "function_id": function_id, "vllm": {"port": 8001}, **config},
+    )
+    row.full_clean()
+    row.save()
+    return row
+
+
+@pytest.mark.usefixtures("service_account")
+def test_the_first_run_registers_the_function_as_source_text(
+    compute: FakeGlobusCompute, endpoints: ComputeEndpoints
+) -> None:
+    [registration] = compute_functions_register(endpoints=endpoints)
+
+    assert (registration.client_id, registration.outcome) == (CLIENT_ID, "registered")
+    stored = compute.functions[registration.function_uuid]
+    assert (stored.owner, stored.name) == (CLIENT_ID, "inference")
+    assert ComputeSerializer.unpack_buffers(stored.code)[0][:IDENTIFIER_LENGTH] == PureSourceTextInspect.identifier
+    row = ComputeFunction.objects.get()
+    assert (row.name, row.client_id, str(row.function_uuid)) == ("inference", CLIENT_ID, registration.function_uuid)
+
+
+@pytest.mark.usefixtures("service_account")
+def test_running_again_changes_nothing(compute: FakeGlobusCompute, endpoints: ComputeEndpoints) -> None:
+    [first] = compute_functions_register(endpoints=endpoints)
+    follower = endpoint("demo-model", first.function_uuid)
+
+    [again] = compute_functions_register(endpoints=endpoints)
+
+    assert (again.outcome, again.function_uuid, again.followed, again.pinned) == (
+        "unchanged",
+        first.function_uuid,
+        [],
+        [],
+    )
+    assert compute.calls["register_function"] == 1
+    follower.refresh_from_db()
+    assert follower.backend_config["function_id"] == first.function_uuid
+
+
+@pytest.mark.usefixtures("service_account")
+def test_a_changed_function_is_registered_again_and_endpoints_on_the_old_one_follow(
+    compute: FakeGlobusCompute, endpoints: ComputeEndpoints
+) -> None:
+    [first] = compute_functions_register(endpoints=endpoints)
+    follower = endpoint("demo-model", first.function_uuid)
+    pinned_to = str(uuid.uuid4())
+    pinned = endpoint("other-model", pinned_to)
+    ComputeFunction.objects.update(source_sha256="0" * 64)  # the code has changed since
+
+    [second] = compute_functions_register(endpoints=endpoints)
+
+    assert (second.outcome, second.previous_uuid) == ("re-registered", first.function_uuid)
+    assert second.function_uuid != first.function_uuid
+    assert second.followed == ["polaris/vllm/demo-model"]
+    assert second.pinned == [("polaris/vllm/other-model", pinned_to)]
+    follower.refresh_from_db()
+    pinned.refresh_from_db()
+    assert follower.backend_config["function_id"] == second.function_uuid
+    assert follower.backend_config["vllm"] == {"port": 8001}  # the rest of the config is kept
+    assert pinned.backend_config["function_id"] == pinned_to
+    assert str(ComputeFunction.objects.get().function_uuid) == second.function_uuid
+
+
+@pytest.mark.usefixtures("service_account")
+def test_force_registers_an_unchanged_function_again(compute: FakeGlobusCompute, endpoints: ComputeEndpoints) -> None:
+    compute_functions_register(endpoints=endpoints)
+    [forced] = compute_functions_register(endpoints=endpoints, force=True)
+
+    assert forced.outcome == "re-registered"
+    assert compute.calls["register_function"] == 2
+
+
+@pytest.mark.usefixtures("service_account")
+def test_each_service_account_in_use_owns_its_registration(
+    compute: FakeGlobusCompute, endpoints: ComputeEndpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SITE_COMPUTE_SECRET", SITE_SECRET)
+    site_endpoint = endpoint(
+        "site-model",
+        str(uuid.uuid4()),
+        credentials={"client_id": SITE_ID, "client_secret_env": "SITE_COMPUTE_SECRET"},
+    )
+
+    report = {registration.client_id: registration for registration in compute_functions_register(endpoints=endpoints)}
+
+    assert set(report) == {CLIENT_ID, SITE_ID}
+    assert compute.functions[report[SITE_ID].function_uuid].owner == SITE_ID
+    assert report[SITE_ID].pinned == [("polaris/vllm/site-model", site_endpoint.backend_config["function_id"])]
+    assert ComputeFunction.objects.count() == 2
+
+
+def test_without_a_service_account_registration_says_what_to_set(endpoints: ComputeEndpoints) -> None:
+    with pytest.raises(RegistrationError, match="GLOBUS_COMPUTE_CLIENT_ID"):
+        compute_functions_register(endpoints=endpoints)
+    with pytest.raises(CommandError, match="GLOBUS_COMPUTE_CLIENT_SECRET"):
+        call_command("register_functions", stdout=StringIO())
+
+
+@pytest.mark.usefixtures("service_account")
+def test_an_override_without_its_secret_is_named(endpoints: ComputeEndpoints) -> None:
+    endpoint("site-model", str(uuid.uuid4()), credentials={"client_id": SITE_ID, "client_secret_env": "NOT_SET_HERE"})
+
+    with pytest.raises(RegistrationError, match="NOT_SET_HERE"):
+        compute_functions_register(endpoints=endpoints)
+
+
+def test_a_refused_registration_is_reported_and_records_nothing(settings: Any, endpoints: ComputeEndpoints) -> None:
+    settings.GATEWAY = settings.GATEWAY.model_copy(
+        update={"GLOBUS_COMPUTE_CLIENT_ID": CLIENT_ID, "GLOBUS_COMPUTE_CLIENT_SECRET": SecretStr("wrong")}
+    )
+
+    with pytest.raises(RegistrationError, match=f"client {CLIENT_ID}"):
+        compute_functions_register(endpoints=endpoints)
+
+    assert not ComputeFunction.objects.exists()

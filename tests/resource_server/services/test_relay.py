@@ -1,0 +1,142 @@
+"""The relay hubs: in-process always, Redis Streams when REDIS_URL is set (both behave the same)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+
+from resource_server.services.relay import Delivery, InProcessRelayHub, RedisRelayHub, RelayHub
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+
+
+@pytest.fixture(params=["in-process", "redis"])
+async def hub(request: pytest.FixtureRequest) -> AsyncIterator[RelayHub]:
+    if request.param == "in-process":
+        yield InProcessRelayHub(max_pending=3)
+        return
+    if not REDIS_URL:
+        pytest.skip("needs REDIS_URL pointing at Redis")
+    redis_hub = RedisRelayHub(REDIS_URL, max_pending=3)
+    yield redis_hub
+    await redis_hub.aclose()
+
+
+async def test_messages_arrive_in_order_for_the_tokens_holder(hub: RelayHub) -> None:
+    channel = await hub.open(lifetime=30)
+    assert await hub.authorized(channel.task_id, channel.token)
+    for n in range(2):
+        assert await hub.append(channel.task_id, f"m{n}".encode()) is Delivery.ACCEPTED
+
+    assert await channel.read(1) == [b"m0", b"m1"]
+    assert await hub.append(channel.task_id, b"m2") is Delivery.ACCEPTED
+    assert await channel.read(1) == [b"m2"]
+    await channel.close()
+
+
+async def test_a_blocked_reader_wakes_when_a_message_arrives(hub: RelayHub) -> None:
+    channel = await hub.open(lifetime=30)
+    reader = asyncio.create_task(channel.read(30))
+    await asyncio.sleep(0.05)  # the reader is now blocked
+    assert not reader.done()
+
+    await hub.append(channel.task_id, b"hello")
+
+    assert await reader == [b"hello"]
+    await channel.close()
+
+
+async def test_a_read_that_times_out_returns_nothing(hub: RelayHub) -> None:
+    channel = await hub.open(lifetime=30)
+    assert await channel.read(0.05) == []
+    assert await channel.read(0) == []
+    await channel.close()
+
+
+async def test_wrong_and_foreign_tokens_are_refused(hub: RelayHub) -> None:
+    first, second = await hub.open(lifetime=30), await hub.open(lifetime=30)
+
+    assert not await hub.authorized(first.task_id, second.token)
+    assert not await hub.authorized(first.task_id, first.token + "x")
+    assert not await hub.authorized(first.task_id, "")
+    assert not await hub.authorized("0" * 32, first.token)
+    assert first.token != second.token and first.task_id != second.task_id
+    await first.close()
+    await second.close()
+
+
+async def test_closing_revokes_the_token_and_refuses_late_messages(hub: RelayHub) -> None:
+    channel = await hub.open(lifetime=30)
+    await channel.close()
+
+    assert not await hub.authorized(channel.task_id, channel.token)
+    assert await hub.append(channel.task_id, b"late") is Delivery.GONE
+
+
+async def test_the_token_expires_after_its_lifetime(hub: RelayHub) -> None:
+    channel = await hub.open(lifetime=0.05)
+    await asyncio.sleep(0.1)
+
+    assert not await hub.authorized(channel.task_id, channel.token)
+    assert await hub.append(channel.task_id, b"late") is Delivery.GONE
+    await channel.close()
+
+
+async def test_a_reader_far_behind_makes_the_relay_push_back(hub: RelayHub) -> None:
+    channel = await hub.open(lifetime=30)
+    for n in range(3):
+        await hub.append(channel.task_id, str(n).encode())
+
+    assert await hub.append(channel.task_id, b"one too many") is Delivery.FULL
+    assert await channel.read(1) == [b"0", b"1", b"2"]
+    assert await channel.read(0) == []  # (Redis drops what was read in the next read's round trip)
+    assert await hub.append(channel.task_id, b"3") is Delivery.ACCEPTED
+    assert await channel.read(1) == [b"3"]
+    await channel.close()
+
+
+async def test_a_message_from_another_threads_event_loop_reaches_the_reader(hub: RelayHub) -> None:
+    channel = await hub.open(lifetime=30)
+    reader = asyncio.create_task(channel.read(30))
+    outcome: list[Delivery] = []
+
+    async def post() -> None:
+        outcome.append(await hub.append(channel.task_id, b"from afar"))
+        if isinstance(hub, RedisRelayHub):
+            await hub.aclose()
+
+    thread = threading.Thread(target=asyncio.run, args=(post(),))
+    thread.start()
+    messages = await reader
+    thread.join()
+
+    assert outcome == [Delivery.ACCEPTED]
+    assert messages == [b"from afar"]
+    await channel.close()
+
+
+@pytest.mark.skipif(not REDIS_URL, reason="needs REDIS_URL pointing at Redis")
+async def test_redis_keys_expire_with_the_token_are_trimmed_as_read_and_go_on_close() -> None:
+    hub = RedisRelayHub(REDIS_URL, max_pending=10)
+    inspect = redis.Redis.from_url(REDIS_URL)
+    channel = await hub.open(lifetime=30)
+    token_key, stream_key = hub.keys(channel.task_id)
+    await hub.append(channel.task_id, b"a")
+    await hub.append(channel.task_id, b"b")
+
+    assert 0 < inspect.pttl(token_key) <= 30_000
+    assert 0 < inspect.pttl(stream_key) <= 30_000  # never outlives the token
+    assert inspect.get(token_key) != channel.token.encode()  # only a digest is stored
+    assert await channel.read(1) == [b"a", b"b"]
+    assert await channel.read(0) == []
+    assert inspect.xlen(stream_key) == 0  # what was read is deleted
+
+    await channel.close()
+    assert inspect.exists(token_key, stream_key) == 0
+    inspect.close()
+    await hub.aclose()
