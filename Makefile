@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test lint format install clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy gateway resource_server compute_functions tools
+
+## bench: every scenario (S1-S6), direct vs through the gateway (about 25 minutes; see docs/performance.md)
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+## bench-quick: S1, S2 at concurrency 64 and S4 at 32, in under 2 minutes; prints the table
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks --quick
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

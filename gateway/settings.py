@@ -75,7 +75,8 @@ def _database() -> dict[str, Any]:
         "NAME": GATEWAY.DATA_DIR / "gateway.sqlite3",
         # A file, not memory, so that end-to-end tests' server processes share the test database.
         "TEST": {"NAME": GATEWAY.DATA_DIR / "test.sqlite3"},
-        "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE"},
+        # WAL: readers and the usage writer do not block each other; IMMEDIATE: writers queue, never deadlock.
+        "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"},
     }
 
 
