@@ -1,15 +1,19 @@
-"""ASGI entry point: Django, plus the lifespan events that start and stop the usage writer."""
+"""ASGI entry point: the lean inference routes, Django for the rest, and the usage writer's lifespan."""
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, cast
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway.settings")
 django_application = get_asgi_application()
 
+from resource_server.api.fast import ASGIApp, InferenceApp  # noqa: E402 (needs Django set up first)
 from resource_server.services.usage import usage_sink  # noqa: E402 (needs Django set up first)
+
+# django-stubs types ASGIHandler with dict scopes; it is an ordinary ASGI app.
+http_application = InferenceApp(cast(ASGIApp, django_application))
 
 
 async def _lifespan(receive: Any, send: Any) -> None:
@@ -19,8 +23,10 @@ async def _lifespan(receive: Any, send: Any) -> None:
         message = await receive()
         if message["type"] == "lifespan.startup":
             usage_sink.start()
+            http_application.start()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            await http_application.stop()
             await asyncio.to_thread(usage_sink.stop)
             await send({"type": "lifespan.shutdown.complete"})
             return
@@ -30,4 +36,4 @@ async def application(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
     else:
-        await django_application(scope, receive, send)
+        await http_application(scope, receive, send)

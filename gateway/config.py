@@ -64,6 +64,11 @@ class GatewaySettings(BaseSettings):
 
     # Largest request body accepted on the inference routes.
     MAX_REQUEST_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Overload: a worker answers new inference requests 503 + Retry-After at once, rather than queue
+    # them, while its event loop runs more than OVERLOAD_DELAY_SECONDS late (the queueing delay every
+    # request then sees) or while it already serves MAX_IN_FLIGHT_PER_WORKER requests (streams included).
+    OVERLOAD_DELAY_SECONDS: float = Field(default=0.1, gt=0, le=60)
+    MAX_IN_FLIGHT_PER_WORKER: int = Field(default=2048, ge=1, le=100_000)
 
     # Globus Auth (docs/globus-auth.md). Without GLOBUS_CLIENT_ID only gateway API keys are accepted.
     GLOBUS_CLIENT_ID: str = ""

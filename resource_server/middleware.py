@@ -12,7 +12,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from resource_server.errors import GatewayError, NotFound
 
 API_PREFIX = "/resource_server/"
-_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
 
@@ -34,7 +34,7 @@ class RequestContextMiddleware:
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
         offered = request.headers.get("X-Request-ID", "")
-        request_id = offered if _CLIENT_REQUEST_ID.match(offered) else uuid.uuid4().hex
+        request_id = offered if CLIENT_REQUEST_ID.match(offered) else uuid.uuid4().hex
         request.request_id = request_id  # type: ignore[attr-defined]
         response = await self.get_response(request)
         if (

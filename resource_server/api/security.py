@@ -23,7 +23,12 @@ class BearerAuth(HttpAuthBase):
 
 def bearer_token(request: HttpRequest) -> str:
     """The bearer credential of a request (never log it)."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return bearer_token_of(request.headers.get("Authorization", ""))
+
+
+def bearer_token_of(authorization: str) -> str:
+    """The bearer credential in an Authorization header value (also used by the lean inference routes)."""
+    scheme, _, token = authorization.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
         raise AuthenticationFailed(

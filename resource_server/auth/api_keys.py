@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -57,6 +58,7 @@ class ApiKeyAuthenticator:
 
     def __init__(self) -> None:
         self._cache: LocalTTLCache[_CheckedKey] = LocalTTLCache()
+        self._checking: dict[str, asyncio.Future[_CheckedKey]] = {}
 
     def claims(self, token: str) -> bool:
         return token.startswith(KEY_MARKER)
@@ -65,11 +67,31 @@ class ApiKeyAuthenticator:
         digest = api_key_hash(token)
         checked = self._cache.get(digest)
         if checked is None:
-            checked = await self._check(token, digest)
+            checked = await self._check_once(token, digest)
         if checked.expires_at is not None and checked.expires_at <= timezone.now():
             self._cache.pop(digest)
             raise AuthenticationFailed("This API key has expired. Create a new one.", code="expired_api_key")
         return checked.principal
+
+    async def _check_once(self, token: str, digest: str) -> _CheckedKey:
+        """One database read per key at a time: requests that find it uncached together share the read.
+
+        Without this, every request in flight when a busy key's cache entry expires queues its own read
+        behind the single sync_to_async thread, and all of them wait for all of those reads.
+        """
+        pending = self._checking.get(digest)
+        if pending is None or pending.get_loop() is not asyncio.get_running_loop():
+            pending = asyncio.ensure_future(self._check(token, digest))
+            self._checking[digest] = pending
+            pending.add_done_callback(lambda done: self._forget_check(digest, done))
+        # Shielded: a caller that goes away must not cancel the read the others wait for.
+        return await asyncio.shield(pending)
+
+    def _forget_check(self, digest: str, done: asyncio.Future[_CheckedKey]) -> None:
+        if self._checking.get(digest) is done:
+            del self._checking[digest]
+        if not done.cancelled():
+            done.exception()  # retrieved: if every caller left, the error is not reported as unhandled
 
     async def _check(self, token: str, digest: str) -> _CheckedKey:
         prefix, separator = token[:PREFIX_LENGTH], token[PREFIX_LENGTH : PREFIX_LENGTH + 1]

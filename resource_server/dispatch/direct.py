@@ -1,19 +1,28 @@
-"""The `direct` backend: async HTTP to an OpenAI-compatible server such as vLLM."""
+"""The `direct` backend: async HTTP/1.1 to an OpenAI-compatible server such as vLLM."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import ssl
 import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints
 
 from resource_server.dispatch.base import BackendHealth, SseSplitter, UpstreamRequest, upstream_error
+from resource_server.dispatch.http1 import (
+    ConnectError,
+    Connection,
+    ConnectTimeout,
+    HttpError,
+    Pool,
+    PoolTimeout,
+    ReadTimeout,
+)
 from resource_server.errors import ServiceUnavailable, UpstreamError
 
 logger = logging.getLogger(__name__)
@@ -33,15 +42,29 @@ class DirectConfig(BaseModel):
     max_connections: int = Field(default=256, ge=1, le=10_000)
 
 
+def _tls_context() -> ssl.SSLContext:
+    # httpx's default context: the certificate authorities of SSL_CERT_FILE / SSL_CERT_DIR or certifi's
+    # bundle, as when httpx carried these requests. Imported here: plain-HTTP gateways never load httpx.
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
 class DirectBackend:
-    """Talks to one model server over pooled HTTP connections (one pool per event loop)."""
+    """Talks to one model server over pooled keep-alive HTTP/1.1 connections (one pool per event loop)."""
 
     config_model = DirectConfig
 
     def __init__(self, config: DirectConfig) -> None:
         self.config = config
-        self._base_url = str(config.base_url).rstrip("/") + "/"
-        self._headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        url = config.base_url
+        self._base_url = str(url).rstrip("/") + "/"
+        self._host = url.host or ""
+        self._port = url.port or (443 if url.scheme == "https" else 80)
+        self._tls = _tls_context() if url.scheme == "https" else None
+        self._path = (url.path or "/").rstrip("/") + "/"
+        host = self._host if self._port in (80, 443) else f"{self._host}:{self._port}"
+        fixed = [f"Host: {host}", "Content-Type: application/json", "Accept-Encoding: identity"]
         if config.api_key_env:
             secret = os.environ.get(config.api_key_env)
             if not secret:
@@ -49,42 +72,41 @@ class DirectBackend:
                     "This model's server is misconfigured on the gateway. Please tell the administrators.",
                     code="backend_misconfigured",
                 )
-            self._headers["authorization"] = f"Bearer {secret}"
-        # httpx pools belong to one event loop; tests and management commands may run several.
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
-            weakref.WeakKeyDictionary()
-        )
+            fixed.append(f"Authorization: Bearer {secret}")
+        self._fixed_headers = "".join(f"{line}\r\n" for line in fixed).encode("latin1")
+        # Pools belong to one event loop; tests and management commands may run several.
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool] = weakref.WeakKeyDictionary()
 
-    def _client(self) -> httpx.AsyncClient:
+    def _pool(self) -> Pool:
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = httpx.AsyncClient(
-                base_url=self._base_url,
-                headers=self._headers,
-                timeout=httpx.Timeout(
-                    connect=self.config.connect_timeout,
-                    read=self.config.read_timeout,
-                    write=self.config.read_timeout,
-                    pool=self.config.connect_timeout,
-                ),
-                limits=httpx.Limits(
-                    max_connections=self.config.max_connections,
-                    max_keepalive_connections=self.config.max_connections,
-                ),
+        pool = self._pools.get(loop)
+        if pool is None:
+            pool = Pool(
+                self._host,
+                self._port,
+                tls=self._tls,
+                max_connections=self.config.max_connections,
+                connect_timeout=self.config.connect_timeout,
+                read_timeout=self.config.read_timeout,
             )
-            self._clients[loop] = client
-        return client
+            self._pools[loop] = pool
+        return pool
 
-    def _transport_error(self, exc: httpx.HTTPError) -> UpstreamError | ServiceUnavailable:
+    def _request(self, method: str, route: str, request_id: str = "", body: bytes = b"") -> bytes:
+        head = f"{method} {self._path}{route} HTTP/1.1\r\n".encode("latin1") + self._fixed_headers
+        if request_id:
+            head += f"X-Request-ID: {request_id}\r\n".encode("latin1")
+        return head + f"Content-Length: {len(body)}\r\n\r\n".encode("latin1") + body
+
+    def _transport_error(self, exc: HttpError) -> UpstreamError | ServiceUnavailable:
         logger.warning("model server %s: %s", self._base_url, type(exc).__name__)
-        if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout):
+        if isinstance(exc, ReadTimeout):
             return UpstreamError(
                 f"The model server did not answer within {self.config.read_timeout:g} s.",
                 status=504,
                 code="upstream_timeout",
             )
-        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+        if isinstance(exc, ConnectError | ConnectTimeout | PoolTimeout):
             return ServiceUnavailable(
                 "The model server cannot be reached right now. Please retry shortly.",
                 retry_after=5,
@@ -93,67 +115,65 @@ class DirectBackend:
         return UpstreamError("The connection to the model server failed.", code="upstream_connection_failed")
 
     async def submit(self, request: UpstreamRequest) -> bytes:
+        data = self._request("POST", request.route.value, request.request_id, orjson.dumps(request.body))
         try:
-            response = await self._client().post(
-                request.route.value, content=orjson.dumps(request.body), headers={"x-request-id": request.request_id}
-            )
-        except httpx.HTTPError as exc:
+            response = await self._pool().request(data)
+        except HttpError as exc:
             raise self._transport_error(exc) from None
-        if response.status_code >= 300:
-            raise upstream_error(response.status_code, response.content, model_server=self._base_url)
+        if response.status >= 300:
+            raise upstream_error(response.status, response.content, model_server=self._base_url)
         return response.content
 
     async def open_stream(self, request: UpstreamRequest) -> DirectStream:
-        client = self._client()
-        outgoing = client.build_request(
-            "POST",
-            request.route.value,
-            content=orjson.dumps(request.body),
-            headers={"x-request-id": request.request_id},
-        )
+        pool = self._pool()
+        data = self._request("POST", request.route.value, request.request_id, orjson.dumps(request.body))
         try:
-            response = await client.send(outgoing, stream=True)
-        except httpx.HTTPError as exc:
+            connection = await pool.exchange(data)
+        except HttpError as exc:
             raise self._transport_error(exc) from None
-        if response.status_code >= 300:
+        if connection.status >= 300:
             try:
-                content = await response.aread()
-            except httpx.HTTPError:
+                content = await connection.read_all()
+            except HttpError:
                 content = b""
             finally:
-                await response.aclose()
-            raise upstream_error(response.status_code, content, model_server=self._base_url)
-        return DirectStream(response, self)
+                pool.release(connection)
+            raise upstream_error(connection.status, content, model_server=self._base_url)
+        return DirectStream(connection, pool, self)
 
     async def health(self) -> BackendHealth:
         try:
-            response = await self._client().get("models")
-        except httpx.HTTPError as exc:
+            response = await self._pool().request(self._request("GET", "models"))
+        except HttpError as exc:
             return BackendHealth(ok=False, detail=type(exc).__name__)
-        return BackendHealth(ok=response.status_code == 200, detail=f"HTTP {response.status_code}")
+        return BackendHealth(ok=response.status == 200, detail=f"HTTP {response.status}")
 
     async def aclose(self) -> None:
-        clients = list(self._clients.values())
-        self._clients.clear()
-        for client in clients:
-            await client.aclose()
+        pools = list(self._pools.values())
+        self._pools.clear()
+        for pool in pools:
+            await pool.aclose()
 
 
 class DirectStream:
-    """An open streamed response; closing it closes the upstream request."""
+    """An open streamed response; closing it before the end closes the upstream connection."""
 
-    def __init__(self, response: httpx.Response, backend: DirectBackend) -> None:
-        self._response = response
+    def __init__(self, connection: Connection, pool: Pool, backend: DirectBackend) -> None:
+        self._connection = connection
+        self._pool = pool
         self._backend = backend
+        self._released = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         splitter = SseSplitter()
         try:
-            async for chunk in self._response.aiter_raw():
-                for event in splitter.feed(chunk):
+            while (data := await self._connection.read_some()) is not None:
+                for event in splitter.feed(data):
                     yield event
-        except httpx.HTTPError as exc:
+        except HttpError as exc:
             raise self._backend._transport_error(exc) from None
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        if not self._released:
+            self._released = True
+            self._pool.release(self._connection)

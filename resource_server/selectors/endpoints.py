@@ -6,6 +6,7 @@ reach every worker within that time without a query on each request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -67,6 +68,7 @@ class RoutingTable:
 
 
 _table = RoutingTable()
+_reload: asyncio.Task[RoutingTable] | None = None
 _RETRY_AFTER_DB_ERROR = 2.0
 
 
@@ -102,10 +104,23 @@ def _load_table() -> RoutingTable:
 
 
 async def routing_table() -> RoutingTable:
+    global _reload
+    if time.monotonic() - _table.loaded_at < settings.GATEWAY.ROUTING_CACHE_SECONDS:
+        return _table
+    # One reload at a time: the requests that find the table stale together wait for the same read,
+    # instead of queueing one database read each behind the single sync_to_async thread.
+    loop = asyncio.get_running_loop()
+    if _reload is None or _reload.done() or _reload.get_loop() is not loop:
+        _reload = loop.create_task(_reload_table())
+        # Retrieved: if every caller left, an error is not reported as unhandled.
+        _reload.add_done_callback(lambda done: None if done.cancelled() else done.exception())
+    # Shielded: a caller that goes away must not cancel the read the others wait for.
+    return await asyncio.shield(_reload)
+
+
+async def _reload_table() -> RoutingTable:
     global _table
     now = time.monotonic()
-    if now - _table.loaded_at < settings.GATEWAY.ROUTING_CACHE_SECONDS:
-        return _table
     try:
         _table = await sync_to_async(_load_table)()
     except DatabaseError:
@@ -123,8 +138,9 @@ async def routing_table() -> RoutingTable:
 
 def routing_table_forget() -> None:
     """Make the next request reload the table (used after admin edits in this process, and by tests)."""
-    global _table
+    global _table, _reload
     _table = RoutingTable()
+    _reload = None
 
 
 def _check_scope(table: RoutingTable, cluster: str | None) -> None:

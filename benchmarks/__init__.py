@@ -1,0 +1,1 @@
+"""Benchmarks: what the gateway adds on top of the model server, measured side by side (see docs/performance.md)."""

@@ -1,0 +1,289 @@
+"""The inference POSTs as a lean ASGI app: the hot path, without Django's per-request machinery.
+
+Through Django's ASGI handler a request costs milliseconds of CPU before our view runs: a thread per
+request for the sync middleware (two hops for each of them), body spooling, URL resolution. The inference
+routes need none of it. This app serves exactly `POST /resource_server/v1/<route>` and the FIRST paths
+`POST /resource_server/<cluster>/<framework>/v1/<route>` with the same authenticator chain, validation,
+routing, dispatch, usage recording, error envelope, request id and response headers as the ninja views,
+and hands everything else (other methods and paths, a Host Django would refuse) to Django unchanged.
+
+It reproduces what the configured middleware does to these responses, so it checks at start-up that
+MIDDLEWARE and the security settings are the ones it reproduces, and stays off otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+from django.conf import settings
+from django.http.request import split_domain_port, validate_host
+
+from resource_server.api.security import bearer_token_of
+from resource_server.auth.chain import principal_from_token
+from resource_server.dispatch.base import Route
+from resource_server.errors import GatewayError, InvalidRequest, ServiceUnavailable
+from resource_server.middleware import CLIENT_REQUEST_ID
+from resource_server.services.inference import JsonResult, inference_run
+
+logger = logging.getLogger("resource_server.api")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_ROUTES = "|".join(re.escape(route.value) for route in Route)
+INFERENCE_PATH = re.compile(rf"^/resource_server/(?:(?P<cluster>[^/]+)/(?P<framework>[^/]+)/)?v1/(?P<route>{_ROUTES})$")
+# The middleware whose effect on an API response this app reproduces (see _common_headers).
+REPRODUCED_MIDDLEWARE = [
+    "resource_server.middleware.RequestContextMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+_OVERLOADED = ServiceUnavailable(
+    "The gateway is at capacity. Please retry shortly.", retry_after=1, code="gateway_overloaded"
+)
+_MIN_LIMIT = 16  # requests a saturated worker still admits at once: it never refuses everything
+_WANTED_HEADERS = frozenset((b"host", b"authorization", b"content-length", b"x-request-id"))
+_MAX_CACHED_HOSTS = 64
+
+
+def reproducible() -> bool:
+    """Whether Django's middleware would do to an API response exactly what this app does."""
+    return (
+        list(settings.MIDDLEWARE) == REPRODUCED_MIDDLEWARE
+        and not settings.SECURE_SSL_REDIRECT
+        and not settings.SECURE_HSTS_SECONDS
+        and not settings.USE_X_FORWARDED_HOST
+        and not settings.FORCE_SCRIPT_NAME
+        and settings.ROOT_URLCONF == "gateway.urls"
+    )
+
+
+def _common_headers() -> list[tuple[bytes, bytes]]:
+    """Headers the middleware adds to every API response (XFrameOptions, then Security)."""
+    headers = [(b"X-Frame-Options", settings.X_FRAME_OPTIONS.encode())]
+    if settings.SECURE_CONTENT_TYPE_NOSNIFF:
+        headers.append((b"X-Content-Type-Options", b"nosniff"))
+    if settings.SECURE_REFERRER_POLICY:
+        policy = settings.SECURE_REFERRER_POLICY
+        value = policy if isinstance(policy, str) else ",".join(policy)
+        headers.append((b"Referrer-Policy", value.encode()))
+    if settings.SECURE_CROSS_ORIGIN_OPENER_POLICY:
+        headers.append((b"Cross-Origin-Opener-Policy", settings.SECURE_CROSS_ORIGIN_OPENER_POLICY.encode()))
+    return headers
+
+
+class InferenceApp:
+    """ASGI app: the inference POSTs here, everything else to `fallback` (Django)."""
+
+    def __init__(self, fallback: ASGIApp) -> None:
+        self.fallback = fallback
+        self.enabled = reproducible()
+        if not self.enabled:
+            logger.warning("MIDDLEWARE or security settings changed: inference requests take the Django path")
+        self._after = _common_headers()
+        self._hosts: dict[str, bool] = {}
+        self._in_flight = 0
+        self._max_in_flight = settings.GATEWAY.MAX_IN_FLIGHT_PER_WORKER
+        self._limit = self._max_in_flight
+        self._max_delay = settings.GATEWAY.OVERLOAD_DELAY_SECONDS
+        self._watcher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin adapting the admission limit to the event loop's delay (ASGI lifespan start-up)."""
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._adapt_limit())
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+
+    async def _adapt_limit(self) -> None:
+        """Keep the loop's delay under OVERLOAD_DELAY_SECONDS by bounding the requests in flight.
+
+        How late a timer fires is how long everything ready waits for the loop, requests not yet read
+        from their sockets included. While it is too late the limit drops to 80% of what is in flight;
+        otherwise it grows back by a sixteenth per tick, up to MAX_IN_FLIGHT_PER_WORKER. Requests above
+        the limit are refused at once, so a saturated worker keeps serving at capacity and answers the
+        excess with 503 instead of queueing it.
+        """
+        loop = asyncio.get_running_loop()
+        tick = min(self._max_delay / 2, 0.025)
+        while True:
+            due = loop.time() + tick
+            await asyncio.sleep(tick)
+            if loop.time() - due > self._max_delay:
+                self._limit = max(_MIN_LIMIT, int(min(self._limit, self._in_flight) * 0.9))
+            else:
+                self._limit = min(self._max_in_flight, self._limit + max(1, self._limit // 8))
+
+    def _host_allowed(self, host: str) -> bool:
+        """Django's Host check (HttpRequest.get_host), remembered for the few hosts a gateway sees."""
+        allowed = self._hosts.get(host)
+        if allowed is None:
+            allowed_hosts = settings.ALLOWED_HOSTS
+            if settings.DEBUG and not allowed_hosts:
+                allowed_hosts = [".localhost", "127.0.0.1", "[::1]"]
+            domain, _ = split_domain_port(host)
+            allowed = bool(domain) and validate_host(domain, allowed_hosts)
+            if len(self._hosts) < _MAX_CACHED_HOSTS:
+                self._hosts[host] = allowed
+        return allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = None
+        if self.enabled and scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            match = INFERENCE_PATH.match(scope["path"])
+        if match is None:
+            await self.fallback(scope, receive, send)
+            return
+        headers: dict[bytes, str] = {}
+        for name, value in scope["headers"]:
+            if name in _WANTED_HEADERS:
+                # Django joins repeated headers with a comma; so do we.
+                text = value.decode("latin1")
+                headers[name] = f"{headers[name]},{text}" if name in headers else text
+        host = headers.get(b"host")
+        length = headers.get(b"content-length", "0")
+        if host is None or not self._host_allowed(host) or not length.isdigit():
+            # No Host, a refused one, or a garbled length: Django's own answer, whatever it is.
+            await self.fallback(scope, receive, send)
+            return
+        offered = headers.get(b"x-request-id", "")
+        request_id = offered if CLIENT_REQUEST_ID.match(offered) else uuid.uuid4().hex
+        if self._in_flight >= self._limit:
+            # Refused before any work, so that refusing stays cheap when the worker is saturated.
+            await self._send_error(send, _OVERLOADED, request_id)
+            return
+        self._in_flight += 1
+        try:
+            await self._infer(match, headers, int(length), request_id, receive, send)
+        except GatewayError as error:
+            await self._send_error(send, error, request_id)
+        except Exception:
+            logger.exception("unhandled error in request %s", request_id)
+            message = f"The gateway hit an internal error. Quote request id {request_id} when reporting it."
+            await self._send_error(send, GatewayError(message), request_id)
+        finally:
+            self._in_flight -= 1
+
+    async def _infer(
+        self,
+        match: re.Match[str],
+        headers: dict[bytes, str],
+        length: int,
+        request_id: str,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        principal = await principal_from_token(bearer_token_of(headers.get(b"authorization", "")))
+        body = await _read_body(receive, length)
+        if body is None:
+            return  # the client left while sending: nobody to answer, as in Django
+        result = await inference_run(
+            principal=principal,
+            route=Route(match["route"]),
+            raw_body=body,
+            request_id=request_id,
+            cluster=match["cluster"],
+            framework=match["framework"],
+        )
+        if isinstance(result, JsonResult):
+            await self._send_json(send, 200, result.content, (), request_id)
+            return
+        start_headers = [
+            (b"Content-Type", b"text/event-stream"),
+            (b"Cache-Control", b"no-cache"),
+            (b"X-Accel-Buffering", b"no"),  # nginx must pass each event on at once
+            *self._after,
+            (b"X-Request-ID", request_id.encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": start_headers})
+        await _relay_until_disconnect(result.events, receive, send)  # type: ignore[arg-type]
+
+    async def _send_json(self, send: Send, status: int, body: bytes, extra: Any, request_id: str) -> None:
+        headers = [
+            (b"Content-Type", b"application/json"),
+            *extra,
+            self._after[0],
+            (b"Content-Length", str(len(body)).encode()),
+            *self._after[1:],
+            (b"X-Request-ID", request_id.encode()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _send_error(self, send: Send, error: GatewayError, request_id: str) -> None:
+        extra = [(name.encode("latin1"), value.encode("latin1")) for name, value in error.headers.items()]
+        await self._send_json(send, error.status, error.body(), extra, request_id)
+
+
+async def _read_body(receive: Receive, declared: int) -> bytes | None:
+    """The whole request body; None if the client disconnected first."""
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    too_big = InvalidRequest("The request body is too large.", status=413, code="request_too_large")
+    if limit is not None and declared > limit:
+        raise too_big
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise too_big
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _relay_until_disconnect(events: AsyncGenerator[bytes], receive: Receive, send: Send) -> None:
+    """Send each SSE event as it comes; if the client leaves, cancel the relay so upstream is closed.
+
+    This is what Django's handler does for a streaming response: the relay sees CancelledError, records
+    the request as 499 and closes the upstream stream, which stops generation on the model server.
+    """
+    relay = asyncio.ensure_future(_send_events(events, send))
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait((relay, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        relay.cancel()  # a no-op once it has finished
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay
+
+
+async def _send_events(events: AsyncGenerator[bytes], send: Send) -> None:
+    try:
+        async for event in events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except Exception:
+        # The head is sent: no error response is possible any more, and the relay has recorded the outcome.
+        logger.exception("sending a stream failed")
+    finally:
+        await events.aclose()
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,197 @@
+"""The lean inference routes answer exactly as the Django path does, and hand everything else to Django."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from django.test import override_settings
+
+from gateway.asgi import django_application, http_application
+from resource_server.api.fast import InferenceApp
+from tests.conftest import Seeded
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 5}
+CHAT_PATH = "/resource_server/v1/chat/completions"
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def header_names(self) -> list[bytes]:
+        return [name.lower() for name, _ in self.headers]
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((value for key, value in self.headers if key.lower() == name), None)
+
+
+async def call(
+    app: Any, path: str, body: bytes = b"", *, method: str = "POST", headers: dict[str, str] | None = None
+) -> Answer:
+    """One request through an ASGI app, as uvicorn would deliver it."""
+    fields = {"host": "127.0.0.1:8000", "content-type": "application/json"}
+    fields |= {name.lower(): value for name, value in (headers or {}).items()}
+    fields["content-length"] = str(len(body))
+    raw_headers = [(name.encode(), value.encode()) for name, value in fields.items()]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": raw_headers,
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+    }
+    messages: list[MutableMapping[str, Any]] = []
+    delivered = False
+    finished = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await finished.wait()  # the client stays until the whole answer is in
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        messages.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            finished.set()
+
+    await app(scope, receive, send)
+    start = messages[0]
+    content = b"".join(message.get("body", b"") for message in messages[1:])
+    return Answer(start["status"], list(start["headers"]), content)
+
+
+async def both(path: str, body: bytes = b"", **options: Any) -> tuple[Answer, Answer]:
+    lean = await call(http_application, path, body, **options)
+    django = await call(django_application, path, body, **options)
+    return lean, django
+
+
+def assert_same_head(lean: Answer, django: Answer) -> None:
+    assert lean.status == django.status
+    assert lean.header_names() == django.header_names()
+    for name in lean.header_names():
+        if name not in (b"x-request-id", b"content-length"):
+            assert lean.header(name) == django.header(name), name
+
+
+def test_the_lean_routes_are_on_with_the_configured_middleware() -> None:
+    assert http_application.enabled
+
+
+def test_the_lean_routes_turn_off_when_middleware_changes() -> None:
+    with override_settings(MIDDLEWARE=["django.middleware.common.CommonMiddleware"]):
+        assert not InferenceApp(django_application).enabled
+
+
+async def test_a_completion_gets_the_same_head_and_shape(seeded: Seeded) -> None:
+    lean, django = await both(CHAT_PATH, orjson.dumps(CHAT), headers=seeded.auth)
+    assert lean.status == 200
+    assert_same_head(lean, django)
+    assert set(orjson.loads(lean.body)) == set(orjson.loads(django.body))
+    assert lean.header(b"content-length") == str(len(lean.body)).encode()
+
+
+async def test_a_stream_gets_the_same_head_and_events(seeded: Seeded) -> None:
+    body = orjson.dumps({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    lean, django = await both(CHAT_PATH, body, headers=seeded.auth)
+    assert lean.status == 200
+    assert_same_head(lean, django)
+    lean_events, django_events = (answer.body.split(b"\n\n") for answer in (lean, django))
+    assert len(lean_events) == len(django_events)
+    assert lean_events[-2:] == django_events[-2:] == [b"data: [DONE]", b""]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "authorization"),
+    [
+        (CHAT_PATH, orjson.dumps(CHAT), None),
+        (CHAT_PATH, orjson.dumps(CHAT), "Bearer igw_000000000000_unknownunknownunknownunknown"),
+        (CHAT_PATH, b'{"model": ', "seeded"),
+        (CHAT_PATH, orjson.dumps({**CHAT, "temperature": 3}), "seeded"),
+        (CHAT_PATH, orjson.dumps({**CHAT, "model": "nope"}), "seeded"),
+        ("/resource_server/nowhere/vllm/v1/chat/completions", orjson.dumps(CHAT), "seeded"),
+        ("/resource_server/polaris/sglang/v1/completions", orjson.dumps({"model": "demo-model"}), "seeded"),
+        (CHAT_PATH, orjson.dumps({**CHAT, "fake_vllm": {"status": 500, "message": "CUDA error"}}), "seeded"),
+        (
+            CHAT_PATH,
+            orjson.dumps({**CHAT, "stream": True, "messages": [{"role": "user", "content": "w " * 600}]}),
+            "seeded",
+        ),
+    ],
+)
+async def test_errors_are_answered_byte_for_byte_alike(
+    seeded: Seeded, path: str, body: bytes, authorization: str | None
+) -> None:
+    headers = seeded.auth if authorization == "seeded" else {"Authorization": authorization} if authorization else {}
+    lean, django = await both(path, body, headers=headers)
+    assert lean.status >= 400
+    assert_same_head(lean, django)
+    assert lean.body == django.body
+
+
+async def test_a_body_over_the_limit_gets_the_same_413(seeded: Seeded) -> None:
+    with override_settings(DATA_UPLOAD_MAX_MEMORY_SIZE=1024):
+        lean, django = await both(CHAT_PATH, orjson.dumps({**CHAT, "pad": "x" * 2048}), headers=seeded.auth)
+    assert lean.status == 413
+    assert_same_head(lean, django)
+    assert lean.body == django.body
+
+
+async def test_a_sane_client_request_id_is_echoed_by_both(seeded: Seeded) -> None:
+    headers = {**seeded.auth, "X-Request-ID": "client-chosen-id-42"}
+    lean, django = await both(CHAT_PATH, orjson.dumps(CHAT), headers=headers)
+    assert lean.header(b"x-request-id") == django.header(b"x-request-id") == b"client-chosen-id-42"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers"),
+    [
+        ("GET", CHAT_PATH, {}),
+        ("POST", "/resource_server/v1/nothing-here", {}),
+        ("POST", CHAT_PATH, {"host": "evil.example.org"}),
+    ],
+)
+async def test_other_requests_are_left_to_django(
+    seeded: Seeded, method: str, path: str, headers: dict[str, str]
+) -> None:
+    lean, django = await both(path, orjson.dumps(CHAT), method=method, headers={**seeded.auth, **headers})
+    assert lean.status in (400, 404, 405)
+    assert_same_head(lean, django)
+    assert lean.body == django.body
+
+
+async def test_a_saturated_worker_refuses_with_503_and_retry_after(seeded: Seeded) -> None:
+    app = InferenceApp(django_application)
+    app._limit = 0  # what the admission controller sets while the event loop runs too late
+    answer = await call(app, CHAT_PATH, orjson.dumps(CHAT), headers=seeded.auth)
+    assert answer.status == 503
+    assert answer.header(b"retry-after") == b"1"
+    assert answer.header(b"x-request-id")
+    error = orjson.loads(answer.body)["error"]
+    assert (error["code"], error["type"]) == ("gateway_overloaded", "service_unavailable")
+
+
+async def test_requests_in_flight_are_counted_back_down(seeded: Seeded) -> None:
+    app = InferenceApp(django_application)
+    for body in (orjson.dumps(CHAT), b"not json", orjson.dumps({**CHAT, "stream": True})):
+        await call(app, CHAT_PATH, body, headers=seeded.auth)
+    assert app._in_flight == 0
