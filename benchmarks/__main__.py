@@ -8,6 +8,7 @@ on 127.0.0.1, runs the scenarios direct and through the gateway in alternating r
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import signal
@@ -102,11 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         for name, runner in runners.items():
             if plan.wants(name):
                 log(name)
-                done.append(_guarded(name, lambda runner=runner: runner(stack, plan)))
+                done.append(_guarded(name, functools.partial(runner, stack, plan)))
         if plan.wants("S6"):
             capacity = _capacity(stack, done)
             log(f"S6 at 1.5 x {capacity:.0f} req/s")
-            done.append(_guarded("S6", lambda: scenarios.s6(stack, plan, capacity)))
+            done.append(_guarded("S6", functools.partial(scenarios.s6, stack, plan, capacity)))
         time.sleep(2.0)  # let the last streams' buffers go before reading the idle figure again
         run["memory"] = {
             "idle_rss_kb": idle_rss_kb,

@@ -105,7 +105,7 @@ class Connection(asyncio.Protocol):
         self.exchange = self.waiter = None
         if exchange is not None:
             exchange.finished = now()
-        if waiter is not None and not waiter.done():
+        if waiter is not None and exchange is not None and not waiter.done():
             waiter.set_result(exchange)
         if not self.keep_alive:
             self.close()
@@ -487,7 +487,7 @@ async def _probe(target: Target, stopped: float, ok_ms: float, seconds: float = 
             connection.abort()
         outcomes.append((due, good))
 
-    probes = []
+    probes: list[asyncio.Future[None]] = []
     while now() - stopped < seconds:
         probes.append(asyncio.ensure_future(probe(len(probes))))
         await asyncio.sleep(0.05)

@@ -77,6 +77,15 @@ def _job(stack: Stack, side: str, body: dict[str, Any], **extra: Any) -> dict[st
     }
 
 
+def _maker(stack: Stack, body: dict[str, Any], **extra: Any) -> Callable[[str, int], dict[str, Any]]:
+    """The job of either side of every round: same body, same settings."""
+
+    def make(side: str, _round: int) -> dict[str, Any]:
+        return _job(stack, side, body, **extra)
+
+    return make
+
+
 def _rounds(
     stack: Stack, plan_rounds: int, level: Level, make_job: Callable[[str, int], dict[str, Any]], describe: str
 ) -> None:
@@ -325,7 +334,7 @@ def s1(stack: Stack, plan: Plan) -> Scenario:
         stack,
         plan.rounds,
         warm,
-        lambda side, _: _job(stack, side, _chat(), concurrency=1, per_client=requests, warmup=warmup),
+        _maker(stack, _chat(), concurrency=1, per_client=requests, warmup=warmup),
         "latency",
     )
     summarise_latency(warm)
@@ -357,7 +366,7 @@ def s2(stack: Stack, plan: Plan) -> Scenario:
             stack,
             plan.rounds,
             level,
-            lambda side, _, c=concurrency: _job(stack, side, _chat(), concurrency=c, duration=duration, warmup=1.0),
+            _maker(stack, _chat(), concurrency=concurrency, duration=duration, warmup=1.0),
             "throughput",
         )
         summarise_throughput(level)
@@ -374,7 +383,7 @@ def s3(stack: Stack, plan: Plan) -> Scenario:
             stack,
             plan.rounds,
             level,
-            lambda side, _, c=concurrency: _job(stack, side, body, concurrency=c, duration=5.0, warmup=1.0),
+            _maker(stack, body, concurrency=concurrency, duration=5.0, warmup=1.0),
             "throughput",
         )
         summarise_throughput(level)
@@ -394,13 +403,12 @@ def s4(stack: Stack, plan: Plan) -> Scenario:
             stack,
             plan.rounds,
             level,
-            lambda side, _, c=concurrency, n=per_client, s=stagger: _job(
+            _maker(
                 stack,
-                side,
                 body,
-                concurrency=c,
-                per_client=n,
-                stagger=s,
+                concurrency=concurrency,
+                per_client=per_client,
+                stagger=stagger,
                 stream=True,
                 expect_tokens=tokens,
                 expect_usage=True,
@@ -423,11 +431,10 @@ def s5(stack: Stack, plan: Plan) -> Scenario:
             stack,
             plan.rounds,
             level,
-            lambda side, _, c=concurrency: _job(
+            _maker(
                 stack,
-                side,
                 body,
-                concurrency=c,
+                concurrency=concurrency,
                 per_client=1,
                 stagger=1.0,
                 stream=True,
@@ -458,7 +465,7 @@ def s6(stack: Stack, plan: Plan, capacity: float) -> Scenario:
         stack,
         min(S6_ROUNDS, plan.rounds),
         level,
-        lambda side, _: _job(stack, side, _chat(), rate=rate, duration=20.0, timeout=10.0, deadline=90),
+        _maker(stack, _chat(), rate=rate, duration=20.0, timeout=10.0, deadline=90),
         "overload",
     )
     summarise_overload(level)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import resource
-import shlex
 import socket
 import subprocess
 import sys
@@ -90,7 +89,7 @@ def _wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeou
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{shlex.join(map(str, process.args))} exited; see {log}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{process.args!r} exited; see {log}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 (a loopback http URL we built)
                 if response.status == 200:
@@ -322,7 +321,7 @@ def machine() -> dict[str, Any]:
         if line.startswith("model name"):
             model = line.partition(":")[2].strip()
             break
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
