@@ -37,20 +37,28 @@ class TcpProxy:
         self.port = free_port()
         self._sockets: list[socket.socket] = []
         self._listener: socket.socket | None = None
+        # Guards the cut against a connection being accepted at that very moment: it must not survive.
+        self._lock = threading.Lock()
+        self._open = False
 
     def restore(self) -> None:
         listener = socket.create_server(("127.0.0.1", self.port))
-        self._listener = listener
+        with self._lock:
+            self._listener = listener
+            self._open = True
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
-        assert self._listener is not None
-        for sock in [self._listener, *self._sockets]:
+        with self._lock:
+            self._open = False
+            assert self._listener is not None
+            doomed = [self._listener, *self._sockets]
+            self._sockets.clear()
+        for sock in doomed:
             # shutdown() wakes the pipe threads blocked in recv(); close() alone would not.
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
-        self._sockets.clear()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -59,7 +67,12 @@ class TcpProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            self._sockets += [client, upstream]
+            with self._lock:
+                if not self._open:
+                    client.close()
+                    upstream.close()
+                    return
+                self._sockets += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
