@@ -95,3 +95,14 @@ def fake_globus_server(*options: str) -> Iterator[str]:
     args = [sys.executable, "-m", "resource_server.fakes.globus", "--port", str(port), *options]
     with running(args, f"http://127.0.0.1:{port}/fake/stats"):
         yield f"http://127.0.0.1:{port}/"
+
+
+def server_database_url() -> str:
+    """A URL for the test database pytest-django set up, so server processes use the tests' rows."""
+    from django.db import connection
+
+    config = connection.settings_dict
+    if config["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{config['NAME']}"
+    password = f":{config['PASSWORD']}" if config["PASSWORD"] else ""
+    return f"postgres://{config['USER']}{password}@{config['HOST']}:{config['PORT'] or 5432}/{config['NAME']}"

@@ -52,6 +52,7 @@ class BackendPool:
 
     def __init__(self) -> None:
         self._live: dict[int, tuple[tuple[str, str], Backend]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def get(self, endpoint_id: int, backend: str, config: BaseModel) -> Backend:
         identity = (backend, config.model_dump_json())
@@ -62,7 +63,10 @@ class BackendPool:
         self._live[endpoint_id] = (identity, instance)
         if live is not None:
             with contextlib.suppress(RuntimeError):  # no running loop: nothing open to close
-                asyncio.get_running_loop().create_task(live[1].aclose())
+                closing = asyncio.get_running_loop().create_task(live[1].aclose())
+                # Keep a reference until it is done: the loop holds tasks only weakly.
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
         return instance
 
 

@@ -16,8 +16,7 @@ from globus_sdk.gare import to_gare
 from resource_server.fakes.globus import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, token_id
 from resource_server.models import Cluster, Endpoint, RequestLog
 from tests.conftest import seed
-from tests.e2e.test_openai_client import _database_url
-from tests.servers import fake_globus_server, gateway_server
+from tests.servers import fake_globus_server, gateway_server, server_database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,7 +37,7 @@ def globus_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def gateway(django_db_setup: None, model_server: str, globus_url: str, tmp_path_factory: Any) -> Iterator[str]:
     env = {
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": server_database_url(),
         "DATA_DIR": str(tmp_path_factory.mktemp("gateway")),
         "ROUTING_CACHE_SECONDS": "0",
         "API_KEY_CACHE_SECONDS": "0",

@@ -21,8 +21,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from resource_server.models import Cluster, Endpoint, RequestLog, User
 from resource_server.services.api_keys import api_key_create
-from tests.e2e.test_openai_client import _database_url
-from tests.servers import fake_stats, gateway_server
+from tests.servers import fake_stats, gateway_server, server_database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,7 +32,7 @@ DONE = "data: [DONE]"
 @pytest.fixture(scope="module")
 def gateway_url(django_db_setup: None, tmp_path_factory: Any) -> Iterator[str]:
     env = {
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": server_database_url(),
         "DATA_DIR": str(tmp_path_factory.mktemp("gateway")),
         "USAGE_FLUSH_SECONDS": "0.05",
         "ROUTING_CACHE_SECONDS": "0",

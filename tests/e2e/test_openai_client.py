@@ -10,11 +10,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from django.db import connection
 
 from resource_server.models import Cluster, Endpoint, RequestLog
 from tests.conftest import Seeded, seed
-from tests.servers import fake_stats, gateway_server
+from tests.servers import fake_stats, gateway_server, server_database_url
 
 
 @dataclass
@@ -39,14 +38,6 @@ class Stack:
         raise AssertionError(f"no RequestLog row for {request_id}")
 
 
-def _database_url() -> str:
-    config = connection.settings_dict
-    if config["ENGINE"].endswith("sqlite3"):
-        return f"sqlite:///{config['NAME']}"
-    password = f":{config['PASSWORD']}" if config["PASSWORD"] else ""
-    return f"postgres://{config['USER']}{password}@{config['HOST']}:{config['PORT'] or 5432}/{config['NAME']}"
-
-
 # Each test gets fresh rows (flushed afterwards); the server processes live for the module.
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -54,7 +45,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture(scope="module")
 def gateway_url(django_db_setup: None, model_server: str, tmp_path_factory: Any) -> Iterator[str]:
     env = {
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": server_database_url(),
         "DATA_DIR": str(tmp_path_factory.mktemp("gateway")),
         "USAGE_FLUSH_SECONDS": "0.05",
         # Rows are re-created for every test, so the server must not remember them.
