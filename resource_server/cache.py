@@ -11,10 +11,12 @@ import logging
 import time
 import weakref
 from collections import OrderedDict
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-import redis.asyncio as aioredis
 from django.conf import settings
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +68,19 @@ class SharedCache:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = aioredis.Redis.from_url(self._url, socket_timeout=1.0, socket_connect_timeout=1.0)
+            # Imported here: gateways without REDIS_URL never load the client (7 MB per worker).
+            from redis.asyncio import Redis
+
+            client = Redis.from_url(self._url, socket_timeout=1.0, socket_connect_timeout=1.0)
             self._clients[loop] = client
         return client
 
     async def get(self, key: str) -> bytes | None:
+        from redis.exceptions import RedisError
+
         try:
             value = await self._client().get(key)
-        except aioredis.RedisError as exc:
+        except RedisError as exc:
             logger.warning("shared cache unavailable (%s); treating %s as a miss", type(exc).__name__, key[:24])
             return None
         return value.encode() if isinstance(value, str) else value
@@ -81,15 +88,19 @@ class SharedCache:
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         if ttl < 1:
             return  # Redis expiry is in whole seconds; a sub-second entry is not worth sharing
+        from redis.exceptions import RedisError
+
         try:
             await self._client().set(key, value, ex=int(ttl))
-        except aioredis.RedisError as exc:
+        except RedisError as exc:
             logger.warning("shared cache unavailable (%s); not storing %s", type(exc).__name__, key[:24])
 
     async def delete(self, key: str) -> None:
+        from redis.exceptions import RedisError
+
         try:
             await self._client().delete(key)
-        except aioredis.RedisError as exc:
+        except RedisError as exc:
             logger.warning("shared cache unavailable (%s); not deleting %s", type(exc).__name__, key[:24])
 
 

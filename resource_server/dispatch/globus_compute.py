@@ -17,21 +17,23 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from uuid import UUID
 
 from django.conf import settings
-from globus_compute_sdk import Client, Executor
-from globus_compute_sdk.serialize import ComputeSerializer, SerializationStrategy
-from globus_sdk import ClientApp, GlobusAppConfig
 from pydantic import BaseModel, ConfigDict, Field
 
 from compute_functions import DATA_STRATEGY
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest
 from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, TaskExecutor, settled
-from resource_server.dispatch.compute_serde import compute_serializer
 from resource_server.dispatch.direct import EnvVarName
 from resource_server.errors import ServiceUnavailable, UpstreamError
+
+if TYPE_CHECKING:
+    from globus_compute_sdk.serialize import ComputeSerializer, SerializationStrategy
+
+# globus-compute-sdk is a third of a worker's memory: it is imported only where it is used, which the
+# routing table does ahead of time, in a thread, for gateways that have a compute endpoint (see registry).
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,9 @@ class SdkConnector:
         code_serialization_strategy: SerializationStrategy,
         data_serialization_strategy: SerializationStrategy,
     ) -> ComputeClient:
+        from globus_compute_sdk import Client
+        from globus_sdk import ClientApp, GlobusAppConfig
+
         app = ClientApp(
             "inference-gateway",
             client_id=credentials.client_id,
@@ -144,9 +149,11 @@ class SdkConnector:
     def executor(
         self, *, endpoint_id: str, client: ComputeClient, serializer: ComputeSerializer, result_serializers: list[str]
     ) -> TaskExecutor:
+        from globus_compute_sdk import Executor
+
         executor = Executor(
             endpoint_id=endpoint_id,
-            client=cast(Client, client),
+            client=client,  # type: ignore[arg-type]  # a globus_compute_sdk.Client, built by client() above
             serializer=serializer,
             result_serializers=result_serializers,
             label=f"gateway:{endpoint_id}",
@@ -193,6 +200,8 @@ class ComputeEndpoints:
         with self._lock:
             client = self._clients.get(credentials.key)
             if client is None:
+                from resource_server.dispatch.compute_serde import compute_serializer
+
                 serializer = compute_serializer()
                 client = self._connector.client(
                     credentials,
@@ -208,6 +217,8 @@ class ComputeEndpoints:
         with self._lock:
             executor = self._executors.get(key)
             if executor is None:
+                from resource_server.dispatch.compute_serde import compute_serializer
+
                 executor = self._connector.executor(
                     endpoint_id=endpoint_id,
                     client=client,

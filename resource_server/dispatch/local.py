@@ -22,14 +22,9 @@ from pydantic import Field
 from compute_functions import DATA_STRATEGY, inference
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest
 from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, settled
-from resource_server.dispatch.compute_serde import (
-    compute_serializer,
-    exit_with_parent,
-    function_code,
-    pack_task,
-    result_of,
-    run_task,
-)
+
+# compute_serde loads globus-compute-sdk's serializers, a third of a worker's memory: it is imported where
+# used, and ahead of time in a thread by the routing table when an endpoint uses this backend (see registry).
 
 _FUNCTION_IDS = uuid.UUID("5d2c7f0e-1c4b-4f7e-9a55-3b8e2f61c0a4")  # namespace of local function ids
 _HEALTH_WAIT_SECONDS = 10.0
@@ -42,6 +37,8 @@ class LocalConfig(ComputeTaskConfig):
 
 
 def _deliver(result: Future[Any], done: Future[str]) -> None:
+    from resource_server.dispatch.compute_serde import result_of
+
     if (exc := done.exception()) is not None:
         result.set_exception(exc)
         return
@@ -63,11 +60,15 @@ class LocalComputeExecutor:
     def _new_pool(self) -> ProcessPoolExecutor:
         # forkserver: workers start from a clean single-threaded process with the task code preloaded,
         # never as a fork of this multi-threaded server.
+        from resource_server.dispatch.compute_serde import exit_with_parent
+
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["resource_server.dispatch.compute_serde"])
         return ProcessPoolExecutor(self._workers, mp_context=context, initializer=exit_with_parent)
 
     def register_function(self, function: Callable[..., Any]) -> str:
+        from resource_server.dispatch.compute_serde import function_code
+
         code = function_code(function)
         function_id = str(uuid.uuid5(_FUNCTION_IDS, code))
         with self._lock:
@@ -77,6 +78,8 @@ class LocalComputeExecutor:
     def submit_to_registered_function(
         self, function_id: str, args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None
     ) -> Future[Any]:
+        from resource_server.dispatch.compute_serde import compute_serializer, pack_task, run_task
+
         task = pack_task(compute_serializer(), self._functions[function_id], args or (), kwargs or {})
         result: Future[Any] = Future()
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,14 +23,32 @@ class BackendKind:
     label: str
     config_model: type[BaseModel]
     build: Callable[[Any], Backend]
+    # Heavy modules the backend imports where it uses them: loaded ahead of time, off the event loop.
+    preload: tuple[str, ...] = ()
+
+    def load_modules(self) -> None:
+        for module in self.preload:
+            importlib.import_module(module)
 
 
 BACKENDS: dict[str, BackendKind] = {
     kind.name: kind
     for kind in (
         BackendKind("direct", "Direct HTTP (OpenAI-compatible server)", DirectConfig, DirectBackend),
-        BackendKind("globus_compute", "Globus Compute endpoint", GlobusComputeConfig, GlobusComputeBackend),
-        BackendKind("local", "Local process pool (demo / workstation)", LocalConfig, LocalBackend),
+        BackendKind(
+            "globus_compute",
+            "Globus Compute endpoint",
+            GlobusComputeConfig,
+            GlobusComputeBackend,
+            preload=("globus_compute_sdk", "resource_server.dispatch.compute_serde"),
+        ),
+        BackendKind(
+            "local",
+            "Local process pool (demo / workstation)",
+            LocalConfig,
+            LocalBackend,
+            preload=("resource_server.dispatch.compute_serde",),
+        ),
     )
 }
 BACKEND_CHOICES = [(kind.name, kind.label) for kind in BACKENDS.values()]

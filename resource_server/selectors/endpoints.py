@@ -76,11 +76,15 @@ def _load_table() -> RoutingTable:
     by_model: dict[str, list[EndpointRoute]] = defaultdict(list)
     for endpoint in Endpoint.objects.filter(enabled=True).select_related("cluster"):
         cluster = endpoint.cluster
+        kind = BACKENDS.get(endpoint.backend)
         try:
-            config = BACKENDS[endpoint.backend].config_model.model_validate(endpoint.backend_config)
-        except (KeyError, ValidationError):
+            config = kind.config_model.model_validate(endpoint.backend_config) if kind else None
+        except ValidationError:
+            config = None
+        if kind is None or config is None:
             logger.error("endpoint %s has an invalid backend config; it is not served", endpoint.pk)
             continue
+        kind.load_modules()  # here, in a thread, rather than on the event loop at its first request
         by_model[endpoint.model].append(
             EndpointRoute(
                 id=endpoint.pk,
@@ -104,18 +108,30 @@ def _load_table() -> RoutingTable:
 
 
 async def routing_table() -> RoutingTable:
-    global _reload
-    if time.monotonic() - _table.loaded_at < settings.GATEWAY.ROUTING_CACHE_SECONDS:
+    """The current table. Past half its lifetime it is reloaded in the background while requests keep
+    using it, so a busy worker never waits for the database; only a table past its whole lifetime (an idle
+    worker, or the first request) is waited for, so admin changes still apply within ROUTING_CACHE_SECONDS.
+    """
+    age = time.monotonic() - _table.loaded_at
+    lifetime = settings.GATEWAY.ROUTING_CACHE_SECONDS
+    if age < lifetime / 2:
         return _table
-    # One reload at a time: the requests that find the table stale together wait for the same read,
-    # instead of queueing one database read each behind the single sync_to_async thread.
+    reload = _start_reload()
+    if age < lifetime:
+        return _table
+    # Shielded: a caller that goes away must not cancel the read the others wait for.
+    return await asyncio.shield(reload)
+
+
+def _start_reload() -> asyncio.Task[RoutingTable]:
+    """The reload under way, or a new one: one at a time, however many requests find the table old."""
+    global _reload
     loop = asyncio.get_running_loop()
     if _reload is None or _reload.done() or _reload.get_loop() is not loop:
         _reload = loop.create_task(_reload_table())
-        # Retrieved: if every caller left, an error is not reported as unhandled.
+        # Retrieved: if no caller waits for it, an error is not reported as unhandled.
         _reload.add_done_callback(lambda done: None if done.cancelled() else done.exception())
-    # Shielded: a caller that goes away must not cancel the read the others wait for.
-    return await asyncio.shield(_reload)
+    return _reload
 
 
 async def _reload_table() -> RoutingTable:
@@ -132,7 +148,7 @@ async def _reload_table() -> RoutingTable:
             ) from None
         # Keep serving what we knew during a database outage; try again in a few seconds.
         logger.warning("database unavailable; routing with the table loaded %.0f s ago", now - _table.loaded_at)
-        _table.loaded_at = now - settings.GATEWAY.ROUTING_CACHE_SECONDS + _RETRY_AFTER_DB_ERROR
+        _table.loaded_at = now - settings.GATEWAY.ROUTING_CACHE_SECONDS / 2 + _RETRY_AFTER_DB_ERROR
     return _table
 
 

@@ -77,7 +77,7 @@ class Hpc:
 
 
 @pytest.fixture
-def hpc(transactional_db: None, gateway_url: str, model_server: str) -> Hpc:
+def hpc(transactional_db: None, gateway_url: str, model_server: str) -> Iterator[Hpc]:
     owner = User.objects.create(identity_id="id-hopper", username="hopper@anl.gov")
     _, key = api_key_create(owner=owner, name="e2e")
     url = urlsplit(model_server)
@@ -94,7 +94,25 @@ def hpc(transactional_db: None, gateway_url: str, model_server: str) -> Hpc:
         )
         endpoint.full_clean()
         endpoint.save()
-    return Hpc(gateway_url, key, model_server)
+    yield Hpc(gateway_url, key, model_server)
+    _wait_for_usage_writes()
+
+
+def _wait_for_usage_writes() -> None:
+    """Let the gateway write the last usage rows before the test database is emptied.
+
+    Emptying it (TRUNCATE) while the gateway inserts a row can deadlock in PostgreSQL, which then fails
+    the next test's set-up. The gateway writes every 0.05 s here: the row count holding still for
+    0.3 s means it is done.
+    """
+    deadline = time.monotonic() + 5
+    count = -1
+    while time.monotonic() < deadline:
+        latest = RequestLog.objects.count()
+        if latest == count:
+            return
+        count = latest
+        time.sleep(0.3)
 
 
 def content_of(lines: list[str]) -> str:
@@ -163,6 +181,9 @@ def test_a_prompt_too_long_is_a_400_streamed_or_not(hpc: Hpc, stream: bool) -> N
             model="demo-model", messages=[{"role": "user", "content": "word " * 600}], stream=stream
         )
     assert too_long.value.code == "context_length_exceeded"
+    # Logged too; waiting for the row also keeps the gateway's write from racing the test database's flush.
+    row = hpc.row(too_long.value.response.headers["x-request-id"])
+    assert (row.status_code, row.error_code) == (400, "context_length_exceeded")
 
 
 def test_a_bad_relay_token_gets_403_and_injects_nothing_into_a_live_stream(hpc: Hpc) -> None:
