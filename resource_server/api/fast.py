@@ -5,7 +5,9 @@ request for the sync middleware (two hops for each of them), body spooling, URL 
 routes need none of it. This app serves exactly `POST /resource_server/v1/<route>` and the FIRST paths
 `POST /resource_server/<cluster>/<framework>/v1/<route>` with the same authenticator chain, validation,
 routing, dispatch, usage recording, error envelope, request id and response headers as the ninja views,
-and hands everything else (other methods and paths, a Host Django would refuse) to Django unchanged.
+and the relay route `POST /resource_server/internal/relay/<task_id>` (a compute function posts each batch
+of a stream's events there, so it is as hot as the stream). Everything else (other methods and paths, a
+Host Django would refuse) goes to Django unchanged.
 
 It reproduces what the configured middleware does to these responses, so it checks at start-up that
 MIDDLEWARE and the security settings are the ones it reproduces, and stays off otherwise.
@@ -30,6 +32,7 @@ from resource_server.dispatch.base import Route
 from resource_server.errors import GatewayError, InvalidRequest, ServiceUnavailable
 from resource_server.middleware import CLIENT_REQUEST_ID
 from resource_server.services.inference import JsonResult, inference_run
+from resource_server.services.relay import relay_deliver
 
 logger = logging.getLogger("resource_server.api")
 
@@ -41,6 +44,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _ROUTES = "|".join(re.escape(route.value) for route in Route)
 INFERENCE_PATH = re.compile(rf"^/resource_server/(?:(?P<cluster>[^/]+)/(?P<framework>[^/]+)/)?v1/(?P<route>{_ROUTES})$")
+RELAY_PATH = re.compile(r"^/resource_server/internal/relay/(?P<task_id>[^/]+)$")
 # The middleware whose effect on an API response this app reproduces (see _common_headers).
 REPRODUCED_MIDDLEWARE = [
     "resource_server.middleware.RequestContextMiddleware",
@@ -147,10 +151,12 @@ class InferenceApp:
         return allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = None
+        match = relay = None
         if self.enabled and scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
             match = INFERENCE_PATH.match(scope["path"])
-        if match is None:
+            if match is None:
+                relay = RELAY_PATH.match(scope["path"])
+        if match is None and relay is None:
             await self.fallback(scope, receive, send)
             return
         headers: dict[bytes, str] = {}
@@ -167,21 +173,35 @@ class InferenceApp:
             return
         offered = headers.get(b"x-request-id", "")
         request_id = offered if CLIENT_REQUEST_ID.match(offered) else uuid.uuid4().hex
+        if relay is not None:
+            # Part of a stream already admitted: never shed, or the stream would fail instead of a new request.
+            await self._guarded(
+                self._relay_message(relay["task_id"], headers, int(length), request_id, receive, send), send, request_id
+            )
+            return
+        assert match is not None
         if self._in_flight >= self._limit:
             # Refused before any work, so that refusing stays cheap when the worker is saturated.
             await self._send_error(send, _OVERLOADED, request_id)
             return
         self._in_flight += 1
         try:
-            await self._infer(match, headers, int(length), request_id, receive, send)
+            await self._guarded(self._infer(match, headers, int(length), request_id, receive, send), send, request_id)
+        finally:
+            self._in_flight -= 1
+
+    async def _guarded(self, handling: Awaitable[None], send: Send, request_id: str) -> None:
+        """Run a request's handling; answer its errors in the envelope, as the ninja views do."""
+        try:
+            await handling
+        except _ClientGone:
+            pass  # the client left while sending: nobody to answer, as in Django
         except GatewayError as error:
             await self._send_error(send, error, request_id)
         except Exception:
             logger.exception("unhandled error in request %s", request_id)
             message = f"The gateway hit an internal error. Quote request id {request_id} when reporting it."
             await self._send_error(send, GatewayError(message), request_id)
-        finally:
-            self._in_flight -= 1
 
     async def _infer(
         self,
@@ -193,9 +213,13 @@ class InferenceApp:
         send: Send,
     ) -> None:
         principal = await principal_from_token(bearer_token_of(headers.get(b"authorization", "")))
-        body = await _read_body(receive, length)
-        if body is None:
-            return  # the client left while sending: nobody to answer, as in Django
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        too_big = InvalidRequest("The request body is too large.", status=413, code="request_too_large")
+        if limit is not None and length > limit:
+            raise too_big
+        body = await _read_body(receive, limit)
+        if limit is not None and len(body) > limit:
+            raise too_big
         result = await inference_run(
             principal=principal,
             route=Route(match["route"]),
@@ -217,10 +241,24 @@ class InferenceApp:
         await send({"type": "http.response.start", "status": 200, "headers": start_headers})
         await _relay_until_disconnect(result.events, receive, send)  # type: ignore[arg-type]
 
+    async def _relay_message(
+        self, task_id: str, headers: dict[bytes, str], length: int, request_id: str, receive: Receive, send: Send
+    ) -> None:
+        await relay_deliver(
+            task_id=task_id,
+            authorization=headers.get(b"authorization", ""),
+            content_length=length if b"content-length" in headers else None,
+            read_body=lambda limit: _read_body(receive, limit),
+        )
+        # Django's HttpResponse(status=204) as the middleware leaves it, Content-Type included.
+        await self._send(send, 204, b"", [(b"Content-Type", b"text/html; charset=utf-8")], request_id)
+
     async def _send_json(self, send: Send, status: int, body: bytes, extra: Any, request_id: str) -> None:
+        await self._send(send, status, body, [(b"Content-Type", b"application/json"), *extra], request_id)
+
+    async def _send(self, send: Send, status: int, body: bytes, first: Any, request_id: str) -> None:
         headers = [
-            (b"Content-Type", b"application/json"),
-            *extra,
+            *first,
             self._after[0],
             (b"Content-Length", str(len(body)).encode()),
             *self._after[1:],
@@ -234,24 +272,22 @@ class InferenceApp:
         await self._send_json(send, error.status, error.body(), extra, request_id)
 
 
-async def _read_body(receive: Receive, declared: int) -> bytes | None:
-    """The whole request body; None if the client disconnected first."""
-    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-    too_big = InvalidRequest("The request body is too large.", status=413, code="request_too_large")
-    if limit is not None and declared > limit:
-        raise too_big
+class _ClientGone(Exception):
+    """The client disconnected before its request was read."""
+
+
+async def _read_body(receive: Receive, limit: int | None) -> bytes:
+    """The request body, or its first bytes past `limit` (the caller refuses it: no need to read on)."""
     chunks = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return None
+            raise _ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
-        if limit is not None and size > limit:
-            raise too_big
         chunks.append(chunk)
-        if not message.get("more_body", False):
+        if not message.get("more_body", False) or (limit is not None and size > limit):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

@@ -352,7 +352,7 @@ def _is_event(event: object) -> bool:
 
 
 async def relay_deliver(
-    *, task_id: str, authorization: str, content_length: int | None, read_body: Callable[[], bytes]
+    *, task_id: str, authorization: str, content_length: int | None, read_body: Callable[[int], Awaitable[bytes]]
 ) -> None:
     """Accept one message for a waiting stream, or raise the error the compute function acts on.
 
@@ -367,7 +367,7 @@ async def relay_deliver(
     too_large = InvalidRequest(f"A relay message may be at most {limit} bytes.", status=413, code="request_too_large")
     if content_length is not None and content_length > limit:
         raise too_large  # before the body is loaded into memory
-    body = read_body()
+    body = await read_body(limit)  # only now: a refused sender never makes the gateway read its body
     if len(body) > limit:
         raise too_large
     _check_message(body)

@@ -9,10 +9,12 @@ from typing import Any
 
 import orjson
 import pytest
+from django.conf import settings
 from django.test import override_settings
 
 from gateway.asgi import django_application, http_application
 from resource_server.api.fast import InferenceApp
+from resource_server.services.relay import relay_hub
 from tests.conftest import Seeded
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -195,3 +197,40 @@ async def test_requests_in_flight_are_counted_back_down(seeded: Seeded) -> None:
     for body in (orjson.dumps(CHAT), b"not json", orjson.dumps({**CHAT, "stream": True})):
         await call(app, CHAT_PATH, body, headers=seeded.auth)
     assert app._in_flight == 0
+
+
+RELAY_MESSAGE = orjson.dumps({"seq": 0, "events": ['data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n']})
+
+
+async def _refuse_fallback(scope: Any, receive: Any, send: Any) -> None:
+    raise AssertionError(f"{scope['path']} went to Django")
+
+
+@pytest.mark.parametrize(
+    ("case", "body"),
+    [
+        ("accepted", RELAY_MESSAGE),
+        ("wrong token", RELAY_MESSAGE),
+        ("not json", b"{"),
+        ("too large", orjson.dumps({"seq": 0, "events": ["data: " + "x" * 4096 + "\n\n"]})),
+    ],
+)
+async def test_relay_messages_are_answered_alike_and_by_the_lean_app(
+    transactional_db: None, case: str, body: bytes
+) -> None:
+    channel = await relay_hub.open(lifetime=30)
+    token = "a-guessed-token" if case == "wrong token" else channel.token
+    path = f"/resource_server/internal/relay/{channel.task_id}"
+    try:
+        with override_settings(GATEWAY=settings.GATEWAY.model_copy(update={"RELAY_MAX_MESSAGE_BYTES": 1024})):
+            headers = {"Authorization": f"Bearer {token}"}
+            lean_only = await call(InferenceApp(_refuse_fallback), path, body, headers=headers)
+            lean, django = await both(path, body, headers=headers)
+            delivered = await channel.read(0)
+    finally:
+        await channel.close()
+    expected = {"accepted": 204, "wrong token": 403, "not json": 400, "too large": 413}[case]
+    assert lean_only.status == lean.status == django.status == expected
+    assert_same_head(lean, django)
+    assert lean.body == django.body
+    assert delivered == ([body] * 3 if case == "accepted" else [])
