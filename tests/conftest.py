@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,11 @@ from resource_server.selectors.endpoints import routing_table_forget
 from resource_server.services.api_keys import api_key_create
 from resource_server.services.usage import usage_sink
 from tests.servers import fake_model_server
+
+# Every test server is on loopback: a developer's proxy settings must not send the gateway (or the
+# gateway processes the tests start, which inherit this environment) anywhere else.
+for _variable in [name for name in os.environ if name.lower() in ("http_proxy", "https_proxy", "all_proxy")]:
+    del os.environ[_variable]
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import ssl
+import urllib.request
 import weakref
 from collections.abc import AsyncIterator
 from typing import Annotated
+from urllib.parse import unquote, urlsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints
@@ -21,11 +24,16 @@ from resource_server.dispatch.http1 import (
     HttpError,
     Pool,
     PoolTimeout,
+    Proxy,
     ReadTimeout,
 )
 from resource_server.errors import ServiceUnavailable, UpstreamError
 
 logger = logging.getLogger(__name__)
+
+# After [DONE] the end of the response (the chunked terminator) is normally already in flight; waiting
+# this long for it keeps the connection for the next request instead of opening a new one.
+_END_WAIT_SECONDS = 0.5
 
 EnvVarName = Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]*$", max_length=128)]
 
@@ -50,6 +58,52 @@ def _tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+def _misconfigured() -> UpstreamError:
+    return UpstreamError(
+        "This model's server is misconfigured on the gateway. Please tell the administrators.",
+        code="backend_misconfigured",
+    )
+
+
+def _proxy_for(scheme: str, host: str, port: int) -> Proxy | None:
+    """The forward proxy the gateway's environment names for this server, as curl and httpx read it.
+
+    HTTPS_PROXY / HTTP_PROXY by the server's scheme, else ALL_PROXY; none for a server NO_PROXY covers.
+    """
+    proxies = urllib.request.getproxies_environment()
+    key = scheme if scheme in proxies else "all"
+    proxy_url = proxies.get(key)
+    if not proxy_url:
+        return None
+    # host:port, so that NO_PROXY entries with a port match too. The function is missing from typeshed.
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # see the line above
+    if bypass(f"{host}:{port}", proxies):
+        return None
+    parts = urlsplit(proxy_url if "://" in proxy_url else f"http://{proxy_url}")
+    try:
+        proxy_port = parts.port or 80
+    except ValueError:
+        proxy_port = 0
+    if parts.scheme != "http" or not parts.hostname or not proxy_port:
+        variable = f"{key}_proxy" if os.environ.get(f"{key}_proxy") else f"{key}_proxy".upper()
+        # The URL itself stays out of the log: it may carry credentials.
+        logger.error(
+            "direct backend for %s://%s:%s: %s is not an http://host:port proxy (it says %s://); "
+            "only http:// proxies are supported",
+            scheme,
+            host,
+            port,
+            variable,
+            parts.scheme,
+        )
+        raise _misconfigured()
+    authorization = None
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        authorization = f"Basic {base64.b64encode(credentials).decode('ascii')}"
+    return Proxy(parts.hostname, proxy_port, authorization)
+
+
 class DirectBackend:
     """Talks to one model server over pooled keep-alive HTTP/1.1 connections (one pool per event loop)."""
 
@@ -62,16 +116,22 @@ class DirectBackend:
         self._host = url.host or ""
         self._port = url.port or (443 if url.scheme == "https" else 80)
         self._tls = _tls_context() if url.scheme == "https" else None
-        self._path = (url.path or "/").rstrip("/") + "/"
+        path = (url.path or "/").rstrip("/") + "/"
         host = self._host if self._port in (80, 443) else f"{self._host}:{self._port}"
         fixed = [f"Host: {host}", "Content-Type: application/json", "Accept-Encoding: identity"]
+        # Decided once here, so a request without a proxy costs nothing more (per-request CPU is benchmarked).
+        self._proxy = _proxy_for(url.scheme, self._host, self._port)
+        self._target = path  # what follows the method in the request line
+        if self._proxy is not None and self._tls is None:
+            # Plain HTTP goes to the proxy whole: absolute-form target, the proxy's credentials in the head.
+            # (HTTPS instead tunnels with CONNECT, and the proxy never sees the requests.)
+            self._target = f"http://{self._host}:{self._port}{path}"
+            if self._proxy.authorization:
+                fixed.append(f"Proxy-Authorization: {self._proxy.authorization}")
         if config.api_key_env:
             secret = os.environ.get(config.api_key_env)
             if not secret:
-                raise UpstreamError(
-                    "This model's server is misconfigured on the gateway. Please tell the administrators.",
-                    code="backend_misconfigured",
-                )
+                raise _misconfigured()
             fixed.append(f"Authorization: Bearer {secret}")
         self._fixed_headers = "".join(f"{line}\r\n" for line in fixed).encode("latin1")
         # Pools belong to one event loop; tests and management commands may run several.
@@ -88,18 +148,20 @@ class DirectBackend:
                 max_connections=self.config.max_connections,
                 connect_timeout=self.config.connect_timeout,
                 read_timeout=self.config.read_timeout,
+                proxy=self._proxy,
             )
             self._pools[loop] = pool
         return pool
 
     def _request(self, method: str, route: str, request_id: str = "", body: bytes = b"") -> bytes:
-        head = f"{method} {self._path}{route} HTTP/1.1\r\n".encode("latin1") + self._fixed_headers
+        head = f"{method} {self._target}{route} HTTP/1.1\r\n".encode("latin1") + self._fixed_headers
         if request_id:
             head += f"X-Request-ID: {request_id}\r\n".encode("latin1")
         return head + f"Content-Length: {len(body)}\r\n\r\n".encode("latin1") + body
 
     def _transport_error(self, exc: HttpError) -> UpstreamError | ServiceUnavailable:
-        logger.warning("model server %s: %s", self._base_url, type(exc).__name__)
+        # The message names hosts and statuses (a proxy's refusal, for one), never credentials.
+        logger.warning("model server %s: %s: %s", self._base_url, type(exc).__name__, exc)
         if isinstance(exc, ReadTimeout):
             return UpstreamError(
                 f"The model server did not answer within {self.config.read_timeout:g} s.",
@@ -163,17 +225,29 @@ class DirectStream:
         self._pool = pool
         self._backend = backend
         self._released = False
+        self._saw_done = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         splitter = SseSplitter()
         try:
             while (data := await self._connection.read_some()) is not None:
                 for event in splitter.feed(data):
+                    if event.startswith(b"data: [DONE]"):
+                        self._saw_done = True
                     yield event
         except HttpError as exc:
             raise self._backend._transport_error(exc) from None
 
     async def aclose(self) -> None:
-        if not self._released:
-            self._released = True
-            self._pool.release(self._connection)
+        if self._released:
+            return
+        self._released = True
+        connection = self._connection
+        try:
+            if self._saw_done and not connection.complete:
+                async with asyncio.timeout(_END_WAIT_SECONDS):
+                    await connection.read_all()
+        except (HttpError, TimeoutError):
+            pass  # released below, which closes a connection whose response did not end
+        finally:
+            self._pool.release(connection)

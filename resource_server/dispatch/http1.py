@@ -4,7 +4,8 @@ httpx spent more CPU per relayed request than the rest of the gateway together (
 This client does only what the direct backend needs: requests with a Content-Length body, responses with a
 Content-Length or chunked body, a bounded pool with a wait limit, a read timeout that is the longest wait
 between two bytes, and streamed bodies with backpressure. httptools is uvicorn's parser, already installed
-with uvicorn[standard].
+with uvicorn[standard]. A forward proxy (http:// only) is reached as curl does: plain-HTTP requests go to it
+with absolute-form targets, TLS goes through a CONNECT tunnel.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ class RemoteProtocolError(HttpError):
 class Response:
     status: int
     content: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """A forward proxy at http://host:port; `authorization` is its Proxy-Authorization header value, if any."""
+
+    host: str
+    port: int
+    authorization: str | None = None
 
 
 class Connection(asyncio.Protocol):
@@ -188,7 +198,11 @@ class Connection(asyncio.Protocol):
 
 
 class Pool:
-    """Up to `max_connections` keep-alive connections to one server, for one event loop."""
+    """Up to `max_connections` keep-alive connections to one server, for one event loop.
+
+    With a `proxy`, a TLS pool opens each connection as a CONNECT tunnel through it; a plain pool connects
+    to the proxy itself, and its requests must then carry absolute-form targets (the caller writes them).
+    """
 
     def __init__(
         self,
@@ -199,8 +213,9 @@ class Pool:
         max_connections: int,
         connect_timeout: float,
         read_timeout: float,
+        proxy: Proxy | None = None,
     ) -> None:
-        self._host, self._port, self._tls = host, port, tls
+        self._host, self._port, self._tls, self._proxy = host, port, tls, proxy
         self._max = max_connections
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -278,13 +293,20 @@ class Pool:
         self._open += 1
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, connection = await self._loop.create_connection(
-                    lambda: Connection(self._loop, self._read_timeout),
-                    self._host,
-                    self._port,
-                    ssl=self._tls,
-                    server_hostname=self._host if self._tls else None,
-                )
+                if self._proxy is None:
+                    _, connection = await self._loop.create_connection(
+                        lambda: Connection(self._loop, self._read_timeout),
+                        self._host,
+                        self._port,
+                        ssl=self._tls,
+                        server_hostname=self._host if self._tls else None,
+                    )
+                elif self._tls is None:
+                    _, connection = await self._loop.create_connection(
+                        lambda: Connection(self._loop, self._read_timeout), self._proxy.host, self._proxy.port
+                    )
+                else:
+                    connection = await self._tunnel(self._proxy, self._tls)
         except BaseException as exc:
             self._open -= 1
             if isinstance(exc, TimeoutError):
@@ -292,6 +314,36 @@ class Pool:
             if isinstance(exc, OSError):
                 raise ConnectError(str(exc)) from None
             raise
+        return connection
+
+    async def _tunnel(self, proxy: Proxy, tls: ssl.SSLContext) -> Connection:
+        """A connection to the server through a CONNECT tunnel, TLS running inside it."""
+        transport, handshake = await self._loop.create_connection(
+            lambda: Connection(self._loop, self._read_timeout), proxy.host, proxy.port
+        )
+        try:
+            authority = f"{self._host}:{self._port}"
+            lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+            if proxy.authorization:
+                lines.append(f"Proxy-Authorization: {proxy.authorization}")
+            handshake.send("".join(f"{line}\r\n" for line in [*lines, ""]).encode("latin1"))
+            try:
+                status = await handshake.head()
+            except HttpError as exc:
+                raise ConnectError(f"the proxy {proxy.host}:{proxy.port} failed the CONNECT: {exc}") from None
+            if not 200 <= status < 300:
+                raise ConnectError(f"the proxy {proxy.host}:{proxy.port} answered CONNECT with HTTP {status}")
+            # The handshake's parser is done with (it took the 2xx as the head of a body read to the end);
+            # a fresh Connection parses what comes out of the tunnel.
+            connection = Connection(self._loop, self._read_timeout)
+            tls_transport = await self._loop.start_tls(transport, connection, tls, server_hostname=self._host)
+            if tls_transport is None:  # typed as possible; asyncio and uvloop return a transport or raise
+                raise ConnectError("TLS did not start in the proxy tunnel")
+        except BaseException:
+            transport.close()
+            raise
+        # start_tls does not call connection_made on the protocol it wraps.
+        connection.connection_made(tls_transport)
         return connection
 
     async def aclose(self) -> None:

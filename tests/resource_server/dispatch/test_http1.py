@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
+from resource_server.dispatch.base import Route, UpstreamRequest
+from resource_server.dispatch.direct import DirectBackend, DirectConfig
 from resource_server.dispatch.http1 import ConnectError, Pool, ReadTimeout
 
 CHAT = orjson.dumps({"model": "demo-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
@@ -89,3 +91,61 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
     await server.wait_closed()
     with pytest.raises(ConnectError):
         await pool_for("127.0.0.1", port).request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+@pytest.fixture
+async def slow_ending_stream_server() -> AsyncIterator[tuple[int, list[int]]]:
+    """Streams two events then `[DONE]`, and ends the chunked response a little later, as a busy server may."""
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for event in (b'data: {"n":1}\n\n', b'data: {"n":2}\n\n', b"data: [DONE]\n\n"):
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1], connections
+    server.close()
+
+
+async def test_a_stream_that_ended_with_done_keeps_its_connection(
+    slow_ending_stream_server: tuple[int, list[int]],
+) -> None:
+    port, connections = slow_ending_stream_server
+    backend = DirectBackend(DirectConfig(base_url=f"http://127.0.0.1:{port}/v1"))  # type: ignore[arg-type]
+    request = UpstreamRequest(Route.CHAT, {"model": "m", "stream": True}, "r1")
+    for _ in range(3):
+        stream = await backend.open_stream(request)
+        events = []
+        async for event in stream:
+            events.append(event)
+            if event.startswith(b"data: [DONE]"):
+                break  # as the relay does: it stops reading at [DONE]
+        await stream.aclose()
+        assert len(events) == 3
+    assert len(connections) == 1, "each stream opened a new connection"
+    await backend.aclose()
+
+
+async def test_a_stream_abandoned_before_done_closes_its_connection(
+    slow_ending_stream_server: tuple[int, list[int]],
+) -> None:
+    port, connections = slow_ending_stream_server
+    backend = DirectBackend(DirectConfig(base_url=f"http://127.0.0.1:{port}/v1"))  # type: ignore[arg-type]
+    request = UpstreamRequest(Route.CHAT, {"model": "m", "stream": True}, "r1")
+    for _ in range(2):
+        stream = await backend.open_stream(request)
+        async for _event in stream:
+            break  # the client left after the first event
+        await stream.aclose()
+    assert len(connections) == 2, "an unfinished response must not be reused"
+    await backend.aclose()
