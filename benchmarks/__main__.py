@@ -1,4 +1,4 @@
-"""python -m benchmarks [--quick] [--only S1,S4] [--rounds 5] [--source DIR] [--label NAME]
+"""python -m benchmarks [--quick] [--only S1,S4] [--rounds 5] [--source DIR] [--direct-only] [--label NAME]
 
 Starts the fake model server, the gateway as deployed (gunicorn + one uvicorn worker) and the load generator
 on 127.0.0.1, runs the scenarios direct and through the gateway in alternating rounds, then writes
@@ -27,7 +27,7 @@ from benchmarks import report, scenarios
 from benchmarks.scenarios import Plan, Scenario, log
 from benchmarks.stack import REPO, Stack, machine, source_revision, started
 
-ALL = ("S1", "S2", "S3", "S4", "S5", "S6")
+ALL = ("S1", "S2", "S3", "S4", "S5", "S7", "S6")  # S6 last: overload should disturb nothing after it
 QUICK = ("S1", "S2", "S4")  # at concurrency 64 and 32 only: see scenarios.s2 and s4
 MAX_STREAMS = 1024
 
@@ -38,6 +38,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated scenarios to run, e.g. S1,S5")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per scenario (default: %(default)s)")
     parser.add_argument("--source", type=Path, default=REPO, help="gateway source tree to run (default: this one)")
+    parser.add_argument(
+        "--direct-only",
+        action="store_true",
+        help="register no compute endpoint (the worker then never loads globus-compute-sdk)",
+    )
     parser.add_argument("--label", help="name of the result files (default: bench-quick or bench, and the time)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     options = parser.parse_args(argv)
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         "source": str(source),
         "revision": source_revision(source),
         "rounds": plan.rounds,
+        "endpoints": "direct only" if options.direct_only else "direct, and a local compute endpoint (not used)",
         "machine": machine(),
     }
     done: list[Scenario] = []
@@ -94,12 +100,20 @@ def main(argv: list[str] | None = None) -> None:
         cold_keys=cold_per_round * plan.rounds if plan.wants("S1") else 0,
         max_streams=MAX_STREAMS,
         gateway_env={},
+        direct_only=options.direct_only,
     ) as stack:
         run |= {"cores": stack.cores.describe(), "imported_from": stack.imported_from}
         log(f"gateway from {stack.imported_from}; {stack.cores.describe()}; warming up")
         scenarios.warm_up(stack)
         idle_rss_kb = stack.worker_memory_kb()
-        runners = {"S1": scenarios.s1, "S2": scenarios.s2, "S3": scenarios.s3, "S4": scenarios.s4, "S5": scenarios.s5}
+        runners = {
+            "S1": scenarios.s1,
+            "S2": scenarios.s2,
+            "S3": scenarios.s3,
+            "S4": scenarios.s4,
+            "S5": scenarios.s5,
+            "S7": scenarios.s7,
+        }
         for name, runner in runners.items():
             if plan.wants(name):
                 log(name)

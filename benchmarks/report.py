@@ -214,7 +214,7 @@ def _rows(scenario: dict[str, Any]) -> list[list[str]]:
                 [name, "errors and refusals", _counts(refusals["direct"]), _counts(refusals["gateway"]), ""],
                 [name, "gateway CPU per request (us)", "", _num(s["gateway_cpu_us_per_request"]), ""],
             ]
-        elif scenario["id"] in ("S4", "S5"):
+        elif scenario["id"] in ("S4", "S5", "S7"):
             rows += [
                 [
                     name,
@@ -324,6 +324,7 @@ def markdown(run: dict[str, Any]) -> str:
         f"Python {machine['python']}; load average before {_load(machine['load_average'])}, "
         f"after {_load(run['load_average_after'])}",
         f"- Pinning: {run['cores']}",
+        f"- Endpoints registered: {run.get('endpoints', 'direct, and a local compute endpoint (not used)')}",
         f"- Packages: {packages}",
         "",
         "## Targets",

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.stack import MODEL, Stack
+from benchmarks.stack import HPC_MODEL, HPC_WORKERS, MODEL, Stack
 
 SIDES = ("direct", "gateway")
 PROMPT = [{"role": "user", "content": "Hello there, tell me something about supercomputers."}]
@@ -451,6 +451,42 @@ def s5(stack: Stack, plan: Plan) -> Scenario:
         if stalled["gateway"] * 2 > plan.rounds or stalled["direct"] * 2 > plan.rounds:
             log(f"  stalls in most rounds at {level.label}: no higher concurrency is tried")
             break
+    return scenario
+
+
+def s7(stack: Stack, plan: Plan) -> Scenario:
+    """The HPC path: the `local` backend runs the compute function, which streams vLLM's events back through
+    the gateway's relay route, one POST per batch; so every token crosses the gateway twice."""
+    scenario = Scenario(
+        "S7", "HPC path (compute function + relay, `local` backend): TTFT 50 ms, 50 tokens/s, 128 tokens"
+    )
+    if stack.direct_only:
+        return Scenario(scenario.id, scenario.title, error="needs the compute endpoint (run without --direct-only)")
+    tokens, ttft, rate = 128, 0.05, 50.0
+    body = _stream_body(tokens, ttft, rate, include_usage=True)
+    hpc_body = {**body, "model": HPC_MODEL}
+    stream = {"stream": True, "expect_tokens": tokens, "expect_usage": True, "stall_gap": 2 / rate}
+    # Start the pool's processes (one per concurrent task), then move them off the gateway's core: they
+    # stand in for the cluster node, which is not the gateway's to pay for.
+    stack.loadgen.run(_job(stack, "gateway", hpc_body, concurrency=HPC_WORKERS, per_client=1, **stream))
+    log(f"  moved {stack.move_compute_workers_off_the_gateway_core()} compute processes to the client core")
+    for concurrency in (1, HPC_WORKERS):
+        per_client, stagger = (3, 0.0) if concurrency == 1 else (1, 1.0)
+        level = Level(f"c={concurrency}", {"concurrency": concurrency, "streams_per_client": per_client})
+
+        def make(
+            side: str,
+            _round: int,
+            concurrency: int = concurrency,
+            per_client: int = per_client,
+            stagger: float = stagger,
+        ) -> dict[str, Any]:
+            chosen = body if side == "direct" else hpc_body
+            return _job(stack, side, chosen, concurrency=concurrency, per_client=per_client, stagger=stagger, **stream)
+
+        _rounds(stack, plan.rounds, level, make, "stream")
+        summarise_stream(level)
+        scenario.levels.append(level)
     return scenario
 
 

@@ -7,6 +7,7 @@ directory in a temporary folder, seeded with the project's own management comman
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -29,6 +30,8 @@ from benchmarks import procfs
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "demo-model"
+HPC_MODEL = "demo-model-hpc"  # seed_demo's endpoint of the `local` backend: the compute function and the relay
+HPC_WORKERS = 8  # its pool size (seed_demo): tasks that run at once
 PACKAGES = (
     "Django",
     "django-ninja",
@@ -141,6 +144,10 @@ user, _ = user_get_or_create_local(username="bench-cold@example.org")
 for index in range({count}):
     print(api_key_create(owner=user, name=f"cold-{{index}}")[1])
 """
+_DIRECT_ONLY = """
+from resource_server.models import Endpoint
+Endpoint.objects.exclude(backend="direct").delete()
+"""
 # The endpoint must admit as many upstream connections as the benchmark opens streams.
 _WIDEN_POOL = """
 from resource_server.models import Endpoint
@@ -167,6 +174,7 @@ class Stack:
     workdir: Path
     loadgen: LoadGenerator
     imported_from: str
+    direct_only: bool = False
     notes: list[str] = field(default_factory=list)
 
     def pids(self) -> dict[str, int]:
@@ -174,6 +182,20 @@ class Stack:
 
     def worker_memory_kb(self, which: str = "VmRSS") -> int:
         return procfs.memory_kb(self.gateway_worker_pid, which)
+
+    def move_compute_workers_off_the_gateway_core(self) -> int:
+        """Pin the worker's child processes (the `local` backend's pool, which stands in for a cluster
+        node, and its forkserver, whose later children inherit this) to the client core; how many."""
+        moved = 0
+        pending = procfs.children(self.gateway_worker_pid)
+        while pending:
+            pid = pending.pop()
+            pending += procfs.children(pid)
+            if self.cores.client is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(pid, self.cores.client)
+                    moved += 1
+        return moved
 
 
 class LoadGenerator:
@@ -202,8 +224,15 @@ class LoadGenerator:
 
 
 @contextmanager
-def started(source: Path, *, cold_keys: int, max_streams: int, gateway_env: dict[str, str]) -> Iterator[Stack]:
-    """Seed a fresh database, start the three processes, and stop them all on exit."""
+def started(
+    source: Path, *, cold_keys: int, max_streams: int, gateway_env: dict[str, str], direct_only: bool = False
+) -> Iterator[Stack]:
+    """Seed a fresh database, start the three processes, and stop them all on exit.
+
+    The demo's seed registers a compute endpoint beside the direct one; the scenarios use only the direct
+    one, but its registration makes the worker load globus-compute-sdk. `direct_only` drops it, to measure
+    a gateway that serves direct endpoints only.
+    """
     cores = Cores.detect()
     if cores.client is not None:
         os.sched_setaffinity(0, cores.client)  # the harness itself stays off the gateway's core
@@ -212,6 +241,7 @@ def started(source: Path, *, cold_keys: int, max_streams: int, gateway_env: dict
         fake_port, gateway_port = free_port(), free_port()
         # One worker, as the targets are per core; the embedded default database, whatever the caller's env says.
         env = {"DATA_DIR": str(workdir / "data"), "DATABASE_URL": "", "REDIS_URL": "", "GATEWAY_WORKERS": "1"}
+        env["RELAY_PUBLIC_URL"] = f"http://127.0.0.1:{gateway_port}"  # where the compute function posts events
         env |= gateway_env
         # The gateway must import the tree under test, not whatever the venv's editable install points at.
         imported_from = _manage(
@@ -227,6 +257,8 @@ def started(source: Path, *, cold_keys: int, max_streams: int, gateway_env: dict
             "-c",
             _WIDEN_POOL.format(model=MODEL, connections=max(256, 2 * max_streams)),
         )
+        if direct_only:
+            _manage(source, env, "shell", "--no-imports", "-c", _DIRECT_ONLY)
         warm_key = _manage(source, env, "create_api_key", "--user", "bench@example.org", "--name", "bench").strip()
         cold = (
             _manage(source, env, "shell", "--no-imports", "-c", _MAKE_KEYS.format(count=cold_keys)).split()
@@ -290,6 +322,7 @@ def started(source: Path, *, cold_keys: int, max_streams: int, gateway_env: dict
             workdir=workdir,
             loadgen=LoadGenerator(loadgen_process),
             imported_from=imported_from,
+            direct_only=direct_only,
         )
 
 

@@ -93,6 +93,9 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
         await pool_for("127.0.0.1", port).request(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
+STREAM_REQUEST = UpstreamRequest(Route.CHAT, {"model": "m", "stream": True}, "r1")
+
+
 @pytest.fixture
 async def slow_ending_stream_server() -> AsyncIterator[tuple[int, list[int]]]:
     """Streams two events then `[DONE]`, and ends the chunked response a little later, as a busy server may."""
@@ -122,9 +125,8 @@ async def test_a_stream_that_ended_with_done_keeps_its_connection(
 ) -> None:
     port, connections = slow_ending_stream_server
     backend = DirectBackend(DirectConfig(base_url=f"http://127.0.0.1:{port}/v1"))  # type: ignore[arg-type]
-    request = UpstreamRequest(Route.CHAT, {"model": "m", "stream": True}, "r1")
     for _ in range(3):
-        stream = await backend.open_stream(request)
+        stream = await backend.open_stream(STREAM_REQUEST)
         events = []
         async for event in stream:
             events.append(event)
@@ -141,9 +143,8 @@ async def test_a_stream_abandoned_before_done_closes_its_connection(
 ) -> None:
     port, connections = slow_ending_stream_server
     backend = DirectBackend(DirectConfig(base_url=f"http://127.0.0.1:{port}/v1"))  # type: ignore[arg-type]
-    request = UpstreamRequest(Route.CHAT, {"model": "m", "stream": True}, "r1")
     for _ in range(2):
-        stream = await backend.open_stream(request)
+        stream = await backend.open_stream(STREAM_REQUEST)
         async for _event in stream:
             break  # the client left after the first event
         await stream.aclose()
