@@ -277,6 +277,8 @@ def started(
                     str(fake_port),
                     "--model",
                     MODEL,
+                    "--model",
+                    HPC_MODEL,  # the compute function asks vLLM for the model by the endpoint's name
                 ],
                 cwd=source,
                 env={},
