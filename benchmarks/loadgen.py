@@ -29,6 +29,7 @@ import orjson
 from benchmarks.procfs import cpu_seconds, memory_kb
 
 now = time.perf_counter
+_WALL_OFFSET = time.time() - now()  # to stamp stall bursts with wall-clock time, comparable with server logs
 
 
 # --- one request and its response --------------------------------------------------------------
@@ -243,6 +244,7 @@ class Tally:
         self.ttfts: list[float] = []
         self.gaps: list[float] = []
         self.stalls = 0
+        self.stall_times: list[float] = []
         self.stalled_streams = 0
         self.parity_failures: Counter[str] = Counter()
         self.events = 0
@@ -258,7 +260,9 @@ class Tally:
             self.ttfts.append(times[0] - exchange.started)
         gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
         self.gaps.extend(gaps)
-        stalls = sum(1 for gap in gaps if gap > self.stall_gap)
+        late = [arrived for gap, arrived in zip(gaps, times[1:], strict=True) if gap > self.stall_gap]
+        stalls = len(late)
+        self.stall_times += late
         self.stalls += stalls
         self.stalled_streams += stalls > 0
         for problem in self._parity(exchange):
@@ -290,11 +294,26 @@ class Tally:
                 "ttft_ms": percentiles([value * ms for value in self.ttfts]),
                 "gap_ms": percentiles([value * ms for value in self.gaps]),
                 "stalls": self.stalls,
+                "stall_bursts": _bursts(self.stall_times),
                 "stalled_streams": self.stalled_streams,
                 "parity_failures": dict(self.parity_failures),
                 "events": self.events,
             }
         return out
+
+
+def _bursts(instants: list[float], apart: float = 0.1) -> list[dict[str, Any]]:
+    """Stalls grouped into bursts (late tokens less than `apart` s after the previous one), each with its
+    wall-clock start and size. One pause of the gateway, of the model server or of the machine delays the
+    next token of every open stream at once: many stalls, one burst."""
+    bursts: list[dict[str, Any]] = []
+    previous = -math.inf
+    for instant in sorted(instants):
+        if instant - previous > apart:
+            bursts.append({"at": round(instant + _WALL_OFFSET, 3), "stalls": 0})
+        bursts[-1]["stalls"] += 1
+        previous = instant
+    return bursts
 
 
 async def closed_loop(job: dict[str, Any]) -> dict[str, Any]:

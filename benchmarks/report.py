@@ -244,7 +244,7 @@ def _rows(scenario: dict[str, Any]) -> list[list[str]]:
                     _num(s["gap_p99_ms"]["gateway"]),
                     _times(s["gap_p99_ratio"]),
                 ],
-                [name, "stalls (rounds with any)", _stalls(s, "direct"), _stalls(s, "gateway"), ""],
+                [name, "stalls in bursts (rounds with any)", _stalls(s, "direct"), _stalls(s, "gateway"), ""],
                 [name, "streams / parity failures", _parity(s, "direct"), _parity(s, "gateway"), ""],
                 [name, "errors and refusals", _counts(s["refusals"]["direct"]), _counts(s["refusals"]["gateway"]), ""],
                 [name, "gateway CPU per relayed chunk (us)", "", _num(s["gateway_cpu_us_per_event"]), ""],
@@ -285,7 +285,9 @@ def _rows(scenario: dict[str, Any]) -> list[list[str]]:
 
 
 def _stalls(summary: Summary, side: str) -> str:
-    return f"{summary['stalls'][side]} ({summary['rounds_with_stalls'][side]})"
+    bursts = summary.get("stall_bursts", {}).get(side)  # not in results from before bursts were counted
+    where = f" in {bursts}" if bursts is not None else ""
+    return f"{summary['stalls'][side]}{where} ({summary['rounds_with_stalls'][side]})"
 
 
 def _parity(summary: Summary, side: str) -> str:

@@ -110,7 +110,10 @@ def _progress(outcome: dict[str, dict[str, Any]], describe: str) -> str:
         elif describe == "throughput":
             parts.append(f"{side} {result['per_second']:.0f} req/s p99 {_ms(result['latency_ms']['p99'])}")
         elif describe == "stream":
-            parts.append(f"{side} ttft p50 {_ms(result['ttft_ms']['p50'])} stalls {result['stalls']}")
+            bursts = len(result.get("stall_bursts", ()))
+            parts.append(
+                f"{side} ttft p50 {_ms(result['ttft_ms']['p50'])} stalls {result['stalls']} in {bursts} bursts"
+            )
         else:
             parts.append(f"{side} {result['statuses']} {result['errors']} recovery {result['recovery_s']}")
     return "; ".join(parts)
@@ -272,6 +275,7 @@ def summarise_stream(level: Level) -> None:
         "gap_p99_ratio": _ratio(level, "gap_ms", "p99"),
         "stalls": {side: sum(_each(level, side, "stalls")) for side in SIDES},
         "rounds_with_stalls": {side: sum(1 for n in _each(level, side, "stalls") if n) for side in SIDES},
+        "stall_bursts": {side: sum(len(bursts) for bursts in _each(level, side, "stall_bursts")) for side in SIDES},
         "parity_failures": {side: _merge(_each(level, side, "parity_failures")) for side in SIDES},
         "streams": {side: sum(sum(s.values()) for s in _each(level, side, "statuses")) for side in SIDES},
         "refusals": {side: _refusals(level, side) for side in SIDES},

@@ -29,7 +29,7 @@ async def _lifespan(receive: Any, send: Any) -> None:
         if message["type"] == "lifespan.startup":
             usage_sink.start()
             http_application.start()
-            await _settle()
+            await worker_settle()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await http_application.stop()
@@ -38,7 +38,7 @@ async def _lifespan(receive: Any, send: Any) -> None:
             return
 
 
-async def _settle() -> None:
+async def worker_settle() -> None:
     """Load what the worker keeps for its lifetime before the first request, then freeze it.
 
     The routing table brings in the SDKs its backends need. Frozen objects are left out of the garbage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -12,8 +13,9 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from gateway.asgi import django_application, http_application
+from gateway.asgi import django_application, http_application, worker_settle
 from resource_server.api.fast import InferenceApp
+from resource_server.selectors import endpoints
 from resource_server.services.relay import relay_hub
 from tests.conftest import Seeded
 
@@ -234,3 +236,13 @@ async def test_relay_messages_are_answered_alike_and_by_the_lean_app(
     assert_same_head(lean, django)
     assert lean.body == django.body
     assert delivered == ([body] * 3 if case == "accepted" else [])
+
+
+async def test_start_up_loads_the_routing_table_then_freezes_what_the_worker_keeps(seeded: Seeded) -> None:
+    assert endpoints._table.loaded_at == float("-inf")
+    try:
+        await worker_settle()
+        assert "demo-model" in endpoints._table.by_model, "the first request must not pay for the table"
+        assert gc.get_freeze_count() > 0, "full collections would walk every long-lived object"
+    finally:
+        gc.unfreeze()
