@@ -113,19 +113,21 @@ class DirectBackend:
         self.config = config
         url = config.base_url
         self._base_url = str(url).rstrip("/") + "/"
-        self._host = url.host or ""
-        self._port = url.port or (443 if url.scheme == "https" else 80)
+        named = url.host or ""  # as URLs and Host headers write it: an IPv6 address in brackets
+        self._host = named.strip("[]")  # as sockets and TLS want it
+        default_port = 443 if url.scheme == "https" else 80
+        self._port = url.port or default_port
         self._tls = _tls_context() if url.scheme == "https" else None
         path = (url.path or "/").rstrip("/") + "/"
-        host = self._host if self._port in (80, 443) else f"{self._host}:{self._port}"
+        host = named if self._port == default_port else f"{named}:{self._port}"
         fixed = [f"Host: {host}", "Content-Type: application/json", "Accept-Encoding: identity"]
         # Decided once here, so a request without a proxy costs nothing more (per-request CPU is benchmarked).
-        self._proxy = _proxy_for(url.scheme, self._host, self._port)
+        self._proxy = _proxy_for(url.scheme, named, self._port)
         self._target = path  # what follows the method in the request line
         if self._proxy is not None and self._tls is None:
             # Plain HTTP goes to the proxy whole: absolute-form target, the proxy's credentials in the head.
             # (HTTPS instead tunnels with CONNECT, and the proxy never sees the requests.)
-            self._target = f"http://{self._host}:{self._port}{path}"
+            self._target = f"http://{named}:{self._port}{path}"
             if self._proxy.authorization:
                 fixed.append(f"Proxy-Authorization: {self._proxy.authorization}")
         if config.api_key_env:

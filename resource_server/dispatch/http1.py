@@ -322,7 +322,7 @@ class Pool:
             lambda: Connection(self._loop, self._read_timeout), proxy.host, proxy.port
         )
         try:
-            authority = f"{self._host}:{self._port}"
+            authority = f"[{self._host}]:{self._port}" if ":" in self._host else f"{self._host}:{self._port}"
             lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
             if proxy.authorization:
                 lines.append(f"Proxy-Authorization: {proxy.authorization}")

@@ -150,3 +150,28 @@ async def test_a_stream_abandoned_before_done_closes_its_connection(
         await stream.aclose()
     assert len(connections) == 2, "an unfinished response must not be reused"
     await backend.aclose()
+
+
+async def test_a_model_server_at_an_ipv6_address_is_reached_with_the_right_host_header() -> None:
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    try:
+        server = await asyncio.start_server(handle, "::1", 0)
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    port = server.sockets[0].getsockname()[1]
+    backend = DirectBackend(DirectConfig(base_url=f"http://[::1]:{port}/v1"))  # type: ignore[arg-type]
+    try:
+        assert await backend.submit(UpstreamRequest(Route.CHAT, {"model": "m"}, "r1")) == b"{}"
+    finally:
+        await backend.aclose()
+        server.close()
+    assert f"\r\nHost: [::1]:{port}\r\n".encode() in seen[0]
