@@ -32,7 +32,7 @@ from resource_server.errors import ServiceUnavailable, UpstreamError
 if TYPE_CHECKING:
     from globus_compute_sdk.serialize import ComputeSerializer, SerializationStrategy
 
-# globus-compute-sdk is a third of a worker's memory: it is imported only where it is used, which the
+# globus-compute-sdk is about 20 MB of a worker's memory: it is imported only where it is used, which the
 # routing table does ahead of time, in a thread, for gateways that have a compute endpoint (see registry).
 
 logger = logging.getLogger(__name__)

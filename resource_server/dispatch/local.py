@@ -23,7 +23,7 @@ from compute_functions import DATA_STRATEGY, inference
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest
 from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, settled
 
-# compute_serde loads globus-compute-sdk's serializers, a third of a worker's memory: it is imported where
+# compute_serde loads globus-compute-sdk (about 20 MB of a worker's memory): it is imported where
 # used, and ahead of time in a thread by the routing table when an endpoint uses this backend (see registry).
 
 _FUNCTION_IDS = uuid.UUID("5d2c7f0e-1c4b-4f7e-9a55-3b8e2f61c0a4")  # namespace of local function ids
