@@ -14,9 +14,10 @@ import pytest
 from globus_sdk.gare import to_gare
 
 from resource_server.fakes.globus import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, token_id
-from resource_server.models import Cluster, Endpoint, RequestLog
+from resource_server.models import Cluster, Endpoint
 from tests.conftest import seed
-from tests.servers import fake_globus_server, gateway_server, server_database_url
+from tests.e2e.conftest import e2e_gateway, usage_row
+from tests.servers import fake_globus_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -37,10 +38,6 @@ def globus_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def gateway(django_db_setup: None, model_server: str, globus_url: str, tmp_path_factory: Any) -> Iterator[str]:
     env = {
-        "DATABASE_URL": server_database_url(),
-        "DATA_DIR": str(tmp_path_factory.mktemp("gateway")),
-        "ROUTING_CACHE_SECONDS": "0",
-        "API_KEY_CACHE_SECONDS": "0",
         "GLOBUS_SDK_SERVICE_URL_AUTH": globus_url,
         "GLOBUS_SDK_SERVICE_URL_GROUPS": globus_url,
         "GLOBUS_CLIENT_ID": DEMO_CLIENT_ID,
@@ -52,7 +49,7 @@ def gateway(django_db_setup: None, model_server: str, globus_url: str, tmp_path_
         "GLOBUS_TOKEN_CACHE_SECONDS": str(TOKEN_CACHE_SECONDS),
         "GLOBUS_GROUPS_CACHE_SECONDS": str(TOKEN_CACHE_SECONDS),
     }
-    with gateway_server(env) as url:
+    with e2e_gateway(tmp_path_factory, **env) as url:
         yield url
 
 
@@ -103,16 +100,7 @@ def test_openai_client_with_a_globus_token_gets_completions(gateway: str, globus
     assert chunks
     me = call(gateway, token, "/resource_server/whoami", None).json()
     assert (me["username"], me["auth_kind"], me["groups"]) == ("ada@anl.gov", "globus", [GATEWAY_GROUP])
-    assert _usage_rows_appear("ada@anl.gov")
-
-
-def _usage_rows_appear(username: str) -> bool:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if RequestLog.objects.filter(user__username=username).exists():
-            return True
-        time.sleep(0.05)
-    return False
+    assert usage_row(user__username="ada@anl.gov")
 
 
 @pytest.mark.parametrize(

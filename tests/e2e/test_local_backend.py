@@ -21,7 +21,8 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from resource_server.models import Cluster, Endpoint, RequestLog, User
 from resource_server.services.api_keys import api_key_create
-from tests.servers import fake_stats, gateway_server, server_database_url
+from tests.e2e.conftest import e2e_gateway, usage_row
+from tests.servers import fake_stats
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -31,14 +32,7 @@ DONE = "data: [DONE]"
 
 @pytest.fixture(scope="module")
 def gateway_url(django_db_setup: None, tmp_path_factory: Any) -> Iterator[str]:
-    env = {
-        "DATABASE_URL": server_database_url(),
-        "DATA_DIR": str(tmp_path_factory.mktemp("gateway")),
-        "USAGE_FLUSH_SECONDS": "0.05",
-        "ROUTING_CACHE_SECONDS": "0",
-        "API_KEY_CACHE_SECONDS": "0",
-    }
-    with gateway_server(env) as url:
+    with e2e_gateway(tmp_path_factory) as url:
         yield url
 
 
@@ -61,14 +55,8 @@ class Hpc:
             lines = [line for line in answer.iter_lines() if line]
             return answer.status_code, answer.headers["x-request-id"], lines
 
-    def row(self, request_id: str, timeout: float = 10.0) -> RequestLog:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            row = RequestLog.objects.filter(request_id=request_id).first()
-            if row is not None:
-                return row
-            time.sleep(0.05)
-        raise AssertionError(f"no RequestLog row for {request_id}")
+    def row(self, request_id: str) -> RequestLog:
+        return usage_row(request_id=request_id)
 
     def reference(self, **body: Any) -> str:
         """The answer text vLLM gives to a request (the fake is deterministic; pacing does not change it)."""
@@ -77,7 +65,7 @@ class Hpc:
 
 
 @pytest.fixture
-def hpc(transactional_db: None, gateway_url: str, model_server: str) -> Iterator[Hpc]:
+def hpc(transactional_db: None, gateway_url: str, model_server: str) -> Hpc:
     owner = User.objects.create(identity_id="id-hopper", username="hopper@anl.gov")
     _, key = api_key_create(owner=owner, name="e2e")
     url = urlsplit(model_server)
@@ -94,25 +82,7 @@ def hpc(transactional_db: None, gateway_url: str, model_server: str) -> Iterator
         )
         endpoint.full_clean()
         endpoint.save()
-    yield Hpc(gateway_url, key, model_server)
-    _wait_for_usage_writes()
-
-
-def _wait_for_usage_writes() -> None:
-    """Let the gateway write the last usage rows before the test database is emptied.
-
-    Emptying it (TRUNCATE) while the gateway inserts a row can deadlock in PostgreSQL, which then fails
-    the next test's set-up. The gateway writes every 0.05 s here: the row count holding still for
-    0.3 s means it is done.
-    """
-    deadline = time.monotonic() + 5
-    count = -1
-    while time.monotonic() < deadline:
-        latest = RequestLog.objects.count()
-        if latest == count:
-            return
-        count = latest
-        time.sleep(0.3)
+    return Hpc(gateway_url, key, model_server)
 
 
 def content_of(lines: list[str]) -> str:

@@ -13,7 +13,8 @@ import pytest
 
 from resource_server.models import Cluster, Endpoint, RequestLog
 from tests.conftest import Seeded, seed
-from tests.servers import fake_stats, gateway_server, server_database_url
+from tests.e2e.conftest import e2e_gateway, usage_row
+from tests.servers import fake_stats
 
 
 @dataclass
@@ -27,15 +28,8 @@ class Stack:
             base_url=f"{self.url}/resource_server/v1", api_key=key or self.seeded.key, max_retries=0, timeout=20
         )
 
-    def row(self, request_id: str, timeout: float = 10.0) -> RequestLog:
-        """The usage row of one request, waiting for the gateway's background writer."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            row = RequestLog.objects.filter(request_id=request_id).first()
-            if row is not None:
-                return row
-            time.sleep(0.05)
-        raise AssertionError(f"no RequestLog row for {request_id}")
+    def row(self, request_id: str) -> RequestLog:
+        return usage_row(request_id=request_id)
 
 
 # Each test gets fresh rows (flushed afterwards); the server processes live for the module.
@@ -44,15 +38,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture(scope="module")
 def gateway_url(django_db_setup: None, model_server: str, tmp_path_factory: Any) -> Iterator[str]:
-    env = {
-        "DATABASE_URL": server_database_url(),
-        "DATA_DIR": str(tmp_path_factory.mktemp("gateway")),
-        "USAGE_FLUSH_SECONDS": "0.05",
-        # Rows are re-created for every test, so the server must not remember them.
-        "ROUTING_CACHE_SECONDS": "0",
-        "API_KEY_CACHE_SECONDS": "0",
-    }
-    with gateway_server(env) as url:
+    with e2e_gateway(tmp_path_factory) as url:
         yield url
 
 

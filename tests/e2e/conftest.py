@@ -1,0 +1,58 @@
+"""What the end-to-end modules share: a gateway process on the tests' database, and its usage rows."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from resource_server.models import RequestLog
+from tests.servers import gateway_server, server_database_url
+
+
+@contextmanager
+def e2e_gateway(tmp_path_factory: Any, **env: str) -> Iterator[str]:
+    """The gateway as deployed, on the tests' database; `env` adds or overrides settings. Yields its URL."""
+    defaults = {
+        "DATABASE_URL": server_database_url(),
+        "DATA_DIR": str(tmp_path_factory.mktemp("gateway")),
+        "USAGE_FLUSH_SECONDS": "0.05",
+        # Rows are re-created for every test, so the server must not remember them.
+        "ROUTING_CACHE_SECONDS": "0",
+        "API_KEY_CACHE_SECONDS": "0",
+    }
+    with gateway_server(defaults | env) as url:
+        yield url
+
+
+def usage_row(timeout: float = 10.0, **lookup: Any) -> RequestLog:
+    """The first usage row matching `lookup`, waiting for the gateway's background writer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = RequestLog.objects.filter(**lookup).first()
+        if row is not None:
+            return row
+        time.sleep(0.05)
+    raise AssertionError(f"no RequestLog row for {lookup}")
+
+
+@pytest.fixture(autouse=True)
+def _usage_writes_settled(transactional_db: None) -> Iterator[None]:
+    """Let the gateway write a test's last usage rows before the test database is emptied.
+
+    Emptying it (TRUNCATE) while the gateway inserts a row can deadlock in PostgreSQL, which then fails
+    the next test's set-up. The gateway writes every 0.05 s here: the row count holding still for 0.3 s
+    means it is done. (Torn down before `transactional_db`, which it depends on.)
+    """
+    yield
+    deadline = time.monotonic() + 5
+    count = -1
+    while time.monotonic() < deadline:
+        latest = RequestLog.objects.count()
+        if latest == count:
+            return
+        count = latest
+        time.sleep(0.3)
