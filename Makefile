@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean bench bench-quick
+.PHONY: demo test test-fast lint format install clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy gateway resource_server compute_functions tools
 	$(BIN)/python -m pytest
+
+## test-fast: the edit loop: lint, then the tests that start no server processes
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -x --ignore=tests/e2e --ignore=tests/integration
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

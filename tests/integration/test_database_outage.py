@@ -6,9 +6,6 @@ looks like from the gateway: connections refused and open ones dropped.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +16,8 @@ from django.db import connection
 
 from resource_server.models import RequestLog
 from tests.conftest import Seeded, seed
-from tests.servers import free_port, gateway_server
+from tests.servers import gateway_server
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -27,66 +25,6 @@ pytestmark = [
 ]
 
 CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-class TcpProxy:
-    """Forwards a loopback port to PostgreSQL until `cut()`; `restore()` reopens it."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self._sockets: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        # Guards the cut against a connection being accepted at that very moment: it must not survive.
-        self._lock = threading.Lock()
-        self._open = False
-
-    def restore(self) -> None:
-        listener = socket.create_server(("127.0.0.1", self.port))
-        with self._lock:
-            self._listener = listener
-            self._open = True
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def cut(self) -> None:
-        with self._lock:
-            self._open = False
-            assert self._listener is not None
-            doomed = [self._listener, *self._sockets]
-            self._sockets.clear()
-        for sock in doomed:
-            # shutdown() wakes the pipe threads blocked in recv(); close() alone would not.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            with self._lock:
-                if not self._open:
-                    client.close()
-                    upstream.close()
-                    return
-                self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
 
 
 @pytest.fixture
