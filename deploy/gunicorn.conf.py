@@ -7,7 +7,8 @@ import multiprocessing
 import os
 
 wsgi_app = "gateway.asgi:application"
-worker_class = "uvicorn_worker.UvicornWorker"
+# uvicorn_worker.UvicornWorker with limits on request heads (size and time): see gateway/worker.py.
+worker_class = "gateway.worker.GatewayWorker"
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("GATEWAY_WORKERS", max(1, multiprocessing.cpu_count())))
 # Streams can run for many minutes: a worker must not be killed while it relays them.

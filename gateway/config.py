@@ -64,11 +64,21 @@ class GatewaySettings(BaseSettings):
 
     # Largest request body accepted on the inference routes.
     MAX_REQUEST_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024)
-    # Overload: a worker answers new inference requests 503 + Retry-After at once, rather than queue
-    # them, while its event loop runs more than OVERLOAD_DELAY_SECONDS late (the queueing delay every
-    # request then sees) or while it already serves MAX_IN_FLIGHT_PER_WORKER requests (streams included).
-    OVERLOAD_DELAY_SECONDS: float = Field(default=0.1, gt=0, le=60)
+    # Overload: a worker answers a new inference request 503 + Retry-After at once, rather than take it,
+    # while it already holds MAX_PENDING_PER_WORKER requests not yet answered (a stream counts until its
+    # response starts), or MAX_IN_FLIGHT_PER_WORKER requests of any kind (open streams included). So a
+    # closed loop of up to MAX_PENDING_PER_WORKER clients per worker is queued and served, never refused;
+    # above it a worker sheds instead of queueing without bound. Requests waiting for a slow model count
+    # too: raise it where models answer non-streamed requests slowly and many wait at once.
+    MAX_PENDING_PER_WORKER: int = Field(default=512, ge=1, le=100_000)
     MAX_IN_FLIGHT_PER_WORKER: int = Field(default=2048, ge=1, le=100_000)
+
+    # The gateway's own HTTP server (gunicorn's uvicorn worker, gateway/worker.py), for clients that
+    # reach it without nginx: a request's line and headers may take at most MAX_HEADER_BYTES (more gets
+    # 431 and the connection closed), and must arrive within HEADER_TIMEOUT_SECONDS of the connection
+    # opening or the request's first byte (else the connection is closed, with 408 if a request began).
+    MAX_HEADER_BYTES: int = Field(default=64 * 1024, ge=8 * 1024, le=1024 * 1024)
+    HEADER_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0, le=300)
 
     # Globus Auth (docs/globus-auth.md). Without GLOBUS_CLIENT_ID only gateway API keys are accepted.
     GLOBUS_CLIENT_ID: str = ""

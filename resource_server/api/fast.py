@@ -59,7 +59,6 @@ REPRODUCED_MIDDLEWARE = [
 _OVERLOADED = ServiceUnavailable(
     "The gateway is at capacity. Please retry shortly.", retry_after=1, code="gateway_overloaded"
 )
-_MIN_LIMIT = 16  # requests a saturated worker still admits at once: it never refuses everything
 _WANTED_HEADERS = frozenset((b"host", b"authorization", b"content-length", b"x-request-id"))
 _MAX_CACHED_HOSTS = 64
 
@@ -100,42 +99,22 @@ class InferenceApp:
             logger.warning("MIDDLEWARE or security settings changed: inference requests take the Django path")
         self._after = _common_headers()
         self._hosts: dict[str, bool] = {}
+        # Admission control counts what the worker holds, not how late its event loop runs: lateness
+        # depends on the core's speed and its neighbours, and refusing a closed loop of clients (each
+        # waits for its answer before asking again) only makes it ask again at once. Pending requests
+        # are admitted and not yet answered: the work this worker owes. A stream stops being pending
+        # once its response starts (it then costs a little per chunk over a long life), so open streams
+        # count only against the in-flight bound, which caps sockets and memory.
+        self._pending = 0
         self._in_flight = 0
+        self._max_pending = settings.GATEWAY.MAX_PENDING_PER_WORKER
         self._max_in_flight = settings.GATEWAY.MAX_IN_FLIGHT_PER_WORKER
-        self._limit = self._max_in_flight
-        self._max_delay = settings.GATEWAY.OVERLOAD_DELAY_SECONDS
-        self._watcher: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Begin adapting the admission limit to the event loop's delay (ASGI lifespan start-up)."""
-        if self._watcher is None:
-            self._watcher = asyncio.get_running_loop().create_task(self._adapt_limit())
+        """ASGI lifespan start-up. Admission is counted per request and needs no background task."""
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
-
-    async def _adapt_limit(self) -> None:
-        """Keep the loop's delay under OVERLOAD_DELAY_SECONDS by bounding the requests in flight.
-
-        How late a timer fires is how long everything ready waits for the loop, requests not yet read
-        from their sockets included. While it is too late the limit drops to 80% of what is in flight;
-        otherwise it grows back by a sixteenth per tick, up to MAX_IN_FLIGHT_PER_WORKER. Requests above
-        the limit are refused at once, so a saturated worker keeps serving at capacity and answers the
-        excess with 503 instead of queueing it.
-        """
-        loop = asyncio.get_running_loop()
-        tick = min(self._max_delay / 2, 0.025)
-        while True:
-            due = loop.time() + tick
-            await asyncio.sleep(tick)
-            if loop.time() - due > self._max_delay:
-                self._limit = max(_MIN_LIMIT, int(min(self._limit, self._in_flight) * 0.9))
-            else:
-                self._limit = min(self._max_in_flight, self._limit + max(1, self._limit // 8))
+        """ASGI lifespan shutdown: nothing of the app's own to stop."""
 
     def _host_allowed(self, host: str) -> bool:
         """Django's Host check (HttpRequest.get_host), remembered for the few hosts a gateway sees."""
@@ -180,27 +159,38 @@ class InferenceApp:
             )
             return
         assert match is not None
-        if self._in_flight >= self._limit:
+        if self._pending >= self._max_pending or self._in_flight >= self._max_in_flight:
             # Refused before any work, so that refusing stays cheap when the worker is saturated.
             await self._send_error(send, _OVERLOADED, request_id)
             return
-        self._in_flight += 1
+        admitted = _Admitted(self)
         try:
-            await self._guarded(self._infer(match, headers, int(length), request_id, receive, send), send, request_id)
+            await self._guarded(
+                self._infer(match, headers, int(length), request_id, receive, send, admitted),
+                send,
+                request_id,
+                admitted,
+            )
         finally:
-            self._in_flight -= 1
+            admitted.end()
 
-    async def _guarded(self, handling: Awaitable[None], send: Send, request_id: str) -> None:
+    async def _guarded(
+        self, handling: Awaitable[None], send: Send, request_id: str, admitted: _Admitted | None = None
+    ) -> None:
         """Run a request's handling; answer its errors in the envelope, as the ninja views do."""
         try:
             await handling
         except _ClientGone:
             pass  # the client left while sending: nobody to answer, as in Django
         except GatewayError as error:
+            if admitted is not None:
+                admitted.answering()
             await self._send_error(send, error, request_id)
         except Exception:
             logger.exception("unhandled error in request %s", request_id)
             message = f"The gateway hit an internal error. Quote request id {request_id} when reporting it."
+            if admitted is not None:
+                admitted.answering()
             await self._send_error(send, GatewayError(message), request_id)
 
     async def _infer(
@@ -211,6 +201,7 @@ class InferenceApp:
         request_id: str,
         receive: Receive,
         send: Send,
+        admitted: _Admitted,
     ) -> None:
         principal = await principal_from_token(bearer_token_of(headers.get(b"authorization", "")))
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
@@ -228,6 +219,7 @@ class InferenceApp:
             cluster=match["cluster"],
             framework=match["framework"],
         )
+        admitted.answering()
         if isinstance(result, JsonResult):
             await self._send_json(send, 200, result.content, (), request_id)
             return
@@ -270,6 +262,31 @@ class InferenceApp:
     async def _send_error(self, send: Send, error: GatewayError, request_id: str) -> None:
         extra = [(name.encode("latin1"), value.encode("latin1")) for name, value in error.headers.items()]
         await self._send_json(send, error.status, error.body(), extra, request_id)
+
+
+class _Admitted:
+    """An admitted inference request: pending until its answer starts, in flight until it ends.
+
+    `answering` comes before the answer is sent, so a client that asks again as soon as it has its
+    answer always finds its earlier request already counted out.
+    """
+
+    __slots__ = ("_app", "_pending")
+
+    def __init__(self, app: InferenceApp) -> None:
+        self._app = app
+        self._pending = True
+        app._pending += 1
+        app._in_flight += 1
+
+    def answering(self) -> None:
+        if self._pending:
+            self._pending = False
+            self._app._pending -= 1
+
+    def end(self) -> None:
+        self.answering()
+        self._app._in_flight -= 1
 
 
 class _ClientGone(Exception):

@@ -39,9 +39,15 @@ class Answer:
 
 
 async def call(
-    app: Any, path: str, body: bytes = b"", *, method: str = "POST", headers: dict[str, str] | None = None
+    app: Any,
+    path: str,
+    body: bytes = b"",
+    *,
+    method: str = "POST",
+    headers: dict[str, str] | None = None,
+    started: asyncio.Event | None = None,
 ) -> Answer:
-    """One request through an ASGI app, as uvicorn would deliver it."""
+    """One request through an ASGI app, as uvicorn would deliver it; `started` is set when its answer starts."""
     fields = {"host": "127.0.0.1:8000", "content-type": "application/json"}
     fields |= {name.lower(): value for name, value in (headers or {}).items()}
     fields["content-length"] = str(len(body))
@@ -74,6 +80,8 @@ async def call(
 
     async def send(message: MutableMapping[str, Any]) -> None:
         messages.append(message)
+        if started is not None and message["type"] == "http.response.start":
+            started.set()
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             finished.set()
 
@@ -183,10 +191,22 @@ async def test_other_requests_are_left_to_django(
     assert lean.body == django.body
 
 
-async def test_a_saturated_worker_refuses_with_503_and_retry_after(seeded: Seeded) -> None:
-    app = InferenceApp(django_application)
-    app._limit = 0  # what the admission controller sets while the event loop runs too late
-    answer = await call(app, CHAT_PATH, orjson.dumps(CHAT), headers=seeded.auth)
+def _app_with(**limits: int) -> InferenceApp:
+    with override_settings(GATEWAY=settings.GATEWAY.model_copy(update=limits)):
+        return InferenceApp(django_application)
+
+
+async def _until(condition: Any) -> None:
+    async with asyncio.timeout(10):
+        while not condition():  # noqa: ASYNC110 (the app keeps a count, and has no event to wait on)
+            await asyncio.sleep(0.01)
+
+
+SLOW_CHAT = orjson.dumps({**CHAT, "fake_vllm": {"latency": 1.0}})
+SLOW_STREAM = orjson.dumps({**CHAT, "max_tokens": 10, "stream": True, "fake_vllm": {"tokens_per_second": 5}})
+
+
+def assert_overloaded(answer: Answer) -> None:
     assert answer.status == 503
     assert answer.header(b"retry-after") == b"1"
     assert answer.header(b"x-request-id")
@@ -194,11 +214,39 @@ async def test_a_saturated_worker_refuses_with_503_and_retry_after(seeded: Seede
     assert (error["code"], error["type"]) == ("gateway_overloaded", "service_unavailable")
 
 
+async def test_a_worker_holding_its_most_pending_requests_refuses_more_with_503(seeded: Seeded) -> None:
+    app = _app_with(MAX_PENDING_PER_WORKER=2)
+    held = [asyncio.ensure_future(call(app, CHAT_PATH, SLOW_CHAT, headers=seeded.auth)) for _ in range(2)]
+    await _until(lambda: app._pending == 2)
+    assert_overloaded(await call(app, CHAT_PATH, orjson.dumps(CHAT), headers=seeded.auth))
+    assert [answer.status for answer in await asyncio.gather(*held)] == [200, 200]
+    assert (await call(app, CHAT_PATH, orjson.dumps(CHAT), headers=seeded.auth)).status == 200
+
+
+async def test_open_streams_are_not_pending_work(seeded: Seeded) -> None:
+    app = _app_with(MAX_PENDING_PER_WORKER=1)
+    started = asyncio.Event()
+    stream = asyncio.ensure_future(call(app, CHAT_PATH, SLOW_STREAM, headers=seeded.auth, started=started))
+    await started.wait()
+    assert (await call(app, CHAT_PATH, orjson.dumps(CHAT), headers=seeded.auth)).status == 200
+    assert not stream.done()
+    assert (await stream).status == 200
+
+
+async def test_open_streams_count_against_the_in_flight_bound(seeded: Seeded) -> None:
+    app = _app_with(MAX_PENDING_PER_WORKER=10, MAX_IN_FLIGHT_PER_WORKER=1)
+    started = asyncio.Event()
+    stream = asyncio.ensure_future(call(app, CHAT_PATH, SLOW_STREAM, headers=seeded.auth, started=started))
+    await started.wait()
+    assert_overloaded(await call(app, CHAT_PATH, orjson.dumps(CHAT), headers=seeded.auth))
+    assert (await stream).status == 200
+
+
 async def test_requests_in_flight_are_counted_back_down(seeded: Seeded) -> None:
     app = InferenceApp(django_application)
-    for body in (orjson.dumps(CHAT), b"not json", orjson.dumps({**CHAT, "stream": True})):
+    for body in (orjson.dumps(CHAT), b"not json", orjson.dumps({**CHAT, "stream": True}), SLOW_STREAM):
         await call(app, CHAT_PATH, body, headers=seeded.auth)
-    assert app._in_flight == 0
+    assert (app._pending, app._in_flight) == (0, 0)
 
 
 RELAY_MESSAGE = orjson.dumps({"seq": 0, "events": ['data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n']})
