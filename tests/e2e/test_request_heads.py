@@ -7,12 +7,10 @@ connection closed. Everything runs against gunicorn as deployed (deploy/gunicorn
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,6 +19,7 @@ import pytest
 
 from tests.conftest import Seeded
 from tests.e2e.conftest import e2e_gateway
+from tests.e2e.proc import memory_kb, worker_pid
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -41,39 +40,6 @@ def _connect(url: str) -> socket.socket:
     sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def _worker_pid(url: str) -> int:
-    """The pid of the gunicorn worker serving `url`: of the processes holding its listening socket, the child.
-
-    (gunicorn retitles its processes, so their command lines do not say which port they serve.)
-    """
-    port = f"{urlsplit(url).port:04X}"
-    inodes = {
-        fields[9]
-        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
-        if (fields := line.split())[1].endswith(f":{port}") and fields[3] == "0A"  # 0A: LISTEN
-    }
-    parents: dict[int, int] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            targets = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
-            if any(f"socket:[{inode}]" in targets for inode in inodes):
-                parents[int(proc.name)] = int((proc / "status").read_text().split("PPid:")[1].split()[0])
-        except OSError:
-            continue
-    workers = [pid for pid, parent in parents.items() if parent in parents]
-    assert len(workers) == 1, f"expected one gunicorn worker for {url}, found {workers}"
-    return workers[0]
-
-
-def _memory_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} for pid {pid}")
 
 
 def _answer_or_close(sock: socket.socket, deadline: float) -> bytes | None:
@@ -113,9 +79,9 @@ def _send_huge_head(url: str, size: int) -> bytes | None:
 
 
 def test_headers_over_the_limit_get_431_and_cost_the_worker_no_memory(gateway_url: str) -> None:
-    worker = _worker_pid(gateway_url)
+    worker = worker_pid(gateway_url)
     httpx.get(f"{gateway_url}/resource_server/health", timeout=10).raise_for_status()
-    before = _memory_kb(worker, "VmHWM")
+    before = memory_kb(worker, "VmHWM")
     answers: list[bytes | None] = []
 
     def attack() -> None:
@@ -127,7 +93,7 @@ def test_headers_over_the_limit_get_431_and_cost_the_worker_no_memory(gateway_ur
         thread.start()
     for thread in attackers:
         thread.join(timeout=60)
-    grown_kb = _memory_kb(worker, "VmHWM") - before
+    grown_kb = memory_kb(worker, "VmHWM") - before
     # Buffering the heads would take 64 MB; the limit allows 64 KB plus one read per connection.
     assert grown_kb < 16 * 1024, f"the worker's peak memory grew by {grown_kb} KB"
     assert len(answers) == 4

@@ -1,0 +1,102 @@
+"""Admission control under load, against gunicorn as deployed and the fake model server.
+
+A closed loop (each client waits for its answer before it asks again) cannot overload a worker: it holds
+at most one request per client. Up to MAX_PENDING_PER_WORKER such clients are queued and served, however
+slow or busy the worker's core is; only more than that is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import Seeded
+from tests.e2e.conftest import e2e_gateway
+from tests.e2e.proc import worker_pid
+from tests.servers import ROOT
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT_PATH = "/resource_server/v1/chat/completions"
+CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def gateway_url(django_db_setup: None, model_server: str, tmp_path_factory: Any) -> Iterator[str]:
+    # Keys and routes cached as in production: the per-request cost is the warm path's.
+    with e2e_gateway(tmp_path_factory, API_KEY_CACHE_SECONDS="30", ROUTING_CACHE_SECONDS="5") as url:
+        yield url
+
+
+def _wait_until_served(url: str, seeded: Seeded) -> None:
+    """Until the worker's routing table has the test's model (it was loaded before the rows existed)."""
+    deadline = time.monotonic() + 20
+    while True:
+        response = httpx.post(url + CHAT_PATH, json=CHAT, headers=seeded.auth, timeout=10)
+        if response.status_code == 200:
+            return
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.25)
+
+
+def _closed_loop(url: str, seeded: Seeded, *, concurrency: int, seconds: float, cpus: set[int]) -> dict[str, Any]:
+    """The benchmarks' load generator (a lean keep-alive client) running one closed-loop job."""
+    parts = urlsplit(url)
+    job = {
+        "kind": "closed",
+        "host": parts.hostname,
+        "port": parts.port,
+        "path": CHAT_PATH,
+        "body": CHAT,
+        "authorizations": [seeded.auth["Authorization"]],
+        "concurrency": concurrency,
+        "duration": seconds,
+        "warmup": 1.0,
+        "deadline": seconds + 60,
+    }
+    loadgen = subprocess.run(
+        [sys.executable, "-m", "benchmarks.loadgen"],
+        input=orjson.dumps(job) + b"\n",
+        capture_output=True,
+        cwd=ROOT,
+        timeout=seconds + 90,
+        check=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+    )
+    result: dict[str, Any] = orjson.loads(loadgen.stdout)
+    assert "failed" not in result, result
+    return result
+
+
+def test_256_clients_in_a_closed_loop_on_a_contended_core_are_served_without_refusals(
+    gateway_url: str, seeded: Seeded
+) -> None:
+    _wait_until_served(gateway_url, seeded)
+    worker = worker_pid(gateway_url)
+    cpus = sorted(os.sched_getaffinity(0))
+    core = cpus[0]
+    others = set(cpus[1:]) or {core}
+    # Another process as busy as can be on the worker's core: the worker gets about half of it.
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.sched_setaffinity(0, {core})
+    )
+    worker_cpus = os.sched_getaffinity(worker)
+    try:
+        os.sched_setaffinity(worker, {core})
+        result = _closed_loop(gateway_url, seeded, concurrency=256, seconds=5.0, cpus=others)
+    finally:
+        busy.kill()
+        busy.wait()
+        os.sched_setaffinity(worker, worker_cpus)
+    assert result["errors"] == {}
+    assert set(result["statuses"]) == {"200"}, result["statuses"]
+    assert result["statuses"]["200"] > 256
