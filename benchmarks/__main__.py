@@ -27,7 +27,7 @@ from benchmarks import report, scenarios
 from benchmarks.scenarios import Plan, Scenario, log
 from benchmarks.stack import REPO, Stack, machine, source_revision, started
 
-ALL = ("S1", "S2", "S3", "S4", "S5", "S7", "S6")  # S6 last: overload should disturb nothing after it
+ALL = ("S1", "S2", "S3", "S4", "S5", "S7", "S8", "S6")  # S6 last: overload should disturb nothing after it
 QUICK = ("S1", "S2", "S4")  # at concurrency 64 and 32 only: see scenarios.s2 and s4
 MAX_STREAMS = 1024
 
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             "S4": scenarios.s4,
             "S5": scenarios.s5,
             "S7": scenarios.s7,
+            "S8": scenarios.s8,
         }
         for name, runner in runners.items():
             if plan.wants(name):

@@ -193,7 +193,7 @@ def _rows(scenario: dict[str, Any]) -> list[list[str]]:
                 ],
                 [name, "gateway CPU per request (us)", "", _num(s["gateway_cpu_us_per_request"]), ""],
             ]
-        elif scenario["id"] in ("S2", "S3"):
+        elif scenario["id"] in ("S2", "S3", "S8"):
             per_second, refusals = s["per_second"], s["refusals"]
             rows += [
                 [

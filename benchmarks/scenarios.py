@@ -1,4 +1,4 @@
-"""Scenarios S1-S6: each run direct (client -> model server) and through the gateway, alternating in rounds.
+"""Scenarios S1-S8: each run direct (client -> model server) and through the gateway, alternating in rounds.
 
 A round runs both sides back to back, direct first in even rounds and gateway first in odd ones, so that
 drift in the machine's state weighs on both alike. A scenario's figures are medians over rounds of each
@@ -9,10 +9,13 @@ was saturated.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -490,6 +493,40 @@ def s7(stack: Stack, plan: Plan) -> Scenario:
 
         _rounds(stack, plan.rounds, level, make, "stream")
         summarise_stream(level)
+        scenario.levels.append(level)
+    return scenario
+
+
+@contextlib.contextmanager
+def _busy_neighbour(cpus: frozenset[int] | None) -> Iterator[None]:
+    """A process spinning on the gateway's core while the block runs: the worker then gets about half of it."""
+    if cpus is None:
+        yield  # one core for everything: spinning would slow the client side as much as the gateway
+        return
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.sched_setaffinity(0, cpus)
+    )
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def s8(stack: Stack, plan: Plan) -> Scenario:
+    """Closed loops of up to MAX_PENDING_PER_WORKER (256) clients get no refusal, even on a shared core."""
+    scenario = Scenario("S8", "Closed loop at 64 and 256 with a busy process on the gateway's core")
+    for concurrency in (64, 256):
+        level = Level(f"c={concurrency}", {"concurrency": concurrency, "duration_s": 4.0})
+        with _busy_neighbour(stack.cores.gateway):
+            _rounds(
+                stack,
+                plan.rounds,
+                level,
+                _maker(stack, _chat(), concurrency=concurrency, duration=4.0, warmup=1.0),
+                "throughput",
+            )
+        summarise_throughput(level)
         scenario.levels.append(level)
     return scenario
 

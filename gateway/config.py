@@ -69,8 +69,10 @@ class GatewaySettings(BaseSettings):
     # response starts), or MAX_IN_FLIGHT_PER_WORKER requests of any kind (open streams included). So a
     # closed loop of up to MAX_PENDING_PER_WORKER clients per worker is queued and served, never refused;
     # above it a worker sheds instead of queueing without bound. Requests waiting for a slow model count
-    # too: raise it where models answer non-streamed requests slowly and many wait at once.
-    MAX_PENDING_PER_WORKER: int = Field(default=512, ge=1, le=100_000)
+    # too: raise it where models answer non-streamed requests slowly and many wait at once. 256 is what
+    # one vLLM engine batches by default (max_num_seqs), and leaves a saturated worker's time mostly to
+    # refusing the excess at once (a refusal costs half the CPU of an answer) rather than to a long queue.
+    MAX_PENDING_PER_WORKER: int = Field(default=256, ge=1, le=100_000)
     MAX_IN_FLIGHT_PER_WORKER: int = Field(default=2048, ge=1, le=100_000)
 
     # The gateway's own HTTP server (gunicorn's uvicorn worker, gateway/worker.py), for clients that

@@ -48,7 +48,9 @@ def _wait_until_served(url: str, seeded: Seeded) -> None:
         time.sleep(0.25)
 
 
-def _closed_loop(url: str, seeded: Seeded, *, concurrency: int, seconds: float, cpus: set[int]) -> dict[str, Any]:
+def _closed_loop(
+    url: str, seeded: Seeded, *, concurrency: int, seconds: float, cpus: set[int], body: dict[str, Any] = CHAT
+) -> dict[str, Any]:
     """The benchmarks' load generator (a lean keep-alive client) running one closed-loop job."""
     parts = urlsplit(url)
     job = {
@@ -56,7 +58,7 @@ def _closed_loop(url: str, seeded: Seeded, *, concurrency: int, seconds: float, 
         "host": parts.hostname,
         "port": parts.port,
         "path": CHAT_PATH,
-        "body": CHAT,
+        "body": body,
         "authorizations": [seeded.auth["Authorization"]],
         "concurrency": concurrency,
         "duration": seconds,
@@ -100,3 +102,25 @@ def test_256_clients_in_a_closed_loop_on_a_contended_core_are_served_without_ref
     assert result["errors"] == {}
     assert set(result["statuses"]) == {"200"}, result["statuses"]
     assert result["statuses"]["200"] > 256
+
+
+@pytest.fixture(scope="module")
+def small_gateway_url(django_db_setup: None, model_server: str, tmp_path_factory: Any) -> Iterator[str]:
+    with e2e_gateway(
+        tmp_path_factory, API_KEY_CACHE_SECONDS="30", ROUTING_CACHE_SECONDS="5", MAX_PENDING_PER_WORKER="8"
+    ) as url:
+        yield url
+
+
+def test_clients_beyond_the_pending_bound_are_refused_with_503_and_the_rest_served(
+    small_gateway_url: str, seeded: Seeded
+) -> None:
+    _wait_until_served(small_gateway_url, seeded)
+    slow = {**CHAT, "fake_vllm": {"latency": 0.2}}
+    result = _closed_loop(
+        small_gateway_url, seeded, concurrency=32, seconds=2.0, cpus=os.sched_getaffinity(0), body=slow
+    )
+    assert result["errors"] == {}
+    assert set(result["statuses"]) == {"200", "503"}, result["statuses"]
+    # 8 held at a time, 0.2 s each, over 2 s: about 80 answered; the other clients were refused meanwhile.
+    assert result["statuses"]["503"] > result["statuses"]["200"] >= 8
