@@ -33,7 +33,8 @@ class HeadLimitedProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._reading_head = True
+        self._reading_head = True  # the next bytes belong to a request's head (or the connection is idle)
+        self._head_started = False  # a head has begun and is not complete yet
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
 
@@ -47,22 +48,24 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self._reading_head:
-            super().data_received(data)
-            return
-        self._head_bytes += len(data)
+        if self._reading_head:
+            self._head_bytes += len(data)
         super().data_received(data)
         # Checked after parsing, so that a chunk which ends the head and carries body bytes is not refused;
-        # the parser then holds at most the limit plus one read (256 KB).
-        if self._reading_head and self._head_bytes > self.max_head_bytes and not self.transport.is_closing():
-            self._refuse(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Request line and headers too large.")
+        # the parser then holds at most the limit plus one read (256 KB). The timer starts only for a head
+        # that one read did not complete, so the usual request costs no timer.
+        if self._head_started and not self.transport.is_closing():
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Request line and headers too large.")
+            else:
+                self._arm_head_timer()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._arm_head_timer()
+        self._head_started = True
 
     def on_headers_complete(self) -> None:
-        self._reading_head = False
+        self._reading_head = self._head_started = False
         self._head_bytes = 0
         self._disarm_head_timer()
         super().on_headers_complete()

@@ -154,3 +154,37 @@ def test_requests_within_the_limits_are_served(gateway_url: str, seeded: Seeded)
         assert answer is not None and answer.startswith(b"HTTP/1.1 200 "), answer
     finally:
         sock.close()
+
+
+def _exchange(sock: socket.socket, request: bytes) -> bytes:
+    """Send one request on a keep-alive connection and read its whole answer (by Content-Length)."""
+    sock.sendall(request)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed; received {received[:200]!r}"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed mid-answer"
+        body += chunk
+    return head
+
+
+def test_an_idle_keep_alive_connection_outlives_the_head_timeout(gateway_url: str, seeded: Seeded) -> None:
+    request = (
+        f"POST {CHAT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {seeded.auth['Authorization']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(HELLO)}\r\n\r\n"
+    ).encode() + HELLO
+    sock = _connect(gateway_url)
+    try:
+        assert _exchange(sock, request).startswith(b"HTTP/1.1 200 ")
+        # Between requests the keep-alive timeout applies (gunicorn's keepalive, 75 s), not the head's.
+        time.sleep(HEAD_TIMEOUT + 1)
+        assert _exchange(sock, request).startswith(b"HTTP/1.1 200 ")
+    finally:
+        sock.close()
