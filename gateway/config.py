@@ -36,6 +36,10 @@ _CSV_FIELDS = (
 )
 
 
+# The URL schemes dj-database-url maps to Django's PostgreSQL backend.
+_POSTGRES_SCHEMES = frozenset({"postgres", "postgresql", "pgsql"})
+
+
 class UnsafeSettingsError(RuntimeError):
     """Production was asked to boot with a value that is unsafe there."""
 
@@ -131,7 +135,7 @@ class GatewaySettings(BaseSettings):
             raise UnsafeSettingsError("GLOBUS_COMPUTE_CLIENT_SECRET must be set when GLOBUS_COMPUTE_CLIENT_ID is.")
 
     def check_production_safety(self) -> None:
-        """Refuse to boot production with a default secret, DEBUG on or a wildcard host."""
+        """Refuse to boot production with a default secret, DEBUG on, a wildcard host or a non-PostgreSQL database."""
         if not self.is_production:
             return
         if len(self.SECRET_KEY) < 50 or self.SECRET_KEY.startswith("django-insecure"):
@@ -144,7 +148,17 @@ class GatewaySettings(BaseSettings):
         if not self.ALLOWED_HOSTS or "*" in self.ALLOWED_HOSTS:
             raise UnsafeSettingsError("ALLOWED_HOSTS must list the gateway's host names in production, not '*'.")
         if not self.DATABASE_URL:
-            raise UnsafeSettingsError("DATABASE_URL must point at PostgreSQL in production.")
+            raise UnsafeSettingsError(
+                "DATABASE_URL must point at PostgreSQL in production (postgres://user:password@host:5432/name)."
+            )
+        scheme = self.DATABASE_URL.split("://", 1)[0].lower() if "://" in self.DATABASE_URL else ""
+        if scheme not in _POSTGRES_SCHEMES:
+            # Only the scheme is echoed: the rest of the URL may hold the database password.
+            raise UnsafeSettingsError(
+                f"DATABASE_URL must point at PostgreSQL in production (postgres://user:password@host:5432/name), "
+                f"not {scheme + '://' if scheme else 'a URL without a scheme'}: usage accounting relies on "
+                "PostgreSQL's concurrent writers, and SQLite or other databases are for development only."
+            )
         if self.RELAY_PUBLIC_URL and not self.RELAY_PUBLIC_URL.startswith("https://"):
             # Relay tokens travel in these requests' headers.
             raise UnsafeSettingsError("RELAY_PUBLIC_URL must be an https:// URL in production.")
