@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.utils.cache import add_never_cache_headers
 
 from resource_server.models import ApiKey, Cluster, ComputeFunction, Endpoint, RequestLog, User
 from resource_server.selectors.endpoints import routing_table_forget
@@ -66,6 +69,21 @@ class ApiKeyAdmin(admin.ModelAdmin[ApiKey]):
     readonly_fields = ("prefix", "created_at", "last_used_at", "revoked_at")
     fields = ("owner", "name", "expires_at", "prefix", "created_at", "last_used_at", "revoked_at")
     actions = ["revoke"]
+    created_template = "admin/resource_server/apikey/created.html"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The new key's secret, from save_model to response_add of the same request. Held in memory
+        # only: never in the session, a message or any other cookie.
+        self._created: WeakKeyDictionary[HttpRequest, tuple[ApiKey, str]] = WeakKeyDictionary()
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
+        fields = tuple(super().get_readonly_fields(request, obj))
+        if obj is None:
+            return fields
+        # The secret authenticates as whoever owns the row (and the row holds its creator's sealed Globus
+        # token): moving a key to another user would hand them a secret someone else holds.
+        return ("owner", *fields)
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
         if change:
@@ -75,8 +93,26 @@ class ApiKeyAdmin(admin.ModelAdmin[ApiKey]):
         if obj.expires_at:
             key.expires_at = obj.expires_at
             key.save(update_fields=["expires_at"])
-        obj.pk = key.pk
-        messages.warning(request, f"Copy this API key now; it will not be shown again: {secret}")
+        obj.pk, obj.prefix, obj.created_at = key.pk, key.prefix, key.created_at
+        self._created[request] = (key, secret)
+
+    def response_add(self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None) -> HttpResponse:
+        """Show the new key once, in this response: it is stored nowhere it could be read back."""
+        created = self._created.pop(request, None)
+        if created is None:
+            return super().response_add(request, obj, post_url_continue)
+        key, secret = created
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Copy the new API key",
+            "key": key,
+            "secret": secret,
+        }
+        response = TemplateResponse(request, self.created_template, context)
+        # Neither the browser nor a proxy may keep the page: Back or a cache must not show the key again.
+        add_never_cache_headers(response)
+        return response
 
     @admin.action(description="Revoke the selected keys")
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.messages import get_messages
+from django.contrib.sessions.backends.db import SessionStore
 from django.test import Client
 
 from resource_server.models import ApiKey, Cluster, Endpoint, RequestLog, User
+from resource_server.services.api_keys import api_key_create
 
 pytestmark = pytest.mark.django_db
 
@@ -67,16 +73,70 @@ def test_access_rules_must_be_lists_of_strings(admin_client: Client) -> None:
     assert "allowed_groups" in response.context["adminform"].form.errors
 
 
+def secret_on_page(html: str) -> str:
+    [secret] = re.findall(r'value="(igw_[^"]+)"', html)
+    return secret
+
+
+def whoami(client: Client, secret: str) -> str:
+    response = client.get("/resource_server/whoami", HTTP_AUTHORIZATION=f"Bearer {secret}")
+    assert response.status_code == 200, response.content
+    username: str = response.json()["username"]
+    return username
+
+
 def test_key_created_in_admin_is_shown_once_and_stored_hashed(admin_client: Client) -> None:
     owner = User.objects.create(identity_id="id-1", username="ada@anl.gov")
-    response = admin_client.post(
-        "/admin/resource_server/apikey/add/", {"owner": str(owner.pk), "name": "workflow"}, follow=True
-    )
-    [message] = [str(m) for m in response.context["messages"] if "shown again" in str(m)]
-    secret = message.rsplit(" ", 1)[-1]
+    response = admin_client.post("/admin/resource_server/apikey/add/", {"owner": str(owner.pk), "name": "workflow"})
+    assert response.status_code == 200
+    secret = secret_on_page(response.content.decode())
     key = ApiKey.objects.get()
     assert secret.startswith(key.prefix + "_")
     assert secret not in key.secret_hash
+    assert whoami(Client(), secret) == "ada@anl.gov"
+    # Shown once: no later page of the admin has it.
+    for page in ("/admin/resource_server/apikey/", f"/admin/resource_server/apikey/{key.pk}/change/"):
+        assert secret not in admin_client.get(page).content.decode()
+
+
+def test_new_key_travels_in_no_cookie_session_or_cache(admin_client: Client) -> None:
+    owner = User.objects.create(identity_id="id-1", username="ada@anl.gov")
+    response = admin_client.post("/admin/resource_server/apikey/add/", {"owner": str(owner.pk), "name": "workflow"})
+    secret = secret_on_page(response.content.decode())
+    assert "no-store" in response["Cache-Control"]
+    assert "private" in response["Cache-Control"]
+    for name, morsel in response.cookies.items():
+        assert secret not in morsel.value, f"the key travels in the {name} cookie"
+        assert secret.split("_")[-1] not in morsel.value, f"the key travels in the {name} cookie"
+    assert "messages" not in response.cookies
+    session = SessionStore(admin_client.cookies[settings.SESSION_COOKIE_NAME].value)
+    assert secret not in str(dict(session.items()))
+    assert [str(message) for message in get_messages(response.wsgi_request)] == []
+
+
+def test_key_owner_cannot_be_changed_once_created(admin_client: Client) -> None:
+    ada = User.objects.create(identity_id="id-1", username="ada@anl.gov")
+    mallory = User.objects.create(identity_id="id-2", username="mallory@example.org")
+    key, secret = api_key_create(owner=ada, name="workflow")
+    change_url = f"/admin/resource_server/apikey/{key.pk}/change/"
+    form = admin_client.get(change_url).content.decode()
+    assert 'name="owner"' not in form, "the owner is offered as an editable field"
+    response = admin_client.post(change_url, {"owner": str(mallory.pk), "name": "renamed", "expires_at_0": ""})
+    assert response.status_code == 302
+    key.refresh_from_db()
+    assert (key.owner, key.name) == (ada, "renamed")
+    assert whoami(Client(), secret) == "ada@anl.gov"
+
+
+def test_key_hash_and_prefix_are_never_form_fields(admin_client: Client) -> None:
+    ada = User.objects.create(identity_id="id-1", username="ada@anl.gov")
+    key, secret = api_key_create(owner=ada, name="workflow")
+    before = (key.prefix, key.secret_hash)
+    change_url = f"/admin/resource_server/apikey/{key.pk}/change/"
+    admin_client.post(change_url, {"name": "w", "prefix": "igw_000000000000", "secret_hash": "0" * 64})
+    key.refresh_from_db()
+    assert (key.prefix, key.secret_hash) == before
+    assert whoami(Client(), secret) == "ada@anl.gov"
 
 
 @pytest.mark.parametrize("page", ["cluster", "endpoint", "user", "apikey", "requestlog"])
