@@ -74,6 +74,11 @@ class GatewaySettings(BaseSettings):
     OVERLOAD_DELAY_SECONDS: float = Field(default=0.1, gt=0, le=60)
     MAX_IN_FLIGHT_PER_WORKER: int = Field(default=2048, ge=1, le=100_000)
 
+    # Admin sign-in throttle (docs/admin-guide.md): after this many failed sign-ins from one client address,
+    # or for one username, that address or username is refused for ADMIN_LOGIN_LOCKOUT_SECONDS.
+    ADMIN_LOGIN_FAILURE_LIMIT: int = Field(default=5, ge=1, le=1000)
+    ADMIN_LOGIN_LOCKOUT_SECONDS: int = Field(default=900, ge=1, le=86400)
+
     # Globus Auth (docs/globus-auth.md). Without GLOBUS_CLIENT_ID only gateway API keys are accepted.
     GLOBUS_CLIENT_ID: str = ""
     GLOBUS_CLIENT_SECRET: SecretStr = SecretStr("")

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 from weakref import WeakKeyDictionary
 
+from django.conf import settings
 from django.contrib import admin
+from django.contrib.admin.forms import AdminAuthenticationForm
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -14,6 +17,43 @@ from django.utils.cache import add_never_cache_headers
 from resource_server.models import ApiKey, Cluster, ComputeFunction, Endpoint, RequestLog, User
 from resource_server.selectors.endpoints import routing_table_forget
 from resource_server.services.api_keys import api_key_create, api_key_revoke
+
+
+def login_client_address(request: HttpRequest) -> str | None:
+    """The address an admin sign-in is counted against (django-axes' AXES_CLIENT_IP_CALLABLE).
+
+    REMOTE_ADDR, never a header the client wrote: behind nginx the server has already set it from
+    X-Forwarded-For, walking the chain from the right past trusted proxies only (gunicorn's
+    forwarded_allow_ips, FORWARDED_ALLOW_IPS, default loopback). From anywhere else the header is ignored.
+    """
+    return request.META.get("REMOTE_ADDR")
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 120:
+        return f"{round(seconds / 60)} minutes"
+    return f"{round(seconds)} seconds"
+
+
+class ThrottledAdminAuthenticationForm(AdminAuthenticationForm):
+    """The admin sign-in form, saying so when django-axes refused a locked-out client.
+
+    The same words whether or not the username exists: the counts are kept for any username typed.
+    """
+
+    def get_invalid_login_error(self) -> ValidationError:
+        if getattr(self.request, "axes_locked_out", False):
+            pause = _duration(settings.AXES_COOLOFF_TIME.total_seconds())
+            return ValidationError(
+                f"Too many failed sign-ins from your network address or for this username. Sign-in is paused "
+                f"for {pause} after the last failure; the password was not checked. Try again later, or ask "
+                "another administrator to lift the pause (docs/admin-guide.md).",
+                code="locked_out",
+            )
+        return super().get_invalid_login_error()
+
+
+admin.site.login_form = ThrottledAdminAuthenticationForm
 
 
 class RoutingChangeMixin:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import secrets
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -147,3 +153,104 @@ def test_changelists_render_with_filters(admin_client: Client, page: str) -> Non
 def test_request_log_is_read_only(admin_client: Client) -> None:
     assert admin_client.get("/admin/resource_server/requestlog/add/").status_code == 403
     assert RequestLog.objects.count() == 0
+
+
+# Admin sign-in throttle. The counts live in the shared cache (Redis when REDIS_URL is set), which outlives a
+# test: each test signs in from its own addresses and with its own usernames.
+
+PASSWORD = "pw-long-enough-123"
+PAUSED = "Too many failed sign-ins"
+
+
+def fresh_address() -> str:
+    return str(ipaddress.IPv4Address("10.0.0.0") + secrets.randbelow(2**24))
+
+
+@pytest.fixture
+def staff(settings: Any) -> str:
+    # Each sign-in hashes a password; the production hasher would make these tests take many seconds.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    username = f"admin-{uuid.uuid4().hex[:8]}"
+    get_user_model().objects.create_superuser(username, f"{username}@example.org", PASSWORD)
+    return username
+
+
+def sign_in(username: str, password: str, address: str, **headers: str) -> tuple[bool, str]:
+    """One sign-in on a fresh browser: (signed in?, the form's errors)."""
+    client = Client(REMOTE_ADDR=address, **headers)
+    response = client.post("/admin/login/?next=/admin/", {"username": username, "password": password})
+    if response.status_code == 302:
+        assert response["Location"] == "/admin/"
+        return True, ""
+    assert response.status_code == 200
+    return False, " ".join(str(error) for error in response.context["form"].non_field_errors())
+
+
+def fail_times(count: int, username: str, address: str) -> None:
+    for _ in range(count):
+        signed_in, _ = sign_in(username, "wrong-password", address)
+        assert not signed_in
+
+
+def test_sign_in_is_paused_after_repeated_failures_with_a_clear_message(staff: str) -> None:
+    address = fresh_address()
+    for _ in range(settings.AXES_FAILURE_LIMIT - 1):
+        signed_in, errors = sign_in(staff, "wrong-password", address)
+        assert "correct username and password" in errors and PAUSED not in errors
+    signed_in, errors = sign_in(staff, "wrong-password", address)
+    assert PAUSED in errors and "15 minutes" in errors
+    # While paused even the right password is refused, without being checked.
+    signed_in, errors = sign_in(staff, PASSWORD, address)
+    assert not signed_in and PAUSED in errors
+
+
+def test_one_address_trying_many_usernames_is_paused(staff: str) -> None:
+    address = fresh_address()
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        fail_times(1, f"guess-{uuid.uuid4().hex[:8]}", address)
+    signed_in, errors = sign_in(staff, PASSWORD, address)
+    assert not signed_in and PAUSED in errors
+    assert sign_in(staff, PASSWORD, fresh_address()) == (True, ""), "another address is not paused"
+
+
+def test_one_username_tried_from_many_addresses_is_paused(staff: str) -> None:
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        fail_times(1, staff, fresh_address())
+    signed_in, errors = sign_in(staff, PASSWORD, fresh_address())
+    assert not signed_in and PAUSED in errors
+
+
+def test_pause_reads_the_same_whether_or_not_the_username_exists(staff: str) -> None:
+    unknown = f"nobody-{uuid.uuid4().hex[:8]}"
+    known_address, unknown_address = fresh_address(), fresh_address()
+    for _ in range(settings.AXES_FAILURE_LIMIT + 2):
+        assert sign_in(staff, "wrong-password", known_address) == sign_in(unknown, "wrong-password", unknown_address)
+
+
+def test_client_supplied_forwarded_for_does_not_change_the_counted_address(staff: str) -> None:
+    address = fresh_address()
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        spoofed = {"HTTP_X_FORWARDED_FOR": fresh_address(), "HTTP_X_REAL_IP": fresh_address()}
+        assert not sign_in(f"guess-{uuid.uuid4().hex[:8]}", "wrong-password", address, **spoofed)[0]
+    signed_in, errors = sign_in(staff, PASSWORD, address, HTTP_X_FORWARDED_FOR=fresh_address())
+    assert not signed_in and PAUSED in errors
+
+
+def test_successful_sign_in_resets_the_count(staff: str) -> None:
+    address = fresh_address()
+    fail_times(settings.AXES_FAILURE_LIMIT - 1, staff, address)
+    assert sign_in(staff, PASSWORD, address) == (True, "")
+    fail_times(settings.AXES_FAILURE_LIMIT - 1, staff, address)
+    assert sign_in(staff, PASSWORD, address) == (True, "")
+
+
+def test_pause_ends_after_the_lockout_time(staff: str, settings: Any) -> None:
+    settings.AXES_COOLOFF_TIME = timedelta(seconds=1)
+    address = fresh_address()
+    fail_times(settings.AXES_FAILURE_LIMIT, staff, address)
+    assert PAUSED in sign_in(staff, PASSWORD, address)[1]
+    # Retries while paused do not extend the pause (else an attacker could keep an admin out for ever).
+    deadline = time.monotonic() + 10
+    while not (result := sign_in(staff, PASSWORD, address))[0] and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert result == (True, "")
