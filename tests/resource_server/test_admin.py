@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import re
 import secrets
@@ -15,6 +16,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.messages import get_messages
 from django.contrib.sessions.backends.db import SessionStore
+from django.core.management import call_command
 from django.test import Client
 
 from resource_server.models import ApiKey, Cluster, Endpoint, RequestLog, User
@@ -254,3 +256,13 @@ def test_pause_ends_after_the_lockout_time(staff: str, settings: Any) -> None:
     while not (result := sign_in(staff, PASSWORD, address))[0] and time.monotonic() < deadline:
         time.sleep(0.3)
     assert result == (True, "")
+
+
+def test_admin_lifts_a_pause_with_the_documented_commands(staff: str) -> None:
+    address = fresh_address()
+    fail_times(settings.AXES_FAILURE_LIMIT, staff, address)
+    assert PAUSED in sign_in(staff, PASSWORD, fresh_address())[1], "the username is paused"
+    call_command("axes_reset_username", staff, stdout=io.StringIO())
+    assert PAUSED in sign_in(staff, PASSWORD, address)[1], "the address is still paused"
+    call_command("axes_reset_ip", address, stdout=io.StringIO())
+    assert sign_in(staff, PASSWORD, address) == (True, "")
