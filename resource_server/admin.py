@@ -46,8 +46,8 @@ class ThrottledAdminAuthenticationForm(AdminAuthenticationForm):
             pause = _duration(settings.AXES_COOLOFF_TIME.total_seconds())
             return ValidationError(
                 f"Too many failed sign-ins from your network address or for this username. Sign-in is paused "
-                f"for {pause} after the last failure; the password was not checked. Try again later, or ask "
-                "another administrator to lift the pause (docs/admin-guide.md).",
+                f"for {pause}: until then no password is accepted, even the right one. Try again later, or "
+                "ask another administrator to lift the pause (admin guide, 'Admin sign-in throttle').",
                 code="locked_out",
             )
         return super().get_invalid_login_error()
