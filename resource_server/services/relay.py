@@ -229,10 +229,13 @@ class RedisRelayHub:
 
     prefix = "gateway:relay"
 
-    def __init__(self, url: str, *, max_pending: int, timeout: float = 2.0) -> None:
+    def __init__(
+        self, url: str, *, max_pending: int, timeout: float = 2.0, read_slice: float = _READ_SLICE_SECONDS
+    ) -> None:
         self._url = url
         self.max_pending = max_pending
         self.timeout = timeout
+        self.read_slice = read_slice
         # redis.asyncio connections belong to one event loop; tests and commands may run several.
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Clients] = weakref.WeakKeyDictionary()
 
@@ -267,7 +270,7 @@ class RedisRelayHub:
             ConnectionPool.from_url(
                 self._url,
                 max_connections=_MAX_READ_CONNECTIONS,
-                socket_timeout=_READ_SLICE_SECONDS + self.timeout,
+                socket_timeout=self.read_slice + self.timeout,
                 socket_connect_timeout=self.timeout,
                 # Not after a read timed out: Redis answered nothing for a whole slice plus the margin.
                 retry=Retry(backoff, 1, (RedisConnectionError,)),
@@ -317,10 +320,10 @@ class _RedisChannel:
         self._read_ids: list[bytes] = []
 
     async def read(self, wait: float) -> list[bytes]:
-        # A long wait is a series of XREADs of at most _READ_SLICE_SECONDS each (see the read pool's timeout).
+        # A long wait is a series of XREADs of at most `read_slice` s each (see the read pool's timeout).
         deadline = time.monotonic() + wait
         while True:
-            block = min(deadline - time.monotonic(), _READ_SLICE_SECONDS) if wait > 0 else 0.0
+            block = min(deadline - time.monotonic(), self._hub.read_slice) if wait > 0 else 0.0
             messages = await self._read_slice(block)
             if messages or deadline - time.monotonic() <= 0 or wait <= 0:
                 return messages
