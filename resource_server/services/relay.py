@@ -279,7 +279,12 @@ class RedisRelayHub:
         return _Clients(commands, reads, commands.register_script(_APPEND))
 
     def client(self) -> redis.Redis:
+        """For short commands."""
         return self._connection().commands
+
+    def reader(self) -> redis.Redis:
+        """For blocking reads of at most `read_slice` s."""
+        return self._connection().reads
 
     def keys(self, task_id: str) -> tuple[str, str]:
         return f"{self.prefix}:{{{task_id}}}:token", f"{self.prefix}:{{{task_id}}}:stream"
@@ -332,7 +337,7 @@ class _RedisChannel:
         # One round trip: drop what was read last time (so XLEN is the backlog), then wait in Redis for more
         # (XREAD BLOCK: it answers as soon as a message is appended).
         with _store_errors():
-            async with self._hub._connection().reads.pipeline(transaction=False) as pipe:
+            async with self._hub.reader().pipeline(transaction=False) as pipe:
                 if self._read_ids:
                     pipe.xdel(self._stream, *self._read_ids)
                 block = max(int(wait * 1000), 1) if wait > 0 else None
