@@ -110,6 +110,9 @@ class GatewaySettings(BaseSettings):
     RELAY_MAX_MESSAGE_BYTES: int = Field(default=1024 * 1024, ge=1024, le=8 * 1024 * 1024)
     # Messages a stream may have waiting for its client before the relay asks the function to back off.
     RELAY_MAX_PENDING_MESSAGES: int = Field(default=1000, ge=1, le=100_000)
+    # Longest wait for Redis (with REDIS_URL) to connect or answer a relay command, and the margin a stream's
+    # blocking read allows beyond its block. Past it the stream ends with 503 `relay_unavailable`.
+    RELAY_REDIS_TIMEOUT_SECONDS: float = Field(default=2.0, gt=0, le=60)
 
     @model_validator(mode="before")
     @classmethod
