@@ -41,7 +41,17 @@ import redis
 from psycopg import sql
 
 from benchmarks import loadgen, procfs
-from benchmarks.stack import HPC_MODEL, MODEL, REPO, _manage, _process, _wait_until_up, free_port, source_revision
+from benchmarks.stack import (
+    _MAKE_KEYS,
+    HPC_MODEL,
+    MODEL,
+    REPO,
+    _manage,
+    _process,
+    _wait_until_up,
+    free_port,
+    source_revision,
+)
 from tests.tcp_proxy import TcpProxy
 
 now = time.monotonic
@@ -71,9 +81,11 @@ class Kind:
 
 
 def _stream_body(model: str, tokens: int, per_second: float) -> dict[str, Any]:
-    # The fake model server paces the stream, so that streams are open when a fault strikes.
+    # The fake model server paces the stream, so that streams are open when a fault strikes; ignore_eos makes
+    # it send exactly `tokens`, so that a stream cut short but closed with [DONE] is noticed.
     fault = {"tokens_per_second": per_second}
-    return {"model": model, "messages": PROMPT, "max_tokens": tokens, "stream": True, "fake_vllm": fault}
+    body = {"model": model, "messages": PROMPT, "max_tokens": tokens, "ignore_eos": True, "stream": True}
+    return body | {"fake_vllm": fault}
 
 
 def kinds(timeout: float) -> dict[str, Kind]:
@@ -81,6 +93,8 @@ def kinds(timeout: float) -> dict[str, Kind]:
         kind.name: kind
         for kind in (
             Kind("chat", {"model": MODEL, "messages": PROMPT, "max_tokens": 8}, timeout),
+            # With an API key no worker has cached: the request path itself must reach the database.
+            Kind("cold-key chat", {"model": MODEL, "messages": PROMPT, "max_tokens": 8}, timeout),
             Kind("stream", _stream_body(MODEL, 30, 20.0), timeout),  # 1.5 s
             Kind("relay", _stream_body(HPC_MODEL, 30, 20.0), timeout),  # the compute path, through Redis
             # Opened just before the SIGTERM: still open when gunicorn's graceful_timeout runs out.
@@ -90,7 +104,9 @@ def kinds(timeout: float) -> dict[str, Kind]:
     }
 
 
-MIX = ("chat", "stream", "chat", "relay", "chat", "stream", "chat", "relay", "chat", "stream")  # 5 : 3 : 2
+MIX = ("chat", "stream", "relay", "chat", "stream", "cold-key chat", "chat", "relay", "chat", "stream")
+# Cold keys are used in turn; a key comes round again after longer than API_KEY_CACHE_SECONDS (30 s) at 3 per s.
+COLD_KEYS = 200
 
 # --- what came back ------------------------------------------------------------------------------
 
@@ -99,6 +115,8 @@ ERROR_EVENT = "200 error event"  # a stream that ended with an error event and [
 CUT = "200 cut"  # a stream that stopped before [DONE]: reset, or silent until the client timeout
 OUTCOMES = (OK, ERROR_EVENT, CUT, "4xx", "502", "503", "5xx", "timeout", "reset", "refused")
 UNANSWERED = frozenset(("timeout", "reset", "refused"))  # no status line: no request id, no row owed
+# Refusals before the caller is known (no user to charge) or before any work: no row is owed for them.
+BEFORE_AUTH = frozenset(("auth_unavailable", "globus_unavailable", "gateway_overloaded"))
 
 
 @dataclass(slots=True)
@@ -122,8 +140,9 @@ class Shot:
         return self.outcome == OK
 
 
-def outcome_of(status: int, stream: bool, body: bytes, error: str) -> tuple[str, str]:
-    """The outcome class of one exchange and its error code, from what the client received."""
+def outcome_of(status: int, stream: bool, body: bytes, error: str, tokens: int = 0) -> tuple[str, str]:
+    """The outcome class of one exchange and its error code, from what the client received; a stream
+    must end with [DONE] after `tokens` tokens."""
     if status == 0:
         return (error or "reset"), ""
     if status == 200:
@@ -136,7 +155,11 @@ def outcome_of(status: int, stream: bool, body: bytes, error: str) -> tuple[str,
                 code = _error_code(event[6:]) or "?"
         if error or not events or not events[-1].startswith(b"data: [DONE]"):
             return CUT, code
-        return (ERROR_EVENT if code else OK), code
+        if code:
+            return ERROR_EVENT, code
+        if sum(1 for event in events if b'"delta":{"content":' in event) < tokens:
+            return CUT, "short"  # ended as if complete, yet short of its tokens: worse than an error event
+        return OK, code
     code = _error_code(body)
     if 400 <= status < 500:
         return "4xx", code
@@ -175,9 +198,11 @@ class _Connection(loadgen.Connection):
 class Load:
     """Open-loop load: requests of the mix sent at `rate` per second whatever the answers, one connection each."""
 
-    def __init__(self, port: int, key: str, rate: float, timeout: float, tag: str) -> None:
+    def __init__(self, port: int, key: str, cold_keys: list[str], rate: float, timeout: float, tag: str) -> None:
         self.port = port
         self.key = key
+        self.cold_keys = cold_keys
+        self._cold_turn = 0
         self.rate = rate
         self.kinds = kinds(timeout)
         self.tag = tag
@@ -219,9 +244,13 @@ class Load:
 
     def _request(self, shot: Shot) -> bytes:
         body = orjson.dumps(self.kinds[shot.kind].body)
+        key = self.key
+        if shot.kind == "cold-key chat":
+            key = self.cold_keys[self._cold_turn % len(self.cold_keys)]
+            self._cold_turn += 1
         head = (
             f"POST /resource_server/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-            f"Content-Type: application/json\r\nAuthorization: Bearer {self.key}\r\n"
+            f"Content-Type: application/json\r\nAuthorization: Bearer {key}\r\n"
             f"X-Request-ID: {shot.client_id}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         )
         return head.encode() + body
@@ -249,7 +278,8 @@ class Load:
                 connection.abort()
                 shot.request_id, body = connection.request_id, bytes(connection.body)
             shot.status = exchange.status
-            shot.outcome, shot.code = outcome_of(shot.status, shot.stream, body, shot.error)
+            tokens = int(self.kinds[shot.kind].body["max_tokens"]) if shot.stream else 0
+            shot.outcome, shot.code = outcome_of(shot.status, shot.stream, body, shot.error, tokens)
 
     def open_streams(self) -> int:
         """Streams sent and not ended yet."""
@@ -296,12 +326,14 @@ class Tally:
 
     sent: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
-    rows_expected: int = 0  # answered requests: each must have exactly one row
+    before_auth: int = 0  # answered with a refusal before authentication (BEFORE_AUTH): no row owed
+    rows_expected: int = 0  # the other answered requests: each must have exactly one row
     rows_found: int = 0  # answered requests with at least one row
     missing: int = 0
     missing_by: dict[str, int] = field(default_factory=dict)  # "503 auth_unavailable" -> requests without a row
     duplicates: int = 0  # rows beyond the first for one request
     unanswered_with_row: int = 0  # a timeout or reset that the gateway did record
+    by_kind: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> outcome -> requests
 
 
 def tabulate(shots: Sequence[Shot], rows: Mapping[str, int]) -> Tally:
@@ -309,11 +341,16 @@ def tabulate(shots: Sequence[Shot], rows: Mapping[str, int]) -> Tally:
     tally = Tally(sent=len(shots))
     outcomes: Counter[str] = Counter(shot.outcome for shot in shots)
     missing_by: Counter[str] = Counter()
+    by_kind: dict[str, Counter[str]] = {}
     for shot in shots:
+        by_kind.setdefault(shot.kind, Counter())[shot.outcome] += 1
         found = rows.get(shot.client_id, 0)
         tally.duplicates += max(0, found - 1)
         if shot.outcome in UNANSWERED:
             tally.unanswered_with_row += found > 0
+            continue
+        if shot.code in BEFORE_AUTH:
+            tally.before_auth += 1
             continue
         tally.rows_expected += 1
         if found:
@@ -323,6 +360,7 @@ def tabulate(shots: Sequence[Shot], rows: Mapping[str, int]) -> Tally:
             missing_by[f"{shot.outcome} {shot.code}".strip()] += 1
     tally.outcomes = {name: outcomes[name] for name in OUTCOMES if outcomes[name]}
     tally.missing_by = dict(missing_by.most_common())
+    tally.by_kind = {kind: dict(counts.most_common()) for kind, counts in sorted(by_kind.items())}
     return tally
 
 
@@ -508,6 +546,7 @@ class Phase:
     ended: float = 0.0
     streams_open: int | None = None
     recovered: bool | None = None
+    restarted: float | None = None  # when the harness restarted a gateway that had not recovered
     notes: list[str] = field(default_factory=list)
     tally: Tally | None = None
     first_ok_s: float | None = None
@@ -651,6 +690,7 @@ async def _recover(rig: Rig, phase: Phase) -> None:
                 phase.recovered = attempt == 0
                 return
         if attempt == 0:
+            phase.restarted = now()
             log(f"{phase.name}: not serving normally {timing.recovery_max:.0f} s after the fault; restarting")
             phase.notes.append(
                 f"not serving normally {timing.recovery_max:.0f} s after the fault was lifted: "
@@ -735,10 +775,12 @@ def score(phases: list[Phase], shots: Sequence[Shot], rows: Mapping[str, int], s
         phase.tally = tabulate(mine, rows)
         if phase.lifted is None:
             continue
-        lifted = phase.lifted
-        first = first_success(mine, lifted)
-        since = healthy_since(mine, lifted, float("inf"), SETTLE)
-        again = rows_again(samples, lifted)
+        # How the gateway recovered by itself: what came after a restart by the harness does not count.
+        lifted, horizon = phase.lifted, phase.restarted or float("inf")
+        unaided = [shot for shot in mine if shot.sent < horizon]
+        first = first_success(unaided, lifted)
+        since = healthy_since(unaided, lifted, float("inf"), SETTLE)
+        again = rows_again([sample for sample in samples if sample[0] < horizon], lifted)
         phase.first_ok_s = None if first is None else round(first - lifted, 2)
         phase.all_ok_s = None if since is None else round(max(0.0, since - lifted), 2)
         phase.rows_again_s = None if again is None else round(again - lifted, 2)
@@ -774,8 +816,9 @@ def markdown(run: dict[str, Any]) -> str:
         f"cores, load average at the end {run['load_average_after'][0]:.1f}.",
         "",
         "| phase | sent | 200 ok | 200 error event | 200 cut | 4xx | 502 | 503 | other 5xx | timeout | reset/refused "
-        "| rows expected | rows found | missing | duplicate rows | first ok (s) | all ok from (s) | rows again (s) |",
-        "|---|" + "---:|" * 17,
+        "| refused before auth | rows owed | rows found | missing | duplicate rows | first ok (s) | all ok from (s) "
+        "| rows again (s) |",
+        "|---|" + "---:|" * 18,
     ]
     for phase in run["phases"]:
         tally, outcomes = phase["tally"], phase["tally"]["outcomes"]
@@ -784,6 +827,7 @@ def markdown(run: dict[str, Any]) -> str:
             tally["sent"],
             *(outcomes.get(name, 0) for name in (OK, ERROR_EVENT, CUT, "4xx", "502", "503", "5xx", "timeout")),
             outcomes.get("reset", 0) + outcomes.get("refused", 0),
+            tally["before_auth"],
             tally["rows_expected"],
             tally["rows_found"],
             tally["missing"],
@@ -798,7 +842,10 @@ def markdown(run: dict[str, Any]) -> str:
         "",
         "Recovery is counted from the moment the fault was lifted (proxy restored, worker killed, gateway or model "
         "server started again). *first ok*: the first request sent after it answered in full; *all ok from*: the "
-        "send time from which every request succeeded; *rows again*: the first new usage row in the database.",
+        "send time from which every request succeeded; *rows again*: the first new usage row in the database; "
+        "*never*: not before the run moved on (or restarted the gateway). *200 cut*: a stream that stopped before "
+        "`[DONE]`. *Refused before auth*: 503 `auth_unavailable` or `gateway_overloaded`, which identify no user "
+        "to charge, so no row is owed; every other answer owes exactly one row.",
         "",
     ]
     for phase in run["phases"]:
@@ -806,6 +853,13 @@ def markdown(run: dict[str, Any]) -> str:
         if phase["fault"]:
             details.insert(0, f"{phase['fault']}; {phase['streams_open']} streams open at that moment")
         tally = phase["tally"]
+        failing = {
+            kind: ", ".join(f"{outcome} x{n}" for outcome, n in outcomes.items() if outcome != OK)
+            for kind, outcomes in tally["by_kind"].items()
+            if set(outcomes) - {OK}
+        }
+        if failing:
+            details.append("by kind: " + "; ".join(f"{kind}: {text}" for kind, text in failing.items()))
         if tally["missing_by"]:
             details.append(
                 "answered without a usage row: " + ", ".join(f"{key} x{n}" for key, n in tally["missing_by"].items())
@@ -876,6 +930,7 @@ def _run(stack: ExitStack, options: argparse.Namespace, timing: Timing, label: s
     _manage(REPO, env, "migrate", "--verbosity", "0")
     _manage(REPO, env, "seed_demo", "--model-url", f"http://127.0.0.1:{fake_port}/v1", "--model", MODEL)
     key = _manage(REPO, env, "create_api_key", "--user", "chaos@example.org", "--name", "chaos").strip()
+    cold_keys = _manage(REPO, env, "shell", "--no-imports", "-c", _MAKE_KEYS.format(count=COLD_KEYS)).split()
 
     # Both model names: the compute function asks the model server for the model by its endpoint's name.
     models = ["--model", MODEL, "--model", HPC_MODEL]
@@ -908,13 +963,18 @@ def _run(stack: ExitStack, options: argparse.Namespace, timing: Timing, label: s
     gateway.start()
     log(f"gateway on port {gateway_port} (log {workdir / 'gateway.log'}), model server on port {fake_port}")
 
-    load = Load(gateway_port, key, options.rate, options.timeout, f"chaos-{os.getpid()}")
+    load = Load(gateway_port, key, cold_keys, options.rate, options.timeout, f"chaos-{os.getpid()}")
     rig = Rig(gateway, fake, postgres_proxy, redis_proxy, load, timing, database_url)
     phases = asyncio.run(campaign(rig))
 
     with psycopg.connect(database_url, connect_timeout=10) as connection:
         rows, in_database = usage_rows(connection)
     score(phases, load.shots, rows, rig.samples)
+    if options.keep_logs:
+        options.out.mkdir(parents=True, exist_ok=True)
+        with (options.out / f"{label}-requests.jsonl").open("wb") as requests:
+            for shot in load.shots:
+                requests.write(orjson.dumps({**asdict(shot), "rows": rows.get(shot.client_id, 0)}) + b"\n")
     answered = [shot for shot in load.shots if shot.outcome not in UNANSWERED]
     return {
         "phases": [asdict(phase) for phase in phases],
@@ -940,7 +1000,7 @@ def _keep_logs(workdir: Path, out: Path, label: str) -> None:
 def _relative(phases: list[dict[str, Any]], origin: float) -> None:
     """Phase times as seconds since the run began, which a reader can follow."""
     for phase in phases:
-        for name in ("started", "injected", "lifted", "ended"):
+        for name in ("started", "injected", "lifted", "restarted", "ended"):
             if phase[name] is not None:
                 phase[name] = round(phase[name] - origin, 2)
 
