@@ -564,6 +564,7 @@ class Rig:
     timing: Timing
     database_url: str  # direct, not through the proxy: the harness counts rows while the gateway cannot
     samples: list[tuple[float, int]] = field(default_factory=list)  # (time, usage rows in the database)
+    aborted: str = ""  # why the run stopped before the last fault, if it did
 
 
 async def _sample_rows(url: str, samples: list[tuple[float, int]]) -> None:
@@ -664,8 +665,8 @@ async def kill_model_server(rig: Rig, phase: Phase) -> None:
 
 def faults(timing: Timing) -> list[tuple[str, str, Any]]:
     return [
-        ("PostgreSQL cut", f"PostgreSQL unreachable for {timing.db_cut:.0f} s", cut_postgres),
-        ("Redis cut", f"Redis unreachable for {timing.redis_cut:.0f} s", cut_redis),
+        (f"PostgreSQL cut {timing.db_cut:.0f} s", "PostgreSQL unreachable (TCP proxy cut)", cut_postgres),
+        (f"Redis cut {timing.redis_cut:.0f} s", "Redis unreachable (TCP proxy cut)", cut_redis),
         ("worker SIGKILL", "one gunicorn worker killed with SIGKILL", kill_worker),
         ("gateway SIGTERM", "SIGTERM to the gunicorn master with streams open, then started again", sigterm_gateway),
         (
@@ -741,24 +742,30 @@ async def campaign(rig: Rig) -> list[Phase]:
     rig.load.start()
     phases: list[Phase] = []
     try:
-        log("warming up")
-        phases.append(await _warm_up(rig))
-        phase = Phase("steady load", now())
-        log(f"steady load for {rig.timing.baseline:.0f} s")
-        await asyncio.sleep(rig.timing.baseline)
-        phase.ended = now()
-        phases.append(phase)
-        for name, description, inject in faults(rig.timing):
-            phase = Phase(name, now(), fault=description)
-            await asyncio.sleep(rig.timing.lead_in)
-            await inject(rig, phase)
-            await _recover(rig, phase)
+        try:
+            log("warming up")
+            phases.append(await _warm_up(rig))
+            phase = Phase("steady load", now())
+            log(f"steady load for {rig.timing.baseline:.0f} s")
+            await asyncio.sleep(rig.timing.baseline)
             phase.ended = now()
             phases.append(phase)
-            log(f"{name}: {'recovered' if phase.recovered else 'did not recover by itself'}")
+            for name, description, inject in faults(rig.timing):
+                phase = Phase(name, now(), fault=description)
+                phases.append(phase)
+                await asyncio.sleep(rig.timing.lead_in)
+                await inject(rig, phase)
+                await _recover(rig, phase)
+                phase.ended = now()
+                log(f"{name}: {'recovered' if phase.recovered else 'did not recover by itself'}")
+        except Exception as exc:
+            # Report what was seen up to here: the requests sent and the rows written are still the truth.
+            rig.aborted = f"{type(exc).__name__}: {exc}"
+            log(f"the run stops early: {rig.aborted}")
         log("stopping the load; waiting for the requests in flight")
         await rig.load.stop()
-        phases[-1].ended = now()
+        if phases:
+            phases[-1].ended = now()
         log("waiting for the last usage rows")
         await _settle(rig.database_url, rig.timing)
     finally:
@@ -815,6 +822,7 @@ def markdown(run: dict[str, Any]) -> str:
         f"2 uvicorn workers on PostgreSQL and Redis (each behind a cuttable TCP proxy); {run['machine']['cores']} "
         f"cores, load average at the end {run['load_average_after'][0]:.1f}.",
         "",
+        *([f"**The run stopped early**: {run['aborted']}", ""] if run["aborted"] else []),
         "| phase | sent | 200 ok | 200 error event | 200 cut | 4xx | 502 | 503 | other 5xx | timeout | reset/refused "
         "| refused before auth | rows owed | rows found | missing | duplicate rows | first ok (s) | all ok from (s) "
         "| rows again (s) |",
@@ -977,6 +985,7 @@ def _run(stack: ExitStack, options: argparse.Namespace, timing: Timing, label: s
                 requests.write(orjson.dumps({**asdict(shot), "rows": rows.get(shot.client_id, 0)}) + b"\n")
     answered = [shot for shot in load.shots if shot.outcome not in UNANSWERED]
     return {
+        "aborted": rig.aborted,
         "phases": [asdict(phase) for phase in phases],
         "totals": {
             "sent": len(load.shots),
@@ -1007,6 +1016,7 @@ def _relative(phases: list[dict[str, Any]], origin: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped with SIGTERM, still clean up
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (`cmd &`)
     options = _arguments(argv)
     timing = QUICK if options.quick else FULL
     label = options.label or f"{'chaos-quick' if options.quick else 'chaos'}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
@@ -1042,4 +1052,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        log("interrupted; everything it started is stopped and removed")
+        sys.exit(130)
