@@ -44,7 +44,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
 
 ## chaos: faults under load (PostgreSQL and Redis cuts, worker SIGKILL, SIGTERM, model server kill), about
-## 6 minutes; needs PostgreSQL and Redis (DATABASE_URL / REDIS_URL name the servers). See docs/reliability.md
+## 5 minutes; needs PostgreSQL and Redis (DATABASE_URL / REDIS_URL name the servers). See docs/reliability.md
 chaos: $(STAMP)
 	$(BIN)/python -m benchmarks.chaos $(CHAOS_ARGS)
 

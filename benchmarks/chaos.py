@@ -116,7 +116,7 @@ CUT = "200 cut"  # a stream that stopped before [DONE]: reset, or silent until t
 OUTCOMES = (OK, ERROR_EVENT, CUT, "4xx", "502", "503", "5xx", "timeout", "reset", "refused")
 UNANSWERED = frozenset(("timeout", "reset", "refused"))  # no status line: no request id, no row owed
 # Refusals before the caller is known (no user to charge) or before any work: no row is owed for them.
-BEFORE_AUTH = frozenset(("auth_unavailable", "globus_unavailable", "gateway_overloaded"))
+BEFORE_AUTH = frozenset(("auth_unavailable", "auth_busy", "globus_unavailable", "gateway_overloaded"))
 
 
 @dataclass(slots=True)
@@ -852,8 +852,8 @@ def markdown(run: dict[str, Any]) -> str:
         "server started again). *first ok*: the first request sent after it answered in full; *all ok from*: the "
         "send time from which every request succeeded; *rows again*: the first new usage row in the database; "
         "*never*: not before the run moved on (or restarted the gateway). *200 cut*: a stream that stopped before "
-        "`[DONE]`. *Refused before auth*: 503 `auth_unavailable` or `gateway_overloaded`, which identify no user "
-        "to charge, so no row is owed; every other answer owes exactly one row.",
+        "`[DONE]`. *Refused before auth*: 503 `auth_unavailable`, `auth_busy` or `gateway_overloaded`, which name "
+        "no user to charge, so no row is owed; every other answer owes exactly one row.",
         "",
     ]
     for phase in run["phases"]:
