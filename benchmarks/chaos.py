@@ -377,7 +377,9 @@ def usage_rows(connection: psycopg.Connection[Any]) -> tuple[Counter[str], int]:
     columns = [
         name
         for (name,) in connection.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = %s", (TABLE,)
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = %s",
+            (TABLE,),
         )
     ]
     client_column = next((name for name in columns if name.endswith("request_id") and name != "request_id"), None)

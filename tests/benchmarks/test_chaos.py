@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from benchmarks.chaos import CUT, ERROR_EVENT, OK, Shot, healthy_since, outcome_of, rows_again, tabulate
+import psycopg
+import pytest
+from django.db import connection
+
+from benchmarks.chaos import CUT, ERROR_EVENT, OK, Shot, healthy_since, outcome_of, rows_again, tabulate, usage_rows
+from resource_server.models import RequestLog, User
+from tests.servers import server_database_url
 
 DONE = b"data: [DONE]\n\n"
 TOKEN = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
@@ -72,3 +78,19 @@ def test_rows_are_written_again_at_the_first_sample_above_the_count_at_the_lift(
     samples = [(9.0, 100), (10.0, 120), (10.5, 120), (11.0, 120), (11.5, 121), (12.0, 150)]
     assert rows_again(samples, 10.2) == 11.5
     assert rows_again(samples[:4], 10.2) is None
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="needs DATABASE_URL pointing at PostgreSQL")
+def test_usage_rows_are_counted_in_the_database_by_the_id_the_client_sent() -> None:
+    user = User.objects.create(identity_id="id-chaos", username="chaos@example.org")
+    client_column = any(field.name == "client_request_id" for field in RequestLog._meta.get_fields())
+    for index, sent in enumerate(["chaos-1-000001", "chaos-1-000002", "someone-else"]):
+        ids = {"request_id": sent}
+        if client_column:  # once rows are keyed by the gateway's own id, the caller's is kept beside it
+            ids = {"request_id": f"gateway{index:025d}", "client_request_id": sent}
+        RequestLog.objects.create(user=user, route="chat/completions", status_code=200, latency_ms=1.0, **ids)
+    with psycopg.connect(server_database_url()) as database:
+        rows, total = usage_rows(database)
+    assert total == 3
+    assert (rows["chaos-1-000001"], rows["chaos-1-000002"], rows["chaos-1-000003"]) == (1, 1, 0)
