@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import shlex
@@ -225,13 +226,13 @@ class Load:
 
     async def _pace(self) -> None:
         started, sent = now(), 0
-        while True:
+        for turn in itertools.count():
             due = started + sent / self.rate
             if now() - due > 1.0:  # the harness was held up: carry on at the rate rather than burst
                 started, sent = now(), 0
                 due = started
             await asyncio.sleep(max(0.0, due - now()))
-            self.fire(MIX[sent % len(MIX)])
+            self.fire(MIX[turn % len(MIX)])
             sent += 1
 
     def fire(self, kind: str) -> Shot:
@@ -445,6 +446,10 @@ def redis_database(server_url: str, number: int | None) -> Iterator[str]:
         probe.close()
     for index in [number] if number is not None else range(count - 1, -1, -1):
         client = connect(index)
+        owner = client.get(CLAIM)
+        if owner is not None and not Path(f"/proc/{int(owner)}").exists():
+            client.flushdb()  # left by a run that was killed outright
+            log(f"emptied Redis database {index}, left by a run that was killed")
         if client.set(CLAIM, str(os.getpid()), nx=True):
             if client.dbsize() == 1:
                 break
