@@ -12,12 +12,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError
 from pydantic import BaseModel, ValidationError
 
 from resource_server.auth.base import Principal
+from resource_server.db import db_run
 from resource_server.dispatch.registry import BACKENDS
 from resource_server.errors import NotFound, PermissionDenied, ServiceUnavailable
 from resource_server.models import Cluster, Endpoint
@@ -138,7 +138,7 @@ async def _reload_table() -> RoutingTable:
     global _table
     now = time.monotonic()
     try:
-        _table = await sync_to_async(_load_table)()
+        _table = await db_run(_load_table)
     except DatabaseError:
         if _table.loaded_at == float("-inf"):
             raise ServiceUnavailable(

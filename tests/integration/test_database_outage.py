@@ -11,10 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from django.db import connection
 
-from resource_server.models import RequestLog
+from resource_server.models import Endpoint, RequestLog
+from resource_server.services.api_keys import api_key_create
 from tests.conftest import Seeded, seed
 from tests.servers import gateway_server
 from tests.tcp_proxy import TcpProxy
@@ -90,3 +92,90 @@ def test_usage_left_at_shutdown_is_spooled_and_replayed_by_the_next_start(
         fresh = _chat(url, seeded)
         assert _wait_for_rows([stranded, fresh], timeout=20)
     assert not list((tmp_path / "usage-spool").iterdir())
+
+
+def _worker_pids(url: str) -> set[int]:
+    """The gunicorn workers behind `url`: the master's children (they share its listening socket)."""
+    port = int(url.rpartition(":")[2])
+    holder = next(
+        psutil.Process(conn.pid)
+        for conn in psutil.net_connections("tcp")
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid is not None
+    )
+    master = holder if holder.children() else holder.parent()
+    assert master is not None
+    return {child.pid for child in master.children()}
+
+
+def _answered_by(response: httpx.Response, workers: set[int]) -> int:
+    """The worker holding the server end of the connection `response` came on (still open: keep-alive)."""
+    client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+    for pid in workers:
+        if any(conn.raddr and conn.raddr.port == client_port for conn in psutil.Process(pid).net_connections("tcp")):
+            return pid
+    raise AssertionError(f"no worker holds the connection from port {client_port}")
+
+
+def _until_every_worker_answered(
+    url: str, workers: set[int], auth: dict[str, str], body: dict[str, object], deadline: float
+) -> dict[int, list[httpx.Response]]:
+    """Requests on new connections until each worker has answered 200 (or the deadline), by worker."""
+    answers: dict[int, list[httpx.Response]] = {pid: [] for pid in workers}
+    while time.monotonic() < deadline and not all(
+        any(answer.status_code == 200 for answer in worker_answers) for worker_answers in answers.values()
+    ):
+        with httpx.Client(timeout=20) as client:
+            response = client.post(f"{url}/resource_server/v1/chat/completions", json=body, headers=auth)
+            answers[_answered_by(response, workers)].append(response)
+    return answers
+
+
+def test_cached_keys_and_routes_are_served_through_an_outage_on_every_worker(
+    proxy: TcpProxy, model_server: str, tmp_path: Path
+) -> None:
+    seeded = seed(model_server)
+    # Both caches expire within the outage: what is served then is what the workers knew before it.
+    env = _env(proxy, tmp_path) | {"ROUTING_CACHE_SECONDS": "1", "API_KEY_CACHE_SECONDS": "1"}
+    with gateway_server(env, workers=2) as url:
+        workers = _worker_pids(url)
+        assert len(workers) == 2
+        warm = _until_every_worker_answered(url, workers, seeded.auth, CHAT, time.monotonic() + 60)
+        assert all(response.status_code == 200 for answers in warm.values() for response in answers)
+        proxy.cut()
+        time.sleep(3)
+        during = _until_every_worker_answered(url, workers, seeded.auth, CHAT, time.monotonic() + 30)
+        refused = [(pid, r.status_code, r.text) for pid, answers in during.items() for r in answers if r.is_error]
+        assert not refused, "a key and a route used before the outage must keep being served during it"
+        request_ids = [response.headers["x-request-id"] for answers in during.values() for response in answers]
+        assert not _wait_for_rows(request_ids, timeout=1), "rows cannot be written while the database is away"
+        proxy.restore()
+        assert _wait_for_rows(request_ids, timeout=40)
+
+
+def test_every_worker_reads_the_database_again_within_5_s_of_its_return(
+    proxy: TcpProxy, model_server: str, tmp_path: Path
+) -> None:
+    seeded = seed(model_server)
+    env = _env(proxy, tmp_path) | {"ROUTING_CACHE_SECONDS": "1", "API_KEY_CACHE_SECONDS": "1"}
+    with gateway_server(env, workers=2) as url:
+        workers = _worker_pids(url)
+        assert len(workers) == 2
+        warm = _until_every_worker_answered(url, workers, seeded.auth, CHAT, time.monotonic() + 60)
+        assert all(answers for answers in warm.values())
+        proxy.cut()  # drops the connections every worker holds open
+        time.sleep(3)  # long enough for each worker to try its routing table again and fail
+        proxy.restore()
+        back = time.monotonic()
+        # Only the database knows these: a key created and a model added after the outage.
+        _, new_key = api_key_create(owner=seeded.user, name="made after the outage")
+        Endpoint.objects.create(
+            cluster=seeded.cluster,
+            framework="vllm",
+            model="org/model.v1",
+            backend="direct",
+            backend_config={"base_url": model_server, "read_timeout": 5},
+        )
+        body = {**CHAT, "model": "org/model.v1"}
+        answers = _until_every_worker_answered(url, workers, {"Authorization": f"Bearer {new_key}"}, body, back + 5)
+        late = {pid: [r.status_code for r in got] for pid, got in answers.items() if all(r.is_error for r in got)}
+        assert not late, f"workers still failing 5 s after the database returned: {late}"
