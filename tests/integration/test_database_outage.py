@@ -15,10 +15,11 @@ import psutil
 import pytest
 from django.db import connection
 
+from resource_server.fakes.globus import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET
 from resource_server.models import Endpoint, RequestLog
 from resource_server.services.api_keys import api_key_create
-from tests.conftest import Seeded, seed
-from tests.servers import gateway_server
+from tests.conftest import seed
+from tests.servers import fake_globus_server, gateway_server
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [
@@ -50,8 +51,8 @@ def _env(proxy: TcpProxy, data_dir: Path) -> dict[str, str]:
     }
 
 
-def _chat(url: str, seeded: Seeded) -> str:
-    response = httpx.post(f"{url}/resource_server/v1/chat/completions", json=CHAT, headers=seeded.auth, timeout=20)
+def _chat(url: str, auth: dict[str, str]) -> str:
+    response = httpx.post(f"{url}/resource_server/v1/chat/completions", json=CHAT, headers=auth, timeout=20)
     assert response.status_code == 200, response.text
     return response.headers["x-request-id"]
 
@@ -70,9 +71,9 @@ def test_usage_written_during_an_outage_arrives_when_the_database_returns(
 ) -> None:
     seeded = seed(model_server)
     with gateway_server(_env(proxy, tmp_path)) as url:
-        assert _wait_for_rows([_chat(url, seeded)], timeout=10)
+        assert _wait_for_rows([_chat(url, seeded.auth)], timeout=10)
         proxy.cut()
-        during = [_chat(url, seeded), _chat(url, seeded)]
+        during = [_chat(url, seeded.auth), _chat(url, seeded.auth)]
         assert not _wait_for_rows(during, timeout=1), "rows cannot be written while the database is away"
         proxy.restore()
         assert _wait_for_rows(during, timeout=40)
@@ -83,13 +84,13 @@ def test_usage_left_at_shutdown_is_spooled_and_replayed_by_the_next_start(
 ) -> None:
     seeded = seed(model_server)
     with gateway_server(_env(proxy, tmp_path)) as url:
-        _chat(url, seeded)
+        _chat(url, seeded.auth)
         proxy.cut()
-        stranded = _chat(url, seeded)
+        stranded = _chat(url, seeded.auth)
     assert list((tmp_path / "usage-spool").glob("usage-*.jsonl")), "unwritten records must be spooled at shutdown"
     proxy.restore()
     with gateway_server(_env(proxy, tmp_path)) as url:
-        fresh = _chat(url, seeded)
+        fresh = _chat(url, seeded.auth)
         assert _wait_for_rows([stranded, fresh], timeout=20)
     assert not list((tmp_path / "usage-spool").iterdir())
 
@@ -179,3 +180,28 @@ def test_every_worker_reads_the_database_again_within_5_s_of_its_return(
         answers = _until_every_worker_answered(url, workers, {"Authorization": f"Bearer {new_key}"}, body, back + 5)
         late = {pid: [r.status_code for r in got] for pid, got in answers.items() if all(r.is_error for r in got)}
         assert not late, f"workers still failing 5 s after the database returned: {late}"
+
+
+def test_a_globus_user_checked_before_the_outage_keeps_being_served_during_it(
+    proxy: TcpProxy, model_server: str, tmp_path: Path
+) -> None:
+    seed(model_server)
+    with fake_globus_server() as globus_url:
+        token = httpx.post(
+            f"{globus_url}fake/tokens", json={"identity": {"username": "ada@anl.gov", "name": "Ada Lovelace"}}
+        ).json()["token"]
+        env = _env(proxy, tmp_path) | {
+            "GLOBUS_SDK_SERVICE_URL_AUTH": globus_url,
+            "GLOBUS_SDK_SERVICE_URL_GROUPS": globus_url,
+            "GLOBUS_CLIENT_ID": DEMO_CLIENT_ID,
+            "GLOBUS_CLIENT_SECRET": DEMO_CLIENT_SECRET,
+            # The token is checked again at Globus during the outage; only the database is away.
+            "GLOBUS_TOKEN_CACHE_SECONDS": "1",
+        }
+        with gateway_server(env) as url:
+            assert _wait_for_rows([_chat(url, {"Authorization": f"Bearer {token}"})], timeout=10)
+            proxy.cut()
+            time.sleep(2)
+            during = _chat(url, {"Authorization": f"Bearer {token}"})
+            proxy.restore()
+            assert _wait_for_rows([during], timeout=40)
