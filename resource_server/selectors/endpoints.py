@@ -64,12 +64,15 @@ class EndpointRoute:
 class RoutingTable:
     by_model: dict[str, list[EndpointRoute]] = field(default_factory=dict)
     clusters: frozenset[str] = frozenset()
-    loaded_at: float = float("-inf")
+    loaded_at: float = float("-inf")  # when it counts as loaded, for its lifetime; moved on by failed reloads
+    read_at: float = float("-inf")  # when the database last answered
 
 
 _table = RoutingTable()
 _reload: asyncio.Task[RoutingTable] | None = None
 _RETRY_AFTER_DB_ERROR = 2.0
+_OUTAGE_LOG_INTERVAL = 10.0  # an outage is retried every _RETRY_AFTER_DB_ERROR, but not logged every time
+_outage_logged_at = float("-inf")
 
 
 def _load_table() -> RoutingTable:
@@ -104,7 +107,8 @@ def _load_table() -> RoutingTable:
             )
         )
     clusters = frozenset(Cluster.objects.values_list("name", flat=True))
-    return RoutingTable(by_model=dict(by_model), clusters=clusters, loaded_at=time.monotonic())
+    now = time.monotonic()
+    return RoutingTable(by_model=dict(by_model), clusters=clusters, loaded_at=now, read_at=now)
 
 
 async def routing_table() -> RoutingTable:
@@ -135,7 +139,7 @@ def _start_reload() -> asyncio.Task[RoutingTable]:
 
 
 async def _reload_table() -> RoutingTable:
-    global _table
+    global _table, _outage_logged_at
     now = time.monotonic()
     try:
         _table = await db_run(_load_table)
@@ -147,7 +151,9 @@ async def _reload_table() -> RoutingTable:
                 code="registry_unavailable",
             ) from None
         # Keep serving what we knew during a database outage; try again in a few seconds.
-        logger.warning("database unavailable; routing with the table loaded %.0f s ago", now - _table.loaded_at)
+        if now - _outage_logged_at >= _OUTAGE_LOG_INTERVAL:
+            _outage_logged_at = now
+            logger.warning("database unavailable; routing with the table read %.0f s ago", now - _table.read_at)
         _table.loaded_at = now - settings.GATEWAY.ROUTING_CACHE_SECONDS / 2 + _RETRY_AFTER_DB_ERROR
     return _table
 
