@@ -52,14 +52,16 @@ def _run_on_usable_connection(function: Callable[P, T], /, *args: P.args, **kwar
 def connections_prepare() -> bool:
     """Django's close_old_connections for this thread, minus its health probe of a healthy connection.
 
-    Drops each connection that had an error since its last commit and fails a probe, that outlived
-    CONN_MAX_AGE, or whose autocommit was left changed. Returns whether a connection is kept for reuse.
+    Drops each connection that had an error since its last commit and fails a probe, that outlived a
+    positive CONN_MAX_AGE, or whose autocommit was left changed. Returns whether a connection is kept.
+    CONN_MAX_AGE=0 means "one connection per request" to Django; this thread serves no request, and a
+    connection per call would cost a connect on every cache miss, so it keeps its connection then.
     """
     kept = False
     for conn in connections.all(initialized_only=True):
         if conn.connection is None:
             continue
-        obsolete = conn.close_at is not None and time.monotonic() >= conn.close_at
+        obsolete = bool(conn.settings_dict["CONN_MAX_AGE"]) and time.monotonic() >= (conn.close_at or float("inf"))
         if conn.errors_occurred or obsolete or conn.get_autocommit() != conn.settings_dict["AUTOCOMMIT"]:
             # Django's own rule; it probes only a connection that had an error, and closes on failure.
             conn.close_if_unusable_or_obsolete()
