@@ -26,6 +26,11 @@ from django.db import InterfaceError, OperationalError, connections
 P = ParamSpec("P")
 T = TypeVar("T")
 
+# How long a request waits for the database when it has an earlier answer to fall back on (a key checked
+# before, the routing table it has): a database that stops answering, rather than refusing connections,
+# would otherwise hold such requests until the network gives up, minutes later.
+DATABASE_PATIENCE_SECONDS = 2.0
+
 
 async def db_run(function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     """Run `function` (ORM code; it must be safe to run twice) in the worker's ORM thread.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -20,7 +21,7 @@ from resource_server.auth.base import AuthKind, Principal
 from resource_server.auth.globus import group_memberships, require_gateway_groups
 from resource_server.auth.sealing import unseal
 from resource_server.cache import LocalTTLCache
-from resource_server.db import db_run
+from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
 from resource_server.errors import AuthenticationFailed, GatewayError, PermissionDenied, ServiceUnavailable
 from resource_server.models import ApiKey
 from resource_server.services.users import LOCAL_PROVIDER
@@ -61,6 +62,7 @@ class _CheckedKey:
     expires_at: datetime | None
     checked_at: float  # time.monotonic() of the read that vouched for the key
     fresh_until: float  # past this the key is read again before it is trusted
+    failing: bool = False  # the last read could not be made: served from before, within the outage grace
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,20 +118,24 @@ class ApiKeyAuthenticator:
             refusal = self._refused.get(digest)
             if refusal is not None:
                 raise refusal.error_now()
-            checked = await self._check_once(token, digest, known=checked is not None)
+            checked = await self._check_once(token, digest, stale=checked)
         if checked.expires_at is not None and checked.expires_at <= timezone.now():
             raise self._refuse(digest, _expired())
         return checked.principal
 
-    async def _check_once(self, token: str, digest: str, *, known: bool) -> _CheckedKey:
+    async def _check_once(self, token: str, digest: str, *, stale: _CheckedKey | None) -> _CheckedKey:
         """One database read per key at a time: requests that find it uncached together share the read.
 
         Without this, every request in flight when a busy key's cache entry expires queues its own read
         behind the single sync_to_async thread, and all of them wait for all of those reads.
+
+        A key known from before (`stale`) waits for the read at most DATABASE_PATIENCE_SECONDS, and not
+        at all once a read has failed: a database that stops answering, rather than refusing, must not
+        hold requests that the outage grace would let through.
         """
         pending = self._checking.get(digest)
         if pending is None or pending.get_loop() is not asyncio.get_running_loop():
-            if known:
+            if stale is not None:
                 pending = asyncio.ensure_future(self._check(token, digest))
             else:
                 if self._unknown_pending >= _UNKNOWN_KEYS_PENDING:
@@ -142,7 +148,16 @@ class ApiKeyAuthenticator:
                 pending = asyncio.ensure_future(self._check_unknown(token, digest))
             self._checking[digest] = pending
             pending.add_done_callback(lambda done: self._forget_check(digest, done))
-        # Shielded: a caller that goes away must not cancel the read the others wait for.
+        # Shielded: a caller that goes away, or stops waiting, must not cancel the read the others wait for.
+        if stale is not None:
+            if not stale.failing:
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(asyncio.shield(pending), DATABASE_PATIENCE_SECONDS)
+            if pending.done():
+                return await pending  # it ended just now: its answer, whatever it is
+            fallback = self._stale(digest)
+            if fallback is not None:
+                return fallback
         return await asyncio.shield(pending)
 
     def _forget_check(self, digest: str, done: asyncio.Future[_CheckedKey]) -> None:
@@ -229,7 +244,7 @@ class ApiKeyAuthenticator:
                 "the last %.0f s (AUTH_OUTAGE_GRACE_SECONDS)",
                 grace,
             )
-        retry = replace(stale, fresh_until=now + _RETRY_AFTER_UNAVAILABLE)
+        retry = replace(stale, fresh_until=now + _RETRY_AFTER_UNAVAILABLE, failing=True)
         self._known.set(digest, retry, stale.checked_at + grace - now)
         return retry
 

@@ -17,7 +17,7 @@ from django.db import DatabaseError
 from pydantic import BaseModel, ValidationError
 
 from resource_server.auth.base import Principal
-from resource_server.db import db_run
+from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
 from resource_server.dispatch.registry import BACKENDS
 from resource_server.errors import NotFound, PermissionDenied, ServiceUnavailable
 from resource_server.models import Cluster, Endpoint
@@ -66,6 +66,7 @@ class RoutingTable:
     clusters: frozenset[str] = frozenset()
     loaded_at: float = float("-inf")  # when it counts as loaded, for its lifetime; moved on by failed reloads
     read_at: float = float("-inf")  # when the database last answered
+    failing: bool = False  # the last reload failed: requests use this table and never wait for a reload
 
 
 _table = RoutingTable()
@@ -115,16 +116,25 @@ async def routing_table() -> RoutingTable:
     """The current table. Past half its lifetime it is reloaded in the background while requests keep
     using it, so a busy worker never waits for the database; only a table past its whole lifetime (an idle
     worker, or the first request) is waited for, so admin changes still apply within ROUTING_CACHE_SECONDS.
+    During a database outage (a reload failed, or took longer than DATABASE_PATIENCE_SECONDS) requests
+    use the table they have and reloads are tried in the background every few seconds.
     """
     age = time.monotonic() - _table.loaded_at
     lifetime = settings.GATEWAY.ROUTING_CACHE_SECONDS
     if age < lifetime / 2:
         return _table
     reload = _start_reload()
-    if age < lifetime:
+    if age < lifetime or _table.failing:
         return _table
-    # Shielded: a caller that goes away must not cancel the read the others wait for.
-    return await asyncio.shield(reload)
+    # Shielded: a caller that goes away, or stops waiting, must not cancel the read the others wait for.
+    if _table.read_at == float("-inf"):
+        return await asyncio.shield(reload)
+    try:
+        return await asyncio.wait_for(asyncio.shield(reload), DATABASE_PATIENCE_SECONDS)
+    except TimeoutError:
+        # The database is slow to answer: route with what we have; the reload goes on and replaces it.
+        _table.failing = True
+        return _table
 
 
 def _start_reload() -> asyncio.Task[RoutingTable]:
@@ -155,6 +165,7 @@ async def _reload_table() -> RoutingTable:
             _outage_logged_at = now
             logger.warning("database unavailable; routing with the table read %.0f s ago", now - _table.read_at)
         _table.loaded_at = now - settings.GATEWAY.ROUTING_CACHE_SECONDS / 2 + _RETRY_AFTER_DB_ERROR
+        _table.failing = True
     return _table
 
 

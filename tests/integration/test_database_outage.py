@@ -6,6 +6,9 @@ looks like from the gateway: connections refused and open ones dropped.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,10 +33,39 @@ pytestmark = [
 CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
+class StallingProxy(TcpProxy):
+    """A TcpProxy that can also stall: connections stay open and new ones are accepted, but nothing is
+    passed on until it resumes. That is a database that stops answering rather than refusing (a hung
+    server, a network that drops packets), which no error reveals."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        super().__init__(target)
+        self._flowing = threading.Event()
+        self._flowing.set()
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:  # type: ignore[override]  # a staticmethod in TcpProxy, called the same way
+        try:
+            while data := source.recv(65536):
+                self._flowing.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
 @pytest.fixture
-def proxy() -> Iterator[TcpProxy]:
+def proxy() -> Iterator[StallingProxy]:
     config = connection.settings_dict
-    tcp = TcpProxy((config["HOST"] or "127.0.0.1", int(config["PORT"] or 5432)))
+    tcp = StallingProxy((config["HOST"] or "127.0.0.1", int(config["PORT"] or 5432)))
     tcp.restore()
     yield tcp
     tcp.cut()
@@ -205,3 +237,24 @@ def test_a_globus_user_checked_before_the_outage_keeps_being_served_during_it(
             during = _chat(url, {"Authorization": f"Bearer {token}"})
             proxy.restore()
             assert _wait_for_rows([during], timeout=40)
+
+
+def test_a_database_that_stops_answering_does_not_hold_requests_with_cached_keys_and_routes(
+    proxy: StallingProxy, model_server: str, tmp_path: Path
+) -> None:
+    seeded = seed(model_server)
+    env = _env(proxy, tmp_path) | {"ROUTING_CACHE_SECONDS": "1", "API_KEY_CACHE_SECONDS": "1"}
+    with gateway_server(env, workers=2) as url:
+        workers = _worker_pids(url)
+        assert len(workers) == 2
+        warm = _until_every_worker_answered(url, workers, seeded.auth, CHAT, time.monotonic() + 60)
+        assert all(response.status_code == 200 for answers in warm.values() for response in answers)
+        proxy.stall()
+        time.sleep(2)  # both caches are past their lifetime: each worker asks the database, which never answers
+        # Each request must be answered (a hung one fails with httpx's ReadTimeout after 20 s).
+        during = _until_every_worker_answered(url, workers, seeded.auth, CHAT, time.monotonic() + 30)
+        refused = [(pid, r.status_code, r.text) for pid, answers in during.items() for r in answers if r.is_error]
+        assert not refused, "a stalled database must not hold or fail requests whose key and route are cached"
+        request_ids = [response.headers["x-request-id"] for answers in during.values() for response in answers]
+        proxy.resume()
+        assert _wait_for_rows(request_ids, timeout=40)
