@@ -1,7 +1,10 @@
-"""Usage survives a PostgreSQL outage: records wait in memory, then in a spool file across a restart.
+"""A PostgreSQL outage, as the gateway's workers live through it.
 
-The gateway reaches PostgreSQL through a TCP proxy that the test can cut, which is what an outage
-looks like from the gateway: connections refused and open ones dropped.
+Usage records wait in memory, then in a spool file across a restart. Keys, Globus users and routes a
+worker knows keep being served during the outage, and every worker reads the database again within 5 s
+of its return, without a restart. The gateway reaches PostgreSQL through a TCP proxy that the test can
+cut, which is what an outage looks like from the gateway: connections refused and open ones dropped; or
+stall, which is a database that stops answering.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ class StallingProxy(TcpProxy):
     def resume(self) -> None:
         self._flowing.set()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:  # type: ignore[override]  # a staticmethod in TcpProxy, called the same way
+    # A staticmethod in TcpProxy; _accept calls it through the instance all the same.
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:  # type: ignore[override]
         try:
             while data := source.recv(65536):
                 self._flowing.wait()
@@ -68,6 +72,7 @@ def proxy() -> Iterator[StallingProxy]:
     tcp = StallingProxy((config["HOST"] or "127.0.0.1", int(config["PORT"] or 5432)))
     tcp.restore()
     yield tcp
+    tcp.resume()
     tcp.cut()
 
 
