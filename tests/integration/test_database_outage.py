@@ -184,6 +184,10 @@ def test_cached_keys_and_routes_are_served_through_an_outage_on_every_worker(
         during = _until_every_worker_answered(url, workers, seeded.auth, CHAT, time.monotonic() + 30)
         refused = [(pid, r.status_code, r.text) for pid, answers in during.items() for r in answers if r.is_error]
         assert not refused, "a key and a route used before the outage must keep being served during it"
+        # Django's side (the ninja views) too: the same key, the same routing table.
+        models = httpx.get(f"{url}/resource_server/v1/models", headers=seeded.auth, timeout=20)
+        assert models.status_code == 200, models.text
+        assert [model["id"] for model in models.json()["data"]] == ["demo-model"]
         request_ids = [response.headers["x-request-id"] for answers in during.values() for response in answers]
         assert not _wait_for_rows(request_ids, timeout=1), "rows cannot be written while the database is away"
         proxy.restore()
