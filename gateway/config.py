@@ -65,6 +65,13 @@ class GatewaySettings(BaseSettings):
     # How long a worker trusts what it read from the database before reading it again.
     ROUTING_CACHE_SECONDS: float = Field(default=5.0, ge=0)
     API_KEY_CACHE_SECONDS: float = Field(default=30.0, ge=0)
+    # How long a worker remembers that a key was refused (unknown, wrong secret, revoked, expired, owner
+    # disabled), so a client retrying a bad key costs no query. New keys are never in it: nobody can
+    # present a key before it exists.
+    API_KEY_NEGATIVE_CACHE_SECONDS: float = Field(default=10.0, ge=0, le=3600)
+    # While the database (or Globus Groups) cannot be reached, credentials a worker checked within this
+    # many seconds keep working (docs/admin-guide.md, "Database outages"); 0: refuse them with 503.
+    AUTH_OUTAGE_GRACE_SECONDS: float = Field(default=3600.0, ge=0, le=86400)
 
     # Largest request body accepted on the inference routes.
     MAX_REQUEST_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024)

@@ -70,6 +70,18 @@ def _database() -> dict[str, Any]:
         config: dict[str, Any] = dict(
             dj_database_url.parse(GATEWAY.DATABASE_URL, conn_max_age=60, conn_health_checks=True)
         )
+        if config["ENGINE"].endswith("postgresql"):
+            # libpq's own limits (options in DATABASE_URL win): without them a database host that stops
+            # answering holds a worker's queries until TCP gives up, minutes to hours later (keepalives
+            # start after 2 h idle by default). See docs/admin-guide.md, "Database outages".
+            config["OPTIONS"] = {
+                "connect_timeout": 5,
+                "keepalives_idle": 30,
+                "keepalives_interval": 10,
+                "keepalives_count": 3,
+                "tcp_user_timeout": 30_000,  # ms: unacknowledged data this long ends the connection
+                **config.get("OPTIONS", {}),
+            }
         return config
     GATEWAY.DATA_DIR.mkdir(parents=True, exist_ok=True)
     return {
