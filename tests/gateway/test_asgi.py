@@ -93,7 +93,7 @@ def assert_same_head(lean: Answer, django: Answer) -> None:
     assert lean.status == django.status
     assert lean.header_names() == django.header_names()
     for name in lean.header_names():
-        if name not in (b"x-request-id", b"content-length"):
+        if name not in (b"x-request-id", b"x-gateway-request-id", b"content-length"):
             assert lean.header(name) == django.header(name), name
 
 
@@ -164,6 +164,9 @@ async def test_a_sane_client_request_id_is_echoed_by_both(seeded: Seeded) -> Non
     headers = {**seeded.auth, "X-Request-ID": "client-chosen-id-42"}
     lean, django = await both(CHAT_PATH, orjson.dumps(CHAT), headers=headers)
     assert lean.header(b"x-request-id") == django.header(b"x-request-id") == b"client-chosen-id-42"
+    # The gateway's own id, the usage row's key, is returned beside it.
+    assert lean.header(b"x-gateway-request-id") != django.header(b"x-gateway-request-id")
+    assert len(lean.header(b"x-gateway-request-id")) == 32
 
 
 @pytest.mark.parametrize(
