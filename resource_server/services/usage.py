@@ -165,7 +165,9 @@ def record_from_line(line: bytes) -> UsageRecord:
     data = orjson.loads(line)
     data.pop("dead_letter", None)  # a dead-letter line moved back into the spool for replay
     data["created_at"] = parse_datetime(data["created_at"])
-    return UsageRecord(**data)
+    record = UsageRecord(**data)
+    journal_line(record)  # written by an older version, or edited by hand: make it storable all the same
+    return record
 
 
 def _insert_rows(batch: list[UsageRecord]) -> None:
