@@ -522,7 +522,6 @@ class UsageSink:
             batch = self._pending[: self._batch_size]
             try:
                 self._store(batch)
-                self._touch_api_keys(batch)
             except Exception:
                 # The whole batch stays journaled and pending; rows of it already in are skipped on retry.
                 logger.exception("could not write %d usage records; retrying in %.0f s", len(batch), backoff)
@@ -531,6 +530,7 @@ class UsageSink:
                 backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
                 continue
             backoff = 1.0
+            self._touch_api_keys(batch)
             del self._pending[: len(batch)]
             self.journal.settle(len(batch))
             self._settle(len(batch))
@@ -663,11 +663,16 @@ class UsageSink:
                 last_used[record.api_key_id] = max(
                     record.created_at, last_used.get(record.api_key_id, record.created_at)
                 )
-        for key_id, used_at in last_used.items():
-            # Never backwards: a replayed journal carries old times.
-            ApiKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=used_at), pk=key_id).update(
-                last_used_at=used_at
-            )
+        try:
+            for key_id, used_at in last_used.items():
+                # Never backwards: a replayed journal carries old times.
+                ApiKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=used_at), pk=key_id).update(
+                    last_used_at=used_at
+                )
+        except Exception:
+            # Informational only: the rows are in, and retrying them for this would set aside refused ones twice.
+            logger.warning("could not update API keys' last use", exc_info=True)
+            close_old_connections()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Write what is left within `timeout`; whatever is not written stays in the journal for the next start.

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from django.db import connection
 
-from resource_server.models import RequestLog
+from resource_server.models import RequestLog, User
 from resource_server.services.usage import UsageJournal, UsageRecord, UsageSink, journal_line
 from tests.conftest import Seeded
 
@@ -163,3 +163,28 @@ def test_a_live_workers_journal_is_not_adopted_by_another(seeded: Seeded, tmp_pa
     # Stopped with a record it never wrote: the next start finds it.
     found = UsageJournal(tmp_path / "usage-spool", sink.dead_letter).adopt()
     assert len(found) == 1
+
+
+def test_a_dead_letter_file_moved_into_the_spool_is_replayed_once_its_cause_is_fixed(
+    seeded: Seeded, tmp_path: Path
+) -> None:
+    missing_user = seeded.user.pk + 10_000
+    orphan = _record(seeded, user_id=missing_user, model="demo-model")
+    first = _sink(tmp_path)
+    first.record(orphan)
+    try:
+        assert first.flush(timeout=20)
+    finally:
+        first.stop(timeout=10)
+    (letter,) = (tmp_path / "usage-dead-letter").glob("*.jsonl")
+    User.objects.create(pk=missing_user, identity_id="id-restored", username="restored@anl.gov")  # the fix
+    letter.rename(tmp_path / "usage-spool" / "usage-replay-1.jsonl")  # as the admin guide says
+    second = _sink(tmp_path)
+    second.start()
+    try:
+        assert second.flush(timeout=20)
+        assert RequestLog.objects.get(request_id=orphan.request_id).user_id == missing_user
+        assert second.dead_lettered == 0
+        assert not list((tmp_path / "usage-spool").glob("usage-*.jsonl"))
+    finally:
+        second.stop(timeout=10)
