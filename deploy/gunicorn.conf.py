@@ -5,6 +5,7 @@ Every value can be overridden on the command line or with GUNICORN_CMD_ARGS.
 
 import multiprocessing
 import os
+from typing import Any
 
 wsgi_app = "gateway.asgi:application"
 worker_class = "uvicorn_worker.UvicornWorker"
@@ -19,7 +20,7 @@ timeout = 0
 #   3. the ASGI lifespan shutdown gives the usage writer up to 5 s to insert what it holds
 #      (UsageSink.stop), plus about 2 s to stop its threads.
 # 20 + 5 + 2 s fit in 30 s. Every usage record is journaled within USAGE_FLUSH_SECONDS of its request
-# ending, so even a SIGKILL during step 3 loses no row: the next start replays the journal.
+# ending, so a SIGKILL during step 3 loses no more than any SIGKILL: the next start replays the journal.
 graceful_timeout = 30
 SHUTDOWN_RESERVE_SECONDS = 10
 keepalive = 75
@@ -28,8 +29,11 @@ errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 
 
-def post_worker_init(worker: object) -> None:
-    """Bound how long a stopping worker waits for open streams (uvicorn waits for ever by default)."""
-    graceful = float(worker.cfg.graceful_timeout)  # type: ignore[attr-defined]
+def post_worker_init(worker: Any) -> None:
+    """Bound how long a stopping worker waits for open streams (uvicorn waits for ever by default).
+
+    The worker's uvicorn Config is built by then and read only when its server starts, just after.
+    """
+    graceful = float(worker.cfg.graceful_timeout)  # --graceful-timeout on the command line included
     # With a short graceful_timeout streams still get half of it; the journal covers a flush cut short.
-    worker.config.timeout_graceful_shutdown = max(graceful - SHUTDOWN_RESERVE_SECONDS, graceful / 2)  # type: ignore[attr-defined]
+    worker.config.timeout_graceful_shutdown = max(graceful - SHUTDOWN_RESERVE_SECONDS, graceful / 2)

@@ -58,7 +58,8 @@ logger = logging.getLogger(__name__)
 TRANSIENT_ERRORS = (OperationalError, InterfaceError, ProgrammingError)
 _REPLACEMENT = "\ufffd"
 _SURROGATES = re.compile("[\ud800-\udfff]")
-_JOURNAL_GLOBS = ("usage-*.jsonl", "usage-*.replaying", ".usage-*.tmp")
+# A live journal, one left by a killed worker, or one an older version was replaying when it stopped.
+_JOURNAL_GLOBS = ("usage-*.jsonl", "usage-*.replaying")
 _MAX_BACKOFF_SECONDS = 10.0
 
 
@@ -283,6 +284,7 @@ class UsageJournal:
         records: list[UsageRecord] = []
         if not self.directory.is_dir():
             return records
+        self._remove_stale_hidden()
         paths = sorted({path for pattern in _JOURNAL_GLOBS for path in self.directory.glob(pattern)})
         for path in paths:
             segment = self._claim(path)
@@ -300,6 +302,13 @@ class UsageJournal:
         if records:
             logger.info("replaying %d journaled usage records", len(records))
         return records
+
+    def _remove_stale_hidden(self) -> None:
+        """Hidden segments are renamed as soon as they are locked, before any write: an old one is empty."""
+        for path in self.directory.glob(".usage-*.tmp"):
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > 60:
+                    path.unlink()
 
     @staticmethod
     def _claim(path: Path) -> _Segment | None:
