@@ -265,13 +265,23 @@ class UsageJournal:
     adopts exactly the segments whose owner is gone (killed, or stopped with the database down) and
     never a live one. A segment is created under a hidden name and renamed once locked, so no other
     worker can see it unlocked. Records are settled in the order they were appended; a segment whose
-    records are all settled is deleted, or emptied if it is the one being appended to.
+    records are all settled is deleted, or emptied once it holds 64 KB if it is the one being appended to.
     """
 
-    def __init__(self, directory: Path, dead_letter: DeadLetter, *, segment_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        dead_letter: DeadLetter,
+        *,
+        segment_bytes: int = 64 * 1024 * 1024,
+        trim_bytes: int = 64 * 1024,
+    ) -> None:
         self.directory = directory
         self._dead_letter = dead_letter
         self._segment_bytes = segment_bytes
+        # Emptying the file after every batch would cost a syscall each; a kill leaves at most this much
+        # already-written records to replay, which the unique request id skips.
+        self._trim_bytes = trim_bytes
         self._segments: deque[_Segment] = deque()
         # Which segment holds the next records to settle, in append order (None: journaling failed).
         self._runs: deque[list[Any]] = deque()
@@ -300,7 +310,7 @@ class UsageJournal:
                 self._runs.append([segment, len(found)])
             records.extend(found)
         if records:
-            logger.info("replaying %d journaled usage records", len(records))
+            logger.info("replaying %d journaled usage records (any already written are skipped)", len(records))
         return records
 
     def _remove_stale_hidden(self) -> None:
@@ -340,7 +350,7 @@ class UsageJournal:
         return records
 
     def append(self, lines: list[bytes], count: int) -> None:
-        """Write `count` records (their lines) durably: one write and one fsync for the batch."""
+        """Write `count` records (their lines) durably: one write and one fdatasync for the batch."""
         data = b"".join(lines)
         with self._lock:
             try:
@@ -349,7 +359,7 @@ class UsageJournal:
                 while view:
                     written = os.write(segment.fd, view)
                     view = view[written:]
-                os.fsync(segment.fd)
+                os.fdatasync(segment.fd)
                 segment.size += len(data)
                 segment.unsettled += count
                 target: _Segment | None = segment
@@ -399,8 +409,9 @@ class UsageJournal:
                 if segment.unsettled:
                     continue
                 if segment is self._current:
-                    os.ftruncate(segment.fd, 0)  # appends resume at offset 0 (O_APPEND)
-                    segment.size = 0
+                    if segment.size >= self._trim_bytes:
+                        os.ftruncate(segment.fd, 0)  # appends resume at offset 0 (O_APPEND)
+                        segment.size = 0
                 else:
                     self._segments.remove(segment)
                     self._remove(segment)
