@@ -477,13 +477,15 @@ class UsageSink:
 
     def record(self, record: UsageRecord) -> None:
         """Accept a record without blocking."""
-        if self._stopped:
+        with self._progress:
+            stopped = self._stopped
+            if not stopped:
+                self._accepted += 1
+                self._queue.put(record)  # under the lock: stop() drains the queue once it has set _stopped
+        if stopped:
             # Handed over after stop(), by a request cancelled at shutdown: straight to the journal.
             self._journal_now([record])
             return
-        with self._progress:
-            self._accepted += 1
-        self._queue.put(record)
         if not self._threads:
             self.start()
 
@@ -709,7 +711,8 @@ class UsageSink:
         journaler, writer = self._threads
         journaler.join(timeout=1)
         writer.join(timeout=1)
-        self._stopped = True
+        with self._progress:
+            self._stopped = True
         leftovers: list[UsageRecord] = []
         self._drain(leftovers)
         self._settle(len(self._journal_now(leftovers)))

@@ -206,3 +206,14 @@ def test_the_journal_is_emptied_once_its_records_are_settled(tmp_path: Path) -> 
     journal.append(lines[:1], 1)
     assert path.read_bytes() == lines[0]
     assert journal.close() == 1 and path.exists(), "an unwritten record stays for the next start"
+
+
+def test_a_record_handed_over_after_stop_is_journaled_for_the_next_start(seeded: Seeded, tmp_path: Path) -> None:
+    sink = _sink(tmp_path)
+    sink.start()
+    sink.stop(timeout=10)
+    late = _record(seeded)  # a stream cancelled at shutdown finishes after the writer stopped
+    sink.record(late)
+    assert sink.journal.close() == 1  # what the process's exit does: the file stays, its lock goes
+    found = UsageJournal(tmp_path / "usage-spool", sink.dead_letter).adopt()
+    assert [record.request_id for record in found] == [late.request_id]
