@@ -36,6 +36,10 @@ _CSV_FIELDS = (
 )
 
 
+# The URL schemes dj-database-url maps to Django's PostgreSQL backend.
+_POSTGRES_SCHEMES = frozenset({"postgres", "postgresql", "pgsql"})
+
+
 class UnsafeSettingsError(RuntimeError):
     """Production was asked to boot with a value that is unsafe there."""
 
@@ -71,6 +75,11 @@ class GatewaySettings(BaseSettings):
     OVERLOAD_DELAY_SECONDS: float = Field(default=0.1, gt=0, le=60)
     MAX_IN_FLIGHT_PER_WORKER: int = Field(default=2048, ge=1, le=100_000)
 
+    # Admin sign-in throttle (docs/admin-guide.md): after this many failed sign-ins from one client address,
+    # or for one username, that address or username is refused for ADMIN_LOGIN_LOCKOUT_SECONDS.
+    ADMIN_LOGIN_FAILURE_LIMIT: int = Field(default=5, ge=1, le=1000)
+    ADMIN_LOGIN_LOCKOUT_SECONDS: int = Field(default=900, ge=1, le=86400)
+
     # Globus Auth (docs/globus-auth.md). Without GLOBUS_CLIENT_ID only gateway API keys are accepted.
     GLOBUS_CLIENT_ID: str = ""
     GLOBUS_CLIENT_SECRET: SecretStr = SecretStr("")
@@ -102,6 +111,9 @@ class GatewaySettings(BaseSettings):
     RELAY_MAX_MESSAGE_BYTES: int = Field(default=1024 * 1024, ge=1024, le=8 * 1024 * 1024)
     # Messages a stream may have waiting for its client before the relay asks the function to back off.
     RELAY_MAX_PENDING_MESSAGES: int = Field(default=1000, ge=1, le=100_000)
+    # Longest wait for Redis (with REDIS_URL) to connect or answer a relay command, and the margin a stream's
+    # blocking read allows beyond its block. Past it the stream ends with 503 `relay_unavailable`.
+    RELAY_REDIS_TIMEOUT_SECONDS: float = Field(default=2.0, gt=0, le=60)
 
     @model_validator(mode="before")
     @classmethod
@@ -132,7 +144,7 @@ class GatewaySettings(BaseSettings):
             raise UnsafeSettingsError("GLOBUS_COMPUTE_CLIENT_SECRET must be set when GLOBUS_COMPUTE_CLIENT_ID is.")
 
     def check_production_safety(self) -> None:
-        """Refuse to boot production with a default secret, DEBUG on or a wildcard host."""
+        """Refuse to boot production with a default secret, DEBUG on, a wildcard host or a non-PostgreSQL database."""
         if not self.is_production:
             return
         if len(self.SECRET_KEY) < 50 or self.SECRET_KEY.startswith("django-insecure"):
@@ -145,7 +157,17 @@ class GatewaySettings(BaseSettings):
         if not self.ALLOWED_HOSTS or "*" in self.ALLOWED_HOSTS:
             raise UnsafeSettingsError("ALLOWED_HOSTS must list the gateway's host names in production, not '*'.")
         if not self.DATABASE_URL:
-            raise UnsafeSettingsError("DATABASE_URL must point at PostgreSQL in production.")
+            raise UnsafeSettingsError(
+                "DATABASE_URL must point at PostgreSQL in production (postgres://user:password@host:5432/name)."
+            )
+        scheme = self.DATABASE_URL.split("://", 1)[0].lower() if "://" in self.DATABASE_URL else ""
+        if scheme not in _POSTGRES_SCHEMES:
+            # Only the scheme is echoed: the rest of the URL may hold the database password.
+            raise UnsafeSettingsError(
+                f"DATABASE_URL must point at PostgreSQL in production (postgres://user:password@host:5432/name), "
+                f"not {scheme + '://' if scheme else 'a URL without a scheme'}: usage accounting relies on "
+                "PostgreSQL's concurrent writers, and SQLite or other databases are for development only."
+            )
         if self.RELAY_PUBLIC_URL and not self.RELAY_PUBLIC_URL.startswith("https://"):
             # Relay tokens travel in these requests' headers.
             raise UnsafeSettingsError("RELAY_PUBLIC_URL must be an https:// URL in production.")

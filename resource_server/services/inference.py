@@ -178,5 +178,8 @@ async def _relay(
         yield _error_event(GatewayError("The gateway failed while relaying the stream."))
         yield DONE_EVENT
     finally:
-        await stream.aclose()
-        _finish(record, started, status=status, error_code=error_code)
+        try:
+            await stream.aclose()
+        finally:
+            # The row is written even if closing the upstream fails (the request's outcome is already known).
+            _finish(record, started, status=status, error_code=error_code)
