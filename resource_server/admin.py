@@ -178,7 +178,7 @@ class RequestLogAdmin(admin.ModelAdmin[RequestLog]):
         "time_to_first_token_ms",
     )
     list_filter = ("status_code", "route", "streamed", "model", "created_at")
-    search_fields = ("request_id", "user__username", "model")
+    search_fields = ("request_id", "client_request_id", "user__username", "model")
     date_hierarchy = "created_at"
     list_select_related = ("user",)
 
