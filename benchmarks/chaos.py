@@ -371,22 +371,12 @@ def tabulate(shots: Sequence[Shot], rows: Mapping[str, int]) -> Tally:
 def usage_rows(connection: psycopg.Connection[Any]) -> tuple[Counter[str], int]:
     """Usage rows per request, keyed by the id this harness sent as X-Request-ID; and all rows in the database.
 
-    Today the gateway keys a row by the caller's X-Request-ID when it looks sane (the harness's ids do), so the
-    sent id is the row's request_id. A gateway that keys rows by its own id and stores the caller's beside it
-    (issue 9, item 5) is counted by that column: any other column whose name ends in request_id.
+    The gateway keys each row by its own id and keeps the caller's X-Request-ID beside it in
+    client_request_id, so a client that reuses an id cannot merge requests: counting by the sent id finds
+    every row a request left, duplicates included.
     """
-    columns = [
-        name
-        for (name,) in connection.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
-            "AND table_name = %s",
-            (TABLE,),
-        )
-    ]
-    client_column = next((name for name in columns if name.endswith("request_id") and name != "request_id"), None)
-    column = sql.Identifier(client_column or "request_id")
-    query = sql.SQL("SELECT {column}, count(*) FROM {table} GROUP BY {column}").format(
-        column=column, table=sql.Identifier(TABLE)
+    query = sql.SQL("SELECT client_request_id, count(*) FROM {table} GROUP BY client_request_id").format(
+        table=sql.Identifier(TABLE)
     )
     per_request: Counter[str] = Counter({str(key): int(count) for key, count in connection.execute(query)})
     total = connection.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(TABLE))).fetchone()

@@ -84,13 +84,11 @@ def test_rows_are_written_again_at_the_first_sample_above_the_count_at_the_lift(
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="needs DATABASE_URL pointing at PostgreSQL")
 def test_usage_rows_are_counted_in_the_database_by_the_id_the_client_sent() -> None:
     user = User.objects.create(identity_id="id-chaos", username="chaos@example.org")
-    client_column = any(field.name == "client_request_id" for field in RequestLog._meta.get_fields())
-    for index, sent in enumerate(["chaos-1-000001", "chaos-1-000002", "someone-else"]):
-        ids = {"request_id": sent}
-        if client_column:  # once rows are keyed by the gateway's own id, the caller's is kept beside it
-            ids = {"request_id": f"gateway{index:025d}", "client_request_id": sent}
+    # Two requests that reused one id: counted as a duplicate, not merged.
+    for index, sent in enumerate(["chaos-1-000001", "chaos-1-000002", "chaos-1-000002", "someone-else"]):
+        ids = {"request_id": f"gateway{index:025d}", "client_request_id": sent}
         RequestLog.objects.create(user=user, route="chat/completions", status_code=200, latency_ms=1.0, **ids)
     with psycopg.connect(server_database_url()) as database:
         rows, total = usage_rows(database)
-    assert total == 3
-    assert (rows["chaos-1-000001"], rows["chaos-1-000002"], rows["chaos-1-000003"]) == (1, 1, 0)
+    assert total == 4
+    assert (rows["chaos-1-000001"], rows["chaos-1-000002"], rows["chaos-1-000003"]) == (1, 2, 0)
