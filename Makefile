@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format install clean bench bench-quick
+.PHONY: demo test test-fast lint format install clean bench bench-quick chaos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench: $(STAMP)
 ## bench-quick: S1, S2 at concurrency 64 and S4 at 32, in under 2 minutes; prints the table
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
+
+## chaos: faults under load (PostgreSQL and Redis cuts, worker SIGKILL, SIGTERM, model server kill), about
+## 5 minutes; needs PostgreSQL and Redis (DATABASE_URL / REDIS_URL name the servers). See docs/reliability.md
+chaos: $(STAMP)
+	$(BIN)/python -m benchmarks.chaos $(CHAOS_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

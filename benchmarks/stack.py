@@ -11,6 +11,7 @@ import contextlib
 import os
 import platform
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -105,21 +106,44 @@ def _wait_until_up(url: str, process: subprocess.Popen[bytes], log: Path, timeou
 
 @contextmanager
 def _process(
-    args: list[str], *, cwd: Path, env: dict[str, str], cpus: frozenset[int] | None, log: Path
+    args: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    cpus: frozenset[int] | None,
+    log: Path,
+    session: bool = False,
+    stop_timeout: float = 30.0,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as sink:
+    """A process writing to `log` (appended: a restarted server keeps one log), stopped on exit.
+
+    `session`: it leads a process group of its own, killed whole on exit, so that whatever it started (a
+    gunicorn master's workers and their process pools) goes with it even if it dies first.
+    """
+    with log.open("ab") as sink:
         process = subprocess.Popen(  # noqa: S603 (our own interpreter and scripts, no shell)
-            args, cwd=cwd, env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=_preexec(cpus)
+            args,
+            cwd=cwd,
+            env={**os.environ, **env},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_preexec(cpus),
+            start_new_session=session,
         )
     try:
         yield process
     finally:
-        process.terminate()
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            process.terminate()
+            try:
+                process.wait(timeout=stop_timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        finally:
+            if session:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
 
 
 def _manage(source: Path, env: dict[str, str], *args: str) -> str:

@@ -5,6 +5,7 @@ Every value can be overridden on the command line or with GUNICORN_CMD_ARGS.
 
 import multiprocessing
 import os
+from typing import Any
 
 wsgi_app = "gateway.asgi:application"
 # uvicorn_worker.UvicornWorker with limits on request heads (size and time): see gateway/worker.py.
@@ -13,8 +14,27 @@ bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("GATEWAY_WORKERS", max(1, multiprocessing.cpu_count())))
 # Streams can run for many minutes: a worker must not be killed while it relays them.
 timeout = 0
+# SIGTERM ends a worker in this order, sized to fit graceful_timeout (after which gunicorn SIGKILLs it):
+#   1. uvicorn stops accepting connections at once;
+#   2. open requests and streams get graceful_timeout - SHUTDOWN_RESERVE_SECONDS to finish, then are
+#      cancelled (see post_worker_init); a cut stream is recorded (499) like one whose client left;
+#   3. the ASGI lifespan shutdown gives the usage writer up to 5 s to insert what it holds
+#      (UsageSink.stop), plus about 2 s to stop its threads.
+# 20 + 5 + 2 s fit in 30 s. Every usage record is journaled within USAGE_FLUSH_SECONDS of its request
+# ending, so a SIGKILL during step 3 loses no more than any SIGKILL: the next start replays the journal.
 graceful_timeout = 30
+SHUTDOWN_RESERVE_SECONDS = 10
 keepalive = 75
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+
+
+def post_worker_init(worker: Any) -> None:
+    """Bound how long a stopping worker waits for open streams (uvicorn waits for ever by default).
+
+    The worker's uvicorn Config is built by then and read only when its server starts, just after.
+    """
+    graceful = float(worker.cfg.graceful_timeout)  # --graceful-timeout on the command line included
+    # With a short graceful_timeout streams still get half of it; the journal covers a flush cut short.
+    worker.config.timeout_graceful_shutdown = max(graceful - SHUTDOWN_RESERVE_SECONDS, graceful / 2)

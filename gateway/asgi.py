@@ -16,6 +16,8 @@ from resource_server.selectors.endpoints import routing_table  # noqa: E402 (nee
 from resource_server.services.usage import usage_sink  # noqa: E402 (needs Django set up first)
 
 logger = logging.getLogger("gateway")
+# The usage writer's share of a worker's shutdown; deploy/gunicorn.conf.py's budget counts on it.
+USAGE_STOP_SECONDS = 5.0
 
 # django-stubs types ASGIHandler with dict scopes; it is an ordinary ASGI app.
 http_application = InferenceApp(cast(ASGIApp, django_application))
@@ -32,8 +34,11 @@ async def _lifespan(receive: Any, send: Any) -> None:
             await worker_settle()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            # uvicorn has stopped accepting and finished or cancelled every request by now (within
+            # graceful_timeout minus a reserve, see deploy/gunicorn.conf.py). What the usage writer holds
+            # is journaled already; it gets a few seconds to insert it, the next start replays the rest.
             await http_application.stop()
-            await asyncio.to_thread(usage_sink.stop)
+            await asyncio.to_thread(usage_sink.stop, USAGE_STOP_SECONDS)
             await send({"type": "lifespan.shutdown.complete"})
             return
 

@@ -36,6 +36,10 @@ _CSV_FIELDS = (
 )
 
 
+# The URL schemes dj-database-url maps to Django's PostgreSQL backend.
+_POSTGRES_SCHEMES = frozenset({"postgres", "postgresql", "pgsql"})
+
+
 class UnsafeSettingsError(RuntimeError):
     """Production was asked to boot with a value that is unsafe there."""
 
@@ -56,11 +60,19 @@ class GatewaySettings(BaseSettings):
     # Request logging: bodies are personal data, so they are kept only when an admin opts in.
     LOG_REQUEST_BODIES: bool = False
     USAGE_BATCH_SIZE: int = Field(default=200, ge=1, le=10_000)
+    # Also how often usage records are journaled to disk: a SIGKILL loses at most this much of them.
     USAGE_FLUSH_SECONDS: float = Field(default=0.5, gt=0, le=60)
 
     # How long a worker trusts what it read from the database before reading it again.
     ROUTING_CACHE_SECONDS: float = Field(default=5.0, ge=0)
     API_KEY_CACHE_SECONDS: float = Field(default=30.0, ge=0)
+    # How long a worker remembers that a key was refused (unknown, wrong secret, revoked, expired, owner
+    # disabled), so a client retrying a bad key costs no query. New keys are never in it: nobody can
+    # present a key before it exists.
+    API_KEY_NEGATIVE_CACHE_SECONDS: float = Field(default=10.0, ge=0, le=3600)
+    # While the database (or Globus Groups) cannot be reached, credentials a worker checked within this
+    # many seconds keep working (docs/admin-guide.md, "Database outages"); 0: refuse them with 503.
+    AUTH_OUTAGE_GRACE_SECONDS: float = Field(default=3600.0, ge=0, le=86400)
 
     # Largest request body accepted on the inference routes.
     MAX_REQUEST_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024)
@@ -81,6 +93,11 @@ class GatewaySettings(BaseSettings):
     # opening or the request's first byte (else the connection is closed, with 408 if a request began).
     MAX_HEADER_BYTES: int = Field(default=64 * 1024, ge=8 * 1024, le=1024 * 1024)
     HEADER_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0, le=300)
+
+    # Admin sign-in throttle (docs/admin-guide.md): after this many failed sign-ins from one client address,
+    # or for one username, that address or username is refused for ADMIN_LOGIN_LOCKOUT_SECONDS.
+    ADMIN_LOGIN_FAILURE_LIMIT: int = Field(default=5, ge=1, le=1000)
+    ADMIN_LOGIN_LOCKOUT_SECONDS: int = Field(default=900, ge=1, le=86400)
 
     # Globus Auth (docs/globus-auth.md). Without GLOBUS_CLIENT_ID only gateway API keys are accepted.
     GLOBUS_CLIENT_ID: str = ""
@@ -113,6 +130,9 @@ class GatewaySettings(BaseSettings):
     RELAY_MAX_MESSAGE_BYTES: int = Field(default=1024 * 1024, ge=1024, le=8 * 1024 * 1024)
     # Messages a stream may have waiting for its client before the relay asks the function to back off.
     RELAY_MAX_PENDING_MESSAGES: int = Field(default=1000, ge=1, le=100_000)
+    # Longest wait for Redis (with REDIS_URL) to connect or answer a relay command, and the margin a stream's
+    # blocking read allows beyond its block. Past it the stream ends with 503 `relay_unavailable`.
+    RELAY_REDIS_TIMEOUT_SECONDS: float = Field(default=2.0, gt=0, le=60)
 
     @model_validator(mode="before")
     @classmethod
@@ -143,7 +163,7 @@ class GatewaySettings(BaseSettings):
             raise UnsafeSettingsError("GLOBUS_COMPUTE_CLIENT_SECRET must be set when GLOBUS_COMPUTE_CLIENT_ID is.")
 
     def check_production_safety(self) -> None:
-        """Refuse to boot production with a default secret, DEBUG on or a wildcard host."""
+        """Refuse to boot production with a default secret, DEBUG on, a wildcard host or a non-PostgreSQL database."""
         if not self.is_production:
             return
         if len(self.SECRET_KEY) < 50 or self.SECRET_KEY.startswith("django-insecure"):
@@ -156,7 +176,17 @@ class GatewaySettings(BaseSettings):
         if not self.ALLOWED_HOSTS or "*" in self.ALLOWED_HOSTS:
             raise UnsafeSettingsError("ALLOWED_HOSTS must list the gateway's host names in production, not '*'.")
         if not self.DATABASE_URL:
-            raise UnsafeSettingsError("DATABASE_URL must point at PostgreSQL in production.")
+            raise UnsafeSettingsError(
+                "DATABASE_URL must point at PostgreSQL in production (postgres://user:password@host:5432/name)."
+            )
+        scheme = self.DATABASE_URL.split("://", 1)[0].lower() if "://" in self.DATABASE_URL else ""
+        if scheme not in _POSTGRES_SCHEMES:
+            # Only the scheme is echoed: the rest of the URL may hold the database password.
+            raise UnsafeSettingsError(
+                f"DATABASE_URL must point at PostgreSQL in production (postgres://user:password@host:5432/name), "
+                f"not {scheme + '://' if scheme else 'a URL without a scheme'}: usage accounting relies on "
+                "PostgreSQL's concurrent writers, and SQLite or other databases are for development only."
+            )
         if self.RELAY_PUBLIC_URL and not self.RELAY_PUBLIC_URL.startswith("https://"):
             # Relay tokens travel in these requests' headers.
             raise UnsafeSettingsError("RELAY_PUBLIC_URL must be an https:// URL in production.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import dj_database_url
@@ -29,6 +30,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "ninja",
+    "axes",
     "resource_server",
 ]
 
@@ -68,6 +70,18 @@ def _database() -> dict[str, Any]:
         config: dict[str, Any] = dict(
             dj_database_url.parse(GATEWAY.DATABASE_URL, conn_max_age=60, conn_health_checks=True)
         )
+        if config["ENGINE"].endswith("postgresql"):
+            # libpq's own limits (options in DATABASE_URL win): without them a database host that stops
+            # answering holds a worker's queries until TCP gives up, minutes to hours later (keepalives
+            # start after 2 h idle by default). See docs/admin-guide.md, "Database outages".
+            config["OPTIONS"] = {
+                "connect_timeout": 5,
+                "keepalives_idle": 30,
+                "keepalives_interval": 10,
+                "keepalives_count": 3,
+                "tcp_user_timeout": 30_000,  # ms: unacknowledged data this long ends the connection
+                **config.get("OPTIONS", {}),
+            }
         return config
     GATEWAY.DATA_DIR.mkdir(parents=True, exist_ok=True)
     return {
@@ -93,6 +107,35 @@ if GATEWAY.REDIS_URL:
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# Admin sign-in throttle (django-axes). Its backend refuses a locked-out client before the password is
+# checked; the admin's login form says so (resource_server/admin.py). No AxesMiddleware: the form shows the
+# lockout, so MIDDLEWARE stays what the lean inference path reproduces (resource_server/api/fast.py).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Counted in the default cache: Redis when REDIS_URL is set, so every worker and host agrees.
+AXES_HANDLER = "axes.handlers.cache.AxesCacheHandler"
+AXES_CACHE = "default"
+# Either counter locks: one address trying many usernames, or many addresses trying one username. Both are
+# counted whether or not the username exists, so a lockout says nothing about which accounts exist.
+AXES_LOCKOUT_PARAMETERS = ["ip_address", "username"]
+AXES_FAILURE_LIMIT = GATEWAY.ADMIN_LOGIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = timedelta(seconds=GATEWAY.ADMIN_LOGIN_LOCKOUT_SECONDS)
+AXES_RESET_ON_SUCCESS = True
+# Attempts during a lockout do not extend it: an attacker cannot keep an admin's username locked for ever
+# by retrying, only for ADMIN_LOGIN_LOCKOUT_SECONDS after each ADMIN_LOGIN_FAILURE_LIMIT failures.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+# The client address is REMOTE_ADDR, which the server sets from X-Forwarded-For only for a trusted proxy
+# (gunicorn's FORWARDED_ALLOW_IPS, default loopback): a client cannot pick its own address.
+AXES_CLIENT_IP_CALLABLE = "resource_server.admin.login_client_address"
+# The cache handler keeps nothing in axes' tables: their admin pages would always be empty.
+AXES_ENABLE_ADMIN = False
+SILENCED_SYSTEM_CHECKS = ["axes.W002"]  # AxesMiddleware: see above
+if not GATEWAY.REDIS_URL:
+    # In-process counting is the embedded default (one worker); docs/admin-guide.md says what Redis adds.
+    SILENCED_SYSTEM_CHECKS.append("axes.W001")
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

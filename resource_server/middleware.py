@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
@@ -17,8 +18,26 @@ CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 Handler = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
 
 
+class RequestIds(NamedTuple):
+    """The gateway's own id for a request (the usage row's key) and the client's X-Request-ID if it is sane.
+
+    The client's id is never the key: a client reusing one id must still leave one row per request.
+    """
+
+    gateway: str
+    client: str
+
+    @classmethod
+    def of(cls, offered: str) -> RequestIds:
+        return cls(uuid.uuid4().hex, offered if CLIENT_REQUEST_ID.match(offered) else "")
+
+    def headers(self) -> tuple[tuple[str, str], tuple[str, str]]:
+        """X-Request-ID echoes the client's id (ours if it sent none); X-Gateway-Request-ID is always ours."""
+        return ("X-Request-ID", self.client or self.gateway), ("X-Gateway-Request-ID", self.gateway)
+
+
 class RequestContextMiddleware:
-    """Gives each request an id (the caller's X-Request-ID if it is sane) and echoes it back.
+    """Gives each request the gateway's own id, keeps the caller's X-Request-ID beside it, and echoes both.
 
     Errors produced by Django or ninja rather than our handlers (unknown route, wrong method)
     are re-shaped into OpenAI's error envelope on API paths, so clients always get JSON.
@@ -33,9 +52,9 @@ class RequestContextMiddleware:
             markcoroutinefunction(self)
 
     async def __call__(self, request: HttpRequest) -> HttpResponseBase:
-        offered = request.headers.get("X-Request-ID", "")
-        request_id = offered if CLIENT_REQUEST_ID.match(offered) else uuid.uuid4().hex
-        request.request_id = request_id  # type: ignore[attr-defined]
+        ids = RequestIds.of(request.headers.get("X-Request-ID", ""))
+        request.request_id = ids.gateway  # type: ignore[attr-defined]
+        request.client_request_id = ids.client  # type: ignore[attr-defined]
         response = await self.get_response(request)
         if (
             response.status_code >= 400
@@ -43,7 +62,8 @@ class RequestContextMiddleware:
             and not response.get("Content-Type", "").startswith("application/json")
         ):
             response = _as_envelope(response)
-        response["X-Request-ID"] = request_id
+        for name, value in ids.headers():
+            response[name] = value
         return response
 
 

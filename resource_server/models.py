@@ -136,7 +136,15 @@ class ApiKey(models.Model):
 class RequestLog(models.Model):
     """One row per inference request, success or error."""
 
-    request_id = models.CharField(max_length=64, unique=True)
+    request_id = models.CharField(
+        max_length=64, unique=True, help_text="The gateway's own id for the request (never the client's)."
+    )
+    client_request_id = models.CharField(
+        max_length=64,
+        blank=True,
+        db_index=True,
+        help_text="The X-Request-ID the client sent, if any: not unique, a client may reuse it.",
+    )
     user = models.ForeignKey(User, on_delete=models.PROTECT, related_name="requests")
     api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="requests")
     endpoint = models.ForeignKey(Endpoint, on_delete=models.SET_NULL, null=True, blank=True, related_name="requests")

@@ -63,8 +63,8 @@ def fake_model_server(*options: str) -> Iterator[str]:
 
 
 @contextmanager
-def gateway_server(env: dict[str, str]) -> Iterator[str]:
-    """The gateway as deployed: gunicorn with one uvicorn worker. Yields its root URL."""
+def gateway_server(env: dict[str, str], *, workers: int = 1) -> Iterator[str]:
+    """The gateway as deployed: gunicorn with uvicorn workers (one unless told). Yields its root URL."""
     port = free_port()
     args = [
         str(Path(sys.executable).with_name("gunicorn")),
@@ -73,7 +73,7 @@ def gateway_server(env: dict[str, str]) -> Iterator[str]:
         "--bind",
         f"127.0.0.1:{port}",
         "--workers",
-        "1",
+        str(workers),
     ]
     # Compute functions (the `local` backend) stream back to this gateway's own relay route.
     env = {"RELAY_PUBLIC_URL": f"http://127.0.0.1:{port}", **env}

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -30,7 +29,7 @@ from resource_server.api.security import bearer_token_of
 from resource_server.auth.chain import principal_from_token
 from resource_server.dispatch.base import Route
 from resource_server.errors import GatewayError, InvalidRequest, ServiceUnavailable
-from resource_server.middleware import CLIENT_REQUEST_ID
+from resource_server.middleware import RequestIds
 from resource_server.services.inference import JsonResult, inference_run
 from resource_server.services.relay import relay_deliver
 
@@ -150,32 +149,27 @@ class InferenceApp:
             # No Host, a refused one, or a garbled length: Django's own answer, whatever it is.
             await self.fallback(scope, receive, send)
             return
-        offered = headers.get(b"x-request-id", "")
-        request_id = offered if CLIENT_REQUEST_ID.match(offered) else uuid.uuid4().hex
+        ids = RequestIds.of(headers.get(b"x-request-id", ""))
         if relay is not None:
             # Part of a stream already admitted: never shed, or the stream would fail instead of a new request.
-            await self._guarded(
-                self._relay_message(relay["task_id"], headers, int(length), request_id, receive, send), send, request_id
-            )
+            relaying = self._relay_message(relay["task_id"], headers, int(length), ids, receive, send)
+            await self._guarded(relaying, send, ids)
             return
         assert match is not None
         if self._pending >= self._max_pending or self._in_flight >= self._max_in_flight:
             # Refused before any work, so that refusing stays cheap when the worker is saturated.
-            await self._send_error(send, _OVERLOADED, request_id)
+            await self._send_error(send, _OVERLOADED, ids)
             return
         admitted = _Admitted(self)
         try:
             await self._guarded(
-                self._infer(match, headers, int(length), request_id, receive, send, admitted),
-                send,
-                request_id,
-                admitted,
+                self._infer(match, headers, int(length), ids, receive, send, admitted), send, ids, admitted
             )
         finally:
             admitted.end()
 
     async def _guarded(
-        self, handling: Awaitable[None], send: Send, request_id: str, admitted: _Admitted | None = None
+        self, handling: Awaitable[None], send: Send, ids: RequestIds, admitted: _Admitted | None = None
     ) -> None:
         """Run a request's handling; answer its errors in the envelope, as the ninja views do."""
         try:
@@ -185,20 +179,20 @@ class InferenceApp:
         except GatewayError as error:
             if admitted is not None:
                 admitted.answering()
-            await self._send_error(send, error, request_id)
+            await self._send_error(send, error, ids)
         except Exception:
-            logger.exception("unhandled error in request %s", request_id)
-            message = f"The gateway hit an internal error. Quote request id {request_id} when reporting it."
+            logger.exception("unhandled error in request %s", ids.gateway)
+            message = f"The gateway hit an internal error. Quote request id {ids.gateway} when reporting it."
             if admitted is not None:
                 admitted.answering()
-            await self._send_error(send, GatewayError(message), request_id)
+            await self._send_error(send, GatewayError(message), ids)
 
     async def _infer(
         self,
         match: re.Match[str],
         headers: dict[bytes, str],
         length: int,
-        request_id: str,
+        ids: RequestIds,
         receive: Receive,
         send: Send,
         admitted: _Admitted,
@@ -215,26 +209,27 @@ class InferenceApp:
             principal=principal,
             route=Route(match["route"]),
             raw_body=body,
-            request_id=request_id,
+            request_id=ids.gateway,
+            client_request_id=ids.client,
             cluster=match["cluster"],
             framework=match["framework"],
         )
         admitted.answering()
         if isinstance(result, JsonResult):
-            await self._send_json(send, 200, result.content, (), request_id)
+            await self._send_json(send, 200, result.content, (), ids)
             return
         start_headers = [
             (b"Content-Type", b"text/event-stream"),
             (b"Cache-Control", b"no-cache"),
             (b"X-Accel-Buffering", b"no"),  # nginx must pass each event on at once
             *self._after,
-            (b"X-Request-ID", request_id.encode()),
+            *_id_headers(ids),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": start_headers})
         await _relay_until_disconnect(result.events, receive, send)  # type: ignore[arg-type]
 
     async def _relay_message(
-        self, task_id: str, headers: dict[bytes, str], length: int, request_id: str, receive: Receive, send: Send
+        self, task_id: str, headers: dict[bytes, str], length: int, ids: RequestIds, receive: Receive, send: Send
     ) -> None:
         await relay_deliver(
             task_id=task_id,
@@ -243,25 +238,29 @@ class InferenceApp:
             read_body=lambda limit: _read_body(receive, limit),
         )
         # Django's HttpResponse(status=204) as the middleware leaves it, Content-Type included.
-        await self._send(send, 204, b"", [(b"Content-Type", b"text/html; charset=utf-8")], request_id)
+        await self._send(send, 204, b"", [(b"Content-Type", b"text/html; charset=utf-8")], ids)
 
-    async def _send_json(self, send: Send, status: int, body: bytes, extra: Any, request_id: str) -> None:
-        await self._send(send, status, body, [(b"Content-Type", b"application/json"), *extra], request_id)
+    async def _send_json(self, send: Send, status: int, body: bytes, extra: Any, ids: RequestIds) -> None:
+        await self._send(send, status, body, [(b"Content-Type", b"application/json"), *extra], ids)
 
-    async def _send(self, send: Send, status: int, body: bytes, first: Any, request_id: str) -> None:
+    async def _send(self, send: Send, status: int, body: bytes, first: Any, ids: RequestIds) -> None:
         headers = [
             *first,
             self._after[0],
             (b"Content-Length", str(len(body)).encode()),
             *self._after[1:],
-            (b"X-Request-ID", request_id.encode()),
+            *_id_headers(ids),
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _send_error(self, send: Send, error: GatewayError, request_id: str) -> None:
+    async def _send_error(self, send: Send, error: GatewayError, ids: RequestIds) -> None:
         extra = [(name.encode("latin1"), value.encode("latin1")) for name, value in error.headers.items()]
-        await self._send_json(send, error.status, error.body(), extra, request_id)
+        await self._send_json(send, error.status, error.body(), extra, ids)
+
+
+def _id_headers(ids: RequestIds) -> list[tuple[bytes, bytes]]:
+    return [(name.encode(), value.encode()) for name, value in ids.headers()]
 
 
 class _Admitted:

@@ -44,6 +44,7 @@ async def _infer(
         route=route,
         raw_body=raw_body,
         request_id=request.request_id,  # type: ignore[attr-defined]
+        client_request_id=request.client_request_id,  # type: ignore[attr-defined]
         cluster=cluster,
         framework=framework,
     )

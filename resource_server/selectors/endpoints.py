@@ -12,12 +12,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError
 from pydantic import BaseModel, ValidationError
 
 from resource_server.auth.base import Principal
+from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
 from resource_server.dispatch.registry import BACKENDS
 from resource_server.errors import NotFound, PermissionDenied, ServiceUnavailable
 from resource_server.models import Cluster, Endpoint
@@ -64,12 +64,16 @@ class EndpointRoute:
 class RoutingTable:
     by_model: dict[str, list[EndpointRoute]] = field(default_factory=dict)
     clusters: frozenset[str] = frozenset()
-    loaded_at: float = float("-inf")
+    loaded_at: float = float("-inf")  # when it counts as loaded, for its lifetime; moved on by failed reloads
+    read_at: float = float("-inf")  # when the database last answered
+    failing: bool = False  # the last reload failed: requests use this table and never wait for a reload
 
 
 _table = RoutingTable()
 _reload: asyncio.Task[RoutingTable] | None = None
 _RETRY_AFTER_DB_ERROR = 2.0
+_OUTAGE_LOG_INTERVAL = 10.0  # an outage is retried every _RETRY_AFTER_DB_ERROR, but not logged every time
+_outage_logged_at = float("-inf")
 
 
 def _load_table() -> RoutingTable:
@@ -104,23 +108,33 @@ def _load_table() -> RoutingTable:
             )
         )
     clusters = frozenset(Cluster.objects.values_list("name", flat=True))
-    return RoutingTable(by_model=dict(by_model), clusters=clusters, loaded_at=time.monotonic())
+    now = time.monotonic()
+    return RoutingTable(by_model=dict(by_model), clusters=clusters, loaded_at=now, read_at=now)
 
 
 async def routing_table() -> RoutingTable:
     """The current table. Past half its lifetime it is reloaded in the background while requests keep
     using it, so a busy worker never waits for the database; only a table past its whole lifetime (an idle
     worker, or the first request) is waited for, so admin changes still apply within ROUTING_CACHE_SECONDS.
+    During a database outage (a reload failed, or took longer than DATABASE_PATIENCE_SECONDS) requests
+    use the table they have and reloads are tried in the background every few seconds.
     """
     age = time.monotonic() - _table.loaded_at
     lifetime = settings.GATEWAY.ROUTING_CACHE_SECONDS
     if age < lifetime / 2:
         return _table
     reload = _start_reload()
-    if age < lifetime:
+    if age < lifetime or _table.failing:
         return _table
-    # Shielded: a caller that goes away must not cancel the read the others wait for.
-    return await asyncio.shield(reload)
+    # Shielded: a caller that goes away, or stops waiting, must not cancel the read the others wait for.
+    if _table.read_at == float("-inf"):
+        return await asyncio.shield(reload)
+    try:
+        return await asyncio.wait_for(asyncio.shield(reload), DATABASE_PATIENCE_SECONDS)
+    except TimeoutError:
+        # The database is slow to answer: route with what we have; the reload goes on and replaces it.
+        _table.failing = True
+        return _table
 
 
 def _start_reload() -> asyncio.Task[RoutingTable]:
@@ -135,10 +149,10 @@ def _start_reload() -> asyncio.Task[RoutingTable]:
 
 
 async def _reload_table() -> RoutingTable:
-    global _table
+    global _table, _outage_logged_at
     now = time.monotonic()
     try:
-        _table = await sync_to_async(_load_table)()
+        _table = await db_run(_load_table)
     except DatabaseError:
         if _table.loaded_at == float("-inf"):
             raise ServiceUnavailable(
@@ -147,8 +161,11 @@ async def _reload_table() -> RoutingTable:
                 code="registry_unavailable",
             ) from None
         # Keep serving what we knew during a database outage; try again in a few seconds.
-        logger.warning("database unavailable; routing with the table loaded %.0f s ago", now - _table.loaded_at)
+        if now - _outage_logged_at >= _OUTAGE_LOG_INTERVAL:
+            _outage_logged_at = now
+            logger.warning("database unavailable; routing with the table read %.0f s ago", now - _table.read_at)
         _table.loaded_at = now - settings.GATEWAY.ROUTING_CACHE_SECONDS / 2 + _RETRY_AFTER_DB_ERROR
+        _table.failing = True
     return _table
 
 

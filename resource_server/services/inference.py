@@ -73,13 +73,18 @@ async def inference_run(
     route: Route,
     raw_body: bytes,
     request_id: str,
+    client_request_id: str = "",
     cluster: str | None = None,
     framework: str | None = None,
 ) -> JsonResult | StreamResult:
     """Answer one OpenAI request for `principal`; every outcome leaves exactly one usage record."""
     started = time.perf_counter()
     record = UsageRecord(
-        request_id=request_id, user_id=principal.user_id, api_key_id=principal.api_key_id, route=route.value
+        request_id=request_id,
+        client_request_id=client_request_id,
+        user_id=principal.user_id,
+        api_key_id=principal.api_key_id,
+        route=route.value,
     )
     try:
         body = _parse_body(raw_body, route)
@@ -173,5 +178,8 @@ async def _relay(
         yield _error_event(GatewayError("The gateway failed while relaying the stream."))
         yield DONE_EVENT
     finally:
-        await stream.aclose()
-        _finish(record, started, status=status, error_code=error_code)
+        try:
+            await stream.aclose()
+        finally:
+            # The row is written even if closing the upstream fails (the request's outcome is already known).
+            _finish(record, started, status=status, error_code=error_code)

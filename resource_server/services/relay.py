@@ -59,7 +59,7 @@ class RelayChannel(Protocol):
         ...
 
     async def close(self) -> None:
-        """Revoke the token and drop what is left; later POSTs get 403."""
+        """Revoke the token and drop what is left; later POSTs get 403. Never raises for a store failure."""
         ...
 
 
@@ -193,6 +193,27 @@ return 1
 _APPEND_RESULTS = {0: Delivery.GONE, 1: Delivery.ACCEPTED, 2: Delivery.FULL}
 
 
+# redis-py's defaults do not fit the relay, so each is chosen here (redis-py 8: a 5 s socket timeout on every
+# read, ten retries with backoff around every connect and command, at most 100 connections per pool).
+# - A stream waits in XREAD BLOCK for as long as its own limits allow (RELAY_FIRST_CHUNK_SECONDS: 900 s), so a
+#   socket timeout shorter than the block failed every stream silent for 5 s. Reads block for at most
+#   _READ_SLICE_SECONDS at a time, on connections whose timeout is that slice plus RELAY_REDIS_TIMEOUT_SECONDS.
+# - Every other command is short: RELAY_REDIS_TIMEOUT_SECONDS bounds it and each connect, and one retry (for a
+#   connection that died while idle) keeps a dead Redis from holding a request for a minute of retries.
+# - Each waiting stream holds one read connection for its whole XREAD, so the read pool is bounded only by how
+#   many requests a worker admits; commands share a small pool and queue for a free connection.
+_READ_SLICE_SECONDS = 10.0
+_MAX_READ_CONNECTIONS = 100_000
+_COMMAND_CONNECTIONS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Clients:
+    commands: redis.Redis
+    reads: redis.Redis
+    append: AsyncScript
+
+
 class RedisRelayHub:
     """Relay through Redis Streams, shared by every worker and host.
 
@@ -201,32 +222,69 @@ class RedisRelayHub:
         gateway:relay:{<task_id>}:stream  the messages (field `m`); expires with the token. Entries read are
                                           deleted in the next read's round trip, so the backlog that
                                           RELAY_MAX_PENDING_MESSAGES bounds includes the last batch read.
+
+    When Redis fails, each operation raises `ServiceUnavailable` (`relay_unavailable`) except a channel's
+    `close`, which logs and leaves the keys to expire; connections are made afresh once Redis is back.
     """
 
     prefix = "gateway:relay"
 
-    def __init__(self, url: str, *, max_pending: int) -> None:
+    def __init__(
+        self, url: str, *, max_pending: int, timeout: float = 2.0, read_slice: float = _READ_SLICE_SECONDS
+    ) -> None:
         self._url = url
         self.max_pending = max_pending
+        self.timeout = timeout
+        self.read_slice = read_slice
         # redis.asyncio connections belong to one event loop; tests and commands may run several.
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[redis.Redis, AsyncScript]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Clients] = weakref.WeakKeyDictionary()
 
-    def _connection(self) -> tuple[redis.Redis, AsyncScript]:
+    def _connection(self) -> _Clients:
         loop = asyncio.get_running_loop()
-        connection = self._clients.get(loop)
-        if connection is None:
-            # Imported here: gateways without REDIS_URL never load the client (7 MB per worker).
-            from redis.asyncio import Redis
+        clients = self._clients.get(loop)
+        if clients is None:
+            clients = self._clients[loop] = self._connect()
+        return clients
 
-            client = Redis.from_url(self._url)
-            connection = (client, client.register_script(_APPEND))
-            self._clients[loop] = connection
-        return connection
+    def _connect(self) -> _Clients:
+        # Imported here: gateways without REDIS_URL never load the client (7 MB per worker).
+        from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        backoff = ExponentialBackoff(cap=0.5, base=0.05)
+        commands = Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=_COMMAND_CONNECTIONS,
+                timeout=self.timeout,  # the wait for a free connection
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                # Retried commands are safe: an append twice is dropped by its `seq`, the others are idempotent.
+                retry=Retry(backoff, 1, (RedisConnectionError, RedisTimeoutError)),
+            )
+        )
+        reads = Redis.from_pool(
+            ConnectionPool.from_url(
+                self._url,
+                max_connections=_MAX_READ_CONNECTIONS,
+                socket_timeout=self.read_slice + self.timeout,
+                socket_connect_timeout=self.timeout,
+                # Not after a read timed out: Redis answered nothing for a whole slice plus the margin.
+                retry=Retry(backoff, 1, (RedisConnectionError,)),
+            )
+        )
+        return _Clients(commands, reads, commands.register_script(_APPEND))
 
     def client(self) -> redis.Redis:
-        return self._connection()[0]
+        """For short commands."""
+        return self._connection().commands
+
+    def reader(self) -> redis.Redis:
+        """For blocking reads of at most `read_slice` s."""
+        return self._connection().reads
 
     def keys(self, task_id: str) -> tuple[str, str]:
         return f"{self.prefix}:{{{task_id}}}:token", f"{self.prefix}:{{{task_id}}}:stream"
@@ -244,16 +302,17 @@ class RedisRelayHub:
         return isinstance(stored, bytes) and hmac.compare_digest(stored, _digest(token))
 
     async def append(self, task_id: str, message: bytes) -> Delivery:
-        script = self._connection()[1]
+        script = self._connection().append
         with _store_errors():
             result = await cast(Awaitable[int], script(keys=self.keys(task_id), args=[self.max_pending, message]))
         return _APPEND_RESULTS[int(result)]
 
     async def aclose(self) -> None:
         """Close this loop's connections (tests; a server's loop lives as long as the process)."""
-        connection = self._clients.pop(asyncio.get_running_loop(), None)
-        if connection is not None:
-            await connection[0].aclose()
+        clients = self._clients.pop(asyncio.get_running_loop(), None)
+        if clients is not None:
+            await clients.commands.aclose()
+            await clients.reads.aclose()
 
 
 class _RedisChannel:
@@ -266,10 +325,19 @@ class _RedisChannel:
         self._read_ids: list[bytes] = []
 
     async def read(self, wait: float) -> list[bytes]:
+        # A long wait is a series of XREADs of at most `read_slice` s each (see the read pool's timeout).
+        deadline = time.monotonic() + wait
+        while True:
+            block = min(deadline - time.monotonic(), self._hub.read_slice) if wait > 0 else 0.0
+            messages = await self._read_slice(block)
+            if messages or deadline - time.monotonic() <= 0 or wait <= 0:
+                return messages
+
+    async def _read_slice(self, wait: float) -> list[bytes]:
         # One round trip: drop what was read last time (so XLEN is the backlog), then wait in Redis for more
         # (XREAD BLOCK: it answers as soon as a message is appended).
         with _store_errors():
-            async with self._hub.client().pipeline(transaction=False) as pipe:
+            async with self._hub.reader().pipeline(transaction=False) as pipe:
                 if self._read_ids:
                     pipe.xdel(self._stream, *self._read_ids)
                 block = max(int(wait * 1000), 1) if wait > 0 else None
@@ -282,8 +350,15 @@ class _RedisChannel:
         return [fields[b"m"] for _entry_id, fields in entries]
 
     async def close(self) -> None:
-        with _store_errors():
+        from redis.exceptions import RedisError
+
+        try:
             await self._hub.client().delete(*self._hub.keys(self.task_id))
+        except RedisError as exc:
+            # Closing runs as a stream ends, often because Redis just failed: it must not turn that end into a
+            # reset connection. Both keys expire with the token (RELAY_MAX_STREAM_SECONDS); until then a
+            # function still sending fills the stream and gets 429 `relay_full`, and stops after its retries.
+            logger.warning("relay store (Redis) failed closing task %s: %s", self.task_id, type(exc).__name__)
 
 
 # --- the relay route's service -------------------------------------------------------------------
@@ -292,7 +367,11 @@ class _RedisChannel:
 def _hub_from_settings() -> RelayHub:
     gateway = settings.GATEWAY
     if gateway.REDIS_URL:
-        return RedisRelayHub(gateway.REDIS_URL, max_pending=gateway.RELAY_MAX_PENDING_MESSAGES)
+        return RedisRelayHub(
+            gateway.REDIS_URL,
+            max_pending=gateway.RELAY_MAX_PENDING_MESSAGES,
+            timeout=gateway.RELAY_REDIS_TIMEOUT_SECONDS,
+        )
     return InProcessRelayHub(max_pending=gateway.RELAY_MAX_PENDING_MESSAGES)
 
 

@@ -1,26 +1,50 @@
 """The UsageSink: one RequestLog row per inference request, written off the request path.
 
-Requests hand records to an in-memory queue and never wait on the database. A background
-thread writes them in batches. While the database is down it keeps the records and retries;
-at shutdown whatever could not be written goes to a spool file that the next start replays.
+Requests hand records to an in-memory queue and never wait on the database or the disk. A background
+thread takes them in batches: it makes their text storable, appends them to a journal file (one write
+and one fsync per batch), then inserts them. Once every journaled record is in the database the journal
+is trimmed. A worker killed with SIGKILL therefore loses only the records handed over since the writer's
+last journal write (at most USAGE_FLUSH_SECONDS of them); whatever was journaled is replayed by the next
+worker that starts. The request id is the rows' unique key, so a record replayed after it was inserted
+is skipped, not written twice.
+
+A record the database refuses for a reason that will not go away (a value it cannot hold, a user deleted
+since the request) is found by bisecting the batch and set aside in a dead-letter file, with a log line
+and a counter; it never holds back the records behind it.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import dataclasses
+import fcntl
 import logging
 import os
 import queue
+import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, connections, models, router, transaction
+from django.db import (
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+    close_old_connections,
+    connections,
+    models,
+    router,
+    transaction,
+)
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -28,13 +52,56 @@ from resource_server.models import ApiKey, RequestLog
 
 logger = logging.getLogger(__name__)
 
+# Errors that say nothing about the rows: the database is unreachable, restarting, locked, or its schema
+# or grants are not (yet) what this code expects (a deploy whose migration has not run). The batch waits
+# in the journal and is retried. Every other error may be caused by one row and is bisected down to it.
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, ProgrammingError)
+_REPLACEMENT = "\ufffd"
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# A live journal, one left by a killed worker, or one an older version was replaying when it stopped.
+_JOURNAL_GLOBS = ("usage-*.jsonl", "usage-*.replaying")
+_MAX_BACKOFF_SECONDS = 10.0
+
+
+def storable_text(text: str, limit: int | None = None) -> str:
+    """`text` as any database can hold it: NUL and lone surrogates become U+FFFD, cut to `limit` characters.
+
+    PostgreSQL text cannot hold NUL, and no UTF-8 encoder (psycopg's, SQLite's, orjson's) accepts a lone
+    surrogate, which a client can send as a JSON escape. Replacing rather than dropping them keeps a trace
+    that the client sent something odd.
+    """
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = _SURROGATES.sub(_REPLACEMENT, text)
+    if "\x00" in text:
+        text = text.replace("\x00", _REPLACEMENT)
+    if limit is not None and len(text) > limit:
+        text = text[:limit]
+    return text
+
+
+def storable_json(value: Any) -> Any:
+    """A JSON value with every string and key made storable (PostgreSQL's jsonb refuses \\u0000 too)."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {storable_text(str(key)): storable_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [storable_json(item) for item in value]
+    return value
+
 
 @dataclass(slots=True)
 class UsageRecord:
+    # The gateway's own id (uuid4 hex): the row's unique key, never chosen by the client.
     request_id: str
     user_id: int
     route: str
     api_key_id: int | None = None
+    # The client's X-Request-ID when it sent a sane one: stored beside the key, not unique.
+    client_request_id: str = ""
     created_at: datetime = field(default_factory=timezone.now)
     model: str = ""
     endpoint_id: int | None = None
@@ -58,20 +125,71 @@ class UsageRecord:
             if isinstance(value, int) and value >= 0:
                 setattr(self, name, value)
 
+    def make_storable(self) -> None:
+        """Make the text fields fit their columns (cheap when they already do, as nearly all will)."""
+        for name, limit in _TEXT_LIMITS:
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                value = str(value)
+            elif value.isascii() and len(value) <= limit and "\x00" not in value:
+                continue
+            setattr(self, name, storable_text(value, limit))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _FIELDS}
+
+
+_FIELDS = tuple(item.name for item in dataclasses.fields(UsageRecord))
+_TEXT_LIMITS = tuple(
+    (column.attname, column.max_length)
+    for column in RequestLog._meta.concrete_fields
+    if isinstance(column, models.CharField) and column.max_length is not None and column.attname in _FIELDS
+)
+
+
+def journal_line(record: UsageRecord) -> bytes:
+    """The record as one JSON line, its text made storable first (bodies only when they need it)."""
+    record.make_storable()
+    try:
+        line = orjson.dumps(record)  # orjson reads the dataclass itself: faster than building a dict first
+    except TypeError:
+        line = b""  # a lone surrogate in a body: orjson refuses it
+    # orjson writes NUL as \u0000, which jsonb refuses; the test may also match an escaped backslash, harmless.
+    if not line or b"\\u0000" in line:
+        record.request_body = storable_json(record.request_body)
+        record.response_body = storable_json(record.response_body)
+        line = orjson.dumps(record)
+    return line + b"\n"
+
+
+def record_from_line(line: bytes) -> UsageRecord:
+    data = orjson.loads(line)
+    data.pop("dead_letter", None)  # a dead-letter line moved back into the spool for replay
+    data["created_at"] = parse_datetime(data["created_at"])
+    record = UsageRecord(**data)
+    journal_line(record)  # written by an older version, or edited by hand: make it storable all the same
+    return record
+
 
 def _insert_rows(batch: list[UsageRecord]) -> None:
     """One INSERT for many rows, skipping the per-row model and compiler work of bulk_create.
 
     The writer shares the worker's GIL with the event loop: bulk_create spent ~100 us per row in Python,
-    this a few. Values are adapted as Django would, but only where it matters (times and JSON).
+    this a few. Values are adapted as Django would, but only where it matters (times and JSON). A row
+    whose request id is already stored is skipped: a journal replayed after its rows went in.
     """
     connection = connections[router.db_for_write(RequestLog)]
     columns = [column for column in RequestLog._meta.concrete_fields if not column.primary_key]
     adapt = [isinstance(column, models.DateTimeField | models.JSONField) for column in columns]
     quote = connection.ops.quote_name
     names = ", ".join(quote(column.column) for column in columns)
-    # Names come from the model and are quoted; every value is a parameter.
-    sql = f"INSERT INTO {quote(RequestLog._meta.db_table)} ({names}) VALUES ({', '.join(['%s'] * len(columns))})"  # noqa: S608
+    key = quote(RequestLog._meta.get_field("request_id").column)
+    # Names come from the model and are quoted; every value is a parameter. SQLite (3.24+) and
+    # PostgreSQL both take this ON CONFLICT clause.
+    sql = (
+        f"INSERT INTO {quote(RequestLog._meta.db_table)} ({names}) "  # noqa: S608
+        f"VALUES ({', '.join(['%s'] * len(columns))}) ON CONFLICT ({key}) DO NOTHING"
+    )
     rows = []
     for record in batch:
         row = []
@@ -83,30 +201,292 @@ def _insert_rows(batch: list[UsageRecord]) -> None:
         cursor.executemany(sql, rows)
 
 
-class UsageSink:
-    max_pending = 100_000
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).strip()[:500]}"
 
-    def __init__(self, *, batch_size: int, flush_seconds: float, spool_dir: Path) -> None:
+
+class DeadLetter:
+    """Usage records the database refused for good, one JSON line each, for an admin to inspect or replay.
+
+    A line is the record as journaled plus a `dead_letter` object saying why and when, so moving the file
+    into the spool directory (as usage-*.jsonl) replays it once its cause is fixed.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self, record: UsageRecord, error: BaseException | str) -> None:
+        reason = error if isinstance(error, str) else _describe(error)
+        try:
+            line = orjson.dumps({**record.as_dict(), "dead_letter": self._note(reason)})
+        except TypeError as unserialisable:
+            self.add_raw(repr(record).encode("utf-8", "backslashreplace"), f"{reason}; {unserialisable}")
+            return
+        path = self._write(line)
+        logger.error("usage record of request %s set aside in %s: %s", record.request_id, path, reason)
+
+    def add_raw(self, raw: bytes, reason: str) -> None:
+        text = raw.decode("utf-8", "backslashreplace")
+        self._write(orjson.dumps({"dead_letter": {**self._note(reason), "raw": text}}))
+
+    @staticmethod
+    def _note(reason: str) -> dict[str, str]:
+        return {"error": reason, "set_aside_at": datetime.now(UTC).isoformat(), "pid": str(os.getpid())}
+
+    def _write(self, line: bytes) -> Path:
+        path = self.directory / f"usage-{datetime.now(UTC):%Y%m%d}-{os.getpid()}.jsonl"
+        with self._lock:
+            self.count += 1
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                with path.open("ab") as file:
+                    file.write(line + b"\n")
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError:
+                logger.exception("could not write the usage dead-letter file %s", path)
+        return path
+
+
+@dataclass(slots=True)
+class _Segment:
+    path: Path
+    fd: int
+    unsettled: int = 0
+    size: int = 0
+
+
+class UsageJournal:
+    """Append-only files of usage records not yet in the database, one writer process each.
+
+    Each segment is held with an exclusive flock for as long as its process lives, so a starting worker
+    adopts exactly the segments whose owner is gone (killed, or stopped with the database down) and
+    never a live one. A segment is created under a hidden name and renamed once locked, so no other
+    worker can see it unlocked. Records are settled in the order they were appended; a segment whose
+    records are all settled is deleted, or emptied once it holds 64 KB if it is the one being appended to.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        dead_letter: DeadLetter,
+        *,
+        segment_bytes: int = 64 * 1024 * 1024,
+        trim_bytes: int = 64 * 1024,
+    ) -> None:
+        self.directory = directory
+        self._dead_letter = dead_letter
+        self._segment_bytes = segment_bytes
+        # Emptying the file after every batch would cost a syscall each; a kill leaves at most this much
+        # already-written records to replay, which the unique request id skips.
+        self._trim_bytes = trim_bytes
+        self._segments: deque[_Segment] = deque()
+        # Which segment holds the next records to settle, in append order (None: journaling failed).
+        self._runs: deque[list[Any]] = deque()
+        self._current: _Segment | None = None
+        self._lock = threading.Lock()
+        self.write_errors = 0
+
+    def adopt(self) -> list[UsageRecord]:
+        """Claim the segments no live process holds and return their records, oldest file first."""
+        records: list[UsageRecord] = []
+        if not self.directory.is_dir():
+            return records
+        self._remove_stale_hidden()
+        paths = sorted({path for pattern in _JOURNAL_GLOBS for path in self.directory.glob(pattern)})
+        for path in paths:
+            segment = self._claim(path)
+            if segment is None:
+                continue
+            found = self._read(segment.path)
+            if not found:
+                self._remove(segment)
+                continue
+            segment.unsettled = len(found)
+            with self._lock:
+                self._segments.append(segment)
+                self._runs.append([segment, len(found)])
+            records.extend(found)
+        if records:
+            logger.info("replaying %d journaled usage records (any already written are skipped)", len(records))
+        return records
+
+    def _remove_stale_hidden(self) -> None:
+        """Hidden segments are renamed as soon as they are locked, before any write: an old one is empty."""
+        for path in self.directory.glob(".usage-*.tmp"):
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > 60:
+                    path.unlink()
+
+    @staticmethod
+    def _claim(path: Path) -> _Segment | None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Still the file at that path? Its replayer may have deleted it between our open and lock.
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                raise FileNotFoundError(path)
+        except OSError:  # held by a live process (BlockingIOError), or gone
+            os.close(fd)
+            return None
+        return _Segment(path, fd, size=os.fstat(fd).st_size)
+
+    def _read(self, path: Path) -> list[UsageRecord]:
+        records = []
+        for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(record_from_line(line))
+            except (orjson.JSONDecodeError, TypeError, KeyError, ValueError) as error:
+                # A line cut short by a kill mid-write, or not a record: kept for an admin, not retried.
+                logger.error("usage journal %s line %d is not a usage record (%s); set aside", path, number, error)
+                self._dead_letter.add_raw(line, f"unreadable journal line {path.name}:{number}: {error}")
+        return records
+
+    def append(self, lines: list[bytes], count: int) -> None:
+        """Write `count` records (their lines) durably: one write and one fdatasync for the batch."""
+        data = b"".join(lines)
+        with self._lock:
+            try:
+                segment = self._writable()
+                view = memoryview(data)
+                while view:
+                    written = os.write(segment.fd, view)
+                    view = view[written:]
+                os.fdatasync(segment.fd)
+                segment.size += len(data)
+                segment.unsettled += count
+                target: _Segment | None = segment
+            except OSError:
+                self.write_errors += 1
+                logger.exception("could not journal %d usage records; they are kept in memory only", count)
+                target = None
+            if self._runs and self._runs[-1][0] is target:
+                self._runs[-1][1] += count
+            else:
+                self._runs.append([target, count])
+
+    def _writable(self) -> _Segment:
+        current = self._current
+        if current is not None and current.size < self._segment_bytes:
+            return current
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"usage-{os.getpid()}-{time.time_ns()}"
+        hidden = self.directory / f".{name}.tmp"
+        fd = os.open(hidden, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = self.directory / f"{name}.jsonl"
+        os.rename(hidden, path)
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the file's name survives a power cut too
+        finally:
+            os.close(directory)
+        self._current = _Segment(path, fd)
+        self._segments.append(self._current)
+        return self._current
+
+    def settle(self, count: int) -> None:
+        """The oldest `count` appended records are in the database (or set aside): trim what they free."""
+        with self._lock:
+            while count and self._runs:
+                run = self._runs[0]
+                taken = min(count, run[1])
+                run[1] -= taken
+                count -= taken
+                if not run[1]:
+                    self._runs.popleft()
+                segment: _Segment | None = run[0]
+                if segment is None:
+                    continue
+                segment.unsettled -= taken
+                if segment.unsettled:
+                    continue
+                if segment is self._current:
+                    if segment.size >= self._trim_bytes:
+                        os.ftruncate(segment.fd, 0)  # appends resume at offset 0 (O_APPEND)
+                        segment.size = 0
+                else:
+                    self._segments.remove(segment)
+                    self._remove(segment)
+
+    @property
+    def unsettled(self) -> int:
+        with self._lock:
+            return sum(run[1] for run in self._runs if run[0] is not None)
+
+    def close(self) -> int:
+        """Delete the segments with nothing left to write and release the rest for the next start."""
+        with self._lock:
+            left = 0
+            for segment in self._segments:
+                if segment.unsettled:
+                    left += segment.unsettled
+                    os.close(segment.fd)
+                else:
+                    self._remove(segment)
+            self._segments.clear()
+            self._runs.clear()
+            self._current = None
+            return left
+
+    @staticmethod
+    def _remove(segment: _Segment) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            segment.path.unlink()
+        os.close(segment.fd)
+
+
+class UsageSink:
+    """Two threads: one journals records as they come, the other writes the journaled ones to the database.
+
+    Journaling never waits on the database (a connection attempt to a host that has vanished can hang for
+    minutes), so how much a SIGKILL can lose does not depend on the database's state.
+    """
+
+    def __init__(self, *, batch_size: int, flush_seconds: float, spool_dir: Path, dead_letter_dir: Path) -> None:
         # None in the queue asks the writer to write what it holds now (see flush).
         self._queue: queue.SimpleQueue[UsageRecord | None] = queue.SimpleQueue()
+        # Journaled records on their way to the database writer (None: flush now).
+        self._journaled: queue.SimpleQueue[list[UsageRecord] | None] = queue.SimpleQueue()
         self._batch_size = batch_size
         self._flush_seconds = flush_seconds
-        self._spool_dir = spool_dir
+        self.dead_letter = DeadLetter(dead_letter_dir)
+        self.journal = UsageJournal(spool_dir, self.dead_letter)
         self._pending: list[UsageRecord] = []
         self._accepted = 0
         self._settled = 0
         self._progress = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._start_lock = threading.Lock()
         self._stopping = threading.Event()
-        self._last_write = float("-inf")
+        self._stopped = False
+        self._last_journal = float("-inf")
+        self._retry_at = float("-inf")
+
+    @property
+    def dead_lettered(self) -> int:
+        """Records set aside in the dead-letter file by this process (for metrics)."""
+        return self.dead_letter.count
 
     def record(self, record: UsageRecord) -> None:
         """Accept a record without blocking."""
         with self._progress:
-            self._accepted += 1
-        self._queue.put(record)
-        if self._thread is None:
+            stopped = self._stopped
+            if not stopped:
+                self._accepted += 1
+                self._queue.put(record)  # under the lock: stop() drains the queue once it has set _stopped
+        if stopped:
+            # Handed over after stop(), by a request cancelled at shutdown: straight to the journal.
+            self._journal_now([record])
+            return
+        if not self._threads:
             self.start()
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -123,16 +503,31 @@ class UsageSink:
         return True
 
     def start(self) -> None:
-        """Start the writer (and replay spooled records); called at worker start-up or on first use."""
+        """Start the writer (and replay journals left by stopped workers); at worker start-up or first use."""
         with self._start_lock:
-            if self._thread is not None:
+            if self._threads:
                 return
-            self._pending.extend(self._read_spool())
+            self._pending.extend(self.journal.adopt())
             with self._progress:
                 self._accepted += len(self._pending)
-            self._thread = threading.Thread(target=self._run, name="usage-sink", daemon=True)
-            self._thread.start()
+            self._threads = [
+                threading.Thread(target=self._journal_until_stopped, name="usage-journal", daemon=True),
+                threading.Thread(target=self._run, name="usage-sink", daemon=True),
+            ]
+            for thread in self._threads:
+                thread.start()
             atexit.register(self.stop)
+
+    def _journal_until_stopped(self) -> None:
+        while not self._stopping.is_set():
+            records, flush = self._collect()
+            if records:
+                self._last_journal = time.monotonic()
+                kept = self._journal_now(records)
+                if kept:
+                    self._journaled.put(kept)
+            if flush:
+                self._journaled.put(None)
 
     def _run(self) -> None:
         try:
@@ -143,45 +538,86 @@ class UsageSink:
     def _write_until_stopped(self) -> None:
         backoff = 1.0
         while not self._stopping.is_set():
-            self._collect()
-            if not self._pending:
+            self._take_journaled()
+            if not self._pending or time.monotonic() < self._retry_at:
                 continue
             batch = self._pending[: self._batch_size]
-            self._last_write = time.monotonic()
             try:
-                self._write(batch)
+                self._store(batch)
             except Exception:
+                # The whole batch stays journaled and pending; rows of it already in are skipped on retry.
                 logger.exception("could not write %d usage records; retrying in %.0f s", len(batch), backoff)
                 close_old_connections()
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                self._retry_at = time.monotonic() + backoff
+                backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
                 continue
             backoff = 1.0
+            self._touch_api_keys(batch)
             del self._pending[: len(batch)]
-            with self._progress:
-                self._settled += len(batch)
-                self._progress.notify_all()
+            self.journal.settle(len(batch))
+            self._settle(len(batch))
 
-    def _collect(self) -> None:
-        """Move queued records into the pending list.
+    def _take_journaled(self) -> None:
+        """Move journaled records to the pending list: wait for some if there is nothing to write now."""
+        now = time.monotonic()
+        if not self._pending:
+            wait = self._flush_seconds
+        elif now < self._retry_at:
+            wait = min(self._flush_seconds, self._retry_at - now)
+        else:
+            wait = 0.0
+        try:
+            item = self._journaled.get(timeout=wait) if wait > 0 else self._journaled.get_nowait()
+            while True:
+                if item is None:
+                    self._retry_at = float("-inf")  # flush() asks: try the database now
+                else:
+                    self._pending.extend(item)
+                item = self._journaled.get_nowait()
+        except queue.Empty:
+            pass
 
-        At most one write starts per `flush_seconds` unless a batch fills up or flush() asks: a record
-        that arrives after a quiet spell is written at once, while under load one transaction carries
-        many records instead of one each, which keeps the writer's share of the worker's CPU (and its
-        hold on the GIL) small at any request rate. Records left by a failed write are retried at once,
-        with whatever queued since.
+    def _settle(self, count: int) -> None:
+        with self._progress:
+            self._settled += count
+            self._progress.notify_all()
+
+    def _journal_now(self, records: list[UsageRecord]) -> list[UsageRecord]:
+        """Make `records` storable and journal them; returns those journaled (the rest are set aside)."""
+        lines = []
+        kept = []
+        for record in records:
+            try:
+                lines.append(journal_line(record))
+            except Exception as error:  # e.g. a body nested too deep to serialise: it could never be stored
+                self.dead_letter.add(record, error)
+                self._settle(1)
+                continue
+            kept.append(record)
+        if kept:
+            self.journal.append(lines, len(kept))
+        return kept
+
+    def _collect(self) -> tuple[list[UsageRecord], bool]:
+        """Take queued records, waiting for them to gather so that one write carries many.
+
+        At most one journal write (and so one insert) starts per `flush_seconds` unless a batch fills up
+        or flush() asks: a record that arrives after a quiet spell is journaled and written at once, while
+        under load one fsync and one transaction carry many records instead of one each, which keeps the
+        writer's share of the worker's CPU (and its hold on the GIL) small at any request rate. This wait
+        is all a SIGKILL can lose: records still waiting here.
         """
-        if self._pending:
-            self._drain()
-            return
+        records: list[UsageRecord] = []
         try:
             first = self._queue.get(timeout=self._flush_seconds)
         except queue.Empty:
-            return
-        if first is not None:
-            self._pending.append(first)
-        due = self._last_write + self._flush_seconds
-        while first is not None and len(self._pending) < self._batch_size:
+            return records, False
+        if first is None:
+            return records, True
+        records.append(first)
+        due = self._last_journal + self._flush_seconds
+        flush = False
+        while len(records) < self._batch_size:
             remaining = due - time.monotonic()
             if remaining <= 0:
                 break
@@ -190,107 +626,112 @@ class UsageSink:
             except queue.Empty:
                 break
             if item is None:
+                flush = True
                 break
-            self._pending.append(item)
-        self._drain()
+            records.append(item)
+        return records, self._drain(records) or flush
 
-    def _drain(self) -> None:
+    def _drain(self, into: list[UsageRecord]) -> bool:
+        """Move what is queued into `into`; True if flush() asked meanwhile."""
+        flush = False
         try:
-            while len(self._pending) < self.max_pending:
+            while True:
                 item = self._queue.get_nowait()
-                if item is not None:
-                    self._pending.append(item)
+                if item is None:
+                    flush = True
+                else:
+                    into.append(item)
         except queue.Empty:
-            pass
+            return flush
 
-    def _write(self, batch: list[UsageRecord]) -> None:
+    def _store(self, batch: list[UsageRecord]) -> None:
+        """Insert `batch`; a permanent refusal is bisected down to the rows that cause it.
+
+        Raises only the transient errors (the database is away): then nothing is lost or set aside, and
+        the caller retries the whole batch later.
+        """
         close_old_connections()
         try:
             with transaction.atomic():
                 _insert_rows(batch)
-        except IntegrityError:
-            # An endpoint or key deleted since the request must not cost the other rows: write one by one.
-            for record in batch:
-                self._write_one(RequestLog(**asdict(record)))
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as error:
+            if len(batch) == 1:
+                self._store_alone(batch[0], error)
+                return
+            middle = len(batch) // 2
+            self._store(batch[:middle])
+            self._store(batch[middle:])
+
+    def _store_alone(self, record: UsageRecord, error: Exception) -> None:
+        if isinstance(error, IntegrityError) and (record.endpoint_id is not None or record.api_key_id is not None):
+            # An endpoint or key deleted since the request must not cost the row: keep it without them.
+            try:
+                with transaction.atomic():
+                    _insert_rows([dataclasses.replace(record, endpoint_id=None, api_key_id=None)])
+                return
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception as again:
+                error = again
+        self.dead_letter.add(record, error)
+
+    @staticmethod
+    def _touch_api_keys(batch: list[UsageRecord]) -> None:
         last_used: dict[int, datetime] = {}
         for record in batch:
             if record.api_key_id is not None:
                 last_used[record.api_key_id] = max(
                     record.created_at, last_used.get(record.api_key_id, record.created_at)
                 )
-        for key_id, used_at in last_used.items():
-            ApiKey.objects.filter(pk=key_id).update(last_used_at=used_at)
-
-    @staticmethod
-    def _write_one(row: RequestLog) -> None:
         try:
-            with transaction.atomic():
-                row.save(force_insert=True)
-        except IntegrityError:
-            if RequestLog.objects.filter(request_id=row.request_id).exists():
-                return  # written before a retry: keep one row per request
-            row.endpoint_id = None
-            row.api_key_id = None
-            try:
-                with transaction.atomic():
-                    row.save(force_insert=True)
-            except IntegrityError:
-                # Its user is gone too: this row can never be stored, and retrying it would hold back all others.
-                logger.error("dropped the usage record of request %s: its user no longer exists", row.request_id)
-
-    def _spool_path(self) -> Path:
-        return self._spool_dir / f"usage-{os.getpid()}-{time.time_ns()}.jsonl"
-
-    def _read_spool(self) -> list[UsageRecord]:
-        records: list[UsageRecord] = []
-        if not self._spool_dir.is_dir():
-            return records
-        for path in sorted(self._spool_dir.glob("usage-*.jsonl")):
-            claimed = path.with_suffix(".replaying")
-            try:
-                path.rename(claimed)  # rename is atomic: one worker replays each file
-            except FileNotFoundError:
-                continue
-            for line in claimed.read_bytes().splitlines():
-                data = orjson.loads(line)
-                data["created_at"] = parse_datetime(data["created_at"])
-                records.append(UsageRecord(**data))
-            claimed.unlink()
-        if records:
-            logger.info("replaying %d spooled usage records", len(records))
-        return records
+            for key_id, used_at in last_used.items():
+                # Never backwards: a replayed journal carries old times.
+                ApiKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=used_at), pk=key_id).update(
+                    last_used_at=used_at
+                )
+        except Exception:
+            # Informational only: the rows are in, and retrying them for this would set aside refused ones twice.
+            logger.warning("could not update API keys' last use", exc_info=True)
+            close_old_connections()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Write what is left and stop; what cannot be written within `timeout` goes to the spool file."""
-        if self._thread is None or self._stopping.is_set():
+        """Write what is left within `timeout`; whatever is not written stays in the journal for the next start.
+
+        Everything handed over is journaled within `flush_seconds`, before it is written, so the time spent
+        here only decides whether the rows arrive now or at the next start, never whether they arrive.
+        """
+        if not self._threads or self._stopping.is_set():
             return
         written = self.flush(timeout=timeout)
         self._stopping.set()
-        self._thread.join(timeout=self._flush_seconds + 1)
-        if written:
-            return
-        leftovers = list(self._pending)
-        try:
-            while True:
-                item = self._queue.get_nowait()
-                if item is not None:
-                    leftovers.append(item)
-        except queue.Empty:
-            pass
+        self._queue.put(None)  # wake both threads if they wait for records
+        self._journaled.put(None)
+        journaler, writer = self._threads
+        journaler.join(timeout=1)
+        writer.join(timeout=1)
         with self._progress:
-            self._settled += len(leftovers)
-            self._progress.notify_all()
-        if not leftovers:
+            self._stopped = True
+        leftovers: list[UsageRecord] = []
+        self._drain(leftovers)
+        self._settle(len(self._journal_now(leftovers)))
+        if writer.is_alive():
+            # Stuck in a database call: it may still settle its batch, so the journal stays as it is.
+            logger.warning("the usage writer did not stop; its records stay in the journal for the next start")
             return
-        # A batch the writer was still retrying may land too; the unique request_id keeps one row on replay.
-        self._spool_dir.mkdir(parents=True, exist_ok=True)
-        path = self._spool_path()
-        path.write_bytes(b"".join(orjson.dumps(asdict(record)) + b"\n" for record in leftovers))
-        logger.warning("database unavailable at shutdown: %d usage records spooled to %s", len(leftovers), path)
+        left = self.journal.close()
+        if not written or left:
+            logger.warning(
+                "%d usage records were not written to the database before shutdown; they stay in %s for the next start",
+                left,
+                self.journal.directory,
+            )
 
 
 usage_sink = UsageSink(
     batch_size=settings.GATEWAY.USAGE_BATCH_SIZE,
     flush_seconds=settings.GATEWAY.USAGE_FLUSH_SECONDS,
     spool_dir=settings.GATEWAY.DATA_DIR / "usage-spool",
+    dead_letter_dir=settings.GATEWAY.DATA_DIR / "usage-dead-letter",
 )

@@ -10,13 +10,16 @@ from typing import Any
 
 import orjson
 import pytest
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.test import override_settings
 
 from gateway.asgi import django_application, http_application, worker_settle
 from resource_server.api.fast import InferenceApp
+from resource_server.models import RequestLog
 from resource_server.selectors import endpoints
 from resource_server.services.relay import relay_hub
+from resource_server.services.usage import usage_sink
 from tests.conftest import Seeded
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -101,7 +104,7 @@ def assert_same_head(lean: Answer, django: Answer) -> None:
     assert lean.status == django.status
     assert lean.header_names() == django.header_names()
     for name in lean.header_names():
-        if name not in (b"x-request-id", b"content-length"):
+        if name not in (b"x-request-id", b"x-gateway-request-id", b"content-length"):
             assert lean.header(name) == django.header(name), name
 
 
@@ -172,6 +175,12 @@ async def test_a_sane_client_request_id_is_echoed_by_both(seeded: Seeded) -> Non
     headers = {**seeded.auth, "X-Request-ID": "client-chosen-id-42"}
     lean, django = await both(CHAT_PATH, orjson.dumps(CHAT), headers=headers)
     assert lean.header(b"x-request-id") == django.header(b"x-request-id") == b"client-chosen-id-42"
+    # The gateway's own id, the usage row's key, is returned beside it; the client's is stored in the row.
+    ours = {lean.header(b"x-gateway-request-id").decode(), django.header(b"x-gateway-request-id").decode()}
+    assert len(ours) == 2
+    assert await sync_to_async(usage_sink.flush)(timeout=10)
+    rows = RequestLog.objects.filter(request_id__in=ours).values_list("client_request_id", flat=True)
+    assert await sync_to_async(list)(rows) == ["client-chosen-id-42"] * 2
 
 
 @pytest.mark.parametrize(

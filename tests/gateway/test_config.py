@@ -35,6 +35,9 @@ def test_safe_production_settings_boot(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"DEBUG": "true"}, "DEBUG"),
         ({"ALLOWED_HOSTS": "*"}, "ALLOWED_HOSTS"),
         ({"DATABASE_URL": ""}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite:///srv/gateway/db.sqlite3"}, "DATABASE_URL must point at PostgreSQL.*sqlite://"),
+        ({"DATABASE_URL": "mysql://gw:pw@db/gw"}, "DATABASE_URL must point at PostgreSQL.*mysql://"),
+        ({"DATABASE_URL": "/srv/gateway/db.sqlite3"}, "DATABASE_URL must point at PostgreSQL"),
     ],
 )
 def test_production_refuses_unsafe_values_naming_the_variable(
@@ -43,6 +46,30 @@ def test_production_refuses_unsafe_values_naming_the_variable(
     settings = settings_from({**SAFE, **override}, monkeypatch)
     with pytest.raises(UnsafeSettingsError, match=named):
         settings.check_production_safety()
+
+
+@pytest.mark.parametrize("url", ["postgres://gw@db/gw", "postgresql://gw:pw@db:5432/gw", "PGSQL://gw@db/gw"])
+def test_production_accepts_every_postgres_url_scheme(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    settings_from({**SAFE, "DATABASE_URL": url}, monkeypatch).check_production_safety()
+
+
+def test_refused_database_url_does_not_echo_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_from({**SAFE, "DATABASE_URL": "mysql://gw:hunter2-secret@db/gw"}, monkeypatch)
+    with pytest.raises(UnsafeSettingsError) as refused:
+        settings.check_production_safety()
+    assert "hunter2" not in str(refused.value)
+
+
+def test_production_process_refuses_to_boot_on_sqlite(tmp_path) -> None:
+    env = {
+        **SAFE,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+        "DATA_DIR": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+    }
+    result = subprocess.run([sys.executable, "manage.py", "check"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "DATABASE_URL must point at PostgreSQL" in result.stderr
 
 
 def test_development_defaults_to_sqlite_and_local_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

@@ -1,0 +1,112 @@
+"""Usage survives a SIGKILL: records are journaled as they arrive, and the next start writes each exactly once.
+
+PostgreSQL is reached through a TCP proxy that the test cuts, so that nothing can be written before the kill.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from django.db import connection
+
+from resource_server.models import RequestLog
+from tests.conftest import Seeded, seed
+from tests.servers import gateway_server
+from tests.tcp_proxy import TcpProxy
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(connection.vendor != "postgresql", reason="needs DATABASE_URL pointing at PostgreSQL"),
+]
+
+CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+FLUSH_SECONDS = 0.05
+
+
+@pytest.fixture
+def proxy() -> Iterator[TcpProxy]:
+    config = connection.settings_dict
+    tcp = TcpProxy((config["HOST"] or "127.0.0.1", int(config["PORT"] or 5432)))
+    tcp.restore()
+    yield tcp
+    tcp.cut()
+
+
+def _env(proxy: TcpProxy, data_dir: Path) -> dict[str, str]:
+    config = connection.settings_dict
+    password = f":{config['PASSWORD']}" if config["PASSWORD"] else ""
+    return {
+        "DATABASE_URL": f"postgres://{config['USER']}{password}@127.0.0.1:{proxy.port}/{config['NAME']}",
+        "DATA_DIR": str(data_dir),
+        "USAGE_FLUSH_SECONDS": str(FLUSH_SECONDS),
+        "ROUTING_CACHE_SECONDS": "300",
+        "API_KEY_CACHE_SECONDS": "300",
+    }
+
+
+def _chat(url: str, seeded: Seeded) -> str:
+    response = httpx.post(f"{url}/resource_server/v1/chat/completions", json=CHAT, headers=seeded.auth, timeout=20)
+    assert response.status_code == 200, response.text
+    return response.headers["x-gateway-request-id"]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # The parent pid is the second field after the command name, which may hold spaces.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _gunicorn_master() -> int:
+    """The one gunicorn master this test runs (gunicorn renames its processes "gunicorn: master [...]")."""
+    (master,) = [pid for pid in _children(os.getpid()) if b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return master
+
+
+def _wait_for_rows(request_ids: list[str], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if RequestLog.objects.filter(request_id__in=request_ids).count() == len(request_ids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_rows_journaled_before_a_sigkill_are_written_exactly_once_by_the_next_start(
+    proxy: TcpProxy, model_server: str, tmp_path: Path
+) -> None:
+    seeded = seed(model_server)
+    with gateway_server(_env(proxy, tmp_path)) as url:
+        before = _chat(url, seeded)  # also caches the key and the route for the outage
+        assert _wait_for_rows([before], timeout=10)
+        proxy.cut()
+        stranded = [_chat(url, seeded) for _ in range(20)]
+        time.sleep(FLUSH_SECONDS * 20)  # well past the journal's batch interval
+        master = _gunicorn_master()
+        workers = _children(master)
+        assert workers
+        os.kill(master, signal.SIGKILL)  # first, so it cannot start a new worker
+        for worker in workers:
+            os.kill(worker, signal.SIGKILL)
+    assert RequestLog.objects.filter(request_id__in=stranded).count() == 0, "nothing could be written before"
+    assert list((tmp_path / "usage-spool").glob("usage-*.jsonl")), "the killed worker's journal is left"
+    proxy.restore()
+    with gateway_server(_env(proxy, tmp_path)) as url:
+        after = _chat(url, seeded)
+        assert _wait_for_rows([*stranded, after], timeout=30)
+    # Exactly once: one row per request, the one written before the kill included.
+    assert RequestLog.objects.filter(user=seeded.user).count() == len(stranded) + 2
+    assert not list((tmp_path / "usage-spool").glob("usage-*.jsonl")), "the replayed journal is gone"
