@@ -58,6 +58,7 @@ REPRODUCED_MIDDLEWARE = [
 _OVERLOADED = ServiceUnavailable(
     "The gateway is at capacity. Please retry shortly.", retry_after=1, code="gateway_overloaded"
 )
+_STOP_WAIT_SECONDS = 1.0  # for cancelled handlers, which only record their usage: milliseconds in practice
 _WANTED_HEADERS = frozenset((b"host", b"authorization", b"content-length", b"x-request-id"))
 _MAX_CACHED_HOSTS = 64
 
@@ -108,12 +109,22 @@ class InferenceApp:
         self._in_flight = 0
         self._max_pending = settings.GATEWAY.MAX_PENDING_PER_WORKER
         self._max_in_flight = settings.GATEWAY.MAX_IN_FLIGHT_PER_WORKER
+        self._ended: asyncio.Event | None = None  # set when the last admitted request ends, once stopping
 
     def start(self) -> None:
         """ASGI lifespan start-up. Admission is counted per request and needs no background task."""
 
     async def stop(self) -> None:
-        """ASGI lifespan shutdown: nothing of the app's own to stop."""
+        """ASGI lifespan shutdown: let the requests still counted end, for at most _STOP_WAIT_SECONDS.
+
+        uvicorn has finished or cancelled every request by now, but a cancelled handler still has to run
+        to record its usage (a cut stream is a 499 row), and the usage writer is stopped right after this.
+        """
+        if self._in_flight:
+            self._ended = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_STOP_WAIT_SECONDS):
+                    await self._ended.wait()
 
     def _host_allowed(self, host: str) -> bool:
         """Django's Host check (HttpRequest.get_host), remembered for the few hosts a gateway sees."""
@@ -285,7 +296,10 @@ class _Admitted:
 
     def end(self) -> None:
         self.answering()
-        self._app._in_flight -= 1
+        app = self._app
+        app._in_flight -= 1
+        if not app._in_flight and app._ended is not None:
+            app._ended.set()
 
 
 class _ClientGone(Exception):
