@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy gateway resource_server compute_functions tools
 
-## bench: every scenario (S1-S6), direct vs through the gateway (about 25 minutes; see docs/performance.md)
+## bench: every scenario (S1-S8), direct vs through the gateway (about 25 minutes; see docs/performance.md)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 

@@ -64,7 +64,10 @@ def connections_prepare() -> bool:
     """
     kept = False
     for conn in connections.all(initialized_only=True):
-        if conn.connection is None:
+        if conn.connection is None or conn.in_atomic_block:
+            # A transaction open on this thread belongs to its caller (a test's, or an atomic block):
+            # closing the connection under it would break it. Django's test client skips this housekeeping too.
+            kept = kept or conn.connection is not None
             continue
         obsolete = bool(conn.settings_dict["CONN_MAX_AGE"]) and time.monotonic() >= (conn.close_at or float("inf"))
         if conn.errors_occurred or obsolete or conn.get_autocommit() != conn.settings_dict["AUTOCOMMIT"]:

@@ -111,9 +111,6 @@ class InferenceApp:
         self._max_in_flight = settings.GATEWAY.MAX_IN_FLIGHT_PER_WORKER
         self._ended: asyncio.Event | None = None  # set when the last admitted request ends, once stopping
 
-    def start(self) -> None:
-        """ASGI lifespan start-up. Admission is counted per request and needs no background task."""
-
     async def stop(self) -> None:
         """ASGI lifespan shutdown: let the requests still counted end, for at most _STOP_WAIT_SECONDS.
 

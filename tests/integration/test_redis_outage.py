@@ -48,7 +48,7 @@ def redis_proxy() -> Iterator[TcpProxy]:
 def gateway_url(django_db_setup: None, tmp_path_factory: Any, redis_proxy: TcpProxy) -> Iterator[str]:
     through_proxy = urlsplit(REDIS_URL)._replace(netloc=f"127.0.0.1:{redis_proxy.port}").geturl()
     # Shedding by event-loop lag (issue 9, item 9) must not refuse these streams on a loaded test machine.
-    with e2e_gateway(tmp_path_factory, REDIS_URL=through_proxy, OVERLOAD_DELAY_SECONDS="60") as url:
+    with e2e_gateway(tmp_path_factory, REDIS_URL=through_proxy) as url:
         yield url
 
 
