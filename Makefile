@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format install clean bench bench-quick
+.PHONY: demo test test-fast lint format install clean bench bench-quick fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ bench: $(STAMP)
 ## bench-quick: S1, S2 at concurrency 64 and S4 at 32, in under 2 minutes; prints the table
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
+
+## fuzz: Schemathesis from the served OpenAPI against the gateway (gunicorn, 2 workers, fake model server,
+## a fresh SQLite database; FUZZ_ARGS="--database-url ... --redis-url ..." for PostgreSQL and Redis):
+## 500 generated cases per operation; fails on any 5xx or failed check. `make test` runs a short version.
+fuzz: $(STAMP)
+	$(BIN)/python -m benchmarks.fuzz $(FUZZ_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -55,7 +55,7 @@ async def _infer(
 
 # FIRST's path parameters, with the values the docs page's "Try it out" fills in.
 Cluster = Annotated[
-    str, Path(..., description="A cluster's name, as `owned_by` in `GET /v1/models` shows it.", example="polaris")
+    str, Path(..., description="A cluster's name, as `owned_by` in `GET /v1/models` shows it.", example="demo")
 ]
 Framework = Annotated[str, Path(..., description="The serving framework on that cluster.", example="vllm")]
 

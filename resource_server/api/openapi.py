@@ -57,6 +57,19 @@ _STREAM_EXAMPLE = (
     '"choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": null}]}\n\n'
     "data: [DONE]\n\n"
 )
+# In OpenAPI 3.1 the schema of an event stream describes each event (3.2 calls it `itemSchema`).
+_SSE_EVENT = {
+    "type": "object",
+    "description": "One server-sent event. The stream ends with `data: [DONE]`.",
+    "properties": {
+        "data": {
+            **_STRING,
+            "description": "A chunk's JSON (`chat.completion.chunk` or `text_completion`), an error envelope "
+            "if the stream fails after it began, or `[DONE]`.",
+        },
+    },
+    "required": ["data"],
+}
 _ROUTE_DESCRIPTIONS = {
     Route.CHAT: "Generates the next message of a conversation with the named model, as OpenAI's "
     "`POST /v1/chat/completions` does.",
@@ -118,10 +131,7 @@ def inference_doc(route: Route, *, on_cluster: bool) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": schema_ref(answer)}}
     streamed = route is not Route.EMBEDDINGS
     if streamed:
-        content["text/event-stream"] = {
-            "schema": {**_STRING, "description": "Server-sent events, each `data: <chunk JSON>`, then `data: [DONE]`."},
-            "example": _STREAM_EXAMPLE,
-        }
+        content["text/event-stream"] = {"schema": _SSE_EVENT, "example": _STREAM_EXAMPLE}
     ok = (
         "The model's answer: JSON, or with `stream: true` server-sent events ending with `data: [DONE]` "
         '(an error after the first event arrives as `data: {"error": ...}` before `[DONE]`).'

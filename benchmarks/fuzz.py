@@ -1,0 +1,181 @@
+"""python -m benchmarks.fuzz [--cases 500] [--workers 2] [--seed N] [--database-url URL] [--redis-url URL]
+
+Fuzzes the gateway as deployed with Schemathesis, from the OpenAPI the gateway itself serves: every
+operation, --cases generated cases each (plus the documented examples and Schemathesis' boundary cases).
+The gateway (gunicorn, uvicorn workers) runs on a fresh SQLite database in a temporary folder, or on
+--database-url, seeded like `make demo` with an API key, against the fake model server. Prints how each
+operation was answered, by status, and exits non-zero on any failed check or any 5xx.
+
+Checks (see CHECKS): no 5xx; every status, content type, documented header and JSON body (answers and
+the error envelope) as the OpenAPI says; schema-invalid input refused with a 4xx; secured operations
+refused without credentials; undocumented methods answered 405 with `Allow`. Not enabled:
+positive_data_acceptance, since valid input is refused for reasons outside the schema (an unknown model is
+a 404, a prompt too long for the model a 400, an API key may not create keys), and the checks that need
+links between operations, which this API does not declare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.stack import REPO, _manage, _process, _wait_until_up, free_port
+
+CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_headers_conformance",
+    "response_schema_conformance",
+    "negative_data_rejection",
+    "ignored_auth",
+    "unsupported_method",
+    "allow_header_conformance",
+)
+# What seed_demo registers: a direct endpoint, and one through the compute function and the relay.
+SERVED = ("demo-model@demo/vllm", "demo-model-hpc@local-hpc/vllm")
+OPENAPI_PATH = "/resource_server/openapi.json"
+# Not the stateful phase: it chains operations through links, and the only one it can infer (create an API
+# key, then revoke it) needs a Globus token; through a key list it could revoke the run's own key.
+PHASES = ("examples", "coverage", "fuzzing")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    returncode: int  # Schemathesis' own: 0 when every check passed
+    statuses: dict[str, Counter[int]]  # "METHOD /path" -> answers by status
+
+    @property
+    def server_errors(self) -> int:
+        return sum(count for counter in self.statuses.values() for status, count in counter.items() if status >= 500)
+
+    def summary(self) -> str:
+        width = max((len(name) for name in self.statuses), default=10)
+        lines = [f"{'operation':<{width}}  {'cases':>6}  answers by status"]
+        for name in sorted(self.statuses):
+            counter = self.statuses[name]
+            spread = ", ".join(f"{status}: {count}" for status, count in sorted(counter.items()))
+            lines.append(f"{name:<{width}}  {sum(counter.values()):>6}  {spread}")
+        total = sum(sum(counter.values()) for counter in self.statuses.values())
+        lines.append(f"{total} requests, {self.server_errors} answered 5xx; schemathesis exit code {self.returncode}")
+        return "\n".join(lines)
+
+
+def schemathesis_run(
+    base_url: str,
+    *,
+    api_key: str,
+    cases: int,
+    served: tuple[str, ...] = SERVED,
+    seed: int | None = None,
+    phases: tuple[str, ...] = PHASES,
+    timeout: float = 60.0,
+    stdout: int | None = None,
+) -> Outcome:
+    """Run Schemathesis against the gateway at `base_url` with `api_key`; how it went."""
+    with tempfile.TemporaryDirectory(prefix="gateway-fuzz-") as workdir:
+        tally = Path(workdir) / "tally"
+        args = [
+            str(Path(sys.executable).with_name("schemathesis")),
+            "run",
+            base_url + OPENAPI_PATH,
+            "--checks",
+            ",".join(CHECKS),
+            "--max-examples",
+            str(cases),
+            "--phases",
+            ",".join(phases),
+            # One thread: with several, CPython 3.11 can fail compiling in Hypothesis' threads
+            # ("AST constructor recursion depth mismatch"), an error of the harness, not of the gateway.
+            "--workers",
+            "1",
+            "--request-timeout",
+            str(timeout),
+            "--header",
+            f"Authorization: Bearer {api_key}",
+            "--report-dir",
+            workdir,
+            "--warnings",
+            "off",
+        ]
+        if seed is not None:
+            args += ["--seed", str(seed)]
+        env = {
+            **os.environ,
+            "SCHEMATHESIS_HOOKS": "benchmarks.fuzz_hooks",
+            "FUZZ_SERVED": ",".join(served),
+            "FUZZ_TALLY": str(tally),
+            "NO_COLOR": "1",
+        }
+        done = subprocess.run(args, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT, check=False)  # noqa: S603 (our venv's schemathesis, no shell)
+        statuses: dict[str, Counter[int]] = defaultdict(Counter)
+        if tally.exists():
+            for line in tally.read_text().splitlines():
+                status, name = line.split(" ", 1)
+                statuses[name][int(status)] += 1
+        return Outcome(done.returncode, dict(statuses))
+
+
+@contextmanager
+def deployment(*, workers: int, database_url: str, redis_url: str) -> Iterator[tuple[str, str]]:
+    """The fake model server and the gateway on a seeded database; yields (gateway URL, API key)."""
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gateway-fuzz-")))
+        fake_port, gateway_port = free_port(), free_port()
+        env = {
+            "DATA_DIR": str(workdir / "data"),
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "GATEWAY_WORKERS": str(workers),
+            "RELAY_PUBLIC_URL": f"http://127.0.0.1:{gateway_port}",
+            "LOG_LEVEL": "WARNING",
+        }
+        _manage(REPO, env, "migrate", "--verbosity", "0")
+        _manage(REPO, env, "seed_demo", "--model-url", f"http://127.0.0.1:{fake_port}/v1")
+        key = _manage(REPO, env, "create_api_key", "--user", "fuzz@example.org", "--name", "fuzz").strip()
+        fake_log = workdir / "fake.log"
+        fake_args = [sys.executable, "-m", "resource_server.fakes.model_server", "--port", str(fake_port)]
+        fake_args += [f"--model={entry.partition('@')[0]}" for entry in SERVED]
+        fake = stack.enter_context(_process(fake_args, cwd=REPO, env={}, cpus=None, log=fake_log))
+        _wait_until_up(f"http://127.0.0.1:{fake_port}/health", fake, fake_log)
+        gateway_log = workdir / "gateway.log"
+        gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+        gateway_args = [gunicorn, "-c", "deploy/gunicorn.conf.py", "--bind", f"127.0.0.1:{gateway_port}"]
+        gateway = stack.enter_context(_process(gateway_args, cwd=REPO, env=env, cpus=None, log=gateway_log))
+        url = f"http://127.0.0.1:{gateway_port}"
+        _wait_until_up(f"{url}/resource_server/health", gateway, gateway_log)
+        try:
+            yield url, key
+        finally:
+            tail = gateway_log.read_text(errors="replace")[-4000:]
+            if "Traceback" in tail or "ERROR" in tail:
+                print(f"--- end of the gateway's log ({gateway_log.name}) ---\n{tail}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fuzz", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--cases", type=int, default=500, help="generated cases per operation (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="gateway worker processes (default: %(default)s)")
+    parser.add_argument("--seed", type=int, help="Hypothesis seed, to repeat a run")
+    parser.add_argument("--database-url", default="", help="default: a fresh SQLite file")
+    parser.add_argument("--redis-url", default="", help="default: no Redis (in-process cache and relay)")
+    options = parser.parse_args(argv)
+    with deployment(workers=options.workers, database_url=options.database_url, redis_url=options.redis_url) as (
+        url,
+        key,
+    ):
+        outcome = schemathesis_run(url, api_key=key, cases=options.cases, seed=options.seed)
+    print("\n" + outcome.summary())
+    return 0 if outcome.returncode == 0 and outcome.server_errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
