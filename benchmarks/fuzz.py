@@ -46,6 +46,13 @@ OPENAPI_PATH = "/resource_server/openapi.json"
 # Not the stateful phase: it chains operations through links, and the only one it can infer (create an API
 # key, then revoke it) needs a Globus token; through a key list it could revoke the run's own key.
 PHASES = ("examples", "coverage", "fuzzing")
+# Reports hide the credentials only: by default they also hide every field named like "*token*",
+# max_tokens included, which a failing case needs to be reproduced.
+_CONFIG = """
+[output.sanitization]
+keys-to-sanitize = ["authorization"]
+sensitive-markers = ["authorization"]
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +90,12 @@ def schemathesis_run(
     """Run Schemathesis against the gateway at `base_url` with `api_key`; how it went."""
     with tempfile.TemporaryDirectory(prefix="gateway-fuzz-") as workdir:
         tally = Path(workdir) / "tally"
+        config = Path(workdir) / "schemathesis.toml"
+        config.write_text(_CONFIG)
         args = [
             str(Path(sys.executable).with_name("schemathesis")),
+            "--config-file",
+            str(config),
             "run",
             base_url + OPENAPI_PATH,
             "--checks",
@@ -110,12 +121,14 @@ def schemathesis_run(
             args += ["--seed", str(seed)]
         env = {
             **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
             "SCHEMATHESIS_HOOKS": "benchmarks.fuzz_hooks",
             "FUZZ_SERVED": ",".join(served),
             "FUZZ_TALLY": str(tally),
             "NO_COLOR": "1",
         }
-        done = subprocess.run(args, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT, check=False)  # noqa: S603 (our venv's schemathesis, no shell)
+        # Run in the temporary folder: Schemathesis keeps a cache of crashes in its working directory.
+        done = subprocess.run(args, cwd=workdir, env=env, stdout=stdout, stderr=subprocess.STDOUT, check=False)  # noqa: S603 (our venv's schemathesis, no shell)
         statuses: dict[str, Counter[int]] = defaultdict(Counter)
         if tally.exists():
             for line in tally.read_text().splitlines():

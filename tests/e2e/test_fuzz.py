@@ -5,20 +5,29 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from benchmarks.fuzz import CHECKS, OPENAPI_PATH, schemathesis_run
+from resource_server.models import Cluster, Endpoint
 from tests.conftest import Seeded, seed
 from tests.e2e.conftest import e2e_gateway
+from tests.servers import free_port, running, server_database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_short_fuzz_run_finds_no_5xx_and_answers_as_documented(tmp_path_factory: Any, model_server: str) -> None:
     seeded: Seeded = seed(model_server)
+    # As `make demo` registers it, which the documented examples name.
+    demo = Cluster.objects.create(name="demo")
+    config = {"base_url": model_server, "read_timeout": 5}
+    Endpoint.objects.create(cluster=demo, framework="vllm", model="demo-model", backend="direct", backend_config=config)
     served = f"demo-model@{seeded.cluster.name}/{seeded.endpoint.framework}"
     with e2e_gateway(tmp_path_factory) as url:
         spec = httpx.get(url + OPENAPI_PATH, timeout=10).json()
@@ -33,3 +42,37 @@ def test_short_fuzz_run_finds_no_5xx_and_answers_as_documented(tmp_path_factory:
     for name in inference:
         # The served model was drawn often enough to get through routing to the model server and back.
         assert outcome.statuses[name][200] > 0, (name, outcome.statuses[name])
+
+
+def test_compute_streams_hold_with_the_default_worker_count_without_redis(
+    tmp_path: Path, model_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fuzz run: with no REDIS_URL the relay is per worker, yet gunicorn started one worker per CPU,
+    so a compute task's relay POSTs could reach a worker other than the one holding its client (502)."""
+    seeded = seed(model_server)
+    vllm = urlsplit(model_server)
+    hpc = Cluster.objects.create(name="local-hpc")
+    config = {"vllm": {"host": vllm.hostname, "port": vllm.port}, "workers": 4}
+    Endpoint.objects.create(cluster=hpc, framework="vllm", model="demo-model", backend="local", backend_config=config)
+    monkeypatch.delenv("GATEWAY_WORKERS", raising=False)  # the deployed default, not a test's choice
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "DATABASE_URL": server_database_url(),
+        "REDIS_URL": "",
+        "DATA_DIR": str(tmp_path),
+        "RELAY_PUBLIC_URL": url,
+        "USAGE_FLUSH_SECONDS": "0.05",
+    }
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    args = [gunicorn, "-c", "deploy/gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"]
+    body = {"model": "demo-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    with running(args, f"{url}/resource_server/health", env):
+        outcomes = []
+        for _ in range(30):
+            # A new connection each time, as separate clients make: each may reach any worker.
+            answer = httpx.post(
+                f"{url}/resource_server/local-hpc/vllm/v1/chat/completions", json=body, headers=seeded.auth, timeout=30
+            )
+            outcomes.append((answer.status_code, '"error"' in answer.text, answer.text.rstrip().endswith("[DONE]")))
+    assert outcomes == [(200, False, True)] * 30
