@@ -1,4 +1,4 @@
-"""python -m benchmarks.fuzz [--cases 500] [--workers 2] [--seed N] [--database-url URL] [--redis-url URL]
+"""python -m benchmarks.fuzz [--cases 500] [--workers N] [--seed N] [--database-url URL] [--redis-url URL]
 
 Fuzzes the gateway as deployed with Schemathesis, from the OpenAPI the gateway itself serves: every
 operation, --cases generated cases each (plus the documented examples and Schemathesis' boundary cases).
@@ -176,12 +176,16 @@ def deployment(*, workers: int, database_url: str, redis_url: str) -> Iterator[t
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fuzz", description=__doc__.split("\n\n")[1])
     parser.add_argument("--cases", type=int, default=500, help="generated cases per operation (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="gateway worker processes (default: %(default)s)")
+    parser.add_argument(
+        "--workers", type=int, help="gateway worker processes (default: 2 with --redis-url, else 1, as deployed)"
+    )
     parser.add_argument("--seed", type=int, help="Hypothesis seed, to repeat a run")
     parser.add_argument("--database-url", default="", help="default: a fresh SQLite file")
     parser.add_argument("--redis-url", default="", help="default: no Redis (in-process cache and relay)")
     options = parser.parse_args(argv)
-    with deployment(workers=options.workers, database_url=options.database_url, redis_url=options.redis_url) as (
+    # Without Redis the stream relay is per worker, so the deployed default is then one worker.
+    workers = options.workers or (2 if options.redis_url else 1)
+    with deployment(workers=workers, database_url=options.database_url, redis_url=options.redis_url) as (
         url,
         key,
     ):
