@@ -54,10 +54,10 @@ async def _infer(
 
 
 # FIRST's path parameters, with the values the docs page's "Try it out" fills in.
-Cluster = Annotated[
+ClusterName = Annotated[
     str, Path(..., description="A cluster's name, as `owned_by` in `GET /v1/models` shows it.", example="demo")
 ]
-Framework = Annotated[str, Path(..., description="The serving framework on that cluster.", example="vllm")]
+FrameworkName = Annotated[str, Path(..., description="The serving framework on that cluster.", example="vllm")]
 
 
 def _add_inference_routes(route: Route) -> None:
@@ -65,7 +65,7 @@ def _add_inference_routes(route: Route) -> None:
         return await _infer(request, route, None, None)
 
     async def on_cluster(
-        request: HttpRequest, cluster: Cluster, framework: Framework
+        request: HttpRequest, cluster: ClusterName, framework: FrameworkName
     ) -> HttpResponse | StreamingHttpResponse:
         return await _infer(request, route, cluster, framework)
 
@@ -117,5 +117,5 @@ async def models(request: HttpRequest) -> dict[str, Any]:
         ok=_MODELS_OK,
     ),
 )
-async def models_on_cluster(request: HttpRequest, cluster: Cluster, framework: Framework) -> dict[str, Any]:
+async def models_on_cluster(request: HttpRequest, cluster: ClusterName, framework: FrameworkName) -> dict[str, Any]:
     return _models_response(await model_list(principal=request.auth, cluster=cluster, framework=framework))  # type: ignore[attr-defined]
