@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format install clean bench bench-quick fuzz
+.PHONY: demo test test-fast lint format install clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ test-fast: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -x --ignore=tests/e2e --ignore=tests/integration
 
+## fuzz: Schemathesis from the served OpenAPI against the gateway (gunicorn, fake model server, a fresh SQLite
+## database; FUZZ_ARGS="--database-url ... --redis-url ..." for PostgreSQL, Redis and 2 workers): 500 generated
+## cases per operation, about 4 minutes; fails on any 5xx or failed check. `make test` runs a short version.
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(BIN)/python -m benchmarks.fuzz $(FUZZ_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -42,12 +49,6 @@ bench: $(STAMP)
 ## bench-quick: S1, S2 at concurrency 64 and S4 at 32, in under 2 minutes; prints the table
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
-
-## fuzz: Schemathesis from the served OpenAPI against the gateway (gunicorn, 2 workers, fake model server,
-## a fresh SQLite database; FUZZ_ARGS="--database-url ... --redis-url ..." for PostgreSQL and Redis):
-## 500 generated cases per operation; fails on any 5xx or failed check. `make test` runs a short version.
-fuzz: $(STAMP)
-	$(BIN)/python -m benchmarks.fuzz $(FUZZ_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
