@@ -72,6 +72,7 @@ class Outcome:
             spread = ", ".join(f"{status}: {count}" for status, count in sorted(counter.items()))
             lines.append(f"{name:<{width}}  {sum(counter.values()):>6}  {spread}")
         total = sum(sum(counter.values()) for counter in self.statuses.values())
+        lines.append(f"checks: {', '.join(CHECKS)}")
         lines.append(f"{total} requests, {self.server_errors} answered 5xx; schemathesis exit code {self.returncode}")
         return "\n".join(lines)
 
