@@ -32,6 +32,9 @@ REQUEST_ID_HEADER = {
         "schema": _STRING,
     }
 }
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying.", "required": False, "schema": _STRING}
+}
 _ERROR_HEADERS: tuple[tuple[type[GatewayError], dict[str, Any]], ...] = (
     (
         AuthenticationFailed,
@@ -43,20 +46,17 @@ _ERROR_HEADERS: tuple[tuple[type[GatewayError], dict[str, Any]], ...] = (
             }
         },
     ),
-    (
-        RateLimited,
-        {"Retry-After": {"description": "Seconds to wait before retrying.", "required": False, "schema": _STRING}},
-    ),
-    (
-        ServiceUnavailable,
-        {"Retry-After": {"description": "Seconds to wait before retrying.", "required": False, "schema": _STRING}},
-    ),
+    (RateLimited, _RETRY_AFTER),
+    (ServiceUnavailable, _RETRY_AFTER),
 )
-_STREAM_EXAMPLE = (
-    'data: {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1767225600, "model": "demo-model", '
-    '"choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": null}]}\n\n'
-    "data: [DONE]\n\n"
-)
+_STREAM_EXAMPLES = {
+    Route.CHAT: 'data: {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1767225600, '
+    '"model": "demo-model", "choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": null}]}\n\n'
+    "data: [DONE]\n\n",
+    Route.COMPLETIONS: 'data: {"id": "cmpl-1", "object": "text_completion", "created": 1767225600, '
+    '"model": "demo-model", "choices": [{"index": 0, "text": " there", "finish_reason": null}]}\n\n'
+    "data: [DONE]\n\n",
+}
 # In OpenAPI 3.1 the schema of an event stream describes each event (3.2 calls it `itemSchema`).
 _SSE_EVENT = {
     "type": "object",
@@ -131,7 +131,7 @@ def inference_doc(route: Route, *, on_cluster: bool) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": schema_ref(answer)}}
     streamed = route is not Route.EMBEDDINGS
     if streamed:
-        content["text/event-stream"] = {"schema": _SSE_EVENT, "example": _STREAM_EXAMPLE}
+        content["text/event-stream"] = {"schema": _SSE_EVENT, "example": _STREAM_EXAMPLES[route]}
     ok = (
         "The model's answer: JSON, or with `stream: true` server-sent events ending with `data: [DONE]` "
         '(an error after the first event arrives as `data: {"error": ...}` before `[DONE]`).'
