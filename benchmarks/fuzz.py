@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,7 @@ sensitive-markers = ["authorization"]
 class Outcome:
     returncode: int  # Schemathesis' own: 0 when every check passed
     statuses: dict[str, Counter[int]]  # "METHOD /path" -> answers by status
+    slowest: dict[str, float]  # "METHOD /path" -> seconds of its slowest answer
 
     @property
     def server_errors(self) -> int:
@@ -66,11 +68,11 @@ class Outcome:
 
     def summary(self) -> str:
         width = max((len(name) for name in self.statuses), default=10)
-        lines = [f"{'operation':<{width}}  {'cases':>6}  answers by status"]
+        lines = [f"{'operation':<{width}}  {'cases':>6}  {'slowest':>7}  answers by status"]
         for name in sorted(self.statuses):
             counter = self.statuses[name]
             spread = ", ".join(f"{status}: {count}" for status, count in sorted(counter.items()))
-            lines.append(f"{name:<{width}}  {sum(counter.values()):>6}  {spread}")
+            lines.append(f"{name:<{width}}  {sum(counter.values()):>6}  {self.slowest[name]:>6.2f}s  {spread}")
         total = sum(sum(counter.values()) for counter in self.statuses.values())
         lines.append(f"checks: {', '.join(CHECKS)}")
         lines.append(f"{total} requests, {self.server_errors} answered 5xx; schemathesis exit code {self.returncode}")
@@ -131,16 +133,23 @@ def schemathesis_run(
         # Run in the temporary folder: Schemathesis keeps a cache of crashes in its working directory.
         done = subprocess.run(args, cwd=workdir, env=env, stdout=stdout, stderr=subprocess.STDOUT, check=False)  # noqa: S603 (our venv's schemathesis, no shell)
         statuses: dict[str, Counter[int]] = defaultdict(Counter)
+        slowest: dict[str, float] = defaultdict(float)
         if tally.exists():
             for line in tally.read_text().splitlines():
-                status, name = line.split(" ", 1)
+                status, seconds, name = line.split(" ", 2)
                 statuses[name][int(status)] += 1
-        return Outcome(done.returncode, dict(statuses))
+                slowest[name] = max(slowest[name], float(seconds))
+        return Outcome(done.returncode, dict(statuses), dict(slowest))
 
 
 @contextmanager
-def deployment(*, workers: int, database_url: str, redis_url: str) -> Iterator[tuple[str, str]]:
-    """The fake model server and the gateway on a seeded database; yields (gateway URL, API key)."""
+def deployment(
+    *, workers: int, database_url: str, redis_url: str, logs: Path | None = None
+) -> Iterator[tuple[str, str]]:
+    """The fake model server and the gateway on a seeded database; yields (gateway URL, API key).
+
+    The processes' logs are copied to `logs` at the end, if given.
+    """
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gateway-fuzz-")))
         fake_port, gateway_port = free_port(), free_port()
@@ -169,9 +178,13 @@ def deployment(*, workers: int, database_url: str, redis_url: str) -> Iterator[t
         try:
             yield url, key
         finally:
-            tail = gateway_log.read_text(errors="replace")[-4000:]
-            if "Traceback" in tail or "ERROR" in tail:
-                print(f"--- end of the gateway's log ({gateway_log.name}) ---\n{tail}", file=sys.stderr)
+            for log in (gateway_log, fake_log):
+                if logs is not None:
+                    logs.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(log, logs / log.name)
+                tail = log.read_text(errors="replace")[-4000:]
+                if "Traceback" in tail or "ERROR" in tail:
+                    print(f"--- end of {log.name} ---\n{tail}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,13 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="Hypothesis seed, to repeat a run")
     parser.add_argument("--database-url", default="", help="default: a fresh SQLite file")
     parser.add_argument("--redis-url", default="", help="default: no Redis (in-process cache and relay)")
+    parser.add_argument("--logs", type=Path, help="copy the gateway's and the model server's logs to this folder")
     options = parser.parse_args(argv)
     # Without Redis the stream relay is per worker, so the deployed default is then one worker.
     workers = options.workers or (2 if options.redis_url else 1)
-    with deployment(workers=workers, database_url=options.database_url, redis_url=options.redis_url) as (
-        url,
-        key,
-    ):
+    deployed = deployment(
+        workers=workers, database_url=options.database_url, redis_url=options.redis_url, logs=options.logs
+    )
+    with deployed as (url, key):
         outcome = schemathesis_run(url, api_key=key, cases=options.cases, seed=options.seed)
     print("\n" + outcome.summary())
     return 0 if outcome.returncode == 0 and outcome.server_errors == 0 else 1

@@ -57,4 +57,4 @@ def after_call(context: Any, case: Any, response: Any) -> None:
         # The unsupported_method check sends other methods to each path: one line for all of them.
         name = f"{method} {case.path}" if method == case.operation.method.upper() else "(undocumented methods)"
         with _tally_lock, open(TALLY, "a") as tally:
-            tally.write(f"{response.status_code} {name}\n")
+            tally.write(f"{response.status_code} {response.elapsed:.3f} {name}\n")
