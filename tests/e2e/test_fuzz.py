@@ -76,3 +76,26 @@ def test_compute_streams_hold_with_the_default_worker_count_without_redis(
             )
             outcomes.append((answer.status_code, '"error"' in answer.text, answer.text.rstrip().endswith("[DONE]")))
     assert outcomes == [(200, False, True)] * 30
+
+
+# About 1.8 MB each, which arrive from the model server in many reads.
+LARGE_ANSWERS = {
+    # 4 prompts x 128 answers x 480 words (the session's model server has a context of 512 tokens)
+    "completions": {"prompt": ["Once", "upon", "a", "time"], "n": 128, "max_tokens": 480, "ignore_eos": True},
+    "embeddings": {"input": [f"text number {index}" for index in range(6000)]},
+}
+
+
+@pytest.mark.parametrize("route", sorted(LARGE_ANSWERS))
+def test_an_answer_larger_than_the_upstream_read_buffer_arrives_whole(
+    tmp_path_factory: Any, model_server: str, route: str
+) -> None:
+    """Found by the fuzz run: a JSON answer over 512 KiB hung until the upstream read timeout (600 s)."""
+    seeded = seed(model_server)
+    body = {"model": "demo-model", **LARGE_ANSWERS[route]}
+    with e2e_gateway(tmp_path_factory) as url:
+        answer = httpx.post(f"{url}/resource_server/v1/{route}", json=body, headers=seeded.auth, timeout=30)
+    assert answer.status_code == 200, answer.text[:500]
+    assert len(answer.content) > 1024 * 1024
+    items = answer.json()["choices" if route == "completions" else "data"]
+    assert [item["index"] for item in items] == list(range(4 * 128 if route == "completions" else 6000))
