@@ -17,8 +17,10 @@ links between operations, which this API does not declare.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import procfs
 from benchmarks.stack import REPO, _manage, _process, _wait_until_up, free_port
 
 CHECKS = (
@@ -171,10 +174,13 @@ def deployment(
         _wait_until_up(f"http://127.0.0.1:{fake_port}/health", fake, fake_log)
         gateway_log = workdir / "gateway.log"
         gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+        workers_started: list[int] = []
+        stack.callback(_end_orphaned_workers, workers_started)  # runs after the master is stopped
         gateway_args = [gunicorn, "-c", "deploy/gunicorn.conf.py", "--bind", f"127.0.0.1:{gateway_port}"]
         gateway = stack.enter_context(_process(gateway_args, cwd=REPO, env=env, cpus=None, log=gateway_log))
         url = f"http://127.0.0.1:{gateway_port}"
         _wait_until_up(f"{url}/resource_server/health", gateway, gateway_log)
+        workers_started += procfs.children(gateway.pid)
         try:
             yield url, key
         finally:
@@ -185,6 +191,16 @@ def deployment(
                 tail = log.read_text(errors="replace")[-4000:]
                 if "Traceback" in tail or "ERROR" in tail:
                     print(f"--- end of {log.name} ---\n{tail}", file=sys.stderr)
+
+
+def _end_orphaned_workers(pids: list[int]) -> None:
+    """Kill the gateway's workers that outlived their master (one busy past its graceful timeout is)."""
+    for pid in pids:
+        with contextlib.suppress(OSError):  # ended already: the usual case
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+            parent = int(stat[stat.rindex(b")") + 2 :].split()[1])
+            if parent == 1 and b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
