@@ -16,7 +16,7 @@ import pytest
 from benchmarks.fuzz import CHECKS, OPENAPI_PATH, schemathesis_run
 from resource_server.models import Cluster, Endpoint
 from tests.conftest import Seeded, seed
-from tests.e2e.conftest import e2e_gateway
+from tests.e2e.conftest import e2e_gateway, usage_row
 from tests.servers import free_port, running, server_database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -28,10 +28,17 @@ def test_short_fuzz_run_finds_no_5xx_and_answers_as_documented(tmp_path_factory:
     demo = Cluster.objects.create(name="demo")
     config = {"base_url": model_server, "read_timeout": 5}
     Endpoint.objects.create(cluster=demo, framework="vllm", model="demo-model", backend="direct", backend_config=config)
-    served = f"demo-model@{seeded.cluster.name}/{seeded.endpoint.framework}"
+    # And a model served through the compute function and the stream relay.
+    vllm = urlsplit(model_server)
+    hpc = Cluster.objects.create(name="local-hpc")
+    config = {"vllm": {"host": vllm.hostname, "port": vllm.port}, "workers": 4}
+    hpc_endpoint = Endpoint.objects.create(
+        cluster=hpc, framework="vllm", model="org/model.v1", backend="local", backend_config=config
+    )
+    served = (f"demo-model@{seeded.cluster.name}/{seeded.endpoint.framework}", "org/model.v1@local-hpc/vllm")
     with e2e_gateway(tmp_path_factory) as url:
         spec = httpx.get(url + OPENAPI_PATH, timeout=10).json()
-        outcome = schemathesis_run(url, api_key=seeded.key, cases=3, served=(served,), seed=1)
+        outcome = schemathesis_run(url, api_key=seeded.key, cases=3, served=served, seed=1)
     print(outcome.summary())
     assert "not_a_server_error" in CHECKS and "response_schema_conformance" in CHECKS
     assert outcome.server_errors == 0
@@ -42,6 +49,8 @@ def test_short_fuzz_run_finds_no_5xx_and_answers_as_documented(tmp_path_factory:
     for name in inference:
         # The served model was drawn often enough to get through routing to the model server and back.
         assert outcome.statuses[name][200] > 0, (name, outcome.statuses[name])
+    # Some went through the compute function (streams through the relay too, in the longer `make fuzz`).
+    assert usage_row(endpoint=hpc_endpoint, status_code=200)
 
 
 def test_compute_streams_hold_with_the_default_worker_count_without_redis(
