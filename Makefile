@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 
 ## fuzz: Schemathesis from the served OpenAPI against the gateway (gunicorn, fake model server, a fresh SQLite
 ## database; FUZZ_ARGS="--database-url ... --redis-url ..." for PostgreSQL, Redis and 2 workers): 500 generated
-## cases per operation, about 4 minutes; fails on any 5xx or failed check. `make test` runs a short version.
+## cases per operation, 2 to 5 minutes; fails on any 5xx or failed check. `make test` runs a short version.
 .PHONY: fuzz
 fuzz: $(STAMP)
 	$(BIN)/python -m benchmarks.fuzz $(FUZZ_ARGS)
