@@ -11,7 +11,10 @@ wsgi_app = "gateway.asgi:application"
 # uvicorn_worker.UvicornWorker with limits on request heads (size and time): see gateway/worker.py.
 worker_class = "gateway.worker.GatewayWorker"
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("GATEWAY_WORKERS", max(1, multiprocessing.cpu_count())))
+# Without REDIS_URL the stream relay lives in each worker's memory, and a compute task's relay POSTs must reach
+# the worker that holds its client: so one worker then (with two, a third of compute-backed streams failed
+# with 502 relay_incomplete). With Redis, one per CPU.
+workers = int(os.environ.get("GATEWAY_WORKERS") or (multiprocessing.cpu_count() if os.environ.get("REDIS_URL") else 1))
 # Streams can run for many minutes: a worker must not be killed while it relays them.
 timeout = 0
 # SIGTERM ends a worker in this order, sized to fit graceful_timeout (after which gunicorn SIGKILLs it):

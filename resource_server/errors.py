@@ -107,3 +107,29 @@ class UpstreamError(GatewayError):
     status = 502
     error_type = "upstream_error"
     default_code = "upstream_error"
+
+
+# Every status the gateway answers with the envelope above: the class that carries it, and what it tells the
+# caller. The OpenAPI's documented error responses and their headers are derived from it (api/openapi.py).
+ERROR_CATALOGUE: dict[str, tuple[type[GatewayError], str]] = {
+    "400": (
+        InvalidRequest,
+        "The request is malformed or a field is invalid (`param` names it), or the model server refused it "
+        "(e.g. `context_length_exceeded`).",
+    ),
+    "401": (AuthenticationFailed, "Missing, unknown, expired or revoked credentials: get a new token or key."),
+    "403": (PermissionDenied, "The credentials are valid but do not grant this (e.g. `model_access_denied`)."),
+    "404": (NotFound, "No such model, cluster or key (e.g. `model_not_found`, `cluster_not_found`)."),
+    "413": (InvalidRequest, "The request body is larger than the gateway accepts (`request_too_large`)."),
+    "422": (UpstreamError, "The model server refused a field's value; its message is passed on."),
+    "4XX": (UpstreamError, "Another client error of the model server, passed on with its status and message."),
+    "429": (RateLimited, "Too many requests: wait for `Retry-After` seconds when it is given."),
+    "500": (GatewayError, "The gateway failed; quote the `X-Request-ID` when reporting it."),
+    "502": (UpstreamError, "The model server or the cluster failed (e.g. `upstream_error`, `compute_task_failed`)."),
+    "503": (
+        ServiceUnavailable,
+        "Temporarily unavailable (gateway at capacity, model server or cluster down or starting, "
+        "authentication backend unreachable): retry after `Retry-After` seconds.",
+    ),
+    "504": (UpstreamError, "The model took too long (`upstream_timeout`, `compute_timeout`): retry or ask for less."),
+}

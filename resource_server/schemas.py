@@ -1,15 +1,23 @@
-"""OpenAI request bodies: known fields are checked; unknown fields (vLLM extensions) pass through."""
+"""OpenAI request bodies: known fields are checked; unknown fields (vLLM extensions) pass through.
+
+The request models are also what the served OpenAPI documents (`openapi_components`), beside models of
+the answers and of the error envelope that exist only for the documentation: the gateway relays the
+model server's answers unchanged and never validates them.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import models_json_schema
 
 from resource_server.dispatch.base import Route
 
 # Strict: OpenAI refuses "0.5" for a number, so do we. Extra fields are allowed and forwarded untouched.
 _REQUEST_CONFIG = ConfigDict(extra="allow", strict=True)
+# Answers come from the model server: documented with the fields clients rely on; servers add more.
+_ANSWER_CONFIG = ConfigDict(extra="allow")
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -19,36 +27,55 @@ Stop = str | list[str]
 TokenIds = list[Annotated[int, Field(ge=0)]]
 ModelName = Annotated[str, Field(min_length=1, max_length=255)]
 
+_MODEL = "A model name from `GET /v1/models`."
+_STREAM = "Send the answer as server-sent events (`text/event-stream`), ending with `data: [DONE]`."
+_MAX_TOKENS = "Most tokens to generate. The prompt and these must fit in the model's context length."
+_USER = "Your own label for the end user, stored with the usage record."
+
 
 class StreamOptions(BaseModel):
+    """Options of a streamed answer (only with `stream: true`)."""
+
     model_config = _REQUEST_CONFIG
-    include_usage: bool | None = None
+    include_usage: bool | None = Field(
+        default=None, description="End the stream with a chunk that carries the token counts."
+    )
 
 
 class ChatMessage(BaseModel):
+    """One message of the conversation. Tool calls and other vLLM fields pass through unchanged."""
+
     model_config = _REQUEST_CONFIG
-    role: Annotated[str, Field(min_length=1)]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    role: Annotated[str, Field(min_length=1)] = Field(
+        description="Who speaks: `system`, `user`, `assistant` or `tool`.", examples=["user"]
+    )
+    content: str | list[dict[str, Any]] | None = Field(
+        default=None,
+        description='The text, or a list of content parts (e.g. `{"type": "text", "text": "..."}`).',
+        examples=["Say hello in one word."],
+    )
+    name: str | None = Field(default=None, description="An optional name for the speaker.")
 
 
 class _Generation(BaseModel):
     """Fields shared by chat and text completions."""
 
     model_config = _REQUEST_CONFIG
-    model: ModelName
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    max_tokens: PositiveInt | None = None
-    temperature: Temperature | None = None
-    top_p: Probability | None = None
-    n: Annotated[int, Field(ge=1, le=128)] | None = None
-    stop: Stop | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: int | None = None
-    user: str | None = None
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    stream: bool | None = Field(default=False, description=_STREAM)
+    stream_options: StreamOptions | None = Field(default=None, description="Only allowed with `stream: true`.")
+    max_tokens: PositiveInt | None = Field(default=None, description=_MAX_TOKENS)
+    temperature: Temperature | None = Field(default=None, description="Sampling temperature; 0 is greedy.")
+    top_p: Probability | None = Field(default=None, description="Nucleus sampling: the probability mass kept.")
+    n: Annotated[int, Field(ge=1, le=128)] | None = Field(default=None, description="How many choices to generate.")
+    stop: Stop | None = Field(default=None, description="Text (or texts) at which generation stops.")
+    presence_penalty: Penalty | None = Field(default=None, description="Penalise tokens already present.")
+    frequency_penalty: Penalty | None = Field(default=None, description="Penalise tokens by how often they occur.")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, description="Token id (as a string) to a bias added to its logit."
+    )
+    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    user: str | None = Field(default=None, description=_USER)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> Self:
@@ -58,35 +85,54 @@ class _Generation(BaseModel):
 
 
 class ChatCompletionRequest(_Generation):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: PositiveInt | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    """A chat completion. Fields the OpenAI API does not define (vLLM's `top_k`, `min_p`, `guided_json`,
+    `chat_template_kwargs`, ...) are passed to the model server unchanged."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(
+        description="The conversation so far, oldest first."
+    )
+    max_completion_tokens: PositiveInt | None = Field(default=None, description="Like `max_tokens` (newer name).")
+    logprobs: bool | None = Field(default=None, description="Return the log probabilities of the chosen tokens.")
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
+        default=None, description="With `logprobs`: how many alternatives to return per token."
+    )
+    tools: list[dict[str, Any]] | None = Field(default=None, description="Tools (functions) the model may call.")
+    tool_choice: str | dict[str, Any] | None = Field(default=None, description="Which tool the model must call.")
+    response_format: dict[str, Any] | None = Field(
+        default=None, description='E.g. `{"type": "json_object"}` for JSON output.'
+    )
 
 
 class CompletionRequest(_Generation):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)] | list[TokenIds]
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: PositiveInt | None = None
+    """A text completion. Fields the OpenAI API does not define are passed to the model server unchanged."""
+
+    prompt: (
+        str | Annotated[list[str], Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)] | list[TokenIds]
+    ) = Field(description="The text to continue, several texts, or token ids.", examples=["Once upon a time"])
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
+        default=None, description="Return the log probabilities of this many most likely tokens."
+    )
+    echo: bool | None = Field(default=None, description="Return the prompt before the completion.")
+    suffix: str | None = Field(default=None, description="Text that comes after the completion.")
+    best_of: PositiveInt | None = Field(default=None, description="Generate this many and return the best `n`.")
 
 
 class EmbeddingRequest(BaseModel):
+    """Embeddings of one or more inputs. Unknown fields are passed to the model server unchanged."""
+
     model_config = _REQUEST_CONFIG
-    model: ModelName
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
     input: (
         Annotated[str, Field(min_length=1)]
         | Annotated[list[str], Field(min_length=1)]
         | Annotated[TokenIds, Field(min_length=1)]
         | Annotated[list[TokenIds], Field(min_length=1)]
+    ) = Field(description="A text, several texts, or token ids.", examples=["The quick brown fox"])
+    encoding_format: Literal["float", "base64"] | None = Field(
+        default=None, description="`float` (default) or `base64` (little-endian float32)."
     )
-    encoding_format: Literal["float", "base64"] | None = None
-    dimensions: PositiveInt | None = None
-    user: str | None = None
+    dimensions: PositiveInt | None = Field(default=None, description="Truncate the vectors to this many dimensions.")
+    user: str | None = Field(default=None, description=_USER)
 
 
 REQUEST_SCHEMAS: dict[Route, type[BaseModel]] = {
@@ -94,3 +140,149 @@ REQUEST_SCHEMAS: dict[Route, type[BaseModel]] = {
     Route.COMPLETIONS: CompletionRequest,
     Route.EMBEDDINGS: EmbeddingRequest,
 }
+
+# One body per route that the demo deployment serves as it is (the docs page's "Try it out" sends it).
+REQUEST_EXAMPLES: dict[Route, dict[str, Any]] = {
+    Route.CHAT: {
+        "model": "demo-model",
+        "messages": [{"role": "user", "content": "Say hello in one word."}],
+        "max_tokens": 16,
+    },
+    Route.COMPLETIONS: {"model": "demo-model", "prompt": "Once upon a time", "max_tokens": 16},
+    Route.EMBEDDINGS: {"model": "demo-model", "input": "The quick brown fox"},
+}
+
+
+# Documentation only: what the model server answers, relayed unchanged.
+
+
+class Usage(BaseModel):
+    """Token counts, as the model server reports them."""
+
+    model_config = _ANSWER_CONFIG
+    prompt_tokens: int
+    completion_tokens: int | None = None
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    model_config = _ANSWER_CONFIG
+    role: str
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    model_config = _ANSWER_CONFIG
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletion(BaseModel):
+    """A chat completion (`stream` false or absent)."""
+
+    model_config = _ANSWER_CONFIG
+    id: str
+    object: str = Field(examples=["chat.completion"])
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    model_config = _ANSWER_CONFIG
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    """A text completion (`stream` false or absent)."""
+
+    model_config = _ANSWER_CONFIG
+    id: str
+    object: str = Field(examples=["text_completion"])
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    model_config = _ANSWER_CONFIG
+    object: str = Field(examples=["embedding"])
+    index: int
+    embedding: list[float] | str = Field(description="The vector, or base64 of float32 with `encoding_format`.")
+
+
+class EmbeddingList(BaseModel):
+    """Embeddings, one per input, in input order."""
+
+    model_config = _ANSWER_CONFIG
+    object: str = Field(examples=["list"])
+    data: list[Embedding]
+    model: str
+    usage: Usage | None = None
+
+
+class Model(BaseModel):
+    model_config = _ANSWER_CONFIG
+    id: str = Field(description="The name to send as `model`.", examples=["demo-model"])
+    object: str = Field(examples=["model"])
+    created: int
+    owned_by: str = Field(description="The cluster that serves it.")
+
+
+class ModelList(BaseModel):
+    """The models you may use, each once, by name."""
+
+    object: Literal["list"]
+    data: list[Model]
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong and what to do, for a person to read.")
+    type: str = Field(description="OpenAI's error type, e.g. `invalid_request_error`.")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="A stable code for programs (see the user guide's error table).")
+
+
+class ErrorEnvelope(BaseModel):
+    """OpenAI's error envelope; some errors add fields beside `error` (e.g. Globus re-authentication hints)."""
+
+    model_config = _ANSWER_CONFIG
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+RESPONSE_SCHEMAS: dict[Route, type[BaseModel]] = {
+    Route.CHAT: ChatCompletion,
+    Route.COMPLETIONS: Completion,
+    Route.EMBEDDINGS: EmbeddingList,
+}
+
+_DOCUMENTED: tuple[type[BaseModel], ...] = (
+    *REQUEST_SCHEMAS.values(),
+    *RESPONSE_SCHEMAS.values(),
+    ModelList,
+    ErrorEnvelope,
+    Health,
+)
+
+
+def schema_ref(model: type[BaseModel]) -> dict[str, str]:
+    """A reference to `model` among the OpenAPI components."""
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def openapi_components() -> dict[str, Any]:
+    """The JSON schemas of every documented body, and of the models they refer to, by name."""
+    _, top = models_json_schema(
+        [(model, "validation") for model in _DOCUMENTED], ref_template="#/components/schemas/{model}"
+    )
+    definitions: dict[str, Any] = top["$defs"]
+    return definitions

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest
-from ninja import Field, Router, Schema
+from ninja import Field, Path, Router, Schema
 
+from resource_server.api.openapi import AUTHENTICATED, REQUEST_ID_HEADER, documented
 from resource_server.api.security import bearer_auth, bearer_token
 from resource_server.auth.base import Principal
 from resource_server.models import ApiKey
@@ -24,8 +26,10 @@ class WhoAmI(Schema):
 
 
 class ApiKeyCreate(Schema):
-    name: str = Field(min_length=1, max_length=100)
-    expires_in_days: int | None = Field(default=None, ge=1, le=3650)
+    name: str = Field(min_length=1, max_length=100, description="A label for you, e.g. the workflow's name.")
+    expires_in_days: int | None = Field(
+        default=None, ge=1, le=3650, description="Days until the key stops working; none: it never expires."
+    )
 
 
 class ApiKeyOut(Schema):
@@ -62,7 +66,25 @@ def _principal(request: HttpRequest) -> Principal:
     return principal
 
 
-@router.get("/whoami", response=WhoAmI, summary="Who the gateway thinks you are", operation_id="whoami")
+def _ok(description: str) -> dict[str, object]:
+    return {"description": description, "headers": REQUEST_ID_HEADER}
+
+
+KeyId = Annotated[str, Path(..., description="The key's `id` (its visible prefix).", example="igw_0123456789ab")]
+
+
+@router.get(
+    "/whoami",
+    response=WhoAmI,
+    summary="Who the gateway thinks you are",
+    operation_id="whoami",
+    openapi_extra=documented(
+        "The identity, username and groups the gateway sees in your credentials, and which kind they are "
+        "(Globus token or API key). Useful to check a token before a long workflow.",
+        *AUTHENTICATED,
+        ok=_ok("Your identity."),
+    ),
+)
 async def whoami(request: HttpRequest) -> WhoAmI:
     principal = _principal(request)
     return WhoAmI(
@@ -73,7 +95,26 @@ async def whoami(request: HttpRequest) -> WhoAmI:
     )
 
 
-@router.post("/v1/api-keys", response={201: ApiKeyCreated}, summary="Create an API key", operation_id="api_key_create")
+_CREATE = documented(
+    "Creates a gateway API key for your identity, for workflows that run longer than a Globus token lives. "
+    "Authenticate with a Globus access token: an API key cannot create keys (403 `api_key_not_allowed`). "
+    "The whole key is in the answer only this once; store it like a password.",
+    "400",
+    "413",
+    *AUTHENTICATED,
+    ok=_ok("The new key, with its secret."),
+    status=201,
+)
+_CREATE["requestBody"] = {"content": {"application/json": {"example": {"name": "nightly-eval", "expires_in_days": 90}}}}
+
+
+@router.post(
+    "/v1/api-keys",
+    response={201: ApiKeyCreated},
+    summary="Create an API key",
+    operation_id="api_key_create",
+    openapi_extra=_CREATE,
+)
 async def create_api_key(request: HttpRequest, payload: ApiKeyCreate) -> tuple[int, ApiKeyCreated]:
     key, secret = await api_key_issue(
         principal=_principal(request),
@@ -84,15 +125,34 @@ async def create_api_key(request: HttpRequest, payload: ApiKeyCreate) -> tuple[i
     return 201, ApiKeyCreated(**ApiKeyOut.of(key).model_dump(), key=secret)
 
 
-@router.get("/v1/api-keys", response=ApiKeyList, summary="List your API keys", operation_id="api_key_list")
+@router.get(
+    "/v1/api-keys",
+    response=ApiKeyList,
+    summary="List your API keys",
+    operation_id="api_key_list",
+    openapi_extra=documented(
+        "Your API keys, revoked and expired ones included, without their secrets.",
+        *AUTHENTICATED,
+        ok=_ok("Your keys."),
+    ),
+)
 async def list_api_keys(request: HttpRequest) -> ApiKeyList:
     keys = await sync_to_async(api_key_list)(principal=_principal(request))
     return ApiKeyList(data=[ApiKeyOut.of(key) for key in keys])
 
 
 @router.delete(
-    "/v1/api-keys/{key_id}", response=ApiKeyOut, summary="Revoke one of your API keys", operation_id="api_key_revoke"
+    "/v1/api-keys/{key_id}",
+    response=ApiKeyOut,
+    summary="Revoke one of your API keys",
+    operation_id="api_key_revoke",
+    openapi_extra=documented(
+        "Revokes one of your keys at once; requests that use it are refused from then on (401 `revoked_api_key`).",
+        *AUTHENTICATED,
+        "404",
+        ok=_ok("The revoked key."),
+    ),
 )
-async def revoke_api_key(request: HttpRequest, key_id: str) -> ApiKeyOut:
+async def revoke_api_key(request: HttpRequest, key_id: KeyId) -> ApiKeyOut:
     key = await sync_to_async(api_key_revoke_own)(principal=_principal(request), key_id=key_id)
     return ApiKeyOut.of(key)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.request import RawPostDataException
-from ninja import Router
+from ninja import Path, Router
 
+from resource_server.api.openapi import AUTHENTICATED, documented, inference_doc, json_response
 from resource_server.api.security import bearer_auth
 from resource_server.dispatch.base import Route
 from resource_server.errors import InvalidRequest
-from resource_server.schemas import REQUEST_SCHEMAS
+from resource_server.schemas import ModelList, schema_ref
 from resource_server.selectors.endpoints import model_list
 from resource_server.services.inference import JsonResult, inference_run
 
@@ -53,16 +54,20 @@ async def _infer(
     return _stream_response(result.events)
 
 
-def _request_body_doc(route: Route) -> dict[str, Any]:
-    schema = REQUEST_SCHEMAS[route].model_json_schema(ref_template="#/components/schemas/{model}")
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+# FIRST's path parameters, with the values the docs page's "Try it out" fills in.
+ClusterName = Annotated[
+    str, Path(..., description="A cluster's name, as `owned_by` in `GET /v1/models` shows it.", example="demo")
+]
+FrameworkName = Annotated[str, Path(..., description="The serving framework on that cluster.", example="vllm")]
 
 
 def _add_inference_routes(route: Route) -> None:
     async def generic(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
         return await _infer(request, route, None, None)
 
-    async def on_cluster(request: HttpRequest, cluster: str, framework: str) -> HttpResponse | StreamingHttpResponse:
+    async def on_cluster(
+        request: HttpRequest, cluster: ClusterName, framework: FrameworkName
+    ) -> HttpResponse | StreamingHttpResponse:
         return await _infer(request, route, cluster, framework)
 
     name = route.value.replace("/", "_")
@@ -76,7 +81,7 @@ def _add_inference_routes(route: Route) -> None:
             view,
             operation_id=f"{name}{suffix}",
             summary=_SUMMARIES[route] + (" on a given cluster and framework" if suffix else ""),
-            openapi_extra=_request_body_doc(route),
+            openapi_extra=inference_doc(route, on_cluster=bool(suffix)),
         )
 
 
@@ -88,7 +93,16 @@ def _models_response(models: list[dict[str, object]]) -> dict[str, Any]:
     return {"object": "list", "data": models}
 
 
-@router.get("/v1/models", summary="List the models you can use", operation_id="models_list")
+_MODELS = "The models your credentials may use, each once by name, with the cluster that serves it."
+_MODELS_OK = json_response("The models, sorted by name.", schema_ref(ModelList))
+
+
+@router.get(
+    "/v1/models",
+    summary="List the models you can use",
+    operation_id="models_list",
+    openapi_extra=documented(_MODELS, *AUTHENTICATED, ok=_MODELS_OK),
+)
 async def models(request: HttpRequest) -> dict[str, Any]:
     return _models_response(await model_list(principal=request.auth))  # type: ignore[attr-defined]
 
@@ -97,6 +111,12 @@ async def models(request: HttpRequest) -> dict[str, Any]:
     f"{FIRST_PREFIX}/v1/models",
     summary="List the models you can use on a cluster",
     operation_id="models_list_on_cluster",
+    openapi_extra=documented(
+        _MODELS.removesuffix(".") + ", on the named cluster and framework (FIRST's path).",
+        *AUTHENTICATED,
+        "404",
+        ok=_MODELS_OK,
+    ),
 )
-async def models_on_cluster(request: HttpRequest, cluster: str, framework: str) -> dict[str, Any]:
+async def models_on_cluster(request: HttpRequest, cluster: ClusterName, framework: FrameworkName) -> dict[str, Any]:
     return _models_response(await model_list(principal=request.auth, cluster=cluster, framework=framework))  # type: ignore[attr-defined]

@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
+from ninja.openapi.schema import OpenAPISchema
 
 from resource_server.api import account, health, inference, relay
 from resource_server.errors import AuthenticationFailed, GatewayError, InvalidRequest
+from resource_server.schemas import openapi_components
 
 logger = logging.getLogger("resource_server.api")
 
-api = NinjaAPI(
+
+class GatewayAPI(NinjaAPI):
+    """Ninja's API whose OpenAPI also holds the schemas the operations' `openapi_extra` refer to."""
+
+    def get_openapi_schema(
+        self, *, path_prefix: str | None = None, path_params: dict[str, Any] | None = None
+    ) -> OpenAPISchema:
+        schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
+        components: dict[str, Any] = schema["components"]["schemas"]
+        for name, definition in openapi_components().items():
+            # Two different models of one name would make one of the references point at the wrong schema.
+            if components.setdefault(name, definition) != definition:
+                raise ValueError(f"two OpenAPI schemas are named {name}")
+        return schema
+
+
+api = GatewayAPI(
     title="Inference gateway",
     version="1",
     description="OpenAI-compatible access to models served on HPC clusters. "

@@ -137,9 +137,12 @@ class Connection(asyncio.Protocol):
         return self.status
 
     async def read_all(self) -> bytes:
-        while not self.complete:
-            await self._wait()
-        return self.take() or b""
+        # Drained as it arrives: reading pauses at _PAUSE_AT buffered bytes, so waiting for the end of a
+        # larger body without taking it would wait until the read timeout.
+        parts = []
+        while (part := await self.read_some()) is not None:
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read_some(self) -> bytes | None:
         """The body bytes that arrived since the last call, waiting for some; None at the end."""

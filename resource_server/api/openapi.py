@@ -1,0 +1,152 @@
+"""What the served OpenAPI says beyond the views' signatures: bodies, examples and error responses.
+
+The inference views read the raw body (the model server decides what else is valid), so their request and
+answer schemas are documentation only, given here as references to `openapi_components()`; the lean ASGI
+app (`api/fast.py`) serves the same paths and answers the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from resource_server.dispatch.base import Route
+from resource_server.errors import ERROR_CATALOGUE, AuthenticationFailed, GatewayError, RateLimited, ServiceUnavailable
+from resource_server.schemas import (
+    REQUEST_EXAMPLES,
+    REQUEST_SCHEMAS,
+    RESPONSE_SCHEMAS,
+    ErrorEnvelope,
+    schema_ref,
+)
+
+# What every route may answer once a bearer credential is needed: authentication fails (401) or the
+# identity provider denies (403, e.g. a required Globus group), or it cannot be checked (503).
+AUTHENTICATED = ("401", "403", "500", "503")
+INFERENCE_ERRORS = ("400", "401", "403", "404", "413", "422", "4XX", "429", "500", "502", "503", "504")
+
+_STRING = {"type": "string"}
+REQUEST_ID_HEADER = {
+    "X-Request-ID": {
+        "description": "The gateway's id for this request (yours if you sent a sane one); quote it in reports.",
+        "required": True,
+        "schema": _STRING,
+    }
+}
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying.", "required": False, "schema": _STRING}
+}
+_ERROR_HEADERS: tuple[tuple[type[GatewayError], dict[str, Any]], ...] = (
+    (
+        AuthenticationFailed,
+        {
+            "WWW-Authenticate": {
+                "description": "The bearer scheme, as RFC 6750 says.",
+                "required": True,
+                "schema": _STRING,
+            }
+        },
+    ),
+    (RateLimited, _RETRY_AFTER),
+    (ServiceUnavailable, _RETRY_AFTER),
+)
+_STREAM_EXAMPLES = {
+    Route.CHAT: 'data: {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1767225600, '
+    '"model": "demo-model", "choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": null}]}\n\n'
+    "data: [DONE]\n\n",
+    Route.COMPLETIONS: 'data: {"id": "cmpl-1", "object": "text_completion", "created": 1767225600, '
+    '"model": "demo-model", "choices": [{"index": 0, "text": " there", "finish_reason": null}]}\n\n'
+    "data: [DONE]\n\n",
+}
+# In OpenAPI 3.1 the schema of an event stream describes each event (3.2 calls it `itemSchema`).
+_SSE_EVENT = {
+    "type": "object",
+    "description": "One server-sent event. The stream ends with `data: [DONE]`.",
+    "properties": {
+        "data": {
+            **_STRING,
+            "description": "A chunk's JSON (`chat.completion.chunk` or `text_completion`), an error envelope "
+            "if the stream fails after it began, or `[DONE]`.",
+        },
+    },
+    "required": ["data"],
+}
+_ROUTE_DESCRIPTIONS = {
+    Route.CHAT: "Generates the next message of a conversation with the named model, as OpenAI's "
+    "`POST /v1/chat/completions` does.",
+    Route.COMPLETIONS: "Continues a prompt with the named model, as OpenAI's `POST /v1/completions` does.",
+    Route.EMBEDDINGS: "Returns embedding vectors of the inputs, as OpenAI's `POST /v1/embeddings` does.",
+}
+_UNKNOWN_FIELDS = (
+    "\n\nThe gateway checks the fields below and routes by `model` to a cluster endpoint you may use; fields it "
+    "does not know (vLLM's sampling options and the like) reach the model server unchanged, and the model "
+    "server's own refusals come back with their status and message in the error envelope."
+)
+_ON_CLUSTER = (
+    "\n\nThis is FIRST's path: it uses only the named cluster and framework (e.g. `polaris` and `vllm`); "
+    "an unknown cluster is a 404 `cluster_not_found`."
+)
+
+
+def _status_key(status: str) -> int | str:
+    # Ninja keys the responses it generates by int; a "200" string beside them would be a second entry.
+    return int(status) if status.isdigit() else status
+
+
+def error_responses(*statuses: str) -> dict[int | str, Any]:
+    """OpenAPI responses for these catalogue statuses, each in the error envelope with its headers."""
+    responses: dict[int | str, Any] = {}
+    for status in statuses:
+        error_class, meaning = ERROR_CATALOGUE[status]
+        headers = dict(REQUEST_ID_HEADER)
+        for raising, extra in _ERROR_HEADERS:
+            if issubclass(error_class, raising):
+                headers.update(extra)
+        responses[_status_key(status)] = {
+            "description": meaning,
+            "headers": headers,
+            "content": {"application/json": {"schema": schema_ref(ErrorEnvelope)}},
+        }
+    return responses
+
+
+def json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": REQUEST_ID_HEADER,
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+def documented(description: str, *errors: str, ok: dict[str, Any] | None = None, status: int = 200) -> dict[str, Any]:
+    """An operation's `openapi_extra`: its description, its success answer (if not ninja's own) and errors."""
+    responses = error_responses(*errors)
+    if ok is not None:
+        responses[status] = ok
+    return {"description": description, "responses": responses}
+
+
+def inference_doc(route: Route, *, on_cluster: bool) -> dict[str, Any]:
+    """The `openapi_extra` of an inference operation: request body with example, answers and errors."""
+    answer = RESPONSE_SCHEMAS[route]
+    content: dict[str, Any] = {"application/json": {"schema": schema_ref(answer)}}
+    streamed = route is not Route.EMBEDDINGS
+    if streamed:
+        content["text/event-stream"] = {"schema": _SSE_EVENT, "example": _STREAM_EXAMPLES[route]}
+    ok = (
+        "The model's answer: JSON, or with `stream: true` server-sent events ending with `data: [DONE]` "
+        '(an error after the first event arrives as `data: {"error": ...}` before `[DONE]`).'
+        if streamed
+        else "The model's answer."
+    )
+    doc = documented(
+        _ROUTE_DESCRIPTIONS[route] + _UNKNOWN_FIELDS + (_ON_CLUSTER if on_cluster else ""),
+        *INFERENCE_ERRORS,
+        ok={"description": ok, "headers": REQUEST_ID_HEADER, "content": content},
+    )
+    doc["requestBody"] = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": schema_ref(REQUEST_SCHEMAS[route]), "example": REQUEST_EXAMPLES[route]}
+        },
+    }
+    return doc
