@@ -27,10 +27,16 @@ INFERENCE_ERRORS = ("400", "401", "403", "404", "413", "422", "4XX", "429", "500
 _STRING = {"type": "string"}
 REQUEST_ID_HEADER = {
     "X-Request-ID": {
-        "description": "The gateway's id for this request (yours if you sent a sane one); quote it in reports.",
+        "description": "Your X-Request-ID echoed back if you sent a sane one (8-64 of A-Z a-z 0-9 . _ -), "
+        "otherwise the gateway's own id.",
         "required": True,
         "schema": _STRING,
-    }
+    },
+    "X-Gateway-Request-ID": {
+        "description": "The gateway's own id for this request; it keys the usage record. Quote it in reports.",
+        "required": True,
+        "schema": _STRING,
+    },
 }
 _RETRY_AFTER = {
     "Retry-After": {"description": "Seconds to wait before retrying.", "required": False, "schema": _STRING}
