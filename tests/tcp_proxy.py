@@ -1,6 +1,8 @@
 """A TCP proxy a test can cut: what an outage of PostgreSQL or Redis looks like from the gateway.
 
-Connections are refused and open ones dropped while it is cut; the shared services themselves are never stopped.
+Connections are refused and open ones dropped while it is cut; while it is stalled they stay open but nothing
+passes, which is a server that stops answering (hung, or behind a network that drops packets) rather than one
+that refuses. The shared services themselves are never stopped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class TcpProxy:
         # Guards the cut against a connection being accepted at that very moment: it must not survive.
         self._lock = threading.Lock()
         self._open = False
+        self._flowing = threading.Event()
+        self._flowing.set()
 
     def restore(self) -> None:
         listener = socket.create_server(("127.0.0.1", self.port))
@@ -32,6 +36,7 @@ class TcpProxy:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
+        self._flowing.set()  # pipe threads blocked in a stall wake up and find their sockets closed
         with self._lock:
             self._open = False
             assert self._listener is not None
@@ -42,6 +47,12 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+    def stall(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -59,10 +70,10 @@ class TcpProxy:
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass

@@ -1,12 +1,13 @@
 """The UsageSink: one RequestLog row per inference request, written off the request path.
 
 Requests hand records to an in-memory queue and never wait on the database or the disk. A background
-thread takes them in batches: it makes their text storable, appends them to a journal file (one write
-and one fsync per batch), then inserts them. Once every journaled record is in the database the journal
-is trimmed. A worker killed with SIGKILL therefore loses only the records handed over since the writer's
-last journal write (at most USAGE_FLUSH_SECONDS of them); whatever was journaled is replayed by the next
-worker that starts. The request id is the rows' unique key, so a record replayed after it was inserted
-is skipped, not written twice.
+thread makes their text storable and appends them to a journal file as they come (one write per
+JOURNAL_WRITE_SECONDS at most, one fsync per USAGE_FLUSH_SECONDS); another inserts them, one transaction
+per USAGE_FLUSH_SECONDS under load. Once every journaled record is in the database the journal is trimmed.
+A worker killed with SIGKILL therefore loses only the records handed over in its last JOURNAL_WRITE_SECONDS
+(what the kernel holds survives the process); a power cut, those of the last USAGE_FLUSH_SECONDS. Whatever
+was journaled is replayed by the next worker that starts. The request id is the rows' unique key, so a
+record replayed after it was inserted is skipped, not written twice.
 
 A record the database refuses for a reason that will not go away (a value it cannot hold, a user deleted
 since the request) is found by bisecting the batch and set aside in a dead-letter file, with a log line
@@ -61,6 +62,9 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 # A live journal, one left by a killed worker, or one an older version was replaying when it stopped.
 _JOURNAL_GLOBS = ("usage-*.jsonl", "usage-*.replaying")
 _MAX_BACKOFF_SECONDS = 10.0
+# How long the journal thread gathers records before one write: what a killed process can lose. Short, as a
+# write to the page cache costs microseconds; the fsync that guards against a power cut is paced apart.
+JOURNAL_WRITE_SECONDS = 0.01
 
 
 def storable_text(text: str, limit: int | None = None) -> str:
@@ -250,7 +254,7 @@ class DeadLetter:
         return path
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared and hashed by identity: one open file each
 class _Segment:
     path: Path
     fd: int
@@ -287,7 +291,22 @@ class UsageJournal:
         self._runs: deque[list[Any]] = deque()
         self._current: _Segment | None = None
         self._lock = threading.Lock()
+        self._unsynced: set[_Segment] = set()
         self.write_errors = 0
+
+    def sync(self) -> None:
+        """fdatasync what was appended since the last sync, so that it survives a power cut too."""
+        with self._lock:
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        segments, self._unsynced = self._unsynced, set()
+        for segment in segments:
+            try:
+                os.fdatasync(segment.fd)
+            except OSError:
+                self.write_errors += 1
+                logger.exception("could not sync the usage journal %s", segment.path)
 
     def adopt(self) -> list[UsageRecord]:
         """Claim the segments no live process holds and return their records, oldest file first."""
@@ -350,7 +369,10 @@ class UsageJournal:
         return records
 
     def append(self, lines: list[bytes], count: int) -> None:
-        """Write `count` records (their lines) durably: one write and one fdatasync for the batch."""
+        """Write `count` records (their lines) with one write: from then on they outlive this process.
+
+        They outlive a power cut after the next `sync()`.
+        """
         data = b"".join(lines)
         with self._lock:
             try:
@@ -359,7 +381,7 @@ class UsageJournal:
                 while view:
                     written = os.write(segment.fd, view)
                     view = view[written:]
-                os.fdatasync(segment.fd)
+                self._unsynced.add(segment)
                 segment.size += len(data)
                 segment.unsettled += count
                 target: _Segment | None = segment
@@ -424,6 +446,7 @@ class UsageJournal:
     def close(self) -> int:
         """Delete the segments with nothing left to write and release the rest for the next start."""
         with self._lock:
+            self._sync_locked()
             left = 0
             for segment in self._segments:
                 if segment.unsettled:
@@ -436,8 +459,8 @@ class UsageJournal:
             self._current = None
             return left
 
-    @staticmethod
-    def _remove(segment: _Segment) -> None:
+    def _remove(self, segment: _Segment) -> None:
+        self._unsynced.discard(segment)
         with contextlib.suppress(FileNotFoundError):
             segment.path.unlink()
         os.close(segment.fd)
@@ -468,7 +491,9 @@ class UsageSink:
         self._stopping = threading.Event()
         self._stopped = False
         self._last_journal = float("-inf")
+        self._last_insert = float("-inf")
         self._retry_at = float("-inf")
+        self._flush_asked = False
 
     @property
     def dead_lettered(self) -> int:
@@ -519,13 +544,20 @@ class UsageSink:
             atexit.register(self.stop)
 
     def _journal_until_stopped(self) -> None:
+        synced_at = time.monotonic()
         while not self._stopping.is_set():
             records, flush = self._collect()
+            now = time.monotonic()
             if records:
-                self._last_journal = time.monotonic()
+                self._last_journal = now
                 kept = self._journal_now(records)
                 if kept:
                     self._journaled.put(kept)
+            if flush or not records or now - synced_at >= self._flush_seconds:
+                # Paced apart from the writes: one fsync per USAGE_FLUSH_SECONDS under load, and at once
+                # when records stop coming (a quiet spell) or flush() asks.
+                self.journal.sync()
+                synced_at = now
             if flush:
                 self._journaled.put(None)
 
@@ -539,9 +571,10 @@ class UsageSink:
         backoff = 1.0
         while not self._stopping.is_set():
             self._take_journaled()
-            if not self._pending or time.monotonic() < self._retry_at:
+            if not self._pending or self._insert_due_in(time.monotonic()) > 0:
                 continue
             batch = self._pending[: self._batch_size]
+            self._last_insert = time.monotonic()
             try:
                 self._store(batch)
             except Exception:
@@ -554,23 +587,35 @@ class UsageSink:
             backoff = 1.0
             self._touch_api_keys(batch)
             del self._pending[: len(batch)]
+            self._flush_asked = bool(self._pending) and self._flush_asked
             self.journal.settle(len(batch))
             self._settle(len(batch))
 
+    def _insert_due_in(self, now: float) -> float:
+        """Seconds until the next insert may start (0: now).
+
+        One transaction per `flush_seconds` unless a batch fills up or flush() asks: a record after a quiet
+        spell is written at once, while under load one transaction carries many records instead of one each,
+        which keeps the writer's share of the worker's CPU (and its hold on the GIL) small at any rate.
+        After a failure, not before the retry time.
+        """
+        if now < self._retry_at:
+            return self._retry_at - now
+        if self._flush_asked or len(self._pending) >= self._batch_size:
+            return 0.0
+        return max(0.0, self._last_insert + self._flush_seconds - now)
+
     def _take_journaled(self) -> None:
-        """Move journaled records to the pending list: wait for some if there is nothing to write now."""
-        now = time.monotonic()
-        if not self._pending:
-            wait = self._flush_seconds
-        elif now < self._retry_at:
-            wait = min(self._flush_seconds, self._retry_at - now)
-        else:
-            wait = 0.0
+        """Move journaled records to the pending list: wait for more while no insert is due."""
+        due_in = self._insert_due_in(time.monotonic()) if self._pending else self._flush_seconds
+        wait = min(self._flush_seconds, due_in)
         try:
             item = self._journaled.get(timeout=wait) if wait > 0 else self._journaled.get_nowait()
             while True:
                 if item is None:
-                    self._retry_at = float("-inf")  # flush() asks: try the database now
+                    # flush() asks: try the database now
+                    self._retry_at = float("-inf")
+                    self._flush_asked = True
                 else:
                     self._pending.extend(item)
                 item = self._journaled.get_nowait()
@@ -599,13 +644,11 @@ class UsageSink:
         return kept
 
     def _collect(self) -> tuple[list[UsageRecord], bool]:
-        """Take queued records, waiting for them to gather so that one write carries many.
+        """Take queued records, waiting for them to gather so that one journal write carries many.
 
-        At most one journal write (and so one insert) starts per `flush_seconds` unless a batch fills up
-        or flush() asks: a record that arrives after a quiet spell is journaled and written at once, while
-        under load one fsync and one transaction carry many records instead of one each, which keeps the
-        writer's share of the worker's CPU (and its hold on the GIL) small at any request rate. This wait
-        is all a SIGKILL can lose: records still waiting here.
+        At most one journal write starts per JOURNAL_WRITE_SECONDS unless a batch fills up or flush() asks:
+        a record that arrives after a quiet spell is journaled at once. This wait is all a SIGKILL can lose:
+        records still waiting here.
         """
         records: list[UsageRecord] = []
         try:
@@ -615,7 +658,7 @@ class UsageSink:
         if first is None:
             return records, True
         records.append(first)
-        due = self._last_journal + self._flush_seconds
+        due = self._last_journal + JOURNAL_WRITE_SECONDS
         flush = False
         while len(records) < self._batch_size:
             remaining = due - time.monotonic()

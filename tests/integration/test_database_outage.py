@@ -9,11 +9,7 @@ stall, which is a database that stops answering.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,6 +21,7 @@ from resource_server.fakes.globus import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET
 from resource_server.models import Endpoint, RequestLog
 from resource_server.services.api_keys import api_key_create
 from tests.conftest import seed
+from tests.integration.conftest import gateway_env
 from tests.servers import fake_globus_server, gateway_server
 from tests.tcp_proxy import TcpProxy
 
@@ -34,58 +31,6 @@ pytestmark = [
 ]
 
 CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-class StallingProxy(TcpProxy):
-    """A TcpProxy that can also stall: connections stay open and new ones are accepted, but nothing is
-    passed on until it resumes. That is a database that stops answering rather than refusing (a hung
-    server, a network that drops packets), which no error reveals."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        super().__init__(target)
-        self._flowing = threading.Event()
-        self._flowing.set()
-
-    def stall(self) -> None:
-        self._flowing.clear()
-
-    def resume(self) -> None:
-        self._flowing.set()
-
-    # A staticmethod in TcpProxy; _accept calls it through the instance all the same.
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:  # type: ignore[override]
-        try:
-            while data := source.recv(65536):
-                self._flowing.wait()
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-@pytest.fixture
-def proxy() -> Iterator[StallingProxy]:
-    config = connection.settings_dict
-    tcp = StallingProxy((config["HOST"] or "127.0.0.1", int(config["PORT"] or 5432)))
-    tcp.restore()
-    yield tcp
-    tcp.resume()
-    tcp.cut()
-
-
-def _env(proxy: TcpProxy, data_dir: Path) -> dict[str, str]:
-    config = connection.settings_dict
-    password = f":{config['PASSWORD']}" if config["PASSWORD"] else ""
-    return {
-        "DATABASE_URL": f"postgres://{config['USER']}{password}@127.0.0.1:{proxy.port}/{config['NAME']}",
-        "DATA_DIR": str(data_dir),
-        "USAGE_FLUSH_SECONDS": "0.05",
-        "ROUTING_CACHE_SECONDS": "300",
-        "API_KEY_CACHE_SECONDS": "300",
-    }
 
 
 def _chat(url: str, auth: dict[str, str]) -> str:
@@ -107,7 +52,7 @@ def test_usage_written_during_an_outage_arrives_when_the_database_returns(
     proxy: TcpProxy, model_server: str, tmp_path: Path
 ) -> None:
     seeded = seed(model_server)
-    with gateway_server(_env(proxy, tmp_path)) as url:
+    with gateway_server(gateway_env(proxy, tmp_path)) as url:
         assert _wait_for_rows([_chat(url, seeded.auth)], timeout=10)
         proxy.cut()
         during = [_chat(url, seeded.auth), _chat(url, seeded.auth)]
@@ -120,13 +65,13 @@ def test_usage_left_at_shutdown_is_spooled_and_replayed_by_the_next_start(
     proxy: TcpProxy, model_server: str, tmp_path: Path
 ) -> None:
     seeded = seed(model_server)
-    with gateway_server(_env(proxy, tmp_path)) as url:
+    with gateway_server(gateway_env(proxy, tmp_path)) as url:
         _chat(url, seeded.auth)
         proxy.cut()
         stranded = _chat(url, seeded.auth)
     assert list((tmp_path / "usage-spool").glob("usage-*.jsonl")), "unwritten records must be spooled at shutdown"
     proxy.restore()
-    with gateway_server(_env(proxy, tmp_path)) as url:
+    with gateway_server(gateway_env(proxy, tmp_path)) as url:
         fresh = _chat(url, seeded.auth)
         assert _wait_for_rows([stranded, fresh], timeout=20)
     assert not list((tmp_path / "usage-spool").iterdir())
@@ -173,7 +118,7 @@ def test_cached_keys_and_routes_are_served_through_an_outage_on_every_worker(
 ) -> None:
     seeded = seed(model_server)
     # Both caches expire within the outage: what is served then is what the workers knew before it.
-    env = _env(proxy, tmp_path) | {"ROUTING_CACHE_SECONDS": "1", "API_KEY_CACHE_SECONDS": "1"}
+    env = gateway_env(proxy, tmp_path) | {"ROUTING_CACHE_SECONDS": "1", "API_KEY_CACHE_SECONDS": "1"}
     with gateway_server(env, workers=2) as url:
         workers = _worker_pids(url)
         assert len(workers) == 2
@@ -198,7 +143,7 @@ def test_every_worker_reads_the_database_again_within_5_s_of_its_return(
     proxy: TcpProxy, model_server: str, tmp_path: Path
 ) -> None:
     seeded = seed(model_server)
-    env = _env(proxy, tmp_path) | {"ROUTING_CACHE_SECONDS": "1", "API_KEY_CACHE_SECONDS": "1"}
+    env = gateway_env(proxy, tmp_path) | {"ROUTING_CACHE_SECONDS": "1", "API_KEY_CACHE_SECONDS": "1"}
     with gateway_server(env, workers=2) as url:
         workers = _worker_pids(url)
         assert len(workers) == 2
@@ -231,7 +176,7 @@ def test_a_globus_user_checked_before_the_outage_keeps_being_served_during_it(
         token = httpx.post(
             f"{globus_url}fake/tokens", json={"identity": {"username": "ada@anl.gov", "name": "Ada Lovelace"}}
         ).json()["token"]
-        env = _env(proxy, tmp_path) | {
+        env = gateway_env(proxy, tmp_path) | {
             "GLOBUS_SDK_SERVICE_URL_AUTH": globus_url,
             "GLOBUS_SDK_SERVICE_URL_GROUPS": globus_url,
             "GLOBUS_CLIENT_ID": DEMO_CLIENT_ID,
@@ -249,10 +194,10 @@ def test_a_globus_user_checked_before_the_outage_keeps_being_served_during_it(
 
 
 def test_a_database_that_stops_answering_does_not_hold_requests_with_cached_keys_and_routes(
-    proxy: StallingProxy, model_server: str, tmp_path: Path
+    proxy: TcpProxy, model_server: str, tmp_path: Path
 ) -> None:
     seeded = seed(model_server)
-    env = _env(proxy, tmp_path) | {"ROUTING_CACHE_SECONDS": "1", "API_KEY_CACHE_SECONDS": "1"}
+    env = gateway_env(proxy, tmp_path) | {"ROUTING_CACHE_SECONDS": "1", "API_KEY_CACHE_SECONDS": "1"}
     with gateway_server(env, workers=2) as url:
         workers = _worker_pids(url)
         assert len(workers) == 2

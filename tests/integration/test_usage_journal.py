@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ from django.db import connection
 
 from resource_server.models import RequestLog
 from tests.conftest import Seeded, seed
+from tests.integration.conftest import FLUSH_SECONDS, gateway_env
 from tests.servers import gateway_server
 from tests.tcp_proxy import TcpProxy
 
@@ -26,28 +26,6 @@ pytestmark = [
 ]
 
 CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-FLUSH_SECONDS = 0.05
-
-
-@pytest.fixture
-def proxy() -> Iterator[TcpProxy]:
-    config = connection.settings_dict
-    tcp = TcpProxy((config["HOST"] or "127.0.0.1", int(config["PORT"] or 5432)))
-    tcp.restore()
-    yield tcp
-    tcp.cut()
-
-
-def _env(proxy: TcpProxy, data_dir: Path) -> dict[str, str]:
-    config = connection.settings_dict
-    password = f":{config['PASSWORD']}" if config["PASSWORD"] else ""
-    return {
-        "DATABASE_URL": f"postgres://{config['USER']}{password}@127.0.0.1:{proxy.port}/{config['NAME']}",
-        "DATA_DIR": str(data_dir),
-        "USAGE_FLUSH_SECONDS": str(FLUSH_SECONDS),
-        "ROUTING_CACHE_SECONDS": "300",
-        "API_KEY_CACHE_SECONDS": "300",
-    }
 
 
 def _chat(url: str, seeded: Seeded) -> str:
@@ -89,7 +67,7 @@ def test_rows_journaled_before_a_sigkill_are_written_exactly_once_by_the_next_st
     proxy: TcpProxy, model_server: str, tmp_path: Path
 ) -> None:
     seeded = seed(model_server)
-    with gateway_server(_env(proxy, tmp_path)) as url:
+    with gateway_server(gateway_env(proxy, tmp_path)) as url:
         before = _chat(url, seeded)  # also caches the key and the route for the outage
         assert _wait_for_rows([before], timeout=10)
         proxy.cut()
@@ -104,7 +82,7 @@ def test_rows_journaled_before_a_sigkill_are_written_exactly_once_by_the_next_st
     assert RequestLog.objects.filter(request_id__in=stranded).count() == 0, "nothing could be written before"
     assert list((tmp_path / "usage-spool").glob("usage-*.jsonl")), "the killed worker's journal is left"
     proxy.restore()
-    with gateway_server(_env(proxy, tmp_path)) as url:
+    with gateway_server(gateway_env(proxy, tmp_path)) as url:
         after = _chat(url, seeded)
         assert _wait_for_rows([*stranded, after], timeout=30)
     # Exactly once: one row per request, the one written before the kill included.

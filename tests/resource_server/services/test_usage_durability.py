@@ -7,6 +7,7 @@ stopped worker; records are journaled, and a live worker's journal is never adop
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,3 +218,34 @@ def test_a_record_handed_over_after_stop_is_journaled_for_the_next_start(seeded:
     assert sink.journal.close() == 1  # what the process's exit does: the file stays, its lock goes
     found = UsageJournal(tmp_path / "usage-spool", sink.dead_letter).adopt()
     assert [record.request_id for record in found] == [late.request_id]
+
+
+def test_records_reach_the_journal_long_before_the_next_insert_is_due(seeded: Seeded, tmp_path: Path) -> None:
+    """What a killed worker can lose is bounded by the journal's write pace, not by the insert batching.
+
+    With inserts (and fsyncs) paced 30 s apart, a record handed over just after another one is still in the
+    journal file within a moment: the kernel keeps it for the next start whatever happens to the process.
+    """
+    slow = UsageSink(
+        batch_size=50,
+        flush_seconds=30,
+        spool_dir=tmp_path / "usage-spool",
+        dead_letter_dir=tmp_path / "usage-dead-letter",
+    )
+    try:
+        first, second = _record(seeded), _record(seeded)
+        slow.record(first)
+        assert _wait_for_journal(tmp_path, first.request_id)
+        slow.record(second)
+        assert _wait_for_journal(tmp_path, second.request_id), "the second record waited for the insert pace"
+    finally:
+        slow.stop(timeout=10)
+
+
+def _wait_for_journal(tmp_path: Path, request_id: str, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(request_id.encode() in path.read_bytes() for path in (tmp_path / "usage-spool").glob("*.jsonl")):
+            return True
+        time.sleep(0.01)
+    return False

@@ -1,0 +1,38 @@
+"""The gateway's way to PostgreSQL for outage tests: a TcpProxy the test cuts or stalls, never the server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from tests.tcp_proxy import TcpProxy
+
+# Usage rows are written within this long of a request's end, so tests wait little for them.
+FLUSH_SECONDS = 0.05
+
+
+@pytest.fixture
+def proxy() -> Iterator[TcpProxy]:
+    """A proxy in front of the test database's PostgreSQL server."""
+    config = connection.settings_dict
+    tcp = TcpProxy((config["HOST"] or "127.0.0.1", int(config["PORT"] or 5432)))
+    tcp.restore()
+    yield tcp
+    tcp.resume()
+    tcp.cut()
+
+
+def gateway_env(proxy: TcpProxy, data_dir: Path) -> dict[str, str]:
+    """Environment for a gateway process that reaches the test database through `proxy`."""
+    config = connection.settings_dict
+    password = f":{config['PASSWORD']}" if config["PASSWORD"] else ""
+    return {
+        "DATABASE_URL": f"postgres://{config['USER']}{password}@127.0.0.1:{proxy.port}/{config['NAME']}",
+        "DATA_DIR": str(data_dir),
+        "USAGE_FLUSH_SECONDS": str(FLUSH_SECONDS),
+        "ROUTING_CACHE_SECONDS": "300",
+        "API_KEY_CACHE_SECONDS": "300",
+    }
