@@ -23,7 +23,7 @@ timeout = 0
 #      cancelled (see post_worker_init); a cut stream is recorded (499) like one whose client left;
 #   3. the ASGI lifespan shutdown gives the usage writer up to 5 s to insert what it holds
 #      (UsageSink.stop), plus about 2 s to stop its threads.
-# 20 + 5 + 2 s fit in 30 s. Every usage record is journaled within USAGE_FLUSH_SECONDS of its request
+# 20 + 5 + 2 s fit in 30 s. Every usage record is journaled within 10 ms of its request
 # ending, so a SIGKILL during step 3 loses no more than any SIGKILL: the next start replays the journal.
 graceful_timeout = 30
 SHUTDOWN_RESERVE_SECONDS = 10

@@ -95,6 +95,7 @@ async def inference_run(
         target = await endpoint_resolve(principal=principal, model=body["model"], cluster=cluster, framework=framework)
         record.endpoint_id = target.id
         backend = backend_pool.get(target.id, target.backend, target.config)
+        usage_sink.opened(record)  # from here a worker crash could cut it: the next start records it lost
         if record.streamed:
             client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             # Always ask for usage so the final token counts come from the model server.

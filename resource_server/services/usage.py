@@ -9,6 +9,10 @@ A worker killed with SIGKILL therefore loses only the records handed over in its
 was journaled is replayed by the next worker that starts. The request id is the rows' unique key, so a
 record replayed after it was inserted is skipped, not written twice.
 
+A request on its way to a model server is marked open in a second file, and the mark is dropped once its
+record is journaled. A worker killed mid-request leaves the mark behind: the next start records that
+request as lost with the worker (status 500, `worker_lost`) unless its own record arrived after all.
+
 A record the database refuses for a reason that will not go away (a value it cannot hold, a user deleted
 since the request) is found by bisecting the batch and set aside in a dead-letter file, with a log line
 and a counter; it never holds back the records behind it.
@@ -61,6 +65,9 @@ _REPLACEMENT = "\ufffd"
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # A live journal, one left by a killed worker, or one an older version was replaying when it stopped.
 _JOURNAL_GLOBS = ("usage-*.jsonl", "usage-*.replaying")
+# Requests on their way to a model server, one line each (see UsageSink.opened).
+_OPEN_GLOB = "opened-*.jsonl"
+LOST_STATUS, LOST_ERROR_CODE = 500, "worker_lost"
 _MAX_BACKOFF_SECONDS = 10.0
 # How long the journal thread gathers records before one write: what a killed process can lose. Short, as a
 # write to the page cache costs microseconds; the fsync that guards against a power cut is paced apart.
@@ -262,6 +269,13 @@ class _Segment:
     size: int = 0
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
 class UsageJournal:
     """Append-only files of usage records not yet in the database, one writer process each.
 
@@ -292,7 +306,76 @@ class UsageJournal:
         self._current: _Segment | None = None
         self._lock = threading.Lock()
         self._unsynced: set[_Segment] = set()
+        # Open marks: which segment holds each open request's mark (its `unsettled` counts open marks).
+        self._open_current: _Segment | None = None
+        self._open_segments: list[_Segment] = []
+        self._open_of: dict[str, _Segment] = {}
         self.write_errors = 0
+
+    def mark_open(self, lines: dict[str, bytes]) -> None:
+        """Write the marks of requests now open (request id -> line), with one write."""
+        data = b"".join(lines.values())
+        with self._lock:
+            try:
+                segment = self._open_current
+                if segment is None or segment.size >= self._segment_bytes:
+                    segment = self._open_current = self._new_segment("opened")
+                    self._open_segments.append(segment)
+                _write_all(segment.fd, data)
+            except OSError:
+                self.write_errors += 1
+                logger.exception("could not mark %d requests open; a worker crash would lose them", len(lines))
+                return
+            self._unsynced.add(segment)
+            segment.size += len(data)
+            segment.unsettled += len(lines)
+            for request_id in lines:
+                self._open_of[request_id] = segment
+
+    def release(self, request_ids: list[str]) -> None:
+        """Drop the marks of requests whose records are journaled now; trim what that frees."""
+        with self._lock:
+            for request_id in request_ids:
+                segment = self._open_of.pop(request_id, None)
+                if segment is None:
+                    continue
+                segment.unsettled -= 1
+                if segment.unsettled:
+                    continue
+                if segment is not self._open_current:
+                    self._open_segments.remove(segment)
+                    self._remove(segment)
+                elif segment.size >= self._trim_bytes:
+                    os.ftruncate(segment.fd, 0)
+                    segment.size = 0
+
+    def adopt_lost(self, found: set[str]) -> list[UsageRecord]:
+        """Requests that dead workers left open and whose records are not in `found`: recorded as lost.
+
+        They are journaled here before the marks are deleted, so a crash during start-up loses nothing.
+        Returns them, to be inserted after the adopted records (a record that reached the database before
+        its worker died makes the lost one a duplicate, which the insert skips).
+        """
+        if not self.directory.is_dir():
+            return []
+        lost: dict[str, UsageRecord] = {}
+        claimed = []
+        for path in sorted(self.directory.glob(_OPEN_GLOB)):
+            segment = self._claim(path)
+            if segment is None:
+                continue
+            claimed.append(segment)
+            for record in self._read(segment.path):
+                if record.request_id not in found:
+                    record.status_code, record.error_code = LOST_STATUS, LOST_ERROR_CODE
+                    lost[record.request_id] = record
+        if lost:
+            logger.warning("%d requests were cut by a worker that stopped without recording them", len(lost))
+            self.append([journal_line(record) for record in lost.values()], len(lost))
+            self.sync()
+        for segment in claimed:
+            self._remove(segment)
+        return list(lost.values())
 
     def sync(self) -> None:
         """fdatasync what was appended since the last sync, so that it survives a power cut too."""
@@ -334,7 +417,7 @@ class UsageJournal:
 
     def _remove_stale_hidden(self) -> None:
         """Hidden segments are renamed as soon as they are locked, before any write: an old one is empty."""
-        for path in self.directory.glob(".usage-*.tmp"):
+        for path in self.directory.glob(".*.tmp"):
             with contextlib.suppress(OSError):
                 if time.time() - path.stat().st_mtime > 60:
                     path.unlink()
@@ -377,10 +460,7 @@ class UsageJournal:
         with self._lock:
             try:
                 segment = self._writable()
-                view = memoryview(data)
-                while view:
-                    written = os.write(segment.fd, view)
-                    view = view[written:]
+                _write_all(segment.fd, data)
                 self._unsynced.add(segment)
                 segment.size += len(data)
                 segment.unsettled += count
@@ -398,8 +478,13 @@ class UsageJournal:
         current = self._current
         if current is not None and current.size < self._segment_bytes:
             return current
+        self._current = self._new_segment("usage")
+        self._segments.append(self._current)
+        return self._current
+
+    def _new_segment(self, kind: str) -> _Segment:
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = f"usage-{os.getpid()}-{time.time_ns()}"
+        name = f"{kind}-{os.getpid()}-{time.time_ns()}"
         hidden = self.directory / f".{name}.tmp"
         fd = os.open(hidden, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -410,9 +495,7 @@ class UsageJournal:
             os.fsync(directory)  # the file's name survives a power cut too
         finally:
             os.close(directory)
-        self._current = _Segment(path, fd)
-        self._segments.append(self._current)
-        return self._current
+        return _Segment(path, fd)
 
     def settle(self, count: int) -> None:
         """The oldest `count` appended records are in the database (or set aside): trim what they free."""
@@ -454,6 +537,14 @@ class UsageJournal:
                     os.close(segment.fd)
                 else:
                     self._remove(segment)
+            for segment in self._open_segments:
+                if segment.unsettled:
+                    os.close(segment.fd)  # requests cut without a record: the next start records them lost
+                else:
+                    self._remove(segment)
+            self._open_segments.clear()
+            self._open_of.clear()
+            self._open_current = None
             self._segments.clear()
             self._runs.clear()
             self._current = None
@@ -475,7 +566,7 @@ class UsageSink:
 
     def __init__(self, *, batch_size: int, flush_seconds: float, spool_dir: Path, dead_letter_dir: Path) -> None:
         # None in the queue asks the writer to write what it holds now (see flush).
-        self._queue: queue.SimpleQueue[UsageRecord | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[UsageRecord | _Opened | None] = queue.SimpleQueue()
         # Journaled records on their way to the database writer (None: flush now).
         self._journaled: queue.SimpleQueue[list[UsageRecord] | None] = queue.SimpleQueue()
         self._batch_size = batch_size
@@ -514,6 +605,18 @@ class UsageSink:
         if not self._threads:
             self.start()
 
+    def opened(self, record: UsageRecord) -> None:
+        """Mark a request open as it goes to a model server, so that a worker crash cannot lose it unseen.
+
+        Its record (this one, finished, through `record`) drops the mark. Takes a snapshot without bodies:
+        the request goes on changing `record`.
+        """
+        if self._stopped:
+            return
+        self._queue.put(_Opened(dataclasses.replace(record, request_body=None, response_body=None)))
+        if not self._threads:
+            self.start()
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every record accepted so far is written; False if that took longer than `timeout`."""
         deadline = time.monotonic() + timeout
@@ -533,6 +636,7 @@ class UsageSink:
             if self._threads:
                 return
             self._pending.extend(self.journal.adopt())
+            self._pending.extend(self.journal.adopt_lost({record.request_id for record in self._pending}))
             with self._progress:
                 self._accepted += len(self._pending)
             self._threads = [
@@ -627,8 +731,27 @@ class UsageSink:
             self._settled += count
             self._progress.notify_all()
 
-    def _journal_now(self, records: list[UsageRecord]) -> list[UsageRecord]:
-        """Make `records` storable and journal them; returns those journaled (the rest are set aside)."""
+    def _journal_now(self, items: list[UsageRecord | _Opened]) -> list[UsageRecord]:
+        """Make records storable and journal them, then mark open requests and unmark finished ones.
+
+        Returns the records journaled (the rest are set aside). A request that opened and finished within
+        one batch is never marked.
+        """
+        records = [item for item in items if isinstance(item, UsageRecord)]
+        finished = [record.request_id for record in records]
+        done = set(finished)
+        opened = {
+            item.record.request_id: item.record
+            for item in items
+            if isinstance(item, _Opened) and item.record.request_id not in done
+        }
+        kept = self._journal_records(records)
+        self.journal.release(finished)  # after their records are written: a crash in between leaves both
+        if opened:
+            self.journal.mark_open({request_id: journal_line(record) for request_id, record in opened.items()})
+        return kept
+
+    def _journal_records(self, records: list[UsageRecord]) -> list[UsageRecord]:
         lines = []
         kept = []
         for record in records:
@@ -643,14 +766,14 @@ class UsageSink:
             self.journal.append(lines, len(kept))
         return kept
 
-    def _collect(self) -> tuple[list[UsageRecord], bool]:
+    def _collect(self) -> tuple[list[UsageRecord | _Opened], bool]:
         """Take queued records, waiting for them to gather so that one journal write carries many.
 
         At most one journal write starts per JOURNAL_WRITE_SECONDS unless a batch fills up or flush() asks:
         a record that arrives after a quiet spell is journaled at once. This wait is all a SIGKILL can lose:
         records still waiting here.
         """
-        records: list[UsageRecord] = []
+        records: list[UsageRecord | _Opened] = []
         try:
             first = self._queue.get(timeout=self._flush_seconds)
         except queue.Empty:
@@ -674,7 +797,7 @@ class UsageSink:
             records.append(item)
         return records, self._drain(records) or flush
 
-    def _drain(self, into: list[UsageRecord]) -> bool:
+    def _drain(self, into: list[UsageRecord | _Opened]) -> bool:
         """Move what is queued into `into`; True if flush() asked meanwhile."""
         flush = False
         try:
@@ -756,7 +879,7 @@ class UsageSink:
         writer.join(timeout=1)
         with self._progress:
             self._stopped = True
-        leftovers: list[UsageRecord] = []
+        leftovers: list[UsageRecord | _Opened] = []
         self._drain(leftovers)
         self._settle(len(self._journal_now(leftovers)))
         if writer.is_alive():
@@ -770,6 +893,13 @@ class UsageSink:
                 left,
                 self.journal.directory,
             )
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    """A request's open mark on its way to the journal (see UsageSink.opened)."""
+
+    record: UsageRecord
 
 
 usage_sink = UsageSink(

@@ -26,6 +26,7 @@ pytestmark = [
 ]
 
 CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+SLOW_STREAM = {**CHAT, "max_tokens": 100, "stream": True, "fake_vllm": {"tokens_per_second": 2}}
 
 
 def _chat(url: str, seeded: Seeded) -> str:
@@ -63,7 +64,7 @@ def _wait_for_rows(request_ids: list[str], timeout: float) -> bool:
     return False
 
 
-def test_rows_journaled_before_a_sigkill_are_written_exactly_once_by_the_next_start(
+def test_rows_journaled_before_a_sigkill_are_written_exactly_once_and_cut_requests_recorded_lost(
     proxy: TcpProxy, model_server: str, tmp_path: Path
 ) -> None:
     seeded = seed(model_server)
@@ -72,19 +73,34 @@ def test_rows_journaled_before_a_sigkill_are_written_exactly_once_by_the_next_st
         assert _wait_for_rows([before], timeout=10)
         proxy.cut()
         stranded = [_chat(url, seeded) for _ in range(20)]
-        time.sleep(FLUSH_SECONDS * 20)  # well past the journal's batch interval
-        master = _gunicorn_master()
-        workers = _children(master)
-        assert workers
-        os.kill(master, signal.SIGKILL)  # first, so it cannot start a new worker
-        for worker in workers:
-            os.kill(worker, signal.SIGKILL)
+        with (
+            httpx.Client(timeout=20) as client,
+            client.stream(
+                "POST", f"{url}/resource_server/v1/chat/completions", json=SLOW_STREAM, headers=seeded.auth
+            ) as stream,
+        ):
+            assert stream.status_code == 200
+            cut = stream.headers["x-gateway-request-id"]
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)  # under way on the model server when the worker dies
+            time.sleep(FLUSH_SECONDS * 20)  # well past the journal's batch interval
+            master = _gunicorn_master()
+            workers = _children(master)
+            assert workers
+            os.kill(master, signal.SIGKILL)  # first, so it cannot start a new worker
+            for worker in workers:
+                os.kill(worker, signal.SIGKILL)
     assert RequestLog.objects.filter(request_id__in=stranded).count() == 0, "nothing could be written before"
     assert list((tmp_path / "usage-spool").glob("usage-*.jsonl")), "the killed worker's journal is left"
     proxy.restore()
     with gateway_server(gateway_env(proxy, tmp_path)) as url:
         after = _chat(url, seeded)
         assert _wait_for_rows([*stranded, after], timeout=30)
+    # The stream cut by the kill is recorded as lost with its worker, once.
+    assert _wait_for_rows([cut], timeout=10)
+    lost = RequestLog.objects.get(request_id=cut)
+    assert (lost.status_code, lost.error_code, lost.streamed) == (500, "worker_lost", True)
     # Exactly once: one row per request, the one written before the kill included.
-    assert RequestLog.objects.filter(user=seeded.user).count() == len(stranded) + 2
+    assert RequestLog.objects.filter(user=seeded.user).count() == len(stranded) + 3
+    assert not list((tmp_path / "usage-spool").glob("opened-*.jsonl")), "the open marks are gone"
     assert not list((tmp_path / "usage-spool").glob("usage-*.jsonl")), "the replayed journal is gone"

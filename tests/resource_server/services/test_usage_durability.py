@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -246,6 +246,40 @@ def _wait_for_journal(tmp_path: Path, request_id: str, timeout: float = 5.0) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(request_id.encode() in path.read_bytes() for path in (tmp_path / "usage-spool").glob("*.jsonl")):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_open_marks_are_dropped_as_records_arrive_and_leave_nothing_at_a_clean_stop(
+    seeded: Seeded, tmp_path: Path
+) -> None:
+    sink = _sink(tmp_path)
+    marks = tmp_path / "usage-spool"
+    try:
+        records = [_record(seeded, model="demo-model", request_body={"prompt": "x" * 200}) for _ in range(2000)]
+        for record in records:
+            sink.opened(record)
+        assert _wait_until(lambda: _bytes(marks, "opened-*.jsonl") > 64 * 1024), "requests in flight are marked"
+        for record in records:
+            sink.record(record)
+        assert sink.flush(timeout=20)
+        # Released marks are trimmed away: the file does not grow with the number of requests.
+        assert _wait_until(lambda: _bytes(marks, "opened-*.jsonl") == 0)
+    finally:
+        sink.stop(timeout=10)
+    assert not list(marks.glob("opened-*.jsonl")), "a clean stop leaves no open marks"
+    assert RequestLog.objects.filter(user=seeded.user).count() == 2000
+
+
+def _bytes(directory: Path, pattern: str) -> int:
+    return sum(path.stat().st_size for path in directory.glob(pattern))
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
             return True
         time.sleep(0.01)
     return False
