@@ -608,12 +608,12 @@ class UsageSink:
     def opened(self, record: UsageRecord) -> None:
         """Mark a request open as it goes to a model server, so that a worker crash cannot lose it unseen.
 
-        Its record (this one, finished, through `record`) drops the mark. Takes a snapshot without bodies:
-        the request goes on changing `record`.
+        Its record (this one, finished, through `record`) drops the mark. The mark holds what identifies the
+        request, as it is now (the request goes on changing `record`); a tuple, so the hand-off stays cheap.
         """
         if self._stopped:
             return
-        self._queue.put(_Opened(dataclasses.replace(record, request_body=None, response_body=None)))
+        self._queue.put(_Opened(tuple(getattr(record, name) for name in _MARK_FIELDS)))
         if not self._threads:
             self.start()
 
@@ -741,14 +741,12 @@ class UsageSink:
         finished = [record.request_id for record in records]
         done = set(finished)
         opened = {
-            item.record.request_id: item.record
-            for item in items
-            if isinstance(item, _Opened) and item.record.request_id not in done
+            item.request_id: item.line() for item in items if isinstance(item, _Opened) and item.request_id not in done
         }
         kept = self._journal_records(records)
         self.journal.release(finished)  # after their records are written: a crash in between leaves both
         if opened:
-            self.journal.mark_open({request_id: journal_line(record) for request_id, record in opened.items()})
+            self.journal.mark_open(opened)
         return kept
 
     def _journal_records(self, records: list[UsageRecord]) -> list[UsageRecord]:
@@ -897,9 +895,33 @@ class UsageSink:
 
 @dataclass(frozen=True, slots=True)
 class _Opened:
-    """A request's open mark on its way to the journal (see UsageSink.opened)."""
+    """A request's open mark on its way to the journal (see UsageSink.opened): values of _MARK_FIELDS."""
 
-    record: UsageRecord
+    values: tuple[Any, ...]
+
+    @property
+    def request_id(self) -> str:
+        return str(self.values[0])
+
+    def line(self) -> bytes:
+        try:
+            return orjson.dumps(dict(zip(_MARK_FIELDS, self.values, strict=True))) + b"\n"
+        except TypeError:  # a lone surrogate in the model name: the full record's path makes it storable
+            return journal_line(UsageRecord(**dict(zip(_MARK_FIELDS, self.values, strict=True))))
+
+
+# What a lost request's row can say: who, what, where, when (request_id first).
+_MARK_FIELDS = (
+    "request_id",
+    "client_request_id",
+    "user_id",
+    "route",
+    "api_key_id",
+    "created_at",
+    "model",
+    "endpoint_id",
+    "streamed",
+)
 
 
 usage_sink = UsageSink(
