@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import Seeded
 from tests.e2e.conftest import e2e_gateway
-from tests.e2e.proc import worker_pid
+from tests.proc import worker_pid
 from tests.servers import ROOT
 
 pytestmark = pytest.mark.django_db(transaction=True)

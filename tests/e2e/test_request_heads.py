@@ -17,9 +17,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from benchmarks.procfs import memory_kb
 from tests.conftest import Seeded
 from tests.e2e.conftest import e2e_gateway
-from tests.e2e.proc import memory_kb, worker_pid
+from tests.proc import worker_pid
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

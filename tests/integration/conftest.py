@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from django.db import connection
 
+from resource_server.models import RequestLog
 from tests.tcp_proxy import TcpProxy
 
 # Usage rows are written within this long of a request's end, so tests wait little for them.
 FLUSH_SECONDS = 0.05
+CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.fixture
@@ -36,3 +40,20 @@ def gateway_env(proxy: TcpProxy, data_dir: Path) -> dict[str, str]:
         "ROUTING_CACHE_SECONDS": "300",
         "API_KEY_CACHE_SECONDS": "300",
     }
+
+
+def chat(url: str, auth: dict[str, str]) -> str:
+    """A chat request that must succeed; returns the gateway's id for it (its usage row's key)."""
+    response = httpx.post(f"{url}/resource_server/v1/chat/completions", json=CHAT, headers=auth, timeout=20)
+    assert response.status_code == 200, response.text
+    return response.headers["x-gateway-request-id"]
+
+
+def wait_for_rows(request_ids: list[str], timeout: float) -> bool:
+    """Whether every one of these requests has its usage row within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if RequestLog.objects.filter(request_id__in=request_ids).count() == len(request_ids):
+            return True
+        time.sleep(0.1)
+    return False

@@ -18,10 +18,11 @@ import pytest
 from django.db import connection
 
 from resource_server.fakes.globus import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET
-from resource_server.models import Endpoint, RequestLog
+from resource_server.models import Endpoint
 from resource_server.services.api_keys import api_key_create
 from tests.conftest import seed
-from tests.integration.conftest import gateway_env
+from tests.integration.conftest import CHAT, chat, gateway_env, wait_for_rows
+from tests.proc import worker_pids
 from tests.servers import fake_globus_server, gateway_server
 from tests.tcp_proxy import TcpProxy
 
@@ -30,35 +31,18 @@ pytestmark = [
     pytest.mark.skipif(connection.vendor != "postgresql", reason="needs DATABASE_URL pointing at PostgreSQL"),
 ]
 
-CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-def _chat(url: str, auth: dict[str, str]) -> str:
-    response = httpx.post(f"{url}/resource_server/v1/chat/completions", json=CHAT, headers=auth, timeout=20)
-    assert response.status_code == 200, response.text
-    return response.headers["x-request-id"]
-
-
-def _wait_for_rows(request_ids: list[str], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if RequestLog.objects.filter(request_id__in=request_ids).count() == len(request_ids):
-            return True
-        time.sleep(0.1)
-    return False
-
 
 def test_usage_written_during_an_outage_arrives_when_the_database_returns(
     proxy: TcpProxy, model_server: str, tmp_path: Path
 ) -> None:
     seeded = seed(model_server)
     with gateway_server(gateway_env(proxy, tmp_path)) as url:
-        assert _wait_for_rows([_chat(url, seeded.auth)], timeout=10)
+        assert wait_for_rows([chat(url, seeded.auth)], timeout=10)
         proxy.cut()
-        during = [_chat(url, seeded.auth), _chat(url, seeded.auth)]
-        assert not _wait_for_rows(during, timeout=1), "rows cannot be written while the database is away"
+        during = [chat(url, seeded.auth), chat(url, seeded.auth)]
+        assert not wait_for_rows(during, timeout=1), "rows cannot be written while the database is away"
         proxy.restore()
-        assert _wait_for_rows(during, timeout=40)
+        assert wait_for_rows(during, timeout=40)
 
 
 def test_usage_left_at_shutdown_is_spooled_and_replayed_by_the_next_start(
@@ -66,28 +50,15 @@ def test_usage_left_at_shutdown_is_spooled_and_replayed_by_the_next_start(
 ) -> None:
     seeded = seed(model_server)
     with gateway_server(gateway_env(proxy, tmp_path)) as url:
-        _chat(url, seeded.auth)
+        chat(url, seeded.auth)
         proxy.cut()
-        stranded = _chat(url, seeded.auth)
+        stranded = chat(url, seeded.auth)
     assert list((tmp_path / "usage-spool").glob("usage-*.jsonl")), "unwritten records must be spooled at shutdown"
     proxy.restore()
     with gateway_server(gateway_env(proxy, tmp_path)) as url:
-        fresh = _chat(url, seeded.auth)
-        assert _wait_for_rows([stranded, fresh], timeout=20)
+        fresh = chat(url, seeded.auth)
+        assert wait_for_rows([stranded, fresh], timeout=20)
     assert not list((tmp_path / "usage-spool").iterdir())
-
-
-def _worker_pids(url: str) -> set[int]:
-    """The gunicorn workers behind `url`: the master's children (they share its listening socket)."""
-    port = int(url.rpartition(":")[2])
-    holder = next(
-        psutil.Process(conn.pid)
-        for conn in psutil.net_connections("tcp")
-        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid is not None
-    )
-    master = holder if holder.children() else holder.parent()
-    assert master is not None
-    return {child.pid for child in master.children()}
 
 
 def _answered_by(response: httpx.Response, workers: set[int]) -> int:
@@ -120,7 +91,7 @@ def test_cached_keys_and_routes_are_served_through_an_outage_on_every_worker(
     # Both caches expire within the outage: what is served then is what the workers knew before it.
     env = gateway_env(proxy, tmp_path) | {"ROUTING_CACHE_SECONDS": "1", "API_KEY_CACHE_SECONDS": "1"}
     with gateway_server(env, workers=2) as url:
-        workers = _worker_pids(url)
+        workers = worker_pids(url)
         assert len(workers) == 2
         warm = _until_every_worker_answered(url, workers, seeded.auth, CHAT, time.monotonic() + 60)
         assert all(response.status_code == 200 for answers in warm.values() for response in answers)
@@ -133,10 +104,10 @@ def test_cached_keys_and_routes_are_served_through_an_outage_on_every_worker(
         models = httpx.get(f"{url}/resource_server/v1/models", headers=seeded.auth, timeout=20)
         assert models.status_code == 200, models.text
         assert [model["id"] for model in models.json()["data"]] == ["demo-model"]
-        request_ids = [response.headers["x-request-id"] for answers in during.values() for response in answers]
-        assert not _wait_for_rows(request_ids, timeout=1), "rows cannot be written while the database is away"
+        request_ids = [response.headers["x-gateway-request-id"] for answers in during.values() for response in answers]
+        assert not wait_for_rows(request_ids, timeout=1), "rows cannot be written while the database is away"
         proxy.restore()
-        assert _wait_for_rows(request_ids, timeout=40)
+        assert wait_for_rows(request_ids, timeout=40)
 
 
 def test_every_worker_reads_the_database_again_within_5_s_of_its_return(
@@ -145,7 +116,7 @@ def test_every_worker_reads_the_database_again_within_5_s_of_its_return(
     seeded = seed(model_server)
     env = gateway_env(proxy, tmp_path) | {"ROUTING_CACHE_SECONDS": "1", "API_KEY_CACHE_SECONDS": "1"}
     with gateway_server(env, workers=2) as url:
-        workers = _worker_pids(url)
+        workers = worker_pids(url)
         assert len(workers) == 2
         warm = _until_every_worker_answered(url, workers, seeded.auth, CHAT, time.monotonic() + 60)
         assert all(answers for answers in warm.values())
@@ -185,12 +156,12 @@ def test_a_globus_user_checked_before_the_outage_keeps_being_served_during_it(
             "GLOBUS_TOKEN_CACHE_SECONDS": "1",
         }
         with gateway_server(env) as url:
-            assert _wait_for_rows([_chat(url, {"Authorization": f"Bearer {token}"})], timeout=10)
+            assert wait_for_rows([chat(url, {"Authorization": f"Bearer {token}"})], timeout=10)
             proxy.cut()
             time.sleep(2)
-            during = _chat(url, {"Authorization": f"Bearer {token}"})
+            during = chat(url, {"Authorization": f"Bearer {token}"})
             proxy.restore()
-            assert _wait_for_rows([during], timeout=40)
+            assert wait_for_rows([during], timeout=40)
 
 
 def test_a_database_that_stops_answering_does_not_hold_requests_with_cached_keys_and_routes(
@@ -199,7 +170,7 @@ def test_a_database_that_stops_answering_does_not_hold_requests_with_cached_keys
     seeded = seed(model_server)
     env = gateway_env(proxy, tmp_path) | {"ROUTING_CACHE_SECONDS": "1", "API_KEY_CACHE_SECONDS": "1"}
     with gateway_server(env, workers=2) as url:
-        workers = _worker_pids(url)
+        workers = worker_pids(url)
         assert len(workers) == 2
         warm = _until_every_worker_answered(url, workers, seeded.auth, CHAT, time.monotonic() + 60)
         assert all(response.status_code == 200 for answers in warm.values() for response in answers)
@@ -209,6 +180,6 @@ def test_a_database_that_stops_answering_does_not_hold_requests_with_cached_keys
         during = _until_every_worker_answered(url, workers, seeded.auth, CHAT, time.monotonic() + 30)
         refused = [(pid, r.status_code, r.text) for pid, answers in during.items() for r in answers if r.is_error]
         assert not refused, "a stalled database must not hold or fail requests whose key and route are cached"
-        request_ids = [response.headers["x-request-id"] for answers in during.values() for response in answers]
+        request_ids = [response.headers["x-gateway-request-id"] for answers in during.values() for response in answers]
         proxy.resume()
-        assert _wait_for_rows(request_ids, timeout=40)
+        assert wait_for_rows(request_ids, timeout=40)

@@ -14,9 +14,10 @@ import httpx
 import pytest
 from django.db import connection
 
+from benchmarks.procfs import children
 from resource_server.models import RequestLog
-from tests.conftest import Seeded, seed
-from tests.integration.conftest import FLUSH_SECONDS, gateway_env
+from tests.conftest import seed
+from tests.integration.conftest import CHAT, FLUSH_SECONDS, chat, gateway_env, wait_for_rows
 from tests.servers import gateway_server
 from tests.tcp_proxy import TcpProxy
 
@@ -25,43 +26,13 @@ pytestmark = [
     pytest.mark.skipif(connection.vendor != "postgresql", reason="needs DATABASE_URL pointing at PostgreSQL"),
 ]
 
-CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 SLOW_STREAM = {**CHAT, "max_tokens": 100, "stream": True, "fake_vllm": {"tokens_per_second": 2}}
-
-
-def _chat(url: str, seeded: Seeded) -> str:
-    response = httpx.post(f"{url}/resource_server/v1/chat/completions", json=CHAT, headers=seeded.auth, timeout=20)
-    assert response.status_code == 200, response.text
-    return response.headers["x-gateway-request-id"]
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # The parent pid is the second field after the command name, which may hold spaces.
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 def _gunicorn_master() -> int:
     """The one gunicorn master this test runs (gunicorn renames its processes "gunicorn: master [...]")."""
-    (master,) = [pid for pid in _children(os.getpid()) if b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    (master,) = [pid for pid in children(os.getpid()) if b"gunicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     return master
-
-
-def _wait_for_rows(request_ids: list[str], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if RequestLog.objects.filter(request_id__in=request_ids).count() == len(request_ids):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_rows_journaled_before_a_sigkill_are_written_exactly_once_and_cut_requests_recorded_lost(
@@ -69,10 +40,10 @@ def test_rows_journaled_before_a_sigkill_are_written_exactly_once_and_cut_reques
 ) -> None:
     seeded = seed(model_server)
     with gateway_server(gateway_env(proxy, tmp_path)) as url:
-        before = _chat(url, seeded)  # also caches the key and the route for the outage
-        assert _wait_for_rows([before], timeout=10)
+        before = chat(url, seeded.auth)  # also caches the key and the route for the outage
+        assert wait_for_rows([before], timeout=10)
         proxy.cut()
-        stranded = [_chat(url, seeded) for _ in range(20)]
+        stranded = [chat(url, seeded.auth) for _ in range(20)]
         with (
             httpx.Client(timeout=20) as client,
             client.stream(
@@ -85,7 +56,7 @@ def test_rows_journaled_before_a_sigkill_are_written_exactly_once_and_cut_reques
             next(lines)  # under way on the model server when the worker dies
             time.sleep(FLUSH_SECONDS * 20)  # well past the journal's batch interval
             master = _gunicorn_master()
-            workers = _children(master)
+            workers = children(master)
             assert workers
             os.kill(master, signal.SIGKILL)  # first, so it cannot start a new worker
             for worker in workers:
@@ -94,10 +65,10 @@ def test_rows_journaled_before_a_sigkill_are_written_exactly_once_and_cut_reques
     assert list((tmp_path / "usage-spool").glob("usage-*.jsonl")), "the killed worker's journal is left"
     proxy.restore()
     with gateway_server(gateway_env(proxy, tmp_path)) as url:
-        after = _chat(url, seeded)
-        assert _wait_for_rows([*stranded, after], timeout=30)
+        after = chat(url, seeded.auth)
+        assert wait_for_rows([*stranded, after], timeout=30)
     # The stream cut by the kill is recorded as lost with its worker, once.
-    assert _wait_for_rows([cut], timeout=10)
+    assert wait_for_rows([cut], timeout=10)
     lost = RequestLog.objects.get(request_id=cut)
     assert (lost.status_code, lost.error_code, lost.streamed) == (500, "worker_lost", True)
     # Exactly once: one row per request, the one written before the kill included.

@@ -1,4 +1,4 @@
-"""What /proc tells about a gateway process under test: which pid is the worker, and its memory."""
+"""Which processes are the gunicorn workers of a gateway under test (memory and CPU: benchmarks.procfs)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 
-def worker_pid(url: str) -> int:
-    """The pid of the gunicorn worker serving `url`: of the processes holding its listening socket, the child.
+def worker_pids(url: str) -> set[int]:
+    """The gunicorn workers serving `url`: of the processes holding its listening socket, the children.
 
     (gunicorn retitles its processes, so their command lines do not say which port they serve.)
     """
@@ -28,14 +28,11 @@ def worker_pid(url: str) -> int:
                 parents[int(proc.name)] = int((proc / "status").read_text().split("PPid:")[1].split()[0])
         except OSError:
             continue
-    workers = [pid for pid, parent in parents.items() if parent in parents]
+    return {pid for pid, parent in parents.items() if parent in parents}
+
+
+def worker_pid(url: str) -> int:
+    """The one gunicorn worker serving `url`."""
+    workers = worker_pids(url)
     assert len(workers) == 1, f"expected one gunicorn worker for {url}, found {workers}"
-    return workers[0]
-
-
-def memory_kb(pid: int, field: str = "VmRSS") -> int:
-    """A memory figure of `pid` from /proc/<pid>/status (VmRSS, VmHWM: the peak, ...), in KB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} for pid {pid}")
+    return workers.pop()
