@@ -182,18 +182,18 @@ class InferenceApp:
         """Run a request's handling; answer its errors in the envelope, as the ninja views do."""
         try:
             await handling
+            return
         except _ClientGone:
-            pass  # the client left while sending: nobody to answer, as in Django
-        except GatewayError as error:
-            if admitted is not None:
-                admitted.answering()
-            await self._send_error(send, error, ids)
+            return  # the client left while sending: nobody to answer, as in Django
+        except GatewayError as raised:
+            error = raised
         except Exception:
             logger.exception("unhandled error in request %s", ids.gateway)
             message = f"The gateway hit an internal error. Quote request id {ids.gateway} when reporting it."
-            if admitted is not None:
-                admitted.answering()
-            await self._send_error(send, GatewayError(message), ids)
+            error = GatewayError(message)
+        if admitted is not None:
+            admitted.answering()
+        await self._send_error(send, error, ids)
 
     async def _infer(
         self,
