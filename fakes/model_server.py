@@ -13,7 +13,7 @@ also proves that a proxy in front passes unknown fields through::
 
 `GET /fake/stats` returns counters and the last inference request body.
 
-Run it with `python -m resource_server.fakes.model_server --port 8001` or `python manage.py fake_vllm`.
+Run it from the repository root with `python -m fakes.model_server --port 8001`.
 The app itself needs only the standard library and orjson; uvicorn is imported only to run it.
 """
 
@@ -1133,7 +1133,7 @@ async def _sleep(seconds: float) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `python -m resource_server.fakes.model_server` and `manage.py fake_vllm`."""
+    """The command line of `python -m fakes.model_server`."""
     d = _DEFAULTS
     parser.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8001, help="port (default: %(default)s)")
@@ -1223,7 +1223,7 @@ def serve(config: FakeServerConfig, *, host: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m resource_server.fakes.model_server",
+        prog="python -m fakes.model_server",
         description="A fast, deterministic fake of vLLM's OpenAI-compatible server.",
     )
     add_arguments(parser)

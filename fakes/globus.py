@@ -20,7 +20,7 @@ Tests drive it through control routes under /fake/:
     GET    /fake/stats             calls per route and grant, introspections per token, concurrency
     POST   /fake/reset             forget tokens, faults and counters
 
-Run it with `python -m resource_server.fakes.globus --port 8002`. The app needs only the standard
+Run it with `python -m fakes.globus --port 8002`. The app needs only the standard
 library and orjson; uvicorn is imported only to run it.
 """
 
@@ -877,7 +877,7 @@ def _client(value: str) -> tuple[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m resource_server.fakes.globus",
+        prog="python -m fakes.globus",
         description="A fake Globus Auth + Groups server for globus-sdk (register tokens at POST /fake/tokens).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s)")
