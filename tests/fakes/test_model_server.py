@@ -32,6 +32,7 @@ from fakes.model_server import (
     create_app,
     main,
 )
+from tests.servers import ROOT
 
 MODELS = ("demo-model", "other-model")
 SYSTEM = "You are terse"  # 3 words
@@ -822,7 +823,8 @@ def test_module_entry_point_serves_the_given_models_behind_the_api_key() -> None
     env = {**os.environ, "FAKE_VLLM_KEY": "k"}
     url = f"http://127.0.0.1:{port}"
 
-    process = subprocess.Popen([*command, *options, "--api-key-env", "FAKE_VLLM_KEY"], env=env)
+    # cwd: `python -m` finds the fakes at the repository root; they are not installed.
+    process = subprocess.Popen([*command, *options, "--api-key-env", "FAKE_VLLM_KEY"], env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 20
         while True:
