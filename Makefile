@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy gateway resource_server compute_functions tools
+	$(BIN)/mypy gateway resource_server compute_functions tools fakes
 	$(BIN)/python -m pytest
 
 ## test-fast: the edit loop: lint, then the tests that start no server processes
@@ -40,7 +40,7 @@ fuzz: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy gateway resource_server compute_functions tools
+	$(BIN)/mypy gateway resource_server compute_functions tools fakes
 
 ## bench: every scenario (S1-S8), direct vs through the gateway (about 25 minutes; see docs/performance.md)
 bench: $(STAMP)

@@ -940,7 +940,7 @@ def _run(stack: ExitStack, options: argparse.Namespace, timing: Timing, label: s
     # Both model names: the compute function asks the model server for the model by its endpoint's name.
     models = ["--model", MODEL, "--model", HPC_MODEL]
     fake = Service(
-        [sys.executable, "-m", "resource_server.fakes.model_server", "--port", str(fake_port), *models],
+        [sys.executable, "-m", "fakes.model_server", "--port", str(fake_port), *models],
         env={},
         log=workdir / "model-server.log",
         health=f"http://127.0.0.1:{fake_port}/health",

@@ -168,7 +168,7 @@ def deployment(
         _manage(REPO, env, "seed_demo", "--model-url", f"http://127.0.0.1:{fake_port}/v1")
         key = _manage(REPO, env, "create_api_key", "--user", "fuzz@example.org", "--name", "fuzz").strip()
         fake_log = workdir / "fake.log"
-        fake_args = [sys.executable, "-m", "resource_server.fakes.model_server", "--port", str(fake_port)]
+        fake_args = [sys.executable, "-m", "fakes.model_server", "--port", str(fake_port)]
         fake_args += [f"--model={entry.partition('@')[0]}" for entry in SERVED]
         fake = stack.enter_context(_process(fake_args, cwd=REPO, env={}, cpus=None, log=fake_log))
         _wait_until_up(f"http://127.0.0.1:{fake_port}/health", fake, fake_log)

@@ -296,7 +296,7 @@ def started(
                 [
                     sys.executable,
                     "-m",
-                    "resource_server.fakes.model_server",
+                    "fakes.model_server",
                     "--port",
                     str(fake_port),
                     "--model",
@@ -304,7 +304,7 @@ def started(
                     "--model",
                     HPC_MODEL,  # the compute function asks vLLM for the model by the endpoint's name
                 ],
-                cwd=source,
+                cwd=REPO,  # the fake is the harness's instrument: this checkout's, whatever tree is measured
                 env={},
                 cpus=cores.client,
                 log=fake_log,

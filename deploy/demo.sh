@@ -20,7 +20,8 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; echo "Stopped."; }
 trap cleanup EXIT INT TERM
 
-python manage.py fake_vllm --port "$MODEL_PORT" --model demo-model --model demo-model-hpc \
+# The fakes are not installed with the product: `python -m` finds fakes/ here, at the repository root.
+python -m fakes.model_server --port "$MODEL_PORT" --model demo-model --model demo-model-hpc \
   --ttft 0.05 --tokens-per-second 40 &
 pids+=($!)
 gunicorn -c deploy/gunicorn.conf.py --bind "127.0.0.1:${GATEWAY_PORT}" --workers 1 &

@@ -57,7 +57,7 @@ def running(
 def fake_model_server(*options: str) -> Iterator[str]:
     """The project's fake vLLM server; yields its OpenAI base URL (ending in /v1)."""
     port = free_port()
-    args = [sys.executable, "-m", "resource_server.fakes.model_server", "--port", str(port), *options]
+    args = [sys.executable, "-m", "fakes.model_server", "--port", str(port), *options]
     with running(args, f"http://127.0.0.1:{port}/health"):
         yield f"http://127.0.0.1:{port}/v1"
 
@@ -92,7 +92,7 @@ def fake_stats(base_url: str) -> dict[str, object]:
 def fake_globus_server(*options: str) -> Iterator[str]:
     """The project's fake Globus Auth + Groups; yields its root URL (for GLOBUS_SDK_SERVICE_URL_*)."""
     port = free_port()
-    args = [sys.executable, "-m", "resource_server.fakes.globus", "--port", str(port), *options]
+    args = [sys.executable, "-m", "fakes.globus", "--port", str(port), *options]
     with running(args, f"http://127.0.0.1:{port}/fake/stats"):
         yield f"http://127.0.0.1:{port}/"
 

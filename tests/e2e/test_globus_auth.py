@@ -13,7 +13,7 @@ import openai
 import pytest
 from globus_sdk.gare import to_gare
 
-from resource_server.fakes.globus import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, token_id
+from fakes.globus import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, token_id
 from resource_server.models import Cluster, Endpoint
 from tests.conftest import seed
 from tests.e2e.conftest import e2e_gateway, usage_row

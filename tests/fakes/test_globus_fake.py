@@ -13,7 +13,7 @@ import httpx
 import pytest
 from globus_sdk.transport import RequestsTransport, RetryConfig
 
-from resource_server.fakes.globus import (
+from fakes.globus import (
     CLIENTS_DOMAIN,
     GROUPS_RESOURCE_SERVER,
     GROUPS_SCOPE,
@@ -35,7 +35,7 @@ def fake_url() -> Iterator[str]:
     args = [
         sys.executable,
         "-m",
-        "resource_server.fakes.globus",
+        "fakes.globus",
         "--port",
         str(port),
         "--client",

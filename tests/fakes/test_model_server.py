@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import math
@@ -21,14 +22,17 @@ import openai
 import pytest
 import uvicorn
 
-from resource_server.fakes.model_server import (
+from fakes.model_server import (
     CHAT_TOKENS_PER_MESSAGE,
     MAX_NATURAL_TOKENS,
     MIN_NATURAL_TOKENS,
     FakeServerConfig,
+    add_arguments,
     config_from_options,
     create_app,
+    main,
 )
+from tests.servers import ROOT
 
 MODELS = ("demo-model", "other-model")
 SYSTEM = "You are terse"  # 3 words
@@ -814,12 +818,13 @@ def free_port() -> int:
 
 def test_module_entry_point_serves_the_given_models_behind_the_api_key() -> None:
     port = free_port()
-    command = [sys.executable, "-m", "resource_server.fakes.model_server", "--port", str(port)]
+    command = [sys.executable, "-m", "fakes.model_server", "--port", str(port)]
     options = ["--model", "m1", "--model", "m2", "--max-model-len", "128"]
     env = {**os.environ, "FAKE_VLLM_KEY": "k"}
     url = f"http://127.0.0.1:{port}"
 
-    process = subprocess.Popen([*command, *options, "--api-key-env", "FAKE_VLLM_KEY"], env=env)
+    # cwd: `python -m` finds the fakes at the repository root; they are not installed.
+    process = subprocess.Popen([*command, *options, "--api-key-env", "FAKE_VLLM_KEY"], env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -840,18 +845,18 @@ def test_module_entry_point_serves_the_given_models_behind_the_api_key() -> None
     assert models["data"][0]["max_model_len"] == 128
 
 
-def test_management_command_takes_the_same_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    from django.core.management.base import CommandError
-
-    from resource_server.management.commands.fake_vllm import Command
-
+def test_command_line_builds_the_config_and_refuses_an_unset_key_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("FAKE_VLLM_KEY", "k")
-    parser = Command().create_parser("manage.py", "fake_vllm")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
     argv = ["--model", "a", "--model", "b", "--ttft", "0.5", "--error-rate", "0.25"]
 
     options = vars(parser.parse_args([*argv, "--api-key-env", "FAKE_VLLM_KEY"]))
-    unset = vars(parser.parse_args([*argv, "--api-key-env", "NO_SUCH_VARIABLE_SET"]))
 
     assert config_from_options(options) == FakeServerConfig(models=("a", "b"), ttft=0.5, error_rate=0.25, api_key="k")
-    with pytest.raises(CommandError, match="NO_SUCH_VARIABLE_SET"):
-        Command().handle(**unset)
+    with pytest.raises(SystemExit) as exit_:  # before anything is served
+        main([*argv, "--api-key-env", "NO_SUCH_VARIABLE_SET"])
+    assert exit_.value.code == 2
+    assert "NO_SUCH_VARIABLE_SET" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from django.db import connection
 
-from resource_server.fakes.globus import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET
+from fakes.globus import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET
 from resource_server.models import Endpoint
 from resource_server.services.api_keys import api_key_create
 from tests.conftest import seed

@@ -149,7 +149,7 @@ def test_authenticate_skips_the_login_flow_when_tokens_are_usable(capsys: pytest
 @pytest.fixture(scope="module")
 def fake_url() -> Iterator[str]:
     port = free_port()
-    args = [sys.executable, "-m", "resource_server.fakes.globus", "--port", str(port)]
+    args = [sys.executable, "-m", "fakes.globus", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with running([*args, "--client", f"{GATEWAY_ID}:{GATEWAY_SECRET}"], f"{url}/fake/stats"):
         yield url

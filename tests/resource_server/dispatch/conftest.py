@@ -11,8 +11,8 @@ import pytest
 import uvicorn
 from pydantic import SecretStr
 
+from fakes.globus_compute import FakeGlobusCompute
 from gateway.asgi import application
-from resource_server.fakes.globus_compute import FakeGlobusCompute
 from resource_server.services.relay import RedisRelayHub, relay_hub
 from tests.servers import free_port
 

@@ -17,6 +17,7 @@ from globus_compute_sdk.serialize import ComputeSerializer, JSONData, PureSource
 from globus_compute_sdk.serialize.base import IDENTIFIER_LENGTH
 
 from compute_functions import DATA_STRATEGY, inference
+from fakes.globus_compute import FakeGlobusCompute, Fault
 from resource_server.dispatch.base import Route, UpstreamRequest
 from resource_server.dispatch.compute import ComputeStream
 from resource_server.dispatch.globus_compute import (
@@ -28,7 +29,6 @@ from resource_server.dispatch.globus_compute import (
 )
 from resource_server.dispatch.registry import backend_config_errors
 from resource_server.errors import GatewayError, ServiceUnavailable, UpstreamError
-from resource_server.fakes.globus_compute import FakeGlobusCompute, Fault
 from tests.resource_server.dispatch.conftest import CLIENT_ID, CLIENT_SECRET, OTHER_ID, OTHER_SECRET
 from tests.servers import free_port
 

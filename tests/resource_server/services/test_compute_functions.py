@@ -13,8 +13,8 @@ from globus_compute_sdk.serialize import ComputeSerializer, PureSourceTextInspec
 from globus_compute_sdk.serialize.base import IDENTIFIER_LENGTH
 from pydantic import SecretStr
 
+from fakes.globus_compute import FakeGlobusCompute
 from resource_server.dispatch.globus_compute import ComputeEndpoints
-from resource_server.fakes.globus_compute import FakeGlobusCompute
 from resource_server.models import Cluster, ComputeFunction, Endpoint
 from resource_server.services.compute_functions import RegistrationError, compute_functions_register
 

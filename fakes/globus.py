@@ -20,7 +20,7 @@ Tests drive it through control routes under /fake/:
     GET    /fake/stats             calls per route and grant, introspections per token, concurrency
     POST   /fake/reset             forget tokens, faults and counters
 
-Run it with `python -m resource_server.fakes.globus --port 8002`. The app needs only the standard
+Run it with `python -m fakes.globus --port 8002`. The app needs only the standard
 library and orjson; uvicorn is imported only to run it.
 """
 
@@ -33,11 +33,10 @@ import binascii
 import hashlib
 import hmac
 import secrets
-import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
@@ -45,12 +44,8 @@ from urllib.parse import parse_qs
 
 import orjson
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-JSON = dict[str, Any]
-Header = tuple[bytes, bytes]
+from fakes import asgi
+from fakes.asgi import JSON, Header, Receive, Scope, Send
 
 ISSUER = "https://auth.globus.org"
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
@@ -498,7 +493,7 @@ def _first_values(encoded: str) -> dict[str, str]:
 
 
 def _json(status: int, payload: object, *headers: Header) -> Response:
-    return Response(status, orjson.dumps(payload), ((b"content-type", b"application/json"), *headers))
+    return Response(status, orjson.dumps(payload), (asgi.JSON_TYPE, *headers))
 
 
 def _split(value: str | None) -> list[str]:
@@ -550,46 +545,19 @@ def _bearer(headers: Mapping[bytes, bytes]) -> str | None:
     return token.decode("utf-8", "replace") if scheme.lower() == b"bearer" and token else None
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _pause(receive: Receive, seconds: float) -> bool:
     """Sleep `seconds` unless the client leaves first; True when it is still there to answer."""
     if not seconds:
         return True
     try:
-        await asyncio.wait_for(_wait_disconnect(receive), seconds)
+        await asyncio.wait_for(asgi.wait_disconnect(receive), seconds)
     except TimeoutError:
         return True
     return False
 
 
 async def _send(send: Send, response: Response) -> None:
-    length: Header = (b"content-length", str(len(response.body)).encode())
-    start = {"type": "http.response.start", "status": response.status, "headers": [*response.headers, length]}
-    await send(start)
-    await send({"type": "http.response.body", "body": response.body})
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+    await asgi.send_response(send, response.status, response.body, response.headers)
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -610,7 +578,7 @@ Handler = Callable[[Request], Response]
 _TOKENS_PREFIX = "/fake/tokens/"
 
 
-class FakeGlobus:
+class FakeGlobus(asgi.App):
     """The ASGI app. Build it with `create_app`; its state lives in memory until /fake/reset."""
 
     def __init__(self, config: FakeGlobusConfig) -> None:
@@ -632,19 +600,13 @@ class FakeGlobus:
             "/fake/reset": {"POST": self._reset},
         }
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(
             method=scope["method"],
             path=scope["path"],
             headers=dict(scope["headers"]),
             query=_first_values(scope["query_string"].decode("latin-1")),
-            body=await _read_body(receive),
+            body=await asgi.read_body(receive),
         )
         if request.path in self._real:
             response = await self._serve_real(request, receive)
@@ -680,7 +642,7 @@ class FakeGlobus:
         else:
             methods = self._control.get(path, {})
         if not methods:
-            return _json(HTTPStatus.NOT_FOUND, {"detail": "Not Found"})
+            return Response(HTTPStatus.NOT_FOUND, asgi.NOT_FOUND, (asgi.JSON_TYPE,))
         handler = methods.get(request.method)
         if handler is None:
             return _method_not_allowed(methods)
@@ -861,8 +823,9 @@ class FakeGlobus:
 
 
 def _method_not_allowed(methods: Mapping[str, Handler]) -> Response:
-    allow: Header = (b"allow", ", ".join(methods).encode())
-    return _json(HTTPStatus.METHOD_NOT_ALLOWED, {"detail": "Method Not Allowed"}, allow)
+    return Response(
+        HTTPStatus.METHOD_NOT_ALLOWED, asgi.METHOD_NOT_ALLOWED, (asgi.JSON_TYPE, asgi.allow_header(methods))
+    )
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -876,12 +839,11 @@ def _client(value: str) -> tuple[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m resource_server.fakes.globus",
+    parser = asgi.command_line(
+        prog="python -m fakes.globus",
         description="A fake Globus Auth + Groups server for globus-sdk (register tokens at POST /fake/tokens).",
+        port=8002,
     )
-    parser.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8002, help="port (default: %(default)s)")
     parser.add_argument(
         "--client",
         dest="clients",
@@ -901,15 +863,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     except ValueError as error:
         parser.error(str(error))
-    serve(config, host=options.host, port=options.port)
-
-
-def serve(config: FakeGlobusConfig, *, host: str, port: int) -> None:
-    """Run the fake under uvicorn until interrupted."""
-    import uvicorn  # only running the app needs uvicorn; the app itself does not
-
-    print(f"fake Globus Auth + Groups on http://{host}:{port}/", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
+    banner = f"fake Globus Auth + Groups on http://{options.host}:{options.port}/"
+    asgi.serve(create_app(config), host=options.host, port=options.port, banner=banner)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ also proves that a proxy in front passes unknown fields through::
 
 `GET /fake/stats` returns counters and the last inference request body.
 
-Run it with `python -m resource_server.fakes.model_server --port 8001` or `python manage.py fake_vllm`.
+Run it from the repository root with `python -m fakes.model_server --port 8001`.
 The app itself needs only the standard library and orjson; uvicorn is imported only to run it.
 """
 
@@ -28,10 +28,9 @@ import json
 import math
 import os
 import struct
-import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from http import HTTPStatus
@@ -39,13 +38,10 @@ from typing import Any, Literal
 
 import orjson
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from fakes import asgi
+from fakes.asgi import JSON, Header, Receive, Scope, Send
+
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
-JSON = dict[str, Any]
-Header = tuple[bytes, bytes]
 StreamOutcome = Literal["completed", "aborted", "disconnected"]
 
 VLLM_VERSION = "0.32.0"  # the release whose answers this fake copies
@@ -746,11 +742,6 @@ async def _play(send: Send, plan: _StreamPlan, pace: _Pace, fail_after_tokens: i
     return "completed"
 
 
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 async def _until_disconnect(receive: Receive, work: Coroutine[Any, Any, StreamOutcome]) -> StreamOutcome:
     """Run `work`, cancelling it as soon as the client goes away.
 
@@ -758,7 +749,7 @@ async def _until_disconnect(receive: Receive, work: Coroutine[Any, Any, StreamOu
     `http.disconnect` message tells us to stop generating.
     """
     worker = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    watcher = asyncio.ensure_future(asgi.wait_disconnect(receive))
     try:
         await asyncio.wait((worker, watcher), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -786,33 +777,15 @@ def _encode_embedding(vector: bytes, encoding_format: str) -> list[float] | str:
 
 # --- HTTP plumbing ----------------------------------------------------------------------------
 
-_JSON_TYPE: Header = (b"content-type", b"application/json")
 _SSE_HEADERS: list[Header] = [(b"content-type", b"text/event-stream; charset=utf-8")]  # vLLM sends no others
-_NOT_FOUND = orjson.dumps({"detail": "Not Found"})
-_METHOD_NOT_ALLOWED = orjson.dumps({"detail": "Method Not Allowed"})
 # vLLM's --api-key check answers with this bare body, not the usual error envelope.
 _UNAUTHORIZED = orjson.dumps({"error": "Unauthorized"})
 _VERSION = orjson.dumps({"version": VLLM_VERSION})
 _STATS_PATH = "/fake/stats"
 
 
-async def _send_response(send: Send, status: int, body: bytes, headers: Sequence[Header]) -> None:
-    length: Header = (b"content-length", str(len(body)).encode())
-    await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _send_json(send: Send, status: int, body: bytes, *headers: Header) -> None:
-    await _send_response(send, status, body, (_JSON_TYPE, *headers))
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
+    await asgi.send_response(send, status, body, (asgi.JSON_TYPE, *headers))
 
 
 def _check_json_content_type(scope: Scope) -> None:
@@ -863,16 +836,6 @@ def _bearer_matches(scope: Scope, token: bytes) -> bool:
             scheme, _, credential = value.partition(b" ")
             return scheme.lower() == b"bearer" and hmac.compare_digest(credential, token)
     return False
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def _models_body(config: FakeServerConfig) -> bytes:
@@ -927,7 +890,7 @@ class _Admitted:
     pace: _Pace
 
 
-class FakeModelServer:
+class FakeModelServer(asgi.App):
     """The ASGI app. Build it with `create_app`; one instance keeps its counters in `stats`."""
 
     def __init__(self, config: FakeServerConfig) -> None:
@@ -947,13 +910,7 @@ class FakeModelServer:
             _STATS_PATH: {"GET": self._stats},
         }
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self._http(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
         if not self._authorized(scope, path, method):
@@ -961,12 +918,11 @@ class FakeModelServer:
             return
         methods = self._routes.get(path)
         if methods is None:
-            await _send_json(send, HTTPStatus.NOT_FOUND, _NOT_FOUND)
+            await _send_json(send, HTTPStatus.NOT_FOUND, asgi.NOT_FOUND)
             return
         handler = methods.get(method)
         if handler is None:
-            allow: Header = (b"allow", ", ".join(methods).encode())
-            await _send_json(send, HTTPStatus.METHOD_NOT_ALLOWED, _METHOD_NOT_ALLOWED, allow)
+            await _send_json(send, HTTPStatus.METHOD_NOT_ALLOWED, asgi.METHOD_NOT_ALLOWED, asgi.allow_header(methods))
             return
         if path != _STATS_PATH:
             self.stats.requests[path] += 1
@@ -982,7 +938,7 @@ class FakeModelServer:
         return _bearer_matches(scope, self._token)
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _send_response(send, HTTPStatus.OK, b"", ())
+        await asgi.send_response(send, HTTPStatus.OK, b"")
 
     async def _version(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _send_json(send, HTTPStatus.OK, _VERSION)
@@ -994,28 +950,19 @@ class FakeModelServer:
         await _send_json(send, HTTPStatus.OK, orjson.dumps(self.stats))
 
     async def _chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = await self._admit(scope, receive)
-        if request is None:
-            return
-        sampling = _parse_sampling(request.body, self.config)
-        prompt = _chat_prompt(request.body)
-        generation = _generation(
-            chat=True,
-            model=self._model(request.body),
-            prompts=[prompt],
-            sampling=sampling,
-            config=self.config,
-        )
-        await self._answer(generation, request, receive, send)
+        await self._generate(scope, receive, send, chat=True)
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generate(scope, receive, send, chat=False)
+
+    async def _generate(self, scope: Scope, receive: Receive, send: Send, *, chat: bool) -> None:
         request = await self._admit(scope, receive)
         if request is None:
             return
         sampling = _parse_sampling(request.body, self.config)
-        prompts = _completion_prompts(request.body)
+        prompts = [_chat_prompt(request.body)] if chat else _completion_prompts(request.body)
         generation = _generation(
-            chat=False,
+            chat=chat,
             model=self._model(request.body),
             prompts=prompts,
             sampling=sampling,
@@ -1034,13 +981,13 @@ class FakeModelServer:
     async def _admit(self, scope: Scope, receive: Receive) -> _Admitted | None:
         """Read an inference request and apply faults; None once it hung until the client left."""
         _check_json_content_type(scope)
-        body = _parse_json(await _read_body(receive))
+        body = _parse_json(await asgi.read_body(receive))
         self.stats.last_request = body
         fault = _parse_fault(body.get("fake_vllm"))
         pace = _pace(self.config, fault)
         scheduled_error = self._errors.next_fails()
         if fault.hang:
-            await _wait_disconnect(receive)
+            await asgi.wait_disconnect(receive)
             return None
         if fault.injects_error or scheduled_error:
             await _sleep(pace.latency)
@@ -1133,10 +1080,8 @@ async def _sleep(seconds: float) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `python -m resource_server.fakes.model_server` and `manage.py fake_vllm`."""
+    """The options of `python -m fakes.model_server` beside --host and --port."""
     d = _DEFAULTS
-    parser.add_argument("--host", default="127.0.0.1", help="interface (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8001, help="port (default: %(default)s)")
     parser.add_argument(
         "--model",
         dest="models",
@@ -1204,27 +1149,11 @@ def _api_key_from_env(variable: str | None) -> str | None:
     return key
 
 
-def serve(config: FakeServerConfig, *, host: str, port: int) -> None:
-    """Run the fake under uvicorn (httptools and uvloop when installed) until interrupted."""
-    import uvicorn  # only running the app needs uvicorn; the app itself does not
-
-    models = ", ".join(config.models)
-    print(f"fake vLLM serving {models} on http://{host}:{port}", file=sys.stderr, flush=True)
-    uvicorn.run(
-        create_app(config),
-        host=host,
-        port=port,
-        loop="auto",
-        http="auto",
-        log_level="warning",
-        access_log=False,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m resource_server.fakes.model_server",
+    parser = asgi.command_line(
+        prog="python -m fakes.model_server",
         description="A fast, deterministic fake of vLLM's OpenAI-compatible server.",
+        port=8001,
     )
     add_arguments(parser)
     options = vars(parser.parse_args(argv))
@@ -1232,7 +1161,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = config_from_options(options)
     except ValueError as error:
         parser.error(str(error))
-    serve(config, host=options["host"], port=options["port"])
+    host, port = options["host"], options["port"]
+    banner = f"fake vLLM serving {', '.join(config.models)} on http://{host}:{port}"
+    asgi.serve(create_app(config), host=host, port=port, banner=banner)
 
 
 if __name__ == "__main__":

@@ -1,1 +1,0 @@
-"""Fakes of the external systems the gateway talks to, for the demo, the tests and benchmarks."""
