@@ -94,6 +94,10 @@ class Endpoint(AccessRules):
             raise ValidationError({"backend_config": errors})
 
 
+# `User.identity_provider` of accounts an admin created on the gateway (no Globus identity behind them).
+LOCAL_PROVIDER = "local"
+
+
 class User(models.Model):
     """A researcher (or service client) known to the gateway by their identity."""
 

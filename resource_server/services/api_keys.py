@@ -15,8 +15,7 @@ from resource_server.auth.base import AuthKind, Principal
 from resource_server.auth.globus import groups_refresh_token
 from resource_server.auth.sealing import seal
 from resource_server.errors import InvalidRequest, NotFound, PermissionDenied
-from resource_server.models import ApiKey, User
-from resource_server.services.users import LOCAL_PROVIDER
+from resource_server.models import LOCAL_PROVIDER, ApiKey, User
 
 MAX_ACTIVE_KEYS_PER_USER = 50
 
