@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
-from resource_server.dispatch.registry import BACKEND_CHOICES, backend_config_errors
+from resource_server.backend_kinds import BACKEND_CHOICES, backend_config_errors
 
 
 def _string_list_validator(value: object) -> None:

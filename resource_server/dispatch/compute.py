@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from resource_server.adapters.relay import RelayChannel, RelayMessage, relay_hub, relay_url
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest, upstream_error
-from resource_server.dispatch.direct import EnvVarName
+from resource_server.dispatch.fields import EnvVarName
 from resource_server.errors import GatewayError, ServiceUnavailable, UpstreamError
 
 logger = logging.getLogger(__name__)
