@@ -80,10 +80,6 @@ async def api_key_issue(
     return await sync_to_async(_create_for)(principal, name, expires_in_days, refresh or "")
 
 
-def api_key_list(*, principal: Principal) -> list[ApiKey]:
-    return list(ApiKey.objects.filter(owner_id=principal.user_id).order_by("-created_at"))
-
-
 def api_key_revoke_own(*, principal: Principal, key_id: str) -> ApiKey:
     """Revoke one of the caller's keys, named by its visible prefix."""
     key = ApiKey.objects.filter(owner_id=principal.user_id, prefix=key_id).first()
