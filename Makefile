@@ -23,11 +23,13 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy gateway resource_server compute_functions tools fakes
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest
 
 ## test-fast: the edit loop: lint, then the tests that start no server processes
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest -q -x --ignore=tests/e2e --ignore=tests/integration
 
 ## fuzz: Schemathesis from the served OpenAPI against the gateway (gunicorn, fake model server, a fresh SQLite
@@ -37,10 +39,12 @@ test-fast: $(STAMP)
 fuzz: $(STAMP)
 	$(BIN)/python -m benchmarks.fuzz $(FUZZ_ARGS)
 
+## lint: ruff, mypy --strict, and the import layers (lint-imports, contracts in pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy gateway resource_server compute_functions tools fakes
+	$(BIN)/lint-imports --no-logo
 
 ## bench: every scenario (S1-S8), direct vs through the gateway (about 25 minutes; see docs/performance.md)
 bench: $(STAMP)
@@ -60,4 +64,4 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .ruff_cache .import_linter_cache

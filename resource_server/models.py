@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
-from resource_server.dispatch.registry import BACKEND_CHOICES, backend_config_errors
+from resource_server.backend_kinds import BACKEND_CHOICES, backend_config_errors
 
 
 def _string_list_validator(value: object) -> None:
@@ -92,6 +92,10 @@ class Endpoint(AccessRules):
         errors = backend_config_errors(self.backend, self.backend_config)
         if errors:
             raise ValidationError({"backend_config": errors})
+
+
+# `User.identity_provider` of accounts an admin created on the gateway (no Globus identity behind them).
+LOCAL_PROVIDER = "local"
 
 
 class User(models.Model):

@@ -13,7 +13,8 @@ from resource_server.api.openapi import AUTHENTICATED, REQUEST_ID_HEADER, docume
 from resource_server.api.security import bearer_auth, bearer_token
 from resource_server.auth.base import Principal
 from resource_server.models import ApiKey
-from resource_server.services.api_keys import api_key_issue, api_key_list, api_key_revoke_own
+from resource_server.selectors.api_keys import api_key_list
+from resource_server.services.api_keys import api_key_issue, api_key_revoke_own
 
 router = Router(auth=bearer_auth, tags=["Account"])
 

@@ -26,10 +26,10 @@ from django.conf import settings
 from django.http.request import split_domain_port, validate_host
 
 from resource_server.api.security import bearer_token_of
-from resource_server.auth.chain import principal_from_token
 from resource_server.dispatch.base import Route
 from resource_server.errors import GatewayError, InvalidRequest, ServiceUnavailable
 from resource_server.middleware import RequestIds
+from resource_server.services.authentication import principal_from_token
 from resource_server.services.inference import JsonResult, inference_run
 from resource_server.services.relay import relay_deliver
 

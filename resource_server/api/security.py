@@ -6,8 +6,8 @@ from django.http import HttpRequest
 from ninja.security.http import HttpAuthBase
 
 from resource_server.auth.base import Principal
-from resource_server.auth.chain import principal_from_token
 from resource_server.errors import AuthenticationFailed
+from resource_server.services.authentication import principal_from_token
 
 
 class BearerAuth(HttpAuthBase):

@@ -23,8 +23,7 @@ from resource_server.auth.sealing import unseal
 from resource_server.cache import LocalTTLCache
 from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
 from resource_server.errors import AuthenticationFailed, GatewayError, PermissionDenied, ServiceUnavailable
-from resource_server.models import ApiKey
-from resource_server.services.users import LOCAL_PROVIDER
+from resource_server.models import LOCAL_PROVIDER, ApiKey
 
 logger = logging.getLogger(__name__)
 

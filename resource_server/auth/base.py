@@ -1,4 +1,4 @@
-"""The Authenticator seam and the Principal it produces."""
+"""The Authenticator seam, the Principal it produces, and the Identity an identity provider vouches for."""
 
 from __future__ import annotations
 
@@ -28,6 +28,26 @@ class Principal:
     def domain(self) -> str:
         """Identity-provider domain taken from the username (jdoe@anl.gov -> anl.gov)."""
         return self.username.rpartition("@")[2].lower() if "@" in self.username else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who an identity provider says the caller is, before the gateway has found (or made) its user."""
+
+    identity_id: str
+    username: str
+    name: str
+    identity_provider: str
+    auth_kind: AuthKind
+    groups: frozenset[str] = field(default_factory=frozenset)
+
+
+class PrincipalSource(Protocol):
+    """Turns an identity into the gateway's Principal (the service keeping users in step, `services/users.py`)."""
+
+    async def principal(self, identity: Identity) -> Principal:
+        """The Principal for `identity`, its user created or refreshed; raise ServiceUnavailable if it cannot."""
+        ...
 
 
 class Authenticator(Protocol):

@@ -21,13 +21,10 @@ from typing import Any
 import globus_sdk
 import orjson
 from django.conf import settings
-from django.db import DatabaseError
 
-from resource_server.auth.base import AuthKind, Principal
+from resource_server.auth.base import AuthKind, Identity, Principal, PrincipalSource
 from resource_server.cache import LocalTTLCache, shared_cache
-from resource_server.db import db_run
 from resource_server.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
-from resource_server.services.users import user_upsert
 
 logger = logging.getLogger(__name__)
 
@@ -359,13 +356,16 @@ def _principal_from_json(raw: bytes) -> tuple[Principal, float]:
 
 
 class GlobusAuthenticator:
-    """Accepts Globus access tokens for the gateway's scope (everything that is not a gateway API key)."""
+    """Accepts Globus access tokens for the gateway's scope (everything that is not a gateway API key).
 
-    def __init__(self) -> None:
+    It checks the token and finds who it acts for (an `Identity`); `users` turns that into the gateway's
+    Principal (keeping the user in step with Globus), and the Principal is what is cached for the token.
+    """
+
+    def __init__(self, users: PrincipalSource) -> None:
+        self._users = users
         self._local: LocalTTLCache[tuple[Principal, float]] = LocalTTLCache()
         self._in_flight: dict[str, asyncio.Task[tuple[Principal, float]]] = {}
-        # identity id -> user id, from the last successful upsert: what a database outage falls back on.
-        self._users: LocalTTLCache[int] = LocalTTLCache()
 
     def claims(self, token: str) -> bool:
         return True
@@ -421,12 +421,15 @@ class GlobusAuthenticator:
         else:
             groups = await group_memberships.for_token(identity.identity_id, token)
             require_gateway_groups(groups)
-        principal = Principal(
-            user_id=await self._user_id(identity),
-            identity_id=identity.identity_id,
-            username=identity.username,
-            auth_kind=AuthKind.SERVICE if identity.service else AuthKind.GLOBUS,
-            groups=groups,
+        principal = await self._users.principal(
+            Identity(
+                identity_id=identity.identity_id,
+                username=identity.username,
+                name=identity.name,
+                identity_provider=identity.identity_provider,
+                auth_kind=AuthKind.SERVICE if identity.service else AuthKind.GLOBUS,
+                groups=groups,
+            )
         )
         ttl = self._ttl(identity.expires_at)
         self._local.set(digest, (principal, identity.expires_at), ttl)
@@ -434,30 +437,3 @@ class GlobusAuthenticator:
         if shared:
             await shared.set(f"globus:token:{digest}", _principal_json(principal, identity.expires_at), ttl)
         return principal, identity.expires_at
-
-    async def _user_id(self, identity: TokenIdentity) -> int:
-        """The gateway user for the identity, kept in step with what Globus reports.
-
-        If the database cannot be reached, a user this worker upserted within AUTH_OUTAGE_GRACE_SECONDS
-        is used as it was (name changes wait for the next successful check); others get a 503.
-        """
-        try:
-            user = await db_run(
-                user_upsert,
-                identity_id=identity.identity_id,
-                username=identity.username,
-                name=identity.name,
-                identity_provider=identity.identity_provider,
-            )
-        except DatabaseError:
-            user_id = self._users.get(identity.identity_id)
-            if user_id is None:
-                raise ServiceUnavailable(
-                    "The gateway cannot check credentials right now. Please retry shortly.",
-                    retry_after=5,
-                    code="auth_unavailable",
-                ) from None
-            logger.warning("database unreachable; using the user this worker knew for a Globus identity")
-            return user_id
-        self._users.set(identity.identity_id, user.pk, settings.GATEWAY.AUTH_OUTAGE_GRACE_SECONDS)
-        return user.pk

@@ -2,7 +2,7 @@
 
 A task goes to an executor with the Globus Compute SDK's `Executor` interface (the SDK's own, or a local
 process pool). A non-streamed answer is the task's result. A streamed answer comes back through the relay
-(`services/relay.py`) while the task runs: the function on the node POSTs each batch of SSE events, and
+(`adapters/relay.py`) while the task runs: the function on the node POSTs each batch of SSE events, and
 `ComputeStream` hands them on; the task's result then only says how it ended.
 """
 
@@ -21,10 +21,10 @@ import orjson
 from django.conf import settings
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from resource_server.adapters.relay import RelayChannel, RelayMessage, relay_hub, relay_url
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest, upstream_error
-from resource_server.dispatch.direct import EnvVarName
+from resource_server.dispatch.fields import EnvVarName
 from resource_server.errors import GatewayError, ServiceUnavailable, UpstreamError
-from resource_server.services.relay import RelayChannel, relay_hub, relay_url
 
 logger = logging.getLogger(__name__)
 
@@ -280,23 +280,22 @@ class ComputeStream:
     async def aclose(self) -> None:
         await self._channel.close()
 
-    def _take(self, messages: list[bytes]) -> None:
-        for raw in messages:
-            message = orjson.loads(raw)  # checked by the relay route
-            if message["seq"] < self._seq:
+    def _take(self, messages: list[RelayMessage]) -> None:
+        for message in messages:
+            if message.seq < self._seq:
                 continue  # a retried POST that had arrived the first time
-            if message["seq"] > self._seq:
+            if message.seq > self._seq:
                 raise UpstreamError("The stream from the cluster lost messages.", code="relay_incomplete")
             self._seq += 1
-            if "error" in message:
-                error = message["error"]
-                raise task_error(error["status"], error["code"], error["message"], server=self._backend.label)
-            if "done" in message:
+            if message.error is not None:
+                error = message.error
+                raise task_error(error.status, error.code, error.message, server=self._backend.label)
+            if message.done:
                 self._ended = True
                 return
-            self._ready.extend(event.encode() for event in message["events"])
+            self._ready.extend(message.events)
 
-    async def _receive(self, limit: float, *, first: bool) -> list[bytes]:
+    async def _receive(self, limit: float, *, first: bool) -> list[RelayMessage]:
         """The next messages; waits until they come, the task ends, or `limit` s pass (which raises)."""
         while True:
             if self._finished.done():

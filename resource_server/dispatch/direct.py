@@ -10,13 +10,13 @@ import ssl
 import urllib.request
 import weakref
 from collections.abc import AsyncIterator
-from typing import Annotated
 from urllib.parse import unquote, urlsplit
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 from resource_server.dispatch.base import BackendHealth, SseSplitter, UpstreamRequest, upstream_error
+from resource_server.dispatch.fields import EnvVarName
 from resource_server.dispatch.http1 import (
     ConnectError,
     Connection,
@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 # After [DONE] the end of the response (the chunked terminator) is normally already in flight; waiting
 # this long for it keeps the connection for the next request instead of opening a new one.
 _END_WAIT_SECONDS = 0.5
-
-EnvVarName = Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]*$", max_length=128)]
 
 
 class DirectConfig(BaseModel):

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from compute_functions import DATA_STRATEGY
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest
 from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, TaskExecutor, settled
-from resource_server.dispatch.direct import EnvVarName
+from resource_server.dispatch.fields import EnvVarName
 from resource_server.errors import ServiceUnavailable, UpstreamError
 
 if TYPE_CHECKING:

@@ -1,16 +1,22 @@
-"""The one registry of backends, by the name stored in `Endpoint.backend`."""
+"""The one registry of backends: the class that serves each name stored in `Endpoint.backend`.
+
+Names, labels and config models are in `backend_kinds.py` (which models can import without loading any
+backend); importing this module checks that both name the same backends with the same config models, so a
+backend missing from either fails at boot, not on the first request.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from django.core.exceptions import ImproperlyConfigured
+from pydantic import BaseModel
 
+from resource_server.backend_kinds import BACKEND_KINDS
 from resource_server.dispatch.base import Backend
 from resource_server.dispatch.direct import DirectBackend, DirectConfig
 from resource_server.dispatch.globus_compute import GlobusComputeBackend, GlobusComputeConfig
@@ -18,52 +24,34 @@ from resource_server.dispatch.local import LocalBackend, LocalConfig
 
 
 @dataclass(frozen=True)
-class BackendKind:
-    name: str
-    label: str
+class Registered:
     config_model: type[BaseModel]
     build: Callable[[Any], Backend]
-    # Heavy modules the backend imports where it uses them: loaded ahead of time, off the event loop.
-    preload: tuple[str, ...] = ()
-
-    def load_modules(self) -> None:
-        for module in self.preload:
-            importlib.import_module(module)
 
 
-BACKENDS: dict[str, BackendKind] = {
-    kind.name: kind
-    for kind in (
-        BackendKind("direct", "Direct HTTP (OpenAI-compatible server)", DirectConfig, DirectBackend),
-        BackendKind(
-            "globus_compute",
-            "Globus Compute endpoint",
-            GlobusComputeConfig,
-            GlobusComputeBackend,
-            preload=("globus_compute_sdk", "resource_server.dispatch.compute_serde"),
-        ),
-        BackendKind(
-            "local",
-            "Local process pool (demo / workstation)",
-            LocalConfig,
-            LocalBackend,
-            preload=("resource_server.dispatch.compute_serde",),
-        ),
-    )
-}
-BACKEND_CHOICES = [(kind.name, kind.label) for kind in BACKENDS.values()]
+def registered(backends: dict[str, Registered]) -> dict[str, Registered]:
+    """`backends`, once checked against `BACKEND_KINDS`; raise ImproperlyConfigured on any difference."""
+    if set(backends) != set(BACKEND_KINDS):
+        raise ImproperlyConfigured(
+            f"The backend registry ({', '.join(sorted(backends))}) and backend_kinds "
+            f"({', '.join(sorted(BACKEND_KINDS))}) name different backends."
+        )
+    for name, backend in backends.items():
+        if BACKEND_KINDS[name].config_model() is not backend.config_model:
+            raise ImproperlyConfigured(
+                f"Backend {name!r}: backend_kinds names {BACKEND_KINDS[name].config_path}, "
+                f"the registry {backend.config_model.__module__}:{backend.config_model.__qualname__}."
+            )
+    return backends
 
 
-def backend_config_errors(backend: str, config: object) -> list[str]:
-    """Human-readable problems with an Endpoint's backend config, each naming the field."""
-    kind = BACKENDS.get(backend)
-    if kind is None:
-        return [f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}."]
-    try:
-        kind.config_model.model_validate(config)
-    except ValidationError as exc:
-        return [f"{'.'.join(str(part) for part in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()]
-    return []
+BACKENDS: dict[str, Registered] = registered(
+    {
+        "direct": Registered(DirectConfig, DirectBackend),
+        "globus_compute": Registered(GlobusComputeConfig, GlobusComputeBackend),
+        "local": Registered(LocalConfig, LocalBackend),
+    }
+)
 
 
 class BackendPool:

@@ -17,8 +17,8 @@ from django.db import DatabaseError
 from pydantic import BaseModel, ValidationError
 
 from resource_server.auth.base import Principal
+from resource_server.backend_kinds import BACKEND_KINDS
 from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
-from resource_server.dispatch.registry import BACKENDS
 from resource_server.errors import NotFound, PermissionDenied, ServiceUnavailable
 from resource_server.models import Cluster, Endpoint
 
@@ -80,9 +80,9 @@ def _load_table() -> RoutingTable:
     by_model: dict[str, list[EndpointRoute]] = defaultdict(list)
     for endpoint in Endpoint.objects.filter(enabled=True).select_related("cluster"):
         cluster = endpoint.cluster
-        kind = BACKENDS.get(endpoint.backend)
+        kind = BACKEND_KINDS.get(endpoint.backend)
         try:
-            config = kind.config_model.model_validate(endpoint.backend_config) if kind else None
+            config = kind.config_model().model_validate(endpoint.backend_config) if kind else None
         except ValidationError:
             config = None
         if kind is None or config is None:

@@ -15,8 +15,7 @@ from resource_server.auth.base import AuthKind, Principal
 from resource_server.auth.globus import groups_refresh_token
 from resource_server.auth.sealing import seal
 from resource_server.errors import InvalidRequest, NotFound, PermissionDenied
-from resource_server.models import ApiKey, User
-from resource_server.services.users import LOCAL_PROVIDER
+from resource_server.models import LOCAL_PROVIDER, ApiKey, User
 
 MAX_ACTIVE_KEYS_PER_USER = 50
 
@@ -79,10 +78,6 @@ async def api_key_issue(
         )
     refresh = await asyncio.to_thread(groups_refresh_token, token) if principal.auth_kind is AuthKind.GLOBUS else None
     return await sync_to_async(_create_for)(principal, name, expires_in_days, refresh or "")
-
-
-def api_key_list(*, principal: Principal) -> list[ApiKey]:
-    return list(ApiKey.objects.filter(owner_id=principal.user_id).order_by("-created_at"))
 
 
 def api_key_revoke_own(*, principal: Principal, key_id: str) -> ApiKey:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from django.db import transaction
+import logging
 
-from resource_server.models import User
+from django.conf import settings
+from django.db import DatabaseError, transaction
 
-LOCAL_PROVIDER = "local"
+from resource_server.auth.base import Identity, Principal
+from resource_server.cache import LocalTTLCache
+from resource_server.db import db_run
+from resource_server.errors import ServiceUnavailable
+from resource_server.models import LOCAL_PROVIDER, User
+
+logger = logging.getLogger(__name__)
 
 
 @transaction.atomic
@@ -32,3 +39,46 @@ def user_upsert(*, identity_id: str, username: str, name: str, identity_provider
     user.identity_provider = identity_provider
     user.save()
     return user
+
+
+class UserPrincipals:
+    """The Principal for an identity an identity provider vouched for, its user upserted (`PrincipalSource`).
+
+    If the database cannot be reached, a user this instance upserted within AUTH_OUTAGE_GRACE_SECONDS is
+    used as it was (name changes wait for the next successful check); others get a 503.
+    """
+
+    def __init__(self) -> None:
+        # identity id -> user id, from the last successful upsert: what a database outage falls back on.
+        self._user_ids: LocalTTLCache[int] = LocalTTLCache()
+
+    async def principal(self, identity: Identity) -> Principal:
+        return Principal(
+            user_id=await self._user_id(identity),
+            identity_id=identity.identity_id,
+            username=identity.username,
+            auth_kind=identity.auth_kind,
+            groups=identity.groups,
+        )
+
+    async def _user_id(self, identity: Identity) -> int:
+        try:
+            user = await db_run(
+                user_upsert,
+                identity_id=identity.identity_id,
+                username=identity.username,
+                name=identity.name,
+                identity_provider=identity.identity_provider,
+            )
+        except DatabaseError:
+            user_id = self._user_ids.get(identity.identity_id)
+            if user_id is None:
+                raise ServiceUnavailable(
+                    "The gateway cannot check credentials right now. Please retry shortly.",
+                    retry_after=5,
+                    code="auth_unavailable",
+                ) from None
+            logger.warning("database unreachable; using the user this worker knew for a Globus identity")
+            return user_id
+        self._user_ids.set(identity.identity_id, user.pk, settings.GATEWAY.AUTH_OUTAGE_GRACE_SECONDS)
+        return user.pk

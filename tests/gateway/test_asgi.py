@@ -15,10 +15,10 @@ from django.conf import settings
 from django.test import override_settings
 
 from gateway.asgi import django_application, http_application, worker_settle
+from resource_server.adapters.relay import RelayMessage, relay_hub
 from resource_server.api.fast import InferenceApp
 from resource_server.models import RequestLog
 from resource_server.selectors import endpoints
-from resource_server.services.relay import relay_hub
 from resource_server.services.usage import usage_sink
 from tests.conftest import Seeded
 
@@ -292,7 +292,7 @@ async def test_relay_messages_are_answered_alike_and_by_the_lean_app(
     assert lean_only.status == lean.status == django.status == expected
     assert_same_head(lean, django)
     assert lean.body == django.body
-    assert delivered == ([body] * 3 if case == "accepted" else [])
+    assert delivered == ([RelayMessage.parse(body)] * 3 if case == "accepted" else [])
 
 
 async def test_start_up_loads_the_routing_table_then_freezes_what_the_worker_keeps(seeded: Seeded) -> None:

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from django.test import AsyncClient
 
-from resource_server.services.relay import RedisRelayHub, RelayChannel, relay_hub, relay_url
+from resource_server.adapters.relay import RedisRelayHub, RelayChannel, RelayMessage, relay_hub, relay_url
 
 CHUNK = 'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 
@@ -40,7 +40,7 @@ async def test_a_message_with_the_tasks_token_reaches_the_waiting_handler(channe
     response = await post(channel, message)
 
     assert response.status_code == 204
-    assert [orjson.loads(raw) for raw in await channel.read(1)] == [message]
+    assert await channel.read(1) == [RelayMessage(0, events=(CHUNK.encode(),))]
 
 
 @pytest.mark.parametrize("presented", ["a guessed token", "no token", "another task's token"])

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 from fakes.globus_compute import FakeGlobusCompute
 from gateway.asgi import application
-from resource_server.services.relay import RedisRelayHub, relay_hub
+from resource_server.adapters.relay import RedisRelayHub, relay_hub
 from tests.servers import free_port
 
 CLIENT_ID, CLIENT_SECRET = "7d0b6f5e-2c1a-4b8e-9f3d-5a6c7e8f9a01", "gateway-compute-secret"

@@ -18,6 +18,7 @@ from globus_compute_sdk.serialize.base import IDENTIFIER_LENGTH
 
 from compute_functions import DATA_STRATEGY, inference
 from fakes.globus_compute import FakeGlobusCompute, Fault
+from resource_server.backend_kinds import backend_config_errors
 from resource_server.dispatch.base import Route, UpstreamRequest
 from resource_server.dispatch.compute import ComputeStream
 from resource_server.dispatch.globus_compute import (
@@ -27,7 +28,6 @@ from resource_server.dispatch.globus_compute import (
     GlobusComputeConfig,
     SdkConnector,
 )
-from resource_server.dispatch.registry import backend_config_errors
 from resource_server.errors import GatewayError, ServiceUnavailable, UpstreamError
 from tests.resource_server.dispatch.conftest import CLIENT_ID, CLIENT_SECRET, OTHER_ID, OTHER_SECRET
 from tests.servers import free_port

@@ -10,9 +10,21 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 
-from resource_server.services.relay import Delivery, InProcessRelayHub, RedisRelayHub, RelayHub
+from resource_server.adapters.relay import (
+    Delivery,
+    InProcessRelayHub,
+    RedisRelayHub,
+    RelayError,
+    RelayHub,
+    RelayMessage,
+)
+from resource_server.errors import InvalidRequest
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
+
+
+def event(text: str, seq: int = 0) -> RelayMessage:
+    return RelayMessage(seq, events=(f"data: {text}\n\n".encode(),))
 
 
 @pytest.fixture(params=["in-process", "redis"])
@@ -31,11 +43,11 @@ async def test_messages_arrive_in_order_for_the_tokens_holder(hub: RelayHub) -> 
     channel = await hub.open(lifetime=30)
     assert await hub.authorized(channel.task_id, channel.token)
     for n in range(2):
-        assert await hub.append(channel.task_id, f"m{n}".encode()) is Delivery.ACCEPTED
+        assert await hub.append(channel.task_id, event(f"m{n}", n)) is Delivery.ACCEPTED
 
-    assert await channel.read(1) == [b"m0", b"m1"]
-    assert await hub.append(channel.task_id, b"m2") is Delivery.ACCEPTED
-    assert await channel.read(1) == [b"m2"]
+    assert await channel.read(1) == [event("m0", 0), event("m1", 1)]
+    assert await hub.append(channel.task_id, event("m2", 2)) is Delivery.ACCEPTED
+    assert await channel.read(1) == [event("m2", 2)]
     await channel.close()
 
 
@@ -45,9 +57,9 @@ async def test_a_blocked_reader_wakes_when_a_message_arrives(hub: RelayHub) -> N
     await asyncio.sleep(0.05)  # the reader is now blocked
     assert not reader.done()
 
-    await hub.append(channel.task_id, b"hello")
+    await hub.append(channel.task_id, event("hello"))
 
-    assert await reader == [b"hello"]
+    assert await reader == [event("hello")]
     await channel.close()
 
 
@@ -75,7 +87,7 @@ async def test_closing_revokes_the_token_and_refuses_late_messages(hub: RelayHub
     await channel.close()
 
     assert not await hub.authorized(channel.task_id, channel.token)
-    assert await hub.append(channel.task_id, b"late") is Delivery.GONE
+    assert await hub.append(channel.task_id, event("late")) is Delivery.GONE
 
 
 async def test_the_token_expires_after_its_lifetime(hub: RelayHub) -> None:
@@ -83,20 +95,20 @@ async def test_the_token_expires_after_its_lifetime(hub: RelayHub) -> None:
     await asyncio.sleep(0.1)
 
     assert not await hub.authorized(channel.task_id, channel.token)
-    assert await hub.append(channel.task_id, b"late") is Delivery.GONE
+    assert await hub.append(channel.task_id, event("late")) is Delivery.GONE
     await channel.close()
 
 
 async def test_a_reader_far_behind_makes_the_relay_push_back(hub: RelayHub) -> None:
     channel = await hub.open(lifetime=30)
     for n in range(3):
-        await hub.append(channel.task_id, str(n).encode())
+        await hub.append(channel.task_id, event(str(n), n))
 
-    assert await hub.append(channel.task_id, b"one too many") is Delivery.FULL
-    assert await channel.read(1) == [b"0", b"1", b"2"]
+    assert await hub.append(channel.task_id, event("one too many", 3)) is Delivery.FULL
+    assert await channel.read(1) == [event("0", 0), event("1", 1), event("2", 2)]
     assert await channel.read(0) == []  # (Redis drops what was read in the next read's round trip)
-    assert await hub.append(channel.task_id, b"3") is Delivery.ACCEPTED
-    assert await channel.read(1) == [b"3"]
+    assert await hub.append(channel.task_id, event("3", 3)) is Delivery.ACCEPTED
+    assert await channel.read(1) == [event("3", 3)]
     await channel.close()
 
 
@@ -106,7 +118,7 @@ async def test_a_message_from_another_threads_event_loop_reaches_the_reader(hub:
     outcome: list[Delivery] = []
 
     async def post() -> None:
-        outcome.append(await hub.append(channel.task_id, b"from afar"))
+        outcome.append(await hub.append(channel.task_id, event("from afar")))
         if isinstance(hub, RedisRelayHub):
             await hub.aclose()
 
@@ -116,7 +128,7 @@ async def test_a_message_from_another_threads_event_loop_reaches_the_reader(hub:
     thread.join()
 
     assert outcome == [Delivery.ACCEPTED]
-    assert messages == [b"from afar"]
+    assert messages == [event("from afar")]
     await channel.close()
 
 
@@ -126,13 +138,13 @@ async def test_redis_keys_expire_with_the_token_are_trimmed_as_read_and_go_on_cl
     inspect = redis.Redis.from_url(REDIS_URL)
     channel = await hub.open(lifetime=30)
     token_key, stream_key = hub.keys(channel.task_id)
-    await hub.append(channel.task_id, b"a")
-    await hub.append(channel.task_id, b"b")
+    await hub.append(channel.task_id, event("a", 0))
+    await hub.append(channel.task_id, event("b", 1))
 
     assert 0 < inspect.pttl(token_key) <= 30_000
     assert 0 < inspect.pttl(stream_key) <= 30_000  # never outlives the token
     assert inspect.get(token_key) != channel.token.encode()  # only a digest is stored
-    assert await channel.read(1) == [b"a", b"b"]
+    assert await channel.read(1) == [event("a", 0), event("b", 1)]
     assert await channel.read(0) == []
     assert inspect.xlen(stream_key) == 0  # what was read is deleted
 
@@ -140,3 +152,54 @@ async def test_redis_keys_expire_with_the_token_are_trimmed_as_read_and_go_on_cl
     assert inspect.exists(token_key, stream_key) == 0
     inspect.close()
     await hub.aclose()
+
+
+async def test_every_kind_of_message_is_read_as_it_was_appended(hub: RelayHub) -> None:
+    # An event may end in more than the two newlines that close it; batches keep each event's own bytes.
+    sent = [
+        RelayMessage(0, events=(b"data: one\n\n", b"data: two\n\n\n", b"\ndata: three\n\n")),
+        RelayMessage(1, error=RelayError(400, "vllm_rejected", "prompt too long: \u00e9")),
+        RelayMessage(2, done=True),
+    ]
+    channel = await hub.open(lifetime=30)
+    for message in sent:
+        assert await hub.append(channel.task_id, message) is Delivery.ACCEPTED
+
+    assert await channel.read(1) == sent
+    await channel.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b'{"seq": 0, "events": ["data: a\\n\\n", "data: b\\n\\n"]}',
+            RelayMessage(0, events=(b"data: a\n\n", b"data: b\n\n")),
+        ),
+        (b'{"seq": 7, "done": true}', RelayMessage(7, done=True)),
+        (
+            b'{"seq": 1, "error": {"status": 504, "code": "vllm_timeout", "message": "slow"}}',
+            RelayMessage(1, error=RelayError(504, "vllm_timeout", "slow")),
+        ),
+    ],
+)
+def test_a_relay_message_is_parsed_into_its_typed_form(body: bytes, expected: RelayMessage) -> None:
+    assert RelayMessage.parse(body) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b'{"seq": -1, "done": true}', "seq"),
+        (b'{"seq": 0, "events": ["data: no end"]}', "events"),
+        (b'{"seq": 0, "events": ["data: a\\n\\ndata: b\\n\\n"]}', "events"),
+        (b'{"seq": 0, "done": false}', "done"),
+        (b'{"seq": 0, "error": {"status": "500", "code": "x", "message": "y"}}', "error"),
+        (b'{"seq": 0, "done": true, "events": []}', None),
+    ],
+)
+def test_a_malformed_relay_message_is_refused_with_what_is_wrong(body: bytes, param: str | None) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        RelayMessage.parse(body)
+    assert refused.value.status == 400
+    assert refused.value.param == param

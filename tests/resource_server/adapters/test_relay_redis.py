@@ -13,16 +13,21 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from resource_server.adapters.relay import Delivery, RedisRelayHub, RelayMessage
 from resource_server.errors import ServiceUnavailable
-from resource_server.services.relay import Delivery, RedisRelayHub
 from tests.tcp_proxy import TcpProxy
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 
+
+def event(text: str) -> RelayMessage:
+    return RelayMessage(0, events=(f"data: {text}\n\n".encode(),))
+
+
 pytestmark = pytest.mark.skipif(not REDIS_URL, reason="needs REDIS_URL pointing at Redis")
 
 
-async def _append_later(hub: RedisRelayHub, task_id: str, message: bytes, delay: float) -> None:
+async def _append_later(hub: RedisRelayHub, task_id: str, message: RelayMessage, delay: float) -> None:
     await asyncio.sleep(delay)
     assert await hub.append(task_id, message) is Delivery.ACCEPTED
 
@@ -32,8 +37,8 @@ async def test_a_read_waits_longer_than_redis_pys_default_socket_timeout() -> No
     hub = RedisRelayHub(REDIS_URL, max_pending=10)
     channel = await hub.open(lifetime=60)
     try:
-        late = asyncio.create_task(_append_later(hub, channel.task_id, b"late", 6.5))
-        assert await channel.read(30) == [b"late"]
+        late = asyncio.create_task(_append_later(hub, channel.task_id, event("late"), 6.5))
+        assert await channel.read(30) == [event("late")]
         await late
     finally:
         await channel.close()
@@ -45,8 +50,8 @@ async def test_a_long_read_is_made_of_short_blocking_reads_each_within_the_socke
     hub = RedisRelayHub(REDIS_URL, max_pending=10, timeout=0.3, read_slice=0.2)
     channel = await hub.open(lifetime=60)
     try:
-        late = asyncio.create_task(_append_later(hub, channel.task_id, b"after several slices", 1.5))
-        assert await channel.read(30) == [b"after several slices"]
+        late = asyncio.create_task(_append_later(hub, channel.task_id, event("after several slices"), 1.5))
+        assert await channel.read(30) == [event("after several slices")]
         await late
         assert await channel.read(1.0) == []  # a wait with nothing to read still ends at its own limit
     finally:
@@ -63,9 +68,9 @@ async def test_more_streams_than_redis_pys_default_pool_can_wait_at_once() -> No
         await asyncio.sleep(0.5)  # every reader is now blocked in Redis
         assert not any(reader.done() for reader in readers)
         for channel in channels:
-            assert await hub.append(channel.task_id, channel.task_id.encode()) is Delivery.ACCEPTED
+            assert await hub.append(channel.task_id, event(channel.task_id)) is Delivery.ACCEPTED
         answers = await asyncio.gather(*readers)
-        assert answers == [[channel.task_id.encode()] for channel in channels]
+        assert answers == [[event(channel.task_id)] for channel in channels]
     finally:
         for channel in channels:
             await channel.close()
@@ -101,8 +106,8 @@ async def test_a_redis_outage_fails_reads_and_opens_closing_stays_quiet_and_the_
     proxy.restore()
     # The same hub reconnects: no restart, no new client.
     again = await hub.open(lifetime=60)
-    assert await hub.append(again.task_id, b"back") is Delivery.ACCEPTED
-    assert await again.read(5) == [b"back"]
+    assert await hub.append(again.task_id, event("back")) is Delivery.ACCEPTED
+    assert await again.read(5) == [event("back")]
     await again.close()
     assert not await hub.authorized(again.task_id, again.token)
     await hub.aclose()

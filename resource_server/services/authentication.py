@@ -1,4 +1,8 @@
-"""The authenticator chain: the first authenticator that claims a token decides about it."""
+"""The authenticate stage: the first authenticator that claims a bearer token decides who the caller is.
+
+Authenticators check credentials (`auth/`); the Globus one is handed `UserPrincipals`, the service that
+keeps the gateway's users in step with the identities Globus vouches for.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ from resource_server.auth.api_keys import ApiKeyAuthenticator
 from resource_server.auth.base import Authenticator, Principal
 from resource_server.auth.globus import GlobusAuthenticator
 from resource_server.errors import AuthenticationFailed
+from resource_server.services.users import UserPrincipals
 
 # API keys are recognised by their prefix; every other bearer string is taken for a Globus token.
-AUTHENTICATORS: list[Authenticator] = [ApiKeyAuthenticator(), GlobusAuthenticator()]
+AUTHENTICATORS: list[Authenticator] = [ApiKeyAuthenticator(), GlobusAuthenticator(UserPrincipals())]
 
 
 async def principal_from_token(token: str) -> Principal:
+    """The caller behind a bearer token, or raise AuthenticationFailed / PermissionDenied / ServiceUnavailable."""
     for authenticator in AUTHENTICATORS:
         if authenticator.claims(token):
             return await authenticator.authenticate(token)
