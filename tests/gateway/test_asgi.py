@@ -251,6 +251,21 @@ async def test_open_streams_count_against_the_in_flight_bound(seeded: Seeded) ->
     assert (await stream).status == 200
 
 
+async def test_overload_is_shed_even_when_the_lean_routes_are_off(seeded: Seeded) -> None:
+    with override_settings(MIDDLEWARE=["django.middleware.common.CommonMiddleware"]):
+        door = InferenceApp(django_application)
+    assert not door.enabled
+    with override_settings(GATEWAY=settings.GATEWAY.model_copy(update={"MAX_PENDING_PER_WORKER": 2})):
+        app = AdmissionControl(door)
+    held = [asyncio.ensure_future(call(app, CHAT_PATH, SLOW_CHAT, headers=seeded.auth)) for _ in range(2)]
+    await _until(lambda: app.pending == 2)
+    assert_overloaded(await call(app, CHAT_PATH, orjson.dumps(CHAT), headers=seeded.auth))
+    # Only inference POSTs are shed: the rest still reaches Django.
+    assert (await call(app, "/resource_server/v1/models", method="GET", headers=seeded.auth)).status == 200
+    assert [answer.status for answer in await asyncio.gather(*held)] == [200, 200]
+    assert (app.pending, app.in_flight) == (0, 0)
+
+
 async def test_requests_in_flight_are_counted_back_down(seeded: Seeded) -> None:
     app = AdmissionControl(InferenceApp(django_application))
     for body in (orjson.dumps(CHAT), b"not json", orjson.dumps({**CHAT, "stream": True}), SLOW_STREAM):
