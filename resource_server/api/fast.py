@@ -3,11 +3,13 @@
 Through Django's ASGI handler a request costs milliseconds of CPU before our view runs: a thread per
 request for the sync middleware (two hops for each of them), body spooling, URL resolution. The inference
 routes need none of it. This app serves exactly `POST /resource_server/v1/<route>` and the FIRST paths
-`POST /resource_server/<cluster>/<framework>/v1/<route>` with the same authenticator chain, validation,
-routing, dispatch, usage recording, error envelope, request id and response headers as the ninja views,
-and the relay route `POST /resource_server/internal/relay/<task_id>` (a compute function posts each batch
-of a stream's events there, so it is as hot as the stream). Everything else (other methods and paths, a
-Host Django would refuse) goes to Django unchanged.
+`POST /resource_server/<cluster>/<framework>/v1/<route>` (the routes of `routes.py`) through the same
+request pipeline as the ninja views (`pipeline/run.py`, authentication included), answering through the
+same HTTP edge (`api/edge.py`: request ids, error envelope, response headers). It also serves the relay
+route `POST /resource_server/internal/relay/<task_id>` (a compute function posts each batch of a stream's
+events there, so it is as hot as the stream). Everything else (other methods and paths, a Host Django
+would refuse) goes to Django unchanged. Overload shedding sits in front of this app and of Django
+(`gateway/asgi.py`), so that it holds when this app is off.
 
 It reproduces what the configured middleware does to these responses, so it checks at start-up that
 MIDDLEWARE and the security settings are the ones it reproduces, and stays off otherwise.
