@@ -13,6 +13,9 @@ class GatewayError(Exception):
     status: int = 500
     error_type: str = "server_error"
     default_code: ClassVar[str] = "internal_error"
+    # Set by a backend when the request provably never reached a model server (connection refused, endpoint
+    # offline): then the dispatch stage may hand it to the next candidate endpoint without running it twice.
+    never_reached: bool = False
 
     def __init__(
         self,

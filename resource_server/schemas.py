@@ -12,8 +12,6 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import models_json_schema
 
-from resource_server.dispatch.base import Route
-
 # Strict: OpenAI refuses "0.5" for a number, so do we. Extra fields are allowed and forwarded untouched.
 _REQUEST_CONFIG = ConfigDict(extra="allow", strict=True)
 # Answers come from the model server: documented with the fields clients rely on; servers add more.
@@ -135,24 +133,6 @@ class EmbeddingRequest(BaseModel):
     user: str | None = Field(default=None, description=_USER)
 
 
-REQUEST_SCHEMAS: dict[Route, type[BaseModel]] = {
-    Route.CHAT: ChatCompletionRequest,
-    Route.COMPLETIONS: CompletionRequest,
-    Route.EMBEDDINGS: EmbeddingRequest,
-}
-
-# One body per route that the demo deployment serves as it is (the docs page's "Try it out" sends it).
-REQUEST_EXAMPLES: dict[Route, dict[str, Any]] = {
-    Route.CHAT: {
-        "model": "demo-model",
-        "messages": [{"role": "user", "content": "Say hello in one word."}],
-        "max_tokens": 16,
-    },
-    Route.COMPLETIONS: {"model": "demo-model", "prompt": "Once upon a time", "max_tokens": 16},
-    Route.EMBEDDINGS: {"model": "demo-model", "input": "The quick brown fox"},
-}
-
-
 # Documentation only: what the model server answers, relayed unchanged.
 
 
@@ -259,15 +239,13 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
-RESPONSE_SCHEMAS: dict[Route, type[BaseModel]] = {
-    Route.CHAT: ChatCompletion,
-    Route.COMPLETIONS: Completion,
-    Route.EMBEDDINGS: EmbeddingList,
-}
-
 _DOCUMENTED: tuple[type[BaseModel], ...] = (
-    *REQUEST_SCHEMAS.values(),
-    *RESPONSE_SCHEMAS.values(),
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ChatCompletion,
+    Completion,
+    EmbeddingList,
     ModelList,
     ErrorEnvelope,
     Health,

@@ -1,4 +1,11 @@
-"""OpenAI-compatible routes, under /resource_server/v1/ and FIRST's /resource_server/{cluster}/{framework}/v1/."""
+"""OpenAI-compatible routes, under /resource_server/v1/ and FIRST's /resource_server/{cluster}/{framework}/v1/.
+
+These ninja views are the OpenAPI schema of the inference routes and their fallback door: the lean ASGI app
+(`api/fast.py`) serves the same inference POSTs faster and hands everything else on, and when it is off (the
+middleware was changed) these views serve them too. Both doors run the same pipeline (`pipeline/run.py`),
+which authenticates the caller itself, so the inference operations take no ninja auth and only document
+the bearer scheme; the models list still uses ninja's.
+"""
 
 from __future__ import annotations
 
@@ -8,50 +15,44 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.request import RawPostDataException
 from ninja import Path, Router
 
+from resource_server.api.edge import JSON, stream_response
 from resource_server.api.openapi import AUTHENTICATED, documented, inference_doc, json_response
 from resource_server.api.security import bearer_auth
-from resource_server.dispatch.base import Route
 from resource_server.errors import InvalidRequest
+from resource_server.pipeline.respond import JsonResult
+from resource_server.pipeline.run import inference_run
+from resource_server.routes import ROUTES, RouteDescriptor
 from resource_server.schemas import ModelList, schema_ref
 from resource_server.selectors.endpoints import model_list
-from resource_server.services.inference import JsonResult, inference_run
 
 router = Router(auth=bearer_auth, tags=["OpenAI-compatible"])
 
 FIRST_PREFIX = "/{cluster}/{framework}"
-_SUMMARIES = {
-    Route.CHAT: "Create a chat completion",
-    Route.COMPLETIONS: "Create a text completion",
-    Route.EMBEDDINGS: "Create embeddings",
-}
-
-
-def _stream_response(events: Any) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(events, content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"  # nginx must pass each event on at once
-    return response
 
 
 async def _infer(
-    request: HttpRequest, route: Route, cluster: str | None, framework: str | None
+    request: HttpRequest, descriptor: RouteDescriptor, cluster: str | None, framework: str | None
 ) -> HttpResponse | StreamingHttpResponse:
-    try:
-        raw_body = request.body
-    except RawPostDataException:
-        raise InvalidRequest("The request body could not be read.") from None
+    async def read_body(limit: int | None) -> bytes:
+        try:
+            return request.body  # Django's ASGI handler has read it already
+        except RawPostDataException:
+            raise InvalidRequest("The request body could not be read.") from None
+
+    length = request.headers.get("Content-Length", "")
     result = await inference_run(
-        principal=request.auth,  # type: ignore[attr-defined]
-        route=route,
-        raw_body=raw_body,
+        route=descriptor.route,
+        authorization=request.headers.get("Authorization", ""),
+        content_length=int(length) if length.isdigit() else None,
+        read_body=read_body,
         request_id=request.request_id,  # type: ignore[attr-defined]
         client_request_id=request.client_request_id,  # type: ignore[attr-defined]
         cluster=cluster,
         framework=framework,
     )
     if isinstance(result, JsonResult):
-        return HttpResponse(result.content, content_type="application/json")
-    return _stream_response(result.events)
+        return HttpResponse(result.content, content_type=JSON)
+    return stream_response(result.events)
 
 
 # FIRST's path parameters, with the values the docs page's "Try it out" fills in.
@@ -61,32 +62,33 @@ ClusterName = Annotated[
 FrameworkName = Annotated[str, Path(..., description="The serving framework on that cluster.", example="vllm")]
 
 
-def _add_inference_routes(route: Route) -> None:
+def _add_inference_routes(descriptor: RouteDescriptor) -> None:
     async def generic(request: HttpRequest) -> HttpResponse | StreamingHttpResponse:
-        return await _infer(request, route, None, None)
+        return await _infer(request, descriptor, None, None)
 
     async def on_cluster(
         request: HttpRequest, cluster: ClusterName, framework: FrameworkName
     ) -> HttpResponse | StreamingHttpResponse:
-        return await _infer(request, route, cluster, framework)
+        return await _infer(request, descriptor, cluster, framework)
 
-    name = route.value.replace("/", "_")
+    name = descriptor.path.replace("/", "_")
     for path, view, suffix in (
-        (f"/v1/{route.value}", generic, ""),
-        (f"{FIRST_PREFIX}/v1/{route.value}", on_cluster, "_on_cluster"),
+        (f"/v1/{descriptor.path}", generic, ""),
+        (f"{FIRST_PREFIX}/v1/{descriptor.path}", on_cluster, "_on_cluster"),
     ):
         router.add_api_operation(
             path,
             ["POST"],
             view,
+            auth=None,  # the pipeline authenticates (inference_doc documents the bearer scheme)
             operation_id=f"{name}{suffix}",
-            summary=_SUMMARIES[route] + (" on a given cluster and framework" if suffix else ""),
-            openapi_extra=inference_doc(route, on_cluster=bool(suffix)),
+            summary=descriptor.summary + (" on a given cluster and framework" if suffix else ""),
+            openapi_extra=inference_doc(descriptor, on_cluster=bool(suffix)),
         )
 
 
-for _route in Route:
-    _add_inference_routes(_route)
+for _descriptor in ROUTES.values():
+    _add_inference_routes(_descriptor)
 
 
 def _models_response(models: list[dict[str, object]]) -> dict[str, Any]:

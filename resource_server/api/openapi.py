@@ -9,15 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from resource_server.dispatch.base import Route
+from resource_server.api.security import BEARER_SECURITY
 from resource_server.errors import ERROR_CATALOGUE, AuthenticationFailed, GatewayError, RateLimited, ServiceUnavailable
-from resource_server.schemas import (
-    REQUEST_EXAMPLES,
-    REQUEST_SCHEMAS,
-    RESPONSE_SCHEMAS,
-    ErrorEnvelope,
-    schema_ref,
-)
+from resource_server.routes import RouteDescriptor
+from resource_server.schemas import ErrorEnvelope, schema_ref
 
 # What every route may answer once a bearer credential is needed: authentication fails (401) or the
 # identity provider denies (403, e.g. a required Globus group), or it cannot be checked (503).
@@ -55,14 +50,6 @@ _ERROR_HEADERS: tuple[tuple[type[GatewayError], dict[str, Any]], ...] = (
     (RateLimited, _RETRY_AFTER),
     (ServiceUnavailable, _RETRY_AFTER),
 )
-_STREAM_EXAMPLES = {
-    Route.CHAT: 'data: {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1767225600, '
-    '"model": "demo-model", "choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": null}]}\n\n'
-    "data: [DONE]\n\n",
-    Route.COMPLETIONS: 'data: {"id": "cmpl-1", "object": "text_completion", "created": 1767225600, '
-    '"model": "demo-model", "choices": [{"index": 0, "text": " there", "finish_reason": null}]}\n\n'
-    "data: [DONE]\n\n",
-}
 # In OpenAPI 3.1 the schema of an event stream describes each event (3.2 calls it `itemSchema`).
 _SSE_EVENT = {
     "type": "object",
@@ -75,12 +62,6 @@ _SSE_EVENT = {
         },
     },
     "required": ["data"],
-}
-_ROUTE_DESCRIPTIONS = {
-    Route.CHAT: "Generates the next message of a conversation with the named model, as OpenAI's "
-    "`POST /v1/chat/completions` does.",
-    Route.COMPLETIONS: "Continues a prompt with the named model, as OpenAI's `POST /v1/completions` does.",
-    Route.EMBEDDINGS: "Returns embedding vectors of the inputs, as OpenAI's `POST /v1/embeddings` does.",
 }
 _UNKNOWN_FIELDS = (
     "\n\nThe gateway checks the fields below and routes by `model` to a cluster endpoint you may use; fields it "
@@ -131,28 +112,27 @@ def documented(description: str, *errors: str, ok: dict[str, Any] | None = None,
     return {"description": description, "responses": responses}
 
 
-def inference_doc(route: Route, *, on_cluster: bool) -> dict[str, Any]:
-    """The `openapi_extra` of an inference operation: request body with example, answers and errors."""
-    answer = RESPONSE_SCHEMAS[route]
-    content: dict[str, Any] = {"application/json": {"schema": schema_ref(answer)}}
-    streamed = route is not Route.EMBEDDINGS
-    if streamed:
-        content["text/event-stream"] = {"schema": _SSE_EVENT, "example": _STREAM_EXAMPLES[route]}
+def inference_doc(descriptor: RouteDescriptor, *, on_cluster: bool) -> dict[str, Any]:
+    """The `openapi_extra` of an inference operation: security, request body with example, answers, errors."""
+    content: dict[str, Any] = {"application/json": {"schema": schema_ref(descriptor.response_schema)}}
+    if descriptor.stream_example is not None:
+        content["text/event-stream"] = {"schema": _SSE_EVENT, "example": descriptor.stream_example}
     ok = (
         "The model's answer: JSON, or with `stream: true` server-sent events ending with `data: [DONE]` "
         '(an error after the first event arrives as `data: {"error": ...}` before `[DONE]`).'
-        if streamed
+        if descriptor.streams
         else "The model's answer."
     )
     doc = documented(
-        _ROUTE_DESCRIPTIONS[route] + _UNKNOWN_FIELDS + (_ON_CLUSTER if on_cluster else ""),
+        descriptor.description + _UNKNOWN_FIELDS + (_ON_CLUSTER if on_cluster else ""),
         *INFERENCE_ERRORS,
         ok={"description": ok, "headers": REQUEST_ID_HEADER, "content": content},
     )
+    doc["security"] = BEARER_SECURITY
     doc["requestBody"] = {
         "required": True,
         "content": {
-            "application/json": {"schema": schema_ref(REQUEST_SCHEMAS[route]), "example": REQUEST_EXAMPLES[route]}
+            "application/json": {"schema": schema_ref(descriptor.request_schema), "example": descriptor.example}
         },
     }
     return doc

@@ -6,8 +6,7 @@ from django.http import HttpRequest
 from ninja.security.http import HttpAuthBase
 
 from resource_server.auth.base import Principal
-from resource_server.errors import AuthenticationFailed
-from resource_server.services.authentication import principal_from_token
+from resource_server.services.authentication import bearer_token_of, principal_from_token
 
 
 class BearerAuth(HttpAuthBase):
@@ -26,18 +25,7 @@ def bearer_token(request: HttpRequest) -> str:
     return bearer_token_of(request.headers.get("Authorization", ""))
 
 
-def bearer_token_of(authorization: str) -> str:
-    """The bearer credential in an Authorization header value (also used by the lean inference routes)."""
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise AuthenticationFailed(
-            "Missing credentials: send 'Authorization: Bearer <token>' with a Globus access token "
-            "or a gateway API key.",
-            code="missing_credentials",
-            bearer_error="invalid_request",
-        )
-    return token
-
-
 bearer_auth = BearerAuth()
+# The OpenAPI security of operations whose credentials the request pipeline checks (the inference routes):
+# the same bearer scheme, under the name ninja gives it.
+BEARER_SECURITY: list[dict[str, list[str]]] = [{type(bearer_auth).__name__: []}]

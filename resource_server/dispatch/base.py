@@ -5,22 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Protocol
 
 import orjson
 
 from resource_server.errors import ServiceUnavailable, UpstreamError
+from resource_server.routes import Route
 
 logger = logging.getLogger(__name__)
-
-
-class Route(StrEnum):
-    """OpenAI routes the gateway serves, as paths relative to a server's `/v1/`."""
-
-    CHAT = "chat/completions"
-    COMPLETIONS = "completions"
-    EMBEDDINGS = "embeddings"
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,11 +108,13 @@ def task_error(status: int, code: str, message: str, *, server: str) -> GatewayE
         return upstream_error(status, orjson.dumps({"error": {"message": message}}), model_server=server)
     logger.warning("compute task on %s failed: %s: %s", server, code, message[:500])
     if code in ("vllm_unreachable", "vllm_unhealthy"):
-        return ServiceUnavailable(
+        unreachable = ServiceUnavailable(
             "The model server on the cluster is not answering; it may still be starting. Please retry shortly.",
             retry_after=30,
             code="upstream_unreachable",
         )
+        unreachable.never_reached = True  # the function found vLLM down before sending it the request
+        return unreachable
     if code == "vllm_timeout":
         return UpstreamError(
             "The model server on the cluster did not answer in time.", status=504, code="upstream_timeout"

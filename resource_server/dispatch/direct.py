@@ -169,11 +169,13 @@ class DirectBackend:
                 code="upstream_timeout",
             )
         if isinstance(exc, ConnectError | ConnectTimeout | PoolTimeout):
-            return ServiceUnavailable(
+            unreachable = ServiceUnavailable(
                 "The model server cannot be reached right now. Please retry shortly.",
                 retry_after=5,
                 code="upstream_unreachable",
             )
+            unreachable.never_reached = True  # no connection, so no byte of the request was sent
+            return unreachable
         return UpstreamError("The connection to the model server failed.", code="upstream_connection_failed")
 
     async def submit(self, request: UpstreamRequest) -> bytes:

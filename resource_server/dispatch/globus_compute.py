@@ -297,13 +297,15 @@ class GlobusComputeBackend(ComputeBackend):
     async def _submit(self, request: UpstreamRequest, task: dict[str, Any]) -> Future[Any]:
         status = await self._endpoints.status(self._credentials, self._endpoint_id)
         if status.online is False:
-            raise ServiceUnavailable(
+            offline = ServiceUnavailable(
                 f"The model `{request.body.get('model')}` is offline right now: the cluster's Globus Compute "
                 "endpoint that serves it is not connected. Please retry later; if it stays offline, tell the "
                 "gateway administrators.",
                 retry_after=60,
                 code="endpoint_offline",
             )
+            offline.never_reached = True  # checked before submitting: no task was sent
+            raise offline
         try:
             return await self._endpoints.submit(self._credentials, self._endpoint_id, self._function_id, task)
         except Exception as exc:

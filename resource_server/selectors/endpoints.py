@@ -181,35 +181,39 @@ def _check_scope(table: RoutingTable, cluster: str | None) -> None:
         raise NotFound(f"There is no cluster named {cluster!r} on this gateway.", code="cluster_not_found")
 
 
-async def endpoint_resolve(
+async def endpoint_candidates(
     *, principal: Principal, model: str, cluster: str | None = None, framework: str | None = None
-) -> EndpointRoute:
-    """The endpoint that serves `model` to `principal`, or the error that explains why none does."""
+) -> list[EndpointRoute]:
+    """The route stage: the endpoints that may serve `model` to `principal`, best first, or the error that
+    explains why none may (no such model or cluster, no access, every one under maintenance).
+
+    Each candidate is allowed to the caller and not under maintenance; the order is the registry's.
+    """
     table = await routing_table()
     _check_scope(table, cluster)
-    candidates = [route for route in table.by_model.get(model, ()) if route.serves(cluster, framework)]
-    if not candidates:
+    in_scope = [route for route in table.by_model.get(model, ()) if route.serves(cluster, framework)]
+    if not in_scope:
         where = f" on {cluster}/{framework}" if cluster else ""
         raise NotFound(
             f"The model `{model}` does not exist{where}. GET /v1/models lists the models you can use.",
             code="model_not_found",
             param="model",
         )
-    allowed = [route for route in candidates if route.allows(principal)]
+    allowed = [route for route in in_scope if route.allows(principal)]
     if not allowed:
         raise PermissionDenied(
             f"You do not have access to the model `{model}`. Ask the gateway administrators which group grants it.",
             code="model_access_denied",
             param="model",
         )
-    for route in allowed:
-        if route.maintenance_message is None:
-            return route
-    raise ServiceUnavailable(
-        f"The model `{model}` is unavailable: {allowed[0].maintenance_message}",
-        retry_after=300,
-        code="cluster_maintenance",
-    )
+    candidates = [route for route in allowed if route.maintenance_message is None]
+    if not candidates:
+        raise ServiceUnavailable(
+            f"The model `{model}` is unavailable: {allowed[0].maintenance_message}",
+            retry_after=300,
+            code="cluster_maintenance",
+        )
+    return candidates
 
 
 async def model_list(

@@ -16,6 +16,25 @@ from resource_server.services.users import UserPrincipals
 AUTHENTICATORS: list[Authenticator] = [ApiKeyAuthenticator(), GlobusAuthenticator(UserPrincipals())]
 
 
+async def principal_from_authorization(authorization: str) -> Principal:
+    """The caller named by an Authorization header value (the pipeline's authenticate stage)."""
+    return await principal_from_token(bearer_token_of(authorization))
+
+
+def bearer_token_of(authorization: str) -> str:
+    """The bearer credential in an Authorization header value (never log it)."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationFailed(
+            "Missing credentials: send 'Authorization: Bearer <token>' with a Globus access token "
+            "or a gateway API key.",
+            code="missing_credentials",
+            bearer_error="invalid_request",
+        )
+    return token
+
+
 async def principal_from_token(token: str) -> Principal:
     """The caller behind a bearer token, or raise AuthenticationFailed / PermissionDenied / ServiceUnavailable."""
     for authenticator in AUTHENTICATORS:

@@ -14,7 +14,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.test import override_settings
 
-from gateway.asgi import django_application, http_application, worker_settle
+from gateway.asgi import AdmissionControl, django_application, http_application, inference_app, worker_settle
 from resource_server.adapters.relay import RelayMessage, relay_hub
 from resource_server.api.fast import InferenceApp
 from resource_server.models import RequestLog
@@ -109,7 +109,7 @@ def assert_same_head(lean: Answer, django: Answer) -> None:
 
 
 def test_the_lean_routes_are_on_with_the_configured_middleware() -> None:
-    assert http_application.enabled
+    assert inference_app.enabled
 
 
 def test_the_lean_routes_turn_off_when_middleware_changes() -> None:
@@ -200,9 +200,9 @@ async def test_other_requests_are_left_to_django(
     assert lean.body == django.body
 
 
-def _app_with(**limits: int) -> InferenceApp:
+def _app_with(**limits: int) -> AdmissionControl:
     with override_settings(GATEWAY=settings.GATEWAY.model_copy(update=limits)):
-        return InferenceApp(django_application)
+        return AdmissionControl(InferenceApp(django_application))
 
 
 async def _until(condition: Any) -> None:
@@ -226,7 +226,7 @@ def assert_overloaded(answer: Answer) -> None:
 async def test_a_worker_holding_its_most_pending_requests_refuses_more_with_503(seeded: Seeded) -> None:
     app = _app_with(MAX_PENDING_PER_WORKER=2)
     held = [asyncio.ensure_future(call(app, CHAT_PATH, SLOW_CHAT, headers=seeded.auth)) for _ in range(2)]
-    await _until(lambda: app._pending == 2)
+    await _until(lambda: app.pending == 2)
     assert_overloaded(await call(app, CHAT_PATH, orjson.dumps(CHAT), headers=seeded.auth))
     assert [answer.status for answer in await asyncio.gather(*held)] == [200, 200]
     assert (await call(app, CHAT_PATH, orjson.dumps(CHAT), headers=seeded.auth)).status == 200
@@ -251,11 +251,26 @@ async def test_open_streams_count_against_the_in_flight_bound(seeded: Seeded) ->
     assert (await stream).status == 200
 
 
+async def test_overload_is_shed_even_when_the_lean_routes_are_off(seeded: Seeded) -> None:
+    with override_settings(MIDDLEWARE=["django.middleware.common.CommonMiddleware"]):
+        door = InferenceApp(django_application)
+    assert not door.enabled
+    with override_settings(GATEWAY=settings.GATEWAY.model_copy(update={"MAX_PENDING_PER_WORKER": 2})):
+        app = AdmissionControl(door)
+    held = [asyncio.ensure_future(call(app, CHAT_PATH, SLOW_CHAT, headers=seeded.auth)) for _ in range(2)]
+    await _until(lambda: app.pending == 2)
+    assert_overloaded(await call(app, CHAT_PATH, orjson.dumps(CHAT), headers=seeded.auth))
+    # Only inference POSTs are shed: the rest still reaches Django.
+    assert (await call(app, "/resource_server/v1/models", method="GET", headers=seeded.auth)).status == 200
+    assert [answer.status for answer in await asyncio.gather(*held)] == [200, 200]
+    assert (app.pending, app.in_flight) == (0, 0)
+
+
 async def test_requests_in_flight_are_counted_back_down(seeded: Seeded) -> None:
-    app = InferenceApp(django_application)
+    app = AdmissionControl(InferenceApp(django_application))
     for body in (orjson.dumps(CHAT), b"not json", orjson.dumps({**CHAT, "stream": True}), SLOW_STREAM):
         await call(app, CHAT_PATH, body, headers=seeded.auth)
-    assert (app._pending, app._in_flight) == (0, 0)
+    assert (app.pending, app.in_flight) == (0, 0)
 
 
 RELAY_MESSAGE = orjson.dumps({"seq": 0, "events": ['data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n']})

@@ -12,10 +12,10 @@ from django.test import AsyncClient, Client
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
-from resource_server.api.fast import INFERENCE_PATH
-from resource_server.dispatch.base import Route
+from resource_server.api.edge import INFERENCE_PATH
 from resource_server.errors import ERROR_CATALOGUE
 from resource_server.models import Cluster, Endpoint
+from resource_server.routes import Route
 from tests.conftest import Seeded
 
 OPENAPI_URL = "/resource_server/openapi.json"

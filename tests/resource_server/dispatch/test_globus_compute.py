@@ -19,7 +19,7 @@ from globus_compute_sdk.serialize.base import IDENTIFIER_LENGTH
 from compute_functions import DATA_STRATEGY, inference
 from fakes.globus_compute import FakeGlobusCompute, Fault
 from resource_server.backend_kinds import backend_config_errors
-from resource_server.dispatch.base import Route, UpstreamRequest
+from resource_server.dispatch.base import UpstreamRequest
 from resource_server.dispatch.compute import ComputeStream
 from resource_server.dispatch.globus_compute import (
     ComputeEndpoints,
@@ -29,6 +29,7 @@ from resource_server.dispatch.globus_compute import (
     SdkConnector,
 )
 from resource_server.errors import GatewayError, ServiceUnavailable, UpstreamError
+from resource_server.routes import Route
 from tests.resource_server.dispatch.conftest import CLIENT_ID, CLIENT_SECRET, OTHER_ID, OTHER_SECRET
 from tests.servers import free_port
 

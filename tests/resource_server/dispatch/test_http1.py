@@ -9,9 +9,10 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
-from resource_server.dispatch.base import Route, UpstreamRequest
+from resource_server.dispatch.base import UpstreamRequest
 from resource_server.dispatch.direct import DirectBackend, DirectConfig
 from resource_server.dispatch.http1 import ConnectError, Pool, ReadTimeout
+from resource_server.routes import Route
 
 CHAT = orjson.dumps({"model": "demo-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
 

@@ -20,9 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from resource_server.dispatch.base import Route, UpstreamRequest
+from resource_server.dispatch.base import UpstreamRequest
 from resource_server.dispatch.direct import DirectBackend, DirectConfig
 from resource_server.errors import ServiceUnavailable, UpstreamError
+from resource_server.routes import Route
 
 CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from django.conf import settings
 
-from resource_server.models import Endpoint
+from resource_server.auth.base import AuthKind, Principal
+from resource_server.errors import GatewayError
+from resource_server.models import Cluster, Endpoint
 from resource_server.selectors import endpoints
-from resource_server.selectors.endpoints import routing_table
+from resource_server.selectors.endpoints import endpoint_candidates, routing_table
 from tests.conftest import Seeded
 
 
@@ -39,3 +41,55 @@ async def test_a_table_past_its_lifetime_is_reloaded_before_it_is_used(seeded: S
     first.loaded_at -= lifetime + 1
 
     assert "demo-model" not in (await routing_table()).by_model, "admin changes must apply within the lifetime"
+
+
+def _caller(seeded: Seeded, groups: frozenset[str] = frozenset()) -> Principal:
+    user = seeded.user
+    return Principal(user.pk, user.identity_id, user.username, AuthKind.API_KEY, groups=groups)
+
+
+async def _endpoint(cluster: str, *, maintenance: bool = False, groups: tuple[str, ...] = ()) -> Endpoint:
+    where = await Cluster.objects.acreate(name=cluster, maintenance=maintenance, allowed_groups=list(groups))
+    return await Endpoint.objects.acreate(
+        cluster=where,
+        framework="vllm",
+        model="demo-model",
+        backend="direct",
+        backend_config={"base_url": "http://x/v1"},
+    )
+
+
+async def test_the_route_stage_gives_every_allowed_endpoint_not_in_maintenance_in_order(seeded: Seeded) -> None:
+    first = await _endpoint("aurora")
+    await _endpoint("crux", maintenance=True)
+    await _endpoint("sophia", groups=("other-group",))
+    candidates = await endpoint_candidates(principal=_caller(seeded), model="demo-model")
+    assert [route.id for route in candidates] == [first.pk, seeded.endpoint.pk]
+    on_polaris = await endpoint_candidates(principal=_caller(seeded), model="demo-model", cluster="polaris")
+    assert [route.id for route in on_polaris] == [seeded.endpoint.pk]
+    with_group = await endpoint_candidates(principal=_caller(seeded, frozenset({"other-group"})), model="demo-model")
+    assert len(with_group) == 3
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "code"),
+    [
+        ("unknown model", 404, "model_not_found"),
+        ("unknown cluster", 404, "cluster_not_found"),
+        ("no access", 403, "model_access_denied"),
+        ("maintenance", 503, "cluster_maintenance"),
+    ],
+)
+async def test_the_route_stage_says_why_no_endpoint_may_serve(
+    seeded: Seeded, case: str, status: int, code: str
+) -> None:
+    model, cluster = ("nope" if case == "unknown model" else "demo-model"), None
+    if case == "unknown cluster":
+        cluster = "nowhere"
+    elif case == "no access":
+        await Cluster.objects.filter(pk=seeded.cluster.pk).aupdate(allowed_groups=["admins"])
+    elif case == "maintenance":
+        await Cluster.objects.filter(pk=seeded.cluster.pk).aupdate(maintenance=True)
+    with pytest.raises(GatewayError) as refused:
+        await endpoint_candidates(principal=_caller(seeded), model=model, cluster=cluster)
+    assert (refused.value.status, refused.value.code) == (status, code)

@@ -1,0 +1,52 @@
+"""The dispatch stage: the request goes to the first candidate endpoint's backend, or on to the next one.
+
+Failing over is safe only when the request cannot have run: the backend marks such an error `never_reached`
+(connection refused, endpoint offline; for a stream, before its first event). Any other error, or the last
+candidate's, is the caller's answer. With one candidate this is exactly one backend call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from resource_server.dispatch.base import Backend, UpstreamRequest, UpstreamStream
+from resource_server.dispatch.registry import backend_pool
+from resource_server.errors import GatewayError
+from resource_server.pipeline.meter import Meter
+from resource_server.selectors.endpoints import EndpointRoute
+
+logger = logging.getLogger(__name__)
+
+
+async def dispatch_submit(*, candidates: Sequence[EndpointRoute], request: UpstreamRequest, meter: Meter) -> bytes:
+    """The JSON answer of the first candidate that takes the request."""
+    for endpoint in candidates:
+        try:
+            return await _backend(endpoint, meter).submit(request)
+        except GatewayError as error:
+            _raise_unless_next(error, endpoint, candidates)
+    raise AssertionError("the route stage gives at least one candidate")
+
+
+async def dispatch_stream(
+    *, candidates: Sequence[EndpointRoute], request: UpstreamRequest, meter: Meter
+) -> UpstreamStream:
+    """The opened stream of the first candidate that takes the request."""
+    for endpoint in candidates:
+        try:
+            return await _backend(endpoint, meter).open_stream(request)
+        except GatewayError as error:
+            _raise_unless_next(error, endpoint, candidates)
+    raise AssertionError("the route stage gives at least one candidate")
+
+
+def _backend(endpoint: EndpointRoute, meter: Meter) -> Backend:
+    meter.dispatching(endpoint.id)
+    return backend_pool.get(endpoint.id, endpoint.backend, endpoint.config)
+
+
+def _raise_unless_next(error: GatewayError, endpoint: EndpointRoute, candidates: Sequence[EndpointRoute]) -> None:
+    if not error.never_reached or endpoint is candidates[-1]:
+        raise error
+    logger.warning("endpoint %s did not take the request (%s); trying the next candidate", endpoint.id, error.code)

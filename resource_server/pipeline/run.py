@@ -1,0 +1,63 @@
+"""One inference request, stage by stage. This is the order; each stage lives in the module named beside it.
+
+    1 authenticate  services/authentication.py  the bearer credential -> Principal (401/403 leave no usage row)
+      body          pipeline/parse.py           413 on the declared size, then the body read within the limit
+    2 parse         pipeline/parse.py        the route's descriptor (routes.py): schema, fields the gateway reads
+    3 route         selectors/endpoints.py   candidate endpoints in order: allowed, not under maintenance
+    4 admit         pipeline/admit.py        limits: reserve now, settle in the meter stage (no limits yet)
+    5 dispatch      pipeline/dispatch.py     the first candidate's backend; the next one if it was never reached
+    6 respond       pipeline/respond.py      JSON, or the SSE events relayed as they arrive
+    7 meter         pipeline/meter.py        one usage row from the body on, whatever the outcome (499 included)
+
+Both doors call `inference_run`: the lean ASGI app (api/fast.py) and the ninja views (api/inference.py). They
+only read the HTTP request and write the HTTP answer (api/edge.py).
+"""
+
+from __future__ import annotations
+
+from resource_server.errors import GatewayError
+from resource_server.pipeline.admit import admit
+from resource_server.pipeline.dispatch import dispatch_stream, dispatch_submit
+from resource_server.pipeline.meter import Meter
+from resource_server.pipeline.parse import BodyReader, body_read, request_parse, upstream_request
+from resource_server.pipeline.respond import JsonResult, StreamResult, answer_json, stream_relay
+from resource_server.routes import ROUTES, Route
+from resource_server.selectors.endpoints import endpoint_candidates
+from resource_server.services.authentication import principal_from_authorization
+
+
+async def inference_run(
+    *,
+    route: Route,
+    authorization: str,
+    content_length: int | None,
+    read_body: BodyReader,
+    request_id: str,
+    client_request_id: str = "",
+    cluster: str | None = None,
+    framework: str | None = None,
+) -> JsonResult | StreamResult:
+    """Answer one OpenAI request; from its body on, every outcome leaves exactly one usage record."""
+    principal = await principal_from_authorization(authorization)
+    raw = await body_read(content_length=content_length, read=read_body)
+    descriptor = ROUTES[route]
+    meter = Meter(principal=principal, route=route, request_id=request_id, client_request_id=client_request_id)
+    try:
+        request = request_parse(descriptor, raw)
+        meter.parsed(request)
+        candidates = await endpoint_candidates(
+            principal=principal, model=request.model, cluster=cluster, framework=framework
+        )
+        meter.reservation = await admit(principal=principal, request=request, candidates=candidates)
+        upstream = upstream_request(descriptor, request, request_id)
+        if request.stream:
+            stream = await dispatch_stream(candidates=candidates, request=upstream, meter=meter)
+            return StreamResult(stream_relay(stream, descriptor, meter, client_wants_usage=request.include_usage))
+        content = await dispatch_submit(candidates=candidates, request=upstream, meter=meter)
+    except GatewayError as error:
+        meter.finish(status=error.status, error_code=error.code)
+        raise
+    except BaseException:
+        meter.finish(status=500, error_code="internal_error")
+        raise
+    return answer_json(content, descriptor, meter)
