@@ -1,0 +1,180 @@
+"""Which tests the edit loop runs: every test gets exactly one tier marker, chosen here from where it lives and
+what it uses, so test files need no marks of their own.
+
+    unit         in-process and offline: no child process, no socket beyond loopback (`make test-fast`)
+    slow         in-process and offline, but waits seconds of real time (a TTL, a lockout, a timeout)
+    server       starts processes: the fake model server or Globus, gunicorn, `manage.py`, process pools
+    e2e          tests/e2e: the gateway as deployed, driven over HTTP
+    integration  tests/integration: PostgreSQL and Redis for real, outages included
+
+A `unit` test runs under a guard: starting a process or reaching a non-loopback address fails it, naming
+what it did, so a test that needs a server can never slip into `make test-fast` unnoticed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import multiprocessing
+import platform
+import sys
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TIERS = ("unit", "slow", "server", "e2e", "integration")
+
+# Whole directories of one tier.
+TIER_OF_DIRECTORY = {"tests/e2e": "e2e", "tests/integration": "integration"}
+
+# Fixtures that start processes. A test that uses one of them (itself or through another fixture) is `server`.
+PROCESS_FIXTURES = frozenset(
+    {
+        "model_server",  # tests/conftest.py: the fake vLLM server, a subprocess for the session
+        "seeded",  # rows whose endpoint is served by `model_server`
+        "compute",  # tests/resource_server/dispatch: FakeGlobusCompute runs tasks in a process pool
+        "fake_url",  # tests/fakes/test_globus_fake.py: the fake Globus Auth as a subprocess
+        "vllm",  # tests/compute_functions/test_inference.py: a fake model server subprocess
+        "fake_vllm",  # the same server's URL
+        "launcher",  # tests/endpoint_configs: runs the vLLM launch script with bash
+    }
+)
+
+# Tests that start a process in their own body, or wait on the clock, which no fixture tells.
+TIER_OF_TEST = {
+    "tests/gateway/test_config.py::test_production_process_refuses_to_boot_on_sqlite": "server",
+    "tests/gateway/test_config.py::test_production_process_refuses_to_boot_with_debug_on": "server",
+    "tests/gateway/test_config.py::test_urls_switch_to_postgres_and_redis": "server",
+    "tests/fakes/test_model_server.py::test_module_entry_point_serves_the_given_models_behind_the_api_key": "server",
+    "tests/compute_functions/test_inference.py::test_api_key_from_the_named_variable_is_sent": "server",
+    "tests/resource_server/dispatch/test_local.py::test_pool_workers_end_with_a_gateway_killed_by_a_signal": "server",
+    "tests/endpoint_configs/test_configs.py::test_config_loads_with_the_endpoints_own_loader": "server",
+    "tests/endpoint_configs/test_configs.py::test_launcher_is_valid_bash": "server",
+}
+
+LOOPBACK_NAMES = frozenset({"localhost", "testserver"})
+
+
+def tier_of(path: str, name: str, fixtures: set[str], marked: set[str]) -> str:
+    """The tier of the test `name` in `path` (relative to the project root, with forward slashes)."""
+    for directory, tier in TIER_OF_DIRECTORY.items():
+        if path.startswith(directory + "/"):
+            return tier
+    if (chosen := TIER_OF_TEST.get(f"{path}::{name}")) is not None:
+        return chosen
+    if fixtures & PROCESS_FIXTURES:
+        return "server"
+    # A `pytestmark` or decorator in the test file is the last word for what the rules above cannot tell.
+    for tier in ("server", "slow"):
+        if tier in marked:
+            return tier
+    return "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = config.rootpath
+    for item in items:
+        path = Path(item.path).relative_to(root).as_posix()
+        fixtures = set(getattr(item, "fixturenames", ()))
+        marked = {mark.name for mark in item.iter_markers()} & set(TIERS)
+        tier = tier_of(path, getattr(item, "originalname", item.name), fixtures, marked)
+        if tier not in marked:
+            item.add_marker(tier)
+
+
+class Guard:
+    """Records what a unit test must not do: start a process, or open a socket to another host.
+
+    Python's audit hooks see every process start (subprocess, os.fork, os.posix_spawn, os.system, exec) and
+    every socket connect, in any thread; multiprocessing's spawn and forkserver starts are not audited, so its
+    live children are compared too. Once installed a hook stays for the process, so it checks a flag.
+    """
+
+    PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.fork", "os.forkpty", "os.posix_spawn", "os.system"})
+
+    def __init__(self) -> None:
+        self.active = False
+        self.violations: list[str] = []
+        self._children: set[int] = set()
+        self._installed = False
+
+    def install(self) -> None:
+        if not self._installed:
+            # The standard library runs `uname -p` once per process for platform.processor() (the openai client
+            # sends it); run it now, before any test is watched.
+            platform.processor()
+            sys.addaudithook(self._audit)
+            self._installed = True
+
+    def start(self) -> None:
+        self.violations.clear()
+        self._children = {child.pid or 0 for child in multiprocessing.active_children()}
+        self.active = True
+
+    def stop(self) -> list[str]:
+        self.active = False
+        started = {child.pid or 0 for child in multiprocessing.active_children()} - self._children
+        if started:
+            self.violations.append(f"multiprocessing children {sorted(started)} still running")
+        return list(self.violations)
+
+    def _audit(self, event: str, args: tuple[Any, ...]) -> None:
+        if not self.active:
+            return
+        if event in self.PROCESS_EVENTS or event.startswith("os.exec") or event.startswith("os.spawn"):
+            self.violations.append(f"started a process ({event} {args[:2]!r})")
+        elif event == "socket.connect" and not _is_local(args[1]):
+            self.violations.append(f"connected to {args[1]!r}")
+        elif event == "socket.getaddrinfo" and not _is_local((args[0], 0)):
+            self.violations.append(f"looked up {args[0]!r}")
+
+
+def _is_local(address: Any) -> bool:
+    """Whether a socket address stays on this machine (a loopback address, or a Unix socket path)."""
+    if not isinstance(address, tuple):
+        return True  # AF_UNIX: a path (str or bytes)
+    host = address[0].decode() if isinstance(address[0], bytes) else str(address[0])
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+guard = Guard()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    return (yield from _guarded(item, "set-up"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    return (yield from _guarded(item, "call"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    return (yield from _guarded(item, "teardown"))
+
+
+def _guarded(item: pytest.Item, phase: str) -> Generator[None, None, None]:
+    if item.get_closest_marker("unit") is None:
+        return (yield)
+    guard.install()
+    guard.start()
+    try:
+        result = yield
+    finally:
+        violations = guard.stop()
+    if violations:
+        pytest.fail(
+            f"a unit test must stay in-process and offline, but its {phase} " + "; ".join(violations) + ". Give it "
+            "a fixture from PROCESS_FIXTURES, or name it in TIER_OF_TEST, in tests/selection.py",
+            pytrace=False,
+        )
+    return result
+
