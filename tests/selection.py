@@ -51,6 +51,8 @@ TIER_OF_TEST = {
     "tests/resource_server/dispatch/test_local.py::test_pool_workers_end_with_a_gateway_killed_by_a_signal": "server",
     "tests/endpoint_configs/test_configs.py::test_config_loads_with_the_endpoints_own_loader": "server",
     "tests/endpoint_configs/test_configs.py::test_launcher_is_valid_bash": "server",
+    "tests/resource_server/test_admin.py::test_pause_ends_after_the_lockout_time": "slow",  # a 1 s lockout
+    "tests/resource_server/auth/test_globus.py::test_globus_errors_are_503_and_not_cached": "slow",  # SDK backoff
 }
 
 LOOPBACK_NAMES = frozenset({"localhost", "testserver"})
@@ -177,4 +179,3 @@ def _guarded(item: pytest.Item, phase: str) -> Generator[None, None, None]:
             pytrace=False,
         )
     return result
-
