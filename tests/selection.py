@@ -39,6 +39,7 @@ PROCESS_FIXTURES = frozenset(
         "vllm",  # tests/compute_functions/test_inference.py: a fake model server subprocess
         "fake_vllm",  # the same server's URL
         "launcher",  # tests/endpoint_configs: runs the vLLM launch script with bash
+        "wheel_files",  # tests/test_wheel.py: builds the wheel with pip
     }
 )
 
@@ -52,6 +53,8 @@ TIER_OF_TEST = {
     "tests/resource_server/dispatch/test_local.py::test_pool_workers_end_with_a_gateway_killed_by_a_signal": "server",
     "tests/endpoint_configs/test_configs.py::test_config_loads_with_the_endpoints_own_loader": "server",
     "tests/endpoint_configs/test_configs.py::test_launcher_is_valid_bash": "server",
+    "tests/resource_server/test_backend_kinds.py::test_setting_up_django_loads_no_backend_sdk_or_relay": "server",
+    "tests/test_selection.py::test_no_test_under_e2e_or_integration_is_unit": "server",
     "tests/resource_server/test_admin.py::test_pause_ends_after_the_lockout_time": "slow",  # a 1 s lockout
     "tests/resource_server/auth/test_globus.py::test_globus_errors_are_503_and_not_cached": "slow",  # SDK backoff
 }
@@ -66,12 +69,11 @@ def tier_of(path: str, name: str, fixtures: set[str], marked: set[str]) -> str:
             return tier
     if (chosen := TIER_OF_TEST.get(f"{path}::{name}")) is not None:
         return chosen
+    # A `pytestmark` or decorator in the test file comes next: for what the rules here cannot tell.
+    if marked:
+        return min(marked, key=TIERS.index)
     if fixtures & PROCESS_FIXTURES:
         return "server"
-    # A `pytestmark` or decorator in the test file is the last word for what the rules above cannot tell.
-    for tier in ("server", "slow"):
-        if tier in marked:
-            return tier
     return "unit"
 
 
@@ -144,16 +146,18 @@ class Guard:
 
 
 def _is_local(address: Any) -> bool:
-    """Whether a socket address stays on this machine (a loopback address, or a Unix socket path)."""
+    """Whether a socket address stays on this machine (loopback, this host's any-address, a Unix socket path)."""
     if not isinstance(address, tuple):
         return True  # AF_UNIX: a path (str or bytes)
-    host = address[0].decode() if isinstance(address[0], bytes) else str(address[0])
-    if host in LOOPBACK_NAMES:
-        return True
+    host = address[0].decode() if isinstance(address[0], bytes) else address[0]
+    if not host or host in LOOPBACK_NAMES:
+        return True  # None or "": a lookup for binding
     try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+        ip = ipaddress.ip_address(str(host).split("%")[0])
     except ValueError:
-        return False
+        return False  # a host name to resolve
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or ip.is_unspecified or bool(mapped and mapped.is_loopback)
 
 
 guard = Guard()

@@ -27,10 +27,12 @@ from tests.servers import ROOT
         ("tests/resource_server/test_x.py", {"db", "settings"}, set(), "unit"),
         ("tests/resource_server/test_x.py", {"db"}, {"slow"}, "slow"),
         ("tests/resource_server/test_x.py", {"db"}, {"server"}, "server"),
+        ("tests/resource_server/test_x.py", {"seeded"}, {"slow"}, "slow"),
+        ("tests/resource_server/test_x.py", {"seeded"}, {"unit"}, "unit"),  # wrongly: the guard will fail it
         ("tests/e2e_helpers/test_x.py", set(), set(), "unit"),  # a directory, not a name prefix
     ],
 )
-def test_tier_comes_from_the_directory_then_the_fixtures_then_the_file(
+def test_tier_comes_from_the_directory_then_the_table_then_the_file_then_the_fixtures(
     path: str, fixtures: set[str], marked: set[str], tier: str
 ) -> None:
     assert tier_of(path, "test_x", fixtures, marked) == tier
@@ -70,9 +72,10 @@ def test_the_guard_sees_a_process_start(watched: Guard) -> None:
 
 def test_the_guard_allows_loopback_and_unix_sockets_but_not_other_hosts(watched: Guard) -> None:
     with socket.socket() as sock:
-        for address in (("127.0.0.1", 9), ("::1", 9), ("localhost", 9), "/tmp/gateway.sock"):
+        for address in (("127.0.0.1", 9), ("::1", 9, 0, 0), ("::ffff:127.0.0.1", 9, 0, 0), "/tmp/gateway.sock"):
             sys.audit("socket.connect", sock, address)
-        sys.audit("socket.getaddrinfo", "localhost", 80, 0, 0, 0)
+        for host in ("localhost", "127.0.0.1", None):
+            sys.audit("socket.getaddrinfo", host, 80, 0, 0, 0)
         assert watched.stop() == []
         watched.start()
         sys.audit("socket.connect", sock, ("192.0.2.10", 443))
@@ -86,7 +89,6 @@ def test_the_guard_is_quiet_when_stopped(watched: Guard) -> None:
     assert watched.violations == []
 
 
-@pytest.mark.server  # collects the suite in a pytest subprocess
 def test_no_test_under_e2e_or_integration_is_unit() -> None:
     """Every test there starts servers or needs PostgreSQL and Redis, so `make test-fast` must select none."""
     result = subprocess.run(
