@@ -43,20 +43,24 @@ PROCESS_FIXTURES = frozenset(
     }
 )
 
-# Tests that start a process in their own body, or wait on the clock, which no fixture tells.
+# Tests that start a process in their own body, or wait on the clock, which no fixture tells. Keyed by file
+# name and test name, so an entry survives its file moving to another directory.
 TIER_OF_TEST = {
-    "tests/gateway/test_config.py::test_production_process_refuses_to_boot_on_sqlite": "server",
-    "tests/gateway/test_config.py::test_production_process_refuses_to_boot_with_debug_on": "server",
-    "tests/gateway/test_config.py::test_urls_switch_to_postgres_and_redis": "server",
-    "tests/fakes/test_model_server.py::test_module_entry_point_serves_the_given_models_behind_the_api_key": "server",
-    "tests/compute_functions/test_inference.py::test_api_key_from_the_named_variable_is_sent": "server",
-    "tests/resource_server/dispatch/test_local.py::test_pool_workers_end_with_a_gateway_killed_by_a_signal": "server",
-    "tests/endpoint_configs/test_configs.py::test_config_loads_with_the_endpoints_own_loader": "server",
-    "tests/endpoint_configs/test_configs.py::test_launcher_is_valid_bash": "server",
-    "tests/resource_server/test_backend_kinds.py::test_setting_up_django_loads_no_backend_sdk_or_relay": "server",
-    "tests/test_selection.py::test_no_test_under_e2e_or_integration_is_unit": "server",
-    "tests/resource_server/test_admin.py::test_pause_ends_after_the_lockout_time": "slow",  # a 1 s lockout
-    "tests/resource_server/auth/test_globus.py::test_globus_errors_are_503_and_not_cached": "slow",  # SDK backoff
+    "test_config.py::test_production_process_refuses_to_boot_on_sqlite": "server",
+    "test_config.py::test_production_process_refuses_to_boot_with_debug_on": "server",
+    "test_config.py::test_urls_switch_to_postgres_and_redis": "server",
+    "test_model_server.py::test_module_entry_point_serves_the_given_models_behind_the_api_key": "server",
+    "test_inference.py::test_api_key_from_the_named_variable_is_sent": "server",
+    "test_local.py::test_pool_workers_end_with_a_gateway_killed_by_a_signal": "server",
+    "test_configs.py::test_config_loads_with_the_endpoints_own_loader": "server",
+    "test_configs.py::test_launcher_is_valid_bash": "server",
+    "test_backend_kinds.py::test_setting_up_django_loads_no_backend_sdk_or_relay": "server",
+    "test_selection.py::test_no_test_under_e2e_or_integration_is_unit": "server",
+    "test_admin.py::test_pause_ends_after_the_lockout_time": "slow",  # a 1 s lockout
+    "test_globus.py::test_globus_errors_are_503_and_not_cached": "slow",  # the SDK's backoff between retries
+    # Real Redis (skipped without REDIS_URL, which `make test-fast` unsets), reads that outlast its 5 s timeout.
+    "test_relay_redis.py::test_a_read_waits_longer_than_redis_pys_default_socket_timeout": "slow",
+    "test_relay_redis.py::test_a_long_read_is_made_of_short_blocking_reads_each_within_the_socket_timeout": "slow",
 }
 
 LOOPBACK_NAMES = frozenset({"localhost", "testserver"})
@@ -67,7 +71,7 @@ def tier_of(path: str, name: str, fixtures: set[str], marked: set[str]) -> str:
     for directory, tier in TIER_OF_DIRECTORY.items():
         if path.startswith(directory + "/"):
             return tier
-    if (chosen := TIER_OF_TEST.get(f"{path}::{name}")) is not None:
+    if (chosen := TIER_OF_TEST.get(f"{path.rsplit('/', 1)[-1]}::{name}")) is not None:
         return chosen
     # A `pytestmark` or decorator in the test file comes next: for what the rules here cannot tell.
     if marked:

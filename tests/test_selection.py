@@ -38,10 +38,12 @@ def test_tier_comes_from_the_directory_then_the_table_then_the_file_then_the_fix
     assert tier_of(path, "test_x", fixtures, marked) == tier
 
 
-def test_a_test_named_in_the_table_gets_its_tier_whatever_it_uses() -> None:
-    path, name = next(iter(selection.TIER_OF_TEST)).split("::")
-    assert tier_of(path, name, set(), set()) == selection.TIER_OF_TEST[f"{path}::{name}"]
-    assert tier_of(path, name + "_renamed", set(), set()) == "unit"  # ...which the guard then holds to account
+def test_a_test_named_in_the_table_gets_its_tier_in_any_directory_whatever_it_uses() -> None:
+    file, name = "test_config.py", "test_production_process_refuses_to_boot_on_sqlite"
+    assert selection.TIER_OF_TEST[f"{file}::{name}"] == "server"
+    assert tier_of(f"tests/gateway/{file}", name, set(), set()) == "server"
+    assert tier_of(f"tests/elsewhere/{file}", name, set(), {"unit"}) == "server"
+    assert tier_of(f"tests/gateway/{file}", name + "_renamed", set(), set()) == "unit"  # the guard then holds it
 
 
 def test_every_test_in_this_session_has_exactly_one_tier(request: pytest.FixtureRequest) -> None:
