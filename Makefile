@@ -30,17 +30,17 @@ test: $(STAMP)
 	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest
 
+# Not collected by test-fast: the directories that hold no unit test, and pytest plugins no unit test uses
+# (importing hypothesis and schemathesis alone takes seconds).
+FAST_PYTEST_OPTIONS := --ignore=tests/e2e --ignore=tests/integration \
+	-p no:schemathesis -p no:hypothesispytest -p no:typeguard -p no:anyio
+
 ## test-fast: the edit loop, under 30 s: ruff, then the unit tests (in-process, offline, SQLite; tests/selection.py)
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-logo
 	env -u DATABASE_URL -u REDIS_URL $(BIN)/python -m pytest -q -x -m unit $(FAST_PYTEST_OPTIONS)
-
-# Not collected by test-fast: the directories that hold no unit test, and pytest plugins no unit test uses
-# (importing hypothesis and schemathesis alone takes seconds).
-FAST_PYTEST_OPTIONS := --ignore=tests/e2e --ignore=tests/integration \
-	-p no:schemathesis -p no:hypothesispytest -p no:typeguard -p no:anyio
 
 ## fuzz: Schemathesis from the served OpenAPI against the gateway (gunicorn, fake model server, a fresh SQLite
 ## database; FUZZ_ARGS="--database-url ... --redis-url ..." for PostgreSQL, Redis and 2 workers): 500 generated

@@ -2,7 +2,7 @@
 what it uses, so test files need no marks of their own.
 
     unit         in-process and offline: no child process, no socket beyond loopback (`make test-fast`)
-    slow         in-process and offline, but waits seconds of real time (a TTL, a lockout, a timeout)
+    slow         starts no process, but waits seconds of real time (a TTL, a lockout, a socket timeout)
     server       starts processes: the fake model server or Globus, gunicorn, `manage.py`, process pools
     e2e          tests/e2e: the gateway as deployed, driven over HTTP
     integration  tests/integration: PostgreSQL and Redis for real, outages included
