@@ -3,11 +3,13 @@ never be one, and the guard must catch one that does."""
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -52,8 +54,8 @@ def test_every_test_in_this_session_has_exactly_one_tier(request: pytest.Fixture
         assert len(tiers) == 1, f"{item.nodeid} has tiers {sorted(tiers)}"
 
 
-@pytest.fixture
-def watched() -> Iterator[Guard]:
+@contextmanager
+def watching() -> Iterator[Guard]:
     """A guard of its own, started; the session's guard (which watches this unit test) looks away meanwhile."""
     guard = Guard()
     guard.install()
@@ -63,17 +65,24 @@ def watched() -> Iterator[Guard]:
     guard.stop()
 
 
-def test_the_guard_sees_a_process_start(watched: Guard) -> None:
-    # The audit events that starting a process raises, raised without starting one.
-    sys.audit("subprocess.Popen", "/bin/true", ["/bin/true"], None, None)
-    sys.audit("os.system", b"true")
-    [popen, system] = watched.stop()
+def test_the_guard_sees_a_process_start() -> None:
+    with watching() as watched:
+        # The audit events that starting a process raises, raised without starting one.
+        sys.audit("subprocess.Popen", "/bin/true", ["/bin/true"], None, None)
+        sys.audit("os.system", b"true")
+        [popen, system] = watched.stop()
     assert popen.startswith("started a process (subprocess.Popen") and "/bin/true" in popen
     assert system.startswith("started a process (os.system")
 
 
-def test_the_guard_allows_loopback_and_unix_sockets_but_not_other_hosts(watched: Guard) -> None:
-    with socket.socket() as sock:
+def test_the_guard_counts_every_multiprocessing_process_made_even_one_never_started() -> None:
+    with watching() as watched:
+        multiprocessing.get_context("spawn").Process(target=abs, args=(-1,))  # made, never started
+        assert watched.stop() == ["made 1 multiprocessing process(es) (a process pool?)"]
+
+
+def test_the_guard_allows_loopback_and_unix_sockets_but_not_other_hosts() -> None:
+    with watching() as watched, socket.socket() as sock:
         for address in (("127.0.0.1", 9), ("::1", 9, 0, 0), ("::ffff:127.0.0.1", 9, 0, 0), "/tmp/gateway.sock"):
             sys.audit("socket.connect", sock, address)
         for host in ("localhost", "127.0.0.1", None):
@@ -82,13 +91,14 @@ def test_the_guard_allows_loopback_and_unix_sockets_but_not_other_hosts(watched:
         watched.start()
         sys.audit("socket.connect", sock, ("192.0.2.10", 443))
         sys.audit("socket.getaddrinfo", "auth.globus.org", 443, 0, 0, 0)
-    assert watched.stop() == ["connected to ('192.0.2.10', 443)", "looked up 'auth.globus.org'"]
+        assert watched.stop() == ["connected to ('192.0.2.10', 443)", "looked up 'auth.globus.org'"]
 
 
-def test_the_guard_is_quiet_when_stopped(watched: Guard) -> None:
-    watched.stop()
-    sys.audit("subprocess.Popen", "/bin/true", ["/bin/true"], None, None)
-    assert watched.violations == []
+def test_the_guard_is_quiet_when_stopped() -> None:
+    with watching() as watched:
+        watched.stop()
+        sys.audit("subprocess.Popen", "/bin/true", ["/bin/true"], None, None)
+        assert watched.violations == []
 
 
 def test_no_test_under_e2e_or_integration_is_unit() -> None:
