@@ -35,7 +35,7 @@ test: $(STAMP)
 FAST_PYTEST_OPTIONS := --ignore=tests/e2e --ignore=tests/integration \
 	-p no:schemathesis -p no:hypothesispytest -p no:typeguard -p no:anyio
 
-## test-fast: the edit loop, under 30 s: ruff, then the unit tests (in-process, offline, SQLite; tests/selection.py)
+## test-fast: the edit loop, under 30 s: ruff, import layers, then the unit tests (in-process, offline, SQLite)
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
