@@ -14,6 +14,9 @@ from resource_server.services.api_keys import api_key_create
 from resource_server.services.usage import usage_sink
 from tests.servers import fake_model_server
 
+# Tier markers (unit, slow, server, e2e, integration) for every test, and the guard that keeps unit tests in-process.
+pytest_plugins = ("tests.selection",)
+
 # Every test server is on loopback: a developer's proxy settings must not send the gateway (or the
 # gateway processes the tests start, which inherit this environment) anywhere else.
 for _variable in [name for name in os.environ if name.lower() in ("http_proxy", "https_proxy", "all_proxy")]:
