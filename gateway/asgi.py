@@ -30,7 +30,7 @@ from resource_server.api.edge import (  # noqa: E402
     Send,
 )
 from resource_server.api.fast import InferenceApp  # noqa: E402
-from resource_server.errors import ServiceUnavailable  # noqa: E402
+from resource_server.errors import ErrorCode, ServiceUnavailable  # noqa: E402
 from resource_server.selectors.endpoints import routing_table  # noqa: E402
 from resource_server.services.usage import usage_sink  # noqa: E402
 
@@ -39,7 +39,7 @@ logger = logging.getLogger("gateway")
 USAGE_STOP_SECONDS = 5.0
 _STOP_WAIT_SECONDS = 1.0  # for cancelled handlers, which only record their usage: milliseconds in practice
 _OVERLOADED = ServiceUnavailable(
-    "The gateway is at capacity. Please retry shortly.", retry_after=1, code="gateway_overloaded"
+    "The gateway is at capacity. Please retry shortly.", retry_after=1, code=ErrorCode.GATEWAY_OVERLOADED
 )
 
 

@@ -225,7 +225,7 @@ class ErrorDetail(BaseModel):
     message: str = Field(description="What went wrong and what to do, for a person to read.")
     type: str = Field(description="OpenAI's error type, e.g. `invalid_request_error`.")
     param: str | None = Field(description="The request field at fault, if one is.")
-    code: str | None = Field(description="A stable code for programs (see the user guide's error table).")
+    code: str | None = Field(description="A stable code for programs (see the user guide's table of codes).")
 
 
 class ErrorEnvelope(BaseModel):

@@ -36,7 +36,7 @@ import orjson
 from django.conf import settings
 from django.urls import reverse
 
-from resource_server.errors import GatewayError, InvalidRequest, ServiceUnavailable
+from resource_server.errors import ErrorCode, GatewayError, InvalidRequest, ServiceUnavailable
 
 if TYPE_CHECKING:
     import redis.asyncio as redis
@@ -78,7 +78,7 @@ class RelayMessage:
         try:
             message = orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise InvalidRequest("The relay message is not valid JSON.", code="invalid_json") from None
+            raise InvalidRequest("The relay message is not valid JSON.", code=ErrorCode.INVALID_JSON) from None
         if not isinstance(message, dict):
             raise InvalidRequest("The relay message must be a JSON object.")
         seq = message.get("seq")
@@ -242,7 +242,7 @@ def _store_errors() -> Iterator[None]:
         raise ServiceUnavailable(
             "The gateway's stream relay is unavailable right now. Please retry shortly.",
             retry_after=5,
-            code="relay_unavailable",
+            code=ErrorCode.RELAY_UNAVAILABLE,
         ) from None
 
 
@@ -478,6 +478,6 @@ def relay_url(task_id: str) -> str:
         raise GatewayError(
             "Streaming from this cluster is not configured on the gateway (RELAY_PUBLIC_URL is unset). "
             "Please tell the administrators; requests without `stream` still work.",
-            code="relay_not_configured",
+            code=ErrorCode.RELAY_NOT_CONFIGURED,
         )
     return base.rstrip("/") + reverse("resource_server:relay_message", kwargs={"task_id": task_id})

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from django.conf import settings
 from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 
-from resource_server.errors import GatewayError, NotFound
+from resource_server.errors import ErrorCode, GatewayError, NotFound
 from resource_server.routes import ROUTES
 
 logger = logging.getLogger("resource_server.api")
@@ -79,15 +79,16 @@ def internal_error(request_id: str) -> GatewayError:
 def framework_error(status: int, allow: str | None) -> GatewayError:
     """What an error answer of Django or ninja (not ours: unknown route, wrong method) says in the envelope."""
     if status == 404:
-        return NotFound("Unknown route. The API lives under /resource_server/v1/.", code="unknown_route")
+        return NotFound("Unknown route. The API lives under /resource_server/v1/.", code=ErrorCode.UNKNOWN_ROUTE)
     if status == 405:
         return GatewayError(
             f"Method not allowed; use {allow or 'another method'}.",
-            status=405,
             error_type="invalid_request_error",
-            code="method_not_allowed",
+            code=ErrorCode.METHOD_NOT_ALLOWED,
         )
-    return GatewayError("The request failed.", status=status, error_type="invalid_request_error", code="request_failed")
+    return GatewayError(
+        "The request failed.", status=status, error_type="invalid_request_error", code=ErrorCode.REQUEST_FAILED
+    )
 
 
 # The ninja door.

@@ -10,7 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from resource_server.api.security import BEARER_SECURITY
-from resource_server.errors import ERROR_CATALOGUE, AuthenticationFailed, GatewayError, RateLimited, ServiceUnavailable
+from resource_server.errors import (
+    ERROR_CATALOGUE,
+    AuthenticationFailed,
+    GatewayError,
+    RateLimited,
+    ServiceUnavailable,
+    codes_documented_under,
+)
 from resource_server.routes import RouteDescriptor
 from resource_server.schemas import ErrorEnvelope, schema_ref
 
@@ -88,8 +95,9 @@ def error_responses(*statuses: str) -> dict[int | str, Any]:
         for raising, extra in _ERROR_HEADERS:
             if issubclass(error_class, raising):
                 headers.update(extra)
+        codes = ", ".join(f"`{code}`" for code in codes_documented_under(status))
         responses[_status_key(status)] = {
-            "description": meaning,
+            "description": f"{meaning} The codes with this status: {codes}.",
             "headers": headers,
             "content": {"application/json": {"schema": schema_ref(ErrorEnvelope)}},
         }

@@ -13,7 +13,7 @@ from ninja.openapi.schema import OpenAPISchema
 
 from resource_server.api import account, health, inference, relay
 from resource_server.api.edge import error_response, internal_error
-from resource_server.errors import AuthenticationFailed, GatewayError, InvalidRequest
+from resource_server.errors import AuthenticationFailed, ErrorCode, GatewayError, InvalidRequest
 from resource_server.pipeline.parse import body_too_large
 from resource_server.schemas import openapi_components
 
@@ -53,7 +53,7 @@ def on_gateway_error(request: HttpRequest, exc: GatewayError) -> HttpResponse:
 
 @api.exception_handler(AuthenticationError)
 def on_missing_auth(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
-    return error_response(AuthenticationFailed("Authentication failed.", code="invalid_credentials"))
+    return error_response(AuthenticationFailed("Authentication failed.", code=ErrorCode.INVALID_CREDENTIALS))
 
 
 @api.exception_handler(NinjaValidationError)
@@ -71,7 +71,9 @@ def on_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
 @api.exception_handler(HttpError)
 def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     return error_response(
-        GatewayError(str(exc), status=exc.status_code, error_type="invalid_request_error", code="request_failed")
+        GatewayError(
+            str(exc), status=exc.status_code, error_type="invalid_request_error", code=ErrorCode.REQUEST_FAILED
+        )
     )
 
 

@@ -22,7 +22,7 @@ from resource_server.auth.globus import group_memberships, require_gateway_group
 from resource_server.auth.sealing import unseal
 from resource_server.cache import LocalTTLCache
 from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
-from resource_server.errors import AuthenticationFailed, GatewayError, PermissionDenied, ServiceUnavailable
+from resource_server.errors import AuthenticationFailed, ErrorCode, GatewayError, PermissionDenied, ServiceUnavailable
 from resource_server.models import LOCAL_PROVIDER, ApiKey
 
 logger = logging.getLogger(__name__)
@@ -70,14 +70,14 @@ class _Refusal:
 
     error: type[AuthenticationFailed] | type[PermissionDenied]
     message: str
-    code: str
+    code: ErrorCode
 
     def error_now(self) -> GatewayError:
         return self.error(self.message, code=self.code)
 
 
 def _invalid() -> AuthenticationFailed:
-    return AuthenticationFailed("Invalid API key.", code="invalid_api_key")
+    return AuthenticationFailed("Invalid API key.", code=ErrorCode.INVALID_API_KEY)
 
 
 def _key_row(prefix: str) -> ApiKey | None:
@@ -141,7 +141,7 @@ class ApiKeyAuthenticator:
                     raise ServiceUnavailable(
                         "The gateway is checking too many unfamiliar API keys at once. Please retry shortly.",
                         retry_after=1,
-                        code="auth_busy",
+                        code=ErrorCode.AUTH_BUSY,
                     )
                 self._unknown_pending += 1
                 pending = asyncio.ensure_future(self._check_unknown(token, digest))
@@ -196,16 +196,18 @@ class ApiKeyAuthenticator:
             raise ServiceUnavailable(
                 "The gateway cannot check API keys right now. Please retry shortly.",
                 retry_after=5,
-                code="auth_unavailable",
+                code=ErrorCode.AUTH_UNAVAILABLE,
             ) from None
         if key is None or not hmac.compare_digest(key.secret_hash, digest):
             raise _invalid()
         if key.revoked_at is not None:
-            raise AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
+            raise AuthenticationFailed("This API key has been revoked.", code=ErrorCode.REVOKED_API_KEY)
         if key.expires_at is not None and key.expires_at <= timezone.now():
             raise _expired()
         if not key.owner.is_active:
-            raise AuthenticationFailed("The account that owns this API key is disabled.", code="account_disabled")
+            raise AuthenticationFailed(
+                "The account that owns this API key is disabled.", code=ErrorCode.ACCOUNT_DISABLED
+            )
         principal = Principal(
             user_id=key.owner.pk,
             identity_id=key.owner.identity_id,
@@ -262,4 +264,4 @@ class ApiKeyAuthenticator:
 
 
 def _expired() -> AuthenticationFailed:
-    return AuthenticationFailed("This API key has expired. Create a new one.", code="expired_api_key")
+    return AuthenticationFailed("This API key has expired. Create a new one.", code=ErrorCode.EXPIRED_API_KEY)

@@ -24,7 +24,7 @@ from django.conf import settings
 
 from resource_server.auth.base import AuthKind, Identity, Principal, PrincipalSource
 from resource_server.cache import LocalTTLCache, shared_cache
-from resource_server.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
+from resource_server.errors import AuthenticationFailed, ErrorCode, PermissionDenied, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -74,17 +74,19 @@ def token_identity(
     """Check an introspection response and choose the identity it acts for; raise on any failed check."""
     now = time.time() if now is None else now
     if data.get("active") is not True:
-        raise AuthenticationFailed("The Globus token is not active: it expired or was revoked.", code="inactive_token")
+        raise AuthenticationFailed(
+            "The Globus token is not active: it expired or was revoked.", code=ErrorCode.INACTIVE_TOKEN
+        )
     expires_at = float(data.get("exp") or 0)
     if expires_at <= now:
-        raise AuthenticationFailed("The Globus token has expired. Get a new one.", code="expired_token")
+        raise AuthenticationFailed("The Globus token has expired. Get a new one.", code=ErrorCode.EXPIRED_TOKEN)
     if client_id not in _split(data.get("aud")):
         raise AuthenticationFailed(
-            "The Globus token was not issued for this gateway (wrong audience).", code="invalid_audience"
+            "The Globus token was not issued for this gateway (wrong audience).", code=ErrorCode.INVALID_AUDIENCE
         )
     if scope not in _split(data.get("scope")):
         raise AuthenticationFailed(
-            f"The Globus token does not carry this gateway's scope ({scope}).", code="insufficient_scope"
+            f"The Globus token does not carry this gateway's scope ({scope}).", code=ErrorCode.INSUFFICIENT_SCOPE
         )
     subject = str(data.get("sub") or "")
     token_client = str(data.get("client_id") or "")
@@ -122,9 +124,9 @@ def _check_policies(data: Mapping[str, Any], policies: list[str]) -> None:
         # A Globus Auth Requirements Error, so that globus-sdk clients know how to re-authenticate.
         raise AuthenticationFailed(
             f"{message} Log in again: {LOGIN_HINT}",
-            code="AuthorizationRequired",
+            code=ErrorCode.AUTHORIZATION_REQUIRED,
             extra={
-                "code": "AuthorizationRequired",
+                "code": ErrorCode.AUTHORIZATION_REQUIRED,
                 "authorization_parameters": {
                     "session_message": message,
                     "session_required_policies": failed,
@@ -157,7 +159,7 @@ def _session_identity(data: Mapping[str, Any], allowed_domains: set[str]) -> Map
         f"None of the identities you are logged in with ({', '.join(logged_in)}) is from an allowed "
         f"identity provider ({', '.join(sorted(allowed_domains))}). Log in with an identity from one of "
         f"them: {LOGIN_HINT}",
-        code="identity_not_allowed",
+        code=ErrorCode.IDENTITY_NOT_ALLOWED,
     )
 
 
@@ -199,7 +201,7 @@ def _unavailable(exc: Exception, what: str) -> ServiceUnavailable:
     return ServiceUnavailable(
         "Globus Auth cannot be reached to check your credentials right now. Please retry shortly.",
         retry_after=5,
-        code="globus_unavailable",
+        code=ErrorCode.GLOBUS_UNAVAILABLE,
     )
 
 
@@ -239,7 +241,7 @@ def _dependent_groups_token(token: str, *, offline: bool) -> dict[str, Any] | No
         if exc.http_status in (400, 401, 403):
             raise AuthenticationFailed(
                 "Globus refused to act on your behalf for Globus Groups; log in again and accept the consent.",
-                code="groups_consent_required",
+                code=ErrorCode.GROUPS_CONSENT_REQUIRED,
             ) from None
         raise _unavailable(exc, "dependent token grant") from None
     except globus_sdk.NetworkError as exc:
@@ -326,7 +328,7 @@ def require_gateway_groups(groups: frozenset[str]) -> None:
         raise PermissionDenied(
             "You are not a member of any Globus group that grants access to this gateway. "
             "Ask its administrators to add you to one.",
-            code="group_membership_required",
+            code=ErrorCode.GROUP_MEMBERSHIP_REQUIRED,
         )
 
 
@@ -373,7 +375,8 @@ class GlobusAuthenticator:
     async def authenticate(self, token: str) -> Principal:
         if not settings.GATEWAY.globus_enabled:
             raise AuthenticationFailed(
-                "This gateway accepts only its own API keys; the bearer token is not one.", code="invalid_api_key"
+                "This gateway accepts only its own API keys; the bearer token is not one.",
+                code=ErrorCode.INVALID_API_KEY,
             )
         digest = token_digest(token)
         cached = self._local.get(digest) or await self._shared_get(digest)
@@ -389,7 +392,7 @@ class GlobusAuthenticator:
         principal, expires_at = cached
         if expires_at <= time.time():
             self._local.pop(digest)
-            raise AuthenticationFailed("The Globus token has expired. Get a new one.", code="expired_token")
+            raise AuthenticationFailed("The Globus token has expired. Get a new one.", code=ErrorCode.EXPIRED_TOKEN)
         return principal
 
     async def _shared_get(self, digest: str) -> tuple[Principal, float] | None:

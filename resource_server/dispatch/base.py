@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from resource_server.errors import ServiceUnavailable, UpstreamError
+from resource_server.errors import MODEL_SERVER_4XX, ErrorCode, ServiceUnavailable, UpstreamError
 from resource_server.routes import Route
 
 logger = logging.getLogger(__name__)
@@ -84,10 +84,10 @@ def _error_message(content: bytes) -> str:
 
 
 _CLIENT_ERROR_CODES = {
-    400: "invalid_request",
-    404: "model_not_found",
-    413: "request_too_large",
-    429: "rate_limit_exceeded",
+    400: ErrorCode.INVALID_REQUEST,
+    404: ErrorCode.MODEL_NOT_FOUND,
+    413: ErrorCode.REQUEST_TOO_LARGE,
+    429: ErrorCode.RATE_LIMIT_EXCEEDED,
 }
 
 
@@ -99,10 +99,10 @@ def upstream_error(status: int, content: bytes, *, model_server: str) -> Upstrea
     server's internals, which are logged instead.
     """
     message = _error_message(content)
-    if 400 <= status < 500 and status not in (401, 403, 407):
-        code = _CLIENT_ERROR_CODES.get(status, "invalid_request")
+    if status in MODEL_SERVER_4XX:
+        code = _CLIENT_ERROR_CODES.get(status, ErrorCode.INVALID_REQUEST)
         if "maximum context length" in message or "context length" in message:
-            code = "context_length_exceeded"
+            code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
         return UpstreamError(
             message or f"The model server rejected the request (HTTP {status}).",
             status=status,
@@ -113,16 +113,16 @@ def upstream_error(status: int, content: bytes, *, model_server: str) -> Upstrea
     if status in (401, 403, 407):
         return UpstreamError(
             "The model server refused the gateway's credentials. Please tell the gateway administrators.",
-            code="upstream_auth_failed",
+            code=ErrorCode.UPSTREAM_AUTH_FAILED,
         )
     if status == 503:
         return ServiceUnavailable(
             "The model server is temporarily unavailable. Please retry shortly.",
             retry_after=5,
-            code="upstream_unavailable",
+            code=ErrorCode.UPSTREAM_UNAVAILABLE,
         )
     if status == 504:
-        return UpstreamError("The model server timed out.", status=504, code="upstream_timeout")
+        return UpstreamError("The model server timed out.", code=ErrorCode.UPSTREAM_TIMEOUT)
     return UpstreamError(
         f"The model server failed (HTTP {status}). Please retry; if it persists, tell the administrators."
     )

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from resource_server.adapters.relay import RelayChannel, RelayMessage, relay_hub, relay_url
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest, upstream_error
 from resource_server.dispatch.fields import EnvVarName
-from resource_server.errors import GatewayError, ServiceUnavailable, UpstreamError
+from resource_server.errors import ErrorCode, GatewayError, ServiceUnavailable, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -101,33 +101,47 @@ def settled(future: Future[Any]) -> asyncio.Future[Any]:
     return waiter
 
 
-def task_error(status: int, code: str, message: str, *, server: str) -> GatewayError:
+# The codes the compute function reports its failures with (`compute_functions.inference` cannot import the
+# gateway, so they travel as strings) and the gateway's code for each. `vllm_rejected` is not here: it carries
+# vLLM's own refusal, passed on as an upstream 4xx. A code not listed (one a newer function sends) is taken for
+# a fault of the cluster's setup, like the listed setup faults.
+TASK_ERROR_CODES: dict[str, ErrorCode] = {
+    "vllm_unreachable": ErrorCode.UPSTREAM_UNREACHABLE,
+    "vllm_unhealthy": ErrorCode.UPSTREAM_UNREACHABLE,
+    "vllm_timeout": ErrorCode.UPSTREAM_TIMEOUT,
+    "vllm_connection_lost": ErrorCode.UPSTREAM_CONNECTION_FAILED,
+    "vllm_stream_broken": ErrorCode.UPSTREAM_CONNECTION_FAILED,
+    "relay_failed": ErrorCode.RELAY_FAILED,
+    "vllm_api_key_missing": ErrorCode.BACKEND_MISCONFIGURED,
+    "invalid_task": ErrorCode.BACKEND_MISCONFIGURED,
+}
+UNKNOWN_TASK_ERROR = ErrorCode.BACKEND_MISCONFIGURED
+
+
+def task_error(status: int, task_code: str, message: str, *, server: str) -> GatewayError:
     """What the caller gets when the compute function reports a failure (codes: `compute_functions.inference`)."""
-    if code == "vllm_rejected":
+    if task_code == "vllm_rejected":
         # vLLM's own answer (e.g. "prompt too long"): a 4xx stays that 4xx with vLLM's message.
         return upstream_error(status, orjson.dumps({"error": {"message": message}}), model_server=server)
-    logger.warning("compute task on %s failed: %s: %s", server, code, message[:500])
-    if code in ("vllm_unreachable", "vllm_unhealthy"):
+    logger.warning("compute task on %s failed: %s: %s", server, task_code, message[:500])
+    code = TASK_ERROR_CODES.get(task_code, UNKNOWN_TASK_ERROR)
+    if code is ErrorCode.UPSTREAM_UNREACHABLE:
         unreachable = ServiceUnavailable(
             "The model server on the cluster is not answering; it may still be starting. Please retry shortly.",
             retry_after=30,
-            code="upstream_unreachable",
+            code=code,
         )
         unreachable.never_reached = True  # the function found vLLM down before sending it the request
         return unreachable
-    if code == "vllm_timeout":
-        return UpstreamError(
-            "The model server on the cluster did not answer in time.", status=504, code="upstream_timeout"
-        )
-    if code in ("vllm_connection_lost", "vllm_stream_broken"):
-        return UpstreamError(
-            "The connection to the model server on the cluster broke off.", code="upstream_connection_failed"
-        )
-    if code == "relay_failed":
-        return UpstreamError("The cluster could not send the stream back to the gateway.", code="relay_failed")
+    if code is ErrorCode.UPSTREAM_TIMEOUT:
+        return UpstreamError("The model server on the cluster did not answer in time.", code=code)
+    if code is ErrorCode.UPSTREAM_CONNECTION_FAILED:
+        return UpstreamError("The connection to the model server on the cluster broke off.", code=code)
+    if code is ErrorCode.RELAY_FAILED:
+        return UpstreamError("The cluster could not send the stream back to the gateway.", code=code)
     return UpstreamError(
         "This model's cluster setup is misconfigured. Please tell the gateway administrators.",
-        code="backend_misconfigured",
+        code=ErrorCode.BACKEND_MISCONFIGURED,
     )
 
 
@@ -168,7 +182,7 @@ class ComputeBackend(ABC):
         logger.warning("compute task on %s raised %s: %s", self.label, type(exc).__name__, str(exc)[:500])
         return UpstreamError(
             "The cluster could not run the request. Please retry; if it persists, tell the administrators.",
-            code="compute_task_failed",
+            code=ErrorCode.COMPUTE_TASK_FAILED,
         )
 
     def reply(self, result: object) -> bytes:
@@ -188,7 +202,9 @@ class ComputeBackend(ABC):
 
     def _malformed(self, result: object) -> UpstreamError:
         logger.warning("compute task on %s returned an unexpected result: %.300r", self.label, result)
-        return UpstreamError("The cluster returned an answer the gateway cannot read.", code="compute_bad_result")
+        return UpstreamError(
+            "The cluster returned an answer the gateway cannot read.", code=ErrorCode.COMPUTE_BAD_RESULT
+        )
 
     async def submit(self, request: UpstreamRequest) -> bytes:
         future = await self._submit(request, self._task(request))
@@ -199,8 +215,7 @@ class ComputeBackend(ABC):
             logger.warning("compute task for %s on %s timed out after %g s", request.request_id, self.label, timeout)
             raise UpstreamError(
                 f"The cluster did not answer within {timeout:g} s. Please retry; a node may have been starting.",
-                status=504,
-                code="compute_timeout",
+                code=ErrorCode.COMPUTE_TIMEOUT,
             ) from None
         except Exception as exc:
             raise self.task_failed(exc) from None
@@ -287,7 +302,7 @@ class ComputeStream:
             if message.seq < self._seq:
                 continue  # a retried POST that had arrived the first time
             if message.seq > self._seq:
-                raise UpstreamError("The stream from the cluster lost messages.", code="relay_incomplete")
+                raise UpstreamError("The stream from the cluster lost messages.", code=ErrorCode.RELAY_INCOMPLETE)
             self._seq += 1
             if message.error is not None:
                 error = message.error
@@ -310,8 +325,7 @@ class ComputeStream:
             if remaining <= 0:
                 raise UpstreamError(
                     f"The stream exceeded the longest the gateway allows ({self._lifetime:g} s).",
-                    status=504,
-                    code="stream_too_long",
+                    code=ErrorCode.STREAM_TOO_LONG,
                 )
             read = asyncio.ensure_future(self._channel.read(min(limit, remaining)))
             try:
@@ -334,7 +348,7 @@ class ComputeStream:
             )
         else:
             message = f"The model server on the cluster sent nothing for {limit:g} s."
-        return UpstreamError(message, status=504, code="upstream_timeout")
+        return UpstreamError(message, code=ErrorCode.UPSTREAM_TIMEOUT)
 
     def _ended_early(self) -> GatewayError:
         try:
@@ -345,4 +359,6 @@ class ComputeStream:
         if failure is not None:
             return task_error(*failure, server=self._backend.label)
         logger.warning("compute task on %s ended before its stream did: %.300r", self._backend.label, result)
-        return UpstreamError("The cluster ended the task before its stream was complete.", code="relay_incomplete")
+        return UpstreamError(
+            "The cluster ended the task before its stream was complete.", code=ErrorCode.RELAY_INCOMPLETE
+        )

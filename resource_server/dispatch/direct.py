@@ -27,7 +27,7 @@ from resource_server.dispatch.http1 import (
     Proxy,
     ReadTimeout,
 )
-from resource_server.errors import ServiceUnavailable, UpstreamError
+from resource_server.errors import ErrorCode, ServiceUnavailable, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _tls_context() -> ssl.SSLContext:
 def _misconfigured() -> UpstreamError:
     return UpstreamError(
         "This model's server is misconfigured on the gateway. Please tell the administrators.",
-        code="backend_misconfigured",
+        code=ErrorCode.BACKEND_MISCONFIGURED,
     )
 
 
@@ -165,18 +165,17 @@ class DirectBackend:
         if isinstance(exc, ReadTimeout):
             return UpstreamError(
                 f"The model server did not answer within {self.config.read_timeout:g} s.",
-                status=504,
-                code="upstream_timeout",
+                code=ErrorCode.UPSTREAM_TIMEOUT,
             )
         if isinstance(exc, ConnectError | ConnectTimeout | PoolTimeout):
             unreachable = ServiceUnavailable(
                 "The model server cannot be reached right now. Please retry shortly.",
                 retry_after=5,
-                code="upstream_unreachable",
+                code=ErrorCode.UPSTREAM_UNREACHABLE,
             )
             unreachable.never_reached = True  # no connection, so no byte of the request was sent
             return unreachable
-        return UpstreamError("The connection to the model server failed.", code="upstream_connection_failed")
+        return UpstreamError("The connection to the model server failed.", code=ErrorCode.UPSTREAM_CONNECTION_FAILED)
 
     async def submit(self, request: UpstreamRequest) -> bytes:
         data = self._request("POST", request.route.value, request.request_id, orjson.dumps(request.body))

@@ -27,7 +27,7 @@ from compute_functions import DATA_STRATEGY
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest
 from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, TaskExecutor, settled
 from resource_server.dispatch.fields import EnvVarName
-from resource_server.errors import ServiceUnavailable, UpstreamError
+from resource_server.errors import ErrorCode, ServiceUnavailable, UpstreamError
 
 if TYPE_CHECKING:
     from globus_compute_sdk.serialize import ComputeSerializer, SerializationStrategy
@@ -288,7 +288,7 @@ class GlobusComputeBackend(ComputeBackend):
             logger.error("globus_compute backend misconfigured: %s", exc)
             raise UpstreamError(
                 "This model's cluster connection is misconfigured on the gateway. Please tell the administrators.",
-                code="backend_misconfigured",
+                code=ErrorCode.BACKEND_MISCONFIGURED,
             ) from None
         self._endpoint_id = str(config.endpoint_id)
         self._function_id = str(config.function_id)
@@ -302,7 +302,7 @@ class GlobusComputeBackend(ComputeBackend):
                 "endpoint that serves it is not connected. Please retry later; if it stays offline, tell the "
                 "gateway administrators.",
                 retry_after=60,
-                code="endpoint_offline",
+                code=ErrorCode.ENDPOINT_OFFLINE,
             )
             offline.never_reached = True  # checked before submitting: no task was sent
             raise offline
@@ -313,7 +313,7 @@ class GlobusComputeBackend(ComputeBackend):
             raise ServiceUnavailable(
                 "The gateway cannot reach Globus Compute right now. Please retry shortly.",
                 retry_after=10,
-                code="compute_unavailable",
+                code=ErrorCode.COMPUTE_UNAVAILABLE,
             ) from None
 
     async def health(self) -> BackendHealth:

@@ -12,7 +12,7 @@ from django.conf import settings
 from pydantic import ValidationError
 
 from resource_server.dispatch.base import UpstreamRequest
-from resource_server.errors import InvalidRequest
+from resource_server.errors import ErrorCode, InvalidRequest
 from resource_server.routes import RouteDescriptor
 
 # Reads the body; given the size limit, it may stop once past it (the caller refuses the body then).
@@ -23,7 +23,7 @@ _UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|[a-
 
 
 def body_too_large() -> InvalidRequest:
-    return InvalidRequest("The request body is too large.", status=413, code="request_too_large")
+    return InvalidRequest("The request body is too large.", code=ErrorCode.REQUEST_TOO_LARGE)
 
 
 async def body_read(*, content_length: int | None, read: BodyReader) -> bytes:
@@ -55,9 +55,9 @@ def request_parse(descriptor: RouteDescriptor, raw: bytes) -> ParsedRequest:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+        raise InvalidRequest("The request body is not valid JSON.", code=ErrorCode.INVALID_JSON) from None
     if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+        raise InvalidRequest("The request body must be a JSON object.", code=ErrorCode.INVALID_JSON)
     try:
         descriptor.request_schema.model_validate(body)
     except ValidationError as exc:
@@ -98,7 +98,9 @@ def _invalid_request(exc: ValidationError) -> InvalidRequest:
     error = exc.errors(include_url=False)[0]
     param = ".".join(str(part) for part in error["loc"] if not _UNION_BRANCH.match(str(part)))
     if error["type"] == "missing":
-        return InvalidRequest(f"Missing required parameter: '{param}'.", code="missing_required_parameter", param=param)
+        return InvalidRequest(
+            f"Missing required parameter: '{param}'.", code=ErrorCode.MISSING_REQUIRED_PARAMETER, param=param
+        )
     message = error["msg"].removeprefix("Value error, ")
     where = f"Invalid value for '{param}': " if param else ""
-    return InvalidRequest(f"{where}{message}.", code="invalid_value", param=param or None)
+    return InvalidRequest(f"{where}{message}.", code=ErrorCode.INVALID_VALUE, param=param or None)

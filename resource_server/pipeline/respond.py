@@ -15,7 +15,7 @@ import orjson
 from django.conf import settings
 
 from resource_server.dispatch.base import UpstreamStream
-from resource_server.errors import GatewayError
+from resource_server.errors import ErrorCode, GatewayError
 from resource_server.pipeline.meter import Meter
 from resource_server.routes import RouteDescriptor
 
@@ -81,7 +81,7 @@ async def stream_relay(
                     continue
             yield event
         if not saw_done:
-            raise GatewayError("The model server ended the stream early.", status=502, code="upstream_stream_truncated")
+            raise GatewayError("The model server ended the stream early.", code=ErrorCode.UPSTREAM_STREAM_TRUNCATED)
         yield DONE_EVENT
     except GatewayError as error:
         status, error_code = error.status, error.code
@@ -93,7 +93,7 @@ async def stream_relay(
         status, error_code = 499, "client_disconnected"
         raise
     except Exception:
-        status, error_code = 500, "internal_error"
+        status, error_code = 500, ErrorCode.INTERNAL_ERROR
         logger.exception("stream %s failed", record.request_id)
         yield _error_event(GatewayError("The gateway failed while relaying the stream."))
         yield DONE_EVENT

@@ -15,7 +15,7 @@ only read the HTTP request and write the HTTP answer (api/edge.py).
 
 from __future__ import annotations
 
-from resource_server.errors import GatewayError
+from resource_server.errors import ErrorCode, GatewayError
 from resource_server.pipeline.admit import admit
 from resource_server.pipeline.dispatch import dispatch_stream, dispatch_submit
 from resource_server.pipeline.meter import Meter
@@ -58,6 +58,6 @@ async def inference_run(
         meter.finish(status=error.status, error_code=error.code)
         raise
     except BaseException:
-        meter.finish(status=500, error_code="internal_error")
+        meter.finish(status=500, error_code=ErrorCode.INTERNAL_ERROR)
         raise
     return answer_json(content, descriptor, meter)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from resource_server.auth.base import Principal
 from resource_server.backend_kinds import BACKEND_KINDS
 from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
-from resource_server.errors import NotFound, PermissionDenied, ServiceUnavailable
+from resource_server.errors import ErrorCode, NotFound, PermissionDenied, ServiceUnavailable
 from resource_server.models import Cluster, Endpoint
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ async def _reload_table() -> RoutingTable:
             raise ServiceUnavailable(
                 "The gateway cannot read its model registry right now. Please retry shortly.",
                 retry_after=5,
-                code="registry_unavailable",
+                code=ErrorCode.REGISTRY_UNAVAILABLE,
             ) from None
         # Keep serving what we knew during a database outage; try again in a few seconds.
         if now - _outage_logged_at >= _OUTAGE_LOG_INTERVAL:
@@ -178,7 +178,7 @@ def routing_table_forget() -> None:
 
 def _check_scope(table: RoutingTable, cluster: str | None) -> None:
     if cluster is not None and cluster not in table.clusters:
-        raise NotFound(f"There is no cluster named {cluster!r} on this gateway.", code="cluster_not_found")
+        raise NotFound(f"There is no cluster named {cluster!r} on this gateway.", code=ErrorCode.CLUSTER_NOT_FOUND)
 
 
 async def endpoint_candidates(
@@ -196,14 +196,14 @@ async def endpoint_candidates(
         where = f" on {cluster}/{framework}" if cluster else ""
         raise NotFound(
             f"The model `{model}` does not exist{where}. GET /v1/models lists the models you can use.",
-            code="model_not_found",
+            code=ErrorCode.MODEL_NOT_FOUND,
             param="model",
         )
     allowed = [route for route in in_scope if route.allows(principal)]
     if not allowed:
         raise PermissionDenied(
             f"You do not have access to the model `{model}`. Ask the gateway administrators which group grants it.",
-            code="model_access_denied",
+            code=ErrorCode.MODEL_ACCESS_DENIED,
             param="model",
         )
     candidates = [route for route in allowed if route.maintenance_message is None]
@@ -211,7 +211,7 @@ async def endpoint_candidates(
         raise ServiceUnavailable(
             f"The model `{model}` is unavailable: {allowed[0].maintenance_message}",
             retry_after=300,
-            code="cluster_maintenance",
+            code=ErrorCode.CLUSTER_MAINTENANCE,
         )
     return candidates
 

@@ -14,7 +14,7 @@ from resource_server.auth.api_keys import api_key_generate
 from resource_server.auth.base import AuthKind, Principal
 from resource_server.auth.globus import groups_refresh_token
 from resource_server.auth.sealing import seal
-from resource_server.errors import InvalidRequest, NotFound, PermissionDenied
+from resource_server.errors import ErrorCode, InvalidRequest, NotFound, PermissionDenied
 from resource_server.models import LOCAL_PROVIDER, ApiKey, User
 
 MAX_ACTIVE_KEYS_PER_USER = 50
@@ -62,7 +62,8 @@ def _active_keys(owner_id: int) -> int:
 def _create_for(principal: Principal, name: str, expires_in_days: int | None, refresh: str) -> tuple[ApiKey, str]:
     if _active_keys(principal.user_id) >= MAX_ACTIVE_KEYS_PER_USER:
         raise InvalidRequest(
-            f"You already have {MAX_ACTIVE_KEYS_PER_USER} active API keys; revoke one first.", code="too_many_keys"
+            f"You already have {MAX_ACTIVE_KEYS_PER_USER} active API keys; revoke one first.",
+            code=ErrorCode.TOO_MANY_KEYS,
         )
     owner = User.objects.get(pk=principal.user_id)
     return api_key_create(owner=owner, name=name, expires_in_days=expires_in_days, groups_refresh_token=refresh)
@@ -74,7 +75,8 @@ async def api_key_issue(
     """A key for a caller who proved who they are with Globus; it keeps a way to re-check their groups."""
     if principal.auth_kind is AuthKind.API_KEY:
         raise PermissionDenied(
-            "API keys cannot create API keys. Authenticate with a Globus access token.", code="api_key_not_allowed"
+            "API keys cannot create API keys. Authenticate with a Globus access token.",
+            code=ErrorCode.API_KEY_NOT_ALLOWED,
         )
     refresh = await asyncio.to_thread(groups_refresh_token, token) if principal.auth_kind is AuthKind.GLOBUS else None
     return await sync_to_async(_create_for)(principal, name, expires_in_days, refresh or "")
@@ -84,6 +86,6 @@ def api_key_revoke_own(*, principal: Principal, key_id: str) -> ApiKey:
     """Revoke one of the caller's keys, named by its visible prefix."""
     key = ApiKey.objects.filter(owner_id=principal.user_id, prefix=key_id).first()
     if key is None:
-        raise NotFound(f"You have no API key {key_id!r}.", code="api_key_not_found", param="key_id")
+        raise NotFound(f"You have no API key {key_id!r}.", code=ErrorCode.API_KEY_NOT_FOUND, param="key_id")
     api_key_revoke(key=key)
     return key

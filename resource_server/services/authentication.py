@@ -9,7 +9,7 @@ from __future__ import annotations
 from resource_server.auth.api_keys import ApiKeyAuthenticator
 from resource_server.auth.base import Authenticator, Principal
 from resource_server.auth.globus import GlobusAuthenticator
-from resource_server.errors import AuthenticationFailed
+from resource_server.errors import AuthenticationFailed, ErrorCode
 from resource_server.services.users import UserPrincipals
 
 # API keys are recognised by their prefix; every other bearer string is taken for a Globus token.
@@ -29,7 +29,7 @@ def bearer_token_of(authorization: str) -> str:
         raise AuthenticationFailed(
             "Missing credentials: send 'Authorization: Bearer <token>' with a Globus access token "
             "or a gateway API key.",
-            code="missing_credentials",
+            code=ErrorCode.MISSING_CREDENTIALS,
             bearer_error="invalid_request",
         )
     return token
@@ -40,4 +40,4 @@ async def principal_from_token(token: str) -> Principal:
     for authenticator in AUTHENTICATORS:
         if authenticator.claims(token):
             return await authenticator.authenticate(token)
-    raise AuthenticationFailed("The bearer token is not a valid credential.", code="invalid_token")
+    raise AuthenticationFailed("The bearer token is not a valid credential.", code=ErrorCode.INVALID_TOKEN)

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from django.conf import settings
 
 from resource_server.adapters.relay import Delivery, RelayMessage, relay_hub
-from resource_server.errors import InvalidRequest, PermissionDenied, RateLimited
+from resource_server.errors import ErrorCode, InvalidRequest, PermissionDenied, RateLimited
 
 _REFUSED = "Unknown relay task or wrong token."
 
@@ -26,9 +26,9 @@ async def relay_deliver(
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token or not await relay_hub.authorized(task_id, token):
-        raise PermissionDenied(_REFUSED, code="relay_forbidden")
+        raise PermissionDenied(_REFUSED, code=ErrorCode.RELAY_FORBIDDEN)
     limit = settings.GATEWAY.RELAY_MAX_MESSAGE_BYTES
-    too_large = InvalidRequest(f"A relay message may be at most {limit} bytes.", status=413, code="request_too_large")
+    too_large = InvalidRequest(f"A relay message may be at most {limit} bytes.", code=ErrorCode.REQUEST_TOO_LARGE)
     if content_length is not None and content_length > limit:
         raise too_large  # before the body is loaded into memory
     body = await read_body(limit)  # only now: a refused sender never makes the gateway read its body
@@ -36,6 +36,8 @@ async def relay_deliver(
         raise too_large
     delivery = await relay_hub.append(task_id, RelayMessage.parse(body))
     if delivery is Delivery.GONE:
-        raise PermissionDenied(_REFUSED, code="relay_forbidden")
+        raise PermissionDenied(_REFUSED, code=ErrorCode.RELAY_FORBIDDEN)
     if delivery is Delivery.FULL:
-        raise RateLimited("The gateway is behind on this stream; retry shortly.", retry_after=1, code="relay_full")
+        raise RateLimited(
+            "The gateway is behind on this stream; retry shortly.", retry_after=1, code=ErrorCode.RELAY_FULL
+        )

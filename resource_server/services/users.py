@@ -10,7 +10,7 @@ from django.db import DatabaseError, transaction
 from resource_server.auth.base import Identity, Principal
 from resource_server.cache import LocalTTLCache
 from resource_server.db import db_run
-from resource_server.errors import ServiceUnavailable
+from resource_server.errors import ErrorCode, ServiceUnavailable
 from resource_server.models import LOCAL_PROVIDER, User
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class UserPrincipals:
                 raise ServiceUnavailable(
                     "The gateway cannot check credentials right now. Please retry shortly.",
                     retry_after=5,
-                    code="auth_unavailable",
+                    code=ErrorCode.AUTH_UNAVAILABLE,
                 ) from None
             logger.warning("database unreachable; using the user this worker knew for a Globus identity")
             return user_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 
 from resource_server.api.edge import RequestIds, error_response, framework_error, internal_error, rendered
-from resource_server.errors import AuthenticationFailed
+from resource_server.errors import AuthenticationFailed, ErrorCode
 
 
 def test_a_client_request_id_is_kept_only_if_sane_and_never_replaces_ours() -> None:
@@ -18,7 +18,7 @@ def test_a_client_request_id_is_kept_only_if_sane_and_never_replaces_ours() -> N
 
 
 def test_an_error_renders_alike_for_both_doors() -> None:
-    error = AuthenticationFailed("no", code="invalid_token")
+    error = AuthenticationFailed("no", code=ErrorCode.INVALID_TOKEN)
     status, headers, body = rendered(error)
     assert status == 401
     assert headers[0] == ("Content-Type", "application/json")
