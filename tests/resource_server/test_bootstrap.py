@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from resource_server.bootstrap import Runtime, bootstrap, runtime, runtime_install
+from resource_server import bootstrap as root
+from resource_server.bootstrap import Runtime, bootstrap
 from tests.servers import ROOT
 
 # Imports every product module in a fresh interpreter, then reports the threads running (by the module of
@@ -84,14 +85,11 @@ def test_each_bootstrap_builds_fresh_objects_wired_to_each_other() -> None:
 
 
 def test_without_a_lifespan_the_first_use_builds_one_runtime_for_the_process(runtime: Runtime) -> None:
-    assert globals()["runtime"] is not runtime  # the accessor, shadowed by the fixture in the signature
-    runtime_install(None)
+    assert root.runtime() is runtime  # the one the fixture installed
+    root.runtime_install(None)
     try:
-        built = _accessor()
-        assert _accessor() is built
+        built = root.runtime()
+        assert root.runtime() is built
         assert built is not runtime
     finally:
-        runtime_install(runtime)
-
-
-_accessor = runtime
+        root.runtime_install(runtime)
