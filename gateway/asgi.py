@@ -1,5 +1,5 @@
 """ASGI entry point: admission control in front, the lean inference routes, Django for the rest, and the
-usage writer's lifespan."""
+lifespan that builds, starts and stops the process's long-lived objects (`resource_server/bootstrap.py`)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,8 @@ from resource_server.api.edge import (  # noqa: E402
     Send,
 )
 from resource_server.api.fast import InferenceApp  # noqa: E402
+from resource_server.bootstrap import Runtime, bootstrap, runtime_install  # noqa: E402
 from resource_server.errors import ErrorCode, ServiceUnavailable  # noqa: E402
-from resource_server.selectors.endpoints import routing_table  # noqa: E402
-from resource_server.services.usage import usage_sink  # noqa: E402
 
 logger = logging.getLogger("gateway")
 # The usage writer's share of a worker's shutdown; deploy/gunicorn.conf.py's budget counts on it.
@@ -146,6 +145,8 @@ def _client_request_id(scope: Scope) -> str:
     return ""
 
 
+# The ASGI app itself, which the server imports: the doors and the admission wrapper, whose counters are
+# plain numbers (they talk to nothing outside). The objects the doors use come from the runtime.
 # django-stubs types ASGIHandler with dict scopes; it is an ordinary ASGI app.
 inference_app = InferenceApp(cast(ASGIApp, django_application))
 http_application = AdmissionControl(inference_app)
@@ -154,23 +155,27 @@ http_application = AdmissionControl(inference_app)
 async def _lifespan(receive: Any, send: Any) -> None:
     # Django does not speak ASGI lifespan. Without it, uvicorn ends the worker by re-raising SIGTERM,
     # so atexit never runs: the usage writer is stopped here instead, after open requests finish.
+    started: Runtime | None = None
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
-            usage_sink.start()
-            await worker_settle()
+            started = bootstrap()
+            runtime_install(started)
+            started.start()
+            await worker_settle(started)
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             # uvicorn has stopped accepting and finished or cancelled every request by now (within
             # graceful_timeout minus a reserve, see deploy/gunicorn.conf.py). What the usage writer holds
             # is journaled already; it gets a few seconds to insert it, the next start replays the rest.
             await http_application.stop()
-            await asyncio.to_thread(usage_sink.stop, USAGE_STOP_SECONDS)
+            if started is not None:
+                await started.stop(USAGE_STOP_SECONDS)
             await send({"type": "lifespan.shutdown.complete"})
             return
 
 
-async def worker_settle() -> None:
+async def worker_settle(started: Runtime) -> None:
     """Load what the worker keeps for its lifetime before the first request, then freeze it.
 
     The routing table brings in the SDKs its backends need. Frozen objects are left out of the garbage
@@ -178,7 +183,7 @@ async def worker_settle() -> None:
     loaded) while the event loop waits: a pause every open stream sees as a late token.
     """
     try:
-        await routing_table()
+        await started.routing.table()
     except Exception:
         # The database may not be up yet: the first request loads the table instead.
         logger.warning("could not load the routing table at start-up; the first request will", exc_info=True)

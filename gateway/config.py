@@ -67,6 +67,10 @@ class GatewaySettings(BaseSettings):
     # How long a worker trusts what it read from the database before reading it again.
     ROUTING_CACHE_SECONDS: float = Field(default=5.0, ge=0)
     API_KEY_CACHE_SECONDS: float = Field(default=30.0, ge=0)
+    # How often each worker checks every enabled endpoint's backend in the background (direct: GET /v1/models;
+    # globus_compute: the endpoint's status; local: a health task). Endpoints found down are tried after the
+    # others when a model has several; 0 turns the checks off.
+    HEALTH_PROBE_SECONDS: float = Field(default=30.0, ge=0)
     # How long a worker remembers that a key was refused (unknown, wrong secret, revoked, expired, owner
     # disabled), so a client retrying a bad key costs no query. New keys are never in it: nobody can
     # present a key before it exists.

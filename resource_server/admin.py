@@ -15,7 +15,6 @@ from django.template.response import TemplateResponse
 from django.utils.cache import add_never_cache_headers
 
 from resource_server.models import ApiKey, Cluster, ComputeFunction, Endpoint, RequestLog, User
-from resource_server.selectors.endpoints import routing_table_forget
 from resource_server.services.api_keys import api_key_create, api_key_revoke
 
 
@@ -61,11 +60,18 @@ class RoutingChangeMixin:
 
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)  # type: ignore[misc]
-        routing_table_forget()
+        _routing_forget()
 
     def delete_model(self, request: HttpRequest, obj: Any) -> None:
         super().delete_model(request, obj)  # type: ignore[misc]
-        routing_table_forget()
+        _routing_forget()
+
+
+def _routing_forget() -> None:
+    # Imported here: django.setup() imports this module, and must not load the backends the root builds.
+    from resource_server.bootstrap import runtime
+
+    runtime().routing.forget()
 
 
 class EndpointInline(admin.TabularInline[Endpoint, Cluster]):

@@ -8,10 +8,9 @@ from typing import Any
 import pytest
 from django.db import connection
 
+from resource_server.bootstrap import Runtime, bootstrap, runtime_install
 from resource_server.models import ApiKey, Cluster, Endpoint, User
-from resource_server.selectors.endpoints import routing_table_forget
 from resource_server.services.api_keys import api_key_create
-from resource_server.services.usage import usage_sink
 from tests.servers import fake_model_server
 
 # Tier markers (unit, slow, server, e2e, integration) for every test, and the guard that keeps unit tests in-process.
@@ -33,9 +32,8 @@ def model_server() -> Iterator[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _release_test_database(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
-    """Let pytest-django drop the test database: stop our writer thread and end other sessions."""
+    """Let pytest-django drop the test database: end other sessions (each test's usage writer has stopped)."""
     yield
-    usage_sink.stop()
     with django_db_blocker.unblock():
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
@@ -47,11 +45,15 @@ def _release_test_database(django_db_setup: None, django_db_blocker: Any) -> Ite
 
 
 @pytest.fixture(autouse=True)
-def _fresh_routing() -> Iterator[None]:
-    routing_table_forget()
-    yield
-    routing_table_forget()
-    usage_sink.flush(timeout=10)
+def runtime() -> Iterator[Runtime]:
+    """A fresh runtime for every test, built by the composition root and installed as the process's
+    (the doors, the Django test client and the relay server in this process use it)."""
+    fresh = bootstrap()
+    runtime_install(fresh)
+    yield fresh
+    fresh.usage_sink.flush(timeout=10)
+    fresh.usage_sink.stop()
+    runtime_install(None)
 
 
 @dataclass

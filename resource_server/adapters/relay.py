@@ -457,7 +457,8 @@ class _RedisChannel:
 # --- the hub this process uses ------------------------------------------------------------------
 
 
-def _hub_from_settings() -> RelayHub:
+def relay_hub_from_settings() -> RelayHub:
+    """The hub the settings describe (the composition root builds the process's one)."""
     gateway = settings.GATEWAY
     if gateway.REDIS_URL:
         return RedisRelayHub(
@@ -466,9 +467,6 @@ def _hub_from_settings() -> RelayHub:
             timeout=gateway.RELAY_REDIS_TIMEOUT_SECONDS,
         )
     return InProcessRelayHub(max_pending=gateway.RELAY_MAX_PENDING_MESSAGES)
-
-
-relay_hub: RelayHub = _hub_from_settings()
 
 
 def relay_url(task_id: str) -> str:

@@ -37,6 +37,7 @@ from resource_server.api.edge import (
     Send,
     internal_error,
 )
+from resource_server.bootstrap import runtime
 from resource_server.errors import GatewayError
 from resource_server.pipeline.respond import JsonResult
 from resource_server.pipeline.run import inference_run
@@ -144,6 +145,7 @@ class InferenceApp:
         send: Send,
     ) -> None:
         result = await inference_run(
+            parts=runtime(),
             route=Route(match["route"]),
             authorization=headers.get(b"authorization", ""),
             content_length=length,
@@ -164,6 +166,7 @@ class InferenceApp:
     ) -> None:
         # Part of a stream already admitted: the admission wrapper never sheds it.
         await relay_deliver(
+            hub=runtime().relay_hub,
             task_id=task_id,
             authorization=headers.get(b"authorization", ""),
             content_length=length if b"content-length" in headers else None,

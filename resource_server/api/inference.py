@@ -18,6 +18,7 @@ from ninja import Path, Router
 from resource_server.api.edge import JSON, stream_response
 from resource_server.api.openapi import AUTHENTICATED, documented, inference_doc, json_response
 from resource_server.api.security import bearer_auth
+from resource_server.bootstrap import runtime
 from resource_server.errors import InvalidRequest
 from resource_server.pipeline.respond import JsonResult
 from resource_server.pipeline.run import inference_run
@@ -41,6 +42,7 @@ async def _infer(
 
     length = request.headers.get("Content-Length", "")
     result = await inference_run(
+        parts=runtime(),
         route=descriptor.route,
         authorization=request.headers.get("Authorization", ""),
         content_length=int(length) if length.isdigit() else None,
@@ -106,7 +108,8 @@ _MODELS_OK = json_response("The models, sorted by name.", schema_ref(ModelList))
     openapi_extra=documented(_MODELS, *AUTHENTICATED, ok=_MODELS_OK),
 )
 async def models(request: HttpRequest) -> dict[str, Any]:
-    return _models_response(await model_list(principal=request.auth))  # type: ignore[attr-defined]
+    principal = request.auth  # type: ignore[attr-defined]
+    return _models_response(await model_list(routing=runtime().routing, principal=principal))
 
 
 @router.get(
@@ -121,4 +124,7 @@ async def models(request: HttpRequest) -> dict[str, Any]:
     ),
 )
 async def models_on_cluster(request: HttpRequest, cluster: ClusterName, framework: FrameworkName) -> dict[str, Any]:
-    return _models_response(await model_list(principal=request.auth, cluster=cluster, framework=framework))  # type: ignore[attr-defined]
+    principal = request.auth  # type: ignore[attr-defined]
+    return _models_response(
+        await model_list(routing=runtime().routing, principal=principal, cluster=cluster, framework=framework)
+    )

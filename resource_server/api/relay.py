@@ -12,6 +12,7 @@ from __future__ import annotations
 from django.http import HttpRequest, HttpResponse
 from ninja import Router
 
+from resource_server.bootstrap import runtime
 from resource_server.services.relay import relay_deliver
 
 router = Router(auth=None, tags=["Internal"])
@@ -30,6 +31,7 @@ async def relay_message(request: HttpRequest, task_id: str) -> HttpResponse:
         return request.body  # Django's ASGI handler has read it already
 
     await relay_deliver(
+        hub=runtime().relay_hub,
         task_id=task_id,
         authorization=request.headers.get("Authorization", ""),
         content_length=int(length) if length.isdigit() else None,

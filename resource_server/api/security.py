@@ -6,7 +6,8 @@ from django.http import HttpRequest
 from ninja.security.http import HttpAuthBase
 
 from resource_server.auth.base import Principal
-from resource_server.services.authentication import bearer_token_of, principal_from_token
+from resource_server.bootstrap import runtime
+from resource_server.services.authentication import bearer_token_of
 
 
 class BearerAuth(HttpAuthBase):
@@ -17,7 +18,7 @@ class BearerAuth(HttpAuthBase):
         self.is_async = True
 
     async def __call__(self, request: HttpRequest) -> Principal:
-        return await principal_from_token(bearer_token(request))
+        return await runtime().authenticators.principal_from_token(bearer_token(request))
 
 
 def bearer_token(request: HttpRequest) -> str:

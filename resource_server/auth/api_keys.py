@@ -18,7 +18,7 @@ from django.db import DatabaseError
 from django.utils import timezone
 
 from resource_server.auth.base import AuthKind, Principal
-from resource_server.auth.globus import group_memberships, require_gateway_groups
+from resource_server.auth.globus import GroupMemberships, require_gateway_groups
 from resource_server.auth.sealing import unseal
 from resource_server.cache import LocalTTLCache
 from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
@@ -95,7 +95,8 @@ class ApiKeyAuthenticator:
     so a flood of made-up keys cannot push good keys out.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, groups: GroupMemberships) -> None:
+        self._groups = groups
         self._known: LocalTTLCache[_CheckedKey] = LocalTTLCache()
         self._refused: LocalTTLCache[_Refusal] = LocalTTLCache()
         self._checking: dict[str, asyncio.Future[_CheckedKey]] = {}
@@ -249,8 +250,7 @@ class ApiKeyAuthenticator:
         self._known.set(digest, retry, stale.checked_at + grace - now)
         return retry
 
-    @staticmethod
-    async def _owner_groups(key: ApiKey) -> frozenset[str]:
+    async def _owner_groups(self, key: ApiKey) -> frozenset[str]:
         """The owner's current Globus groups; accounts an admin created locally have none and are exempt."""
         if key.owner.identity_provider == LOCAL_PROVIDER:
             return frozenset()
@@ -258,7 +258,7 @@ class ApiKeyAuthenticator:
         if refresh_token is None:
             groups: frozenset[str] = frozenset()
         else:
-            groups = await group_memberships.for_refresh_token(key.owner.identity_id, refresh_token)
+            groups = await self._groups.for_refresh_token(key.owner.identity_id, refresh_token)
         require_gateway_groups(groups)
         return groups
 

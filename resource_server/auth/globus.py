@@ -318,9 +318,6 @@ class GroupMemberships:
         return groups
 
 
-group_memberships = GroupMemberships()
-
-
 def require_gateway_groups(groups: frozenset[str]) -> None:
     """GLOBUS_REQUIRED_GROUPS: membership in any one of them admits a caller to the gateway."""
     required = settings.GATEWAY.GLOBUS_REQUIRED_GROUPS
@@ -364,8 +361,9 @@ class GlobusAuthenticator:
     Principal (keeping the user in step with Globus), and the Principal is what is cached for the token.
     """
 
-    def __init__(self, users: PrincipalSource) -> None:
+    def __init__(self, users: PrincipalSource, groups: GroupMemberships) -> None:
         self._users = users
+        self._groups = groups
         self._local: LocalTTLCache[tuple[Principal, float]] = LocalTTLCache()
         self._in_flight: dict[str, asyncio.Task[tuple[Principal, float]]] = {}
 
@@ -422,7 +420,7 @@ class GlobusAuthenticator:
         if identity.service:
             groups: frozenset[str] = frozenset()
         else:
-            groups = await group_memberships.for_token(identity.identity_id, token)
+            groups = await self._groups.for_token(identity.identity_id, token)
             require_gateway_groups(groups)
         principal = await self._users.principal(
             Identity(

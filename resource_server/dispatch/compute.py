@@ -21,7 +21,7 @@ import orjson
 from django.conf import settings
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from resource_server.adapters.relay import RelayChannel, RelayMessage, relay_hub, relay_url
+from resource_server.adapters.relay import RelayChannel, RelayHub, RelayMessage, relay_url
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest, upstream_error
 from resource_server.dispatch.fields import EnvVarName
 from resource_server.errors import ErrorCode, GatewayError, ServiceUnavailable, UpstreamError
@@ -158,8 +158,9 @@ class ComputeBackend(ABC):
 
     label = "compute task"
 
-    def __init__(self, config: ComputeTaskConfig) -> None:
+    def __init__(self, config: ComputeTaskConfig, *, relay_hub: RelayHub) -> None:
         self.config = config
+        self._relay_hub = relay_hub
 
     @abstractmethod
     async def _submit(self, request: UpstreamRequest, task: dict[str, Any]) -> Future[Any]:
@@ -223,7 +224,7 @@ class ComputeBackend(ABC):
 
     async def open_stream(self, request: UpstreamRequest) -> ComputeStream:
         gateway = settings.GATEWAY
-        channel = await relay_hub.open(lifetime=gateway.RELAY_MAX_STREAM_SECONDS)
+        channel = await self._relay_hub.open(lifetime=gateway.RELAY_MAX_STREAM_SECONDS)
         try:
             relay = {"relay_url": relay_url(channel.task_id), "token": channel.token}
             future = await self._submit(request, self._task(request, relay))

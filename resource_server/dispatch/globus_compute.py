@@ -24,6 +24,7 @@ from django.conf import settings
 from pydantic import BaseModel, ConfigDict, Field
 
 from compute_functions import DATA_STRATEGY
+from resource_server.adapters.relay import RelayHub
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest
 from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, TaskExecutor, settled
 from resource_server.dispatch.fields import EnvVarName
@@ -272,16 +273,13 @@ class ComputeEndpoints:
         return _parse_status(raw)
 
 
-compute_endpoints = ComputeEndpoints(SdkConnector())
-
-
 class GlobusComputeBackend(ComputeBackend):
     config_model = GlobusComputeConfig
     config: GlobusComputeConfig
 
-    def __init__(self, config: GlobusComputeConfig, *, endpoints: ComputeEndpoints | None = None) -> None:
-        super().__init__(config)
-        self._endpoints = endpoints or compute_endpoints
+    def __init__(self, config: GlobusComputeConfig, *, relay_hub: RelayHub, endpoints: ComputeEndpoints) -> None:
+        super().__init__(config, relay_hub=relay_hub)
+        self._endpoints = endpoints
         try:
             self._credentials = credentials_for(config.credentials)
         except MissingCredentials as exc:

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import Field
 
 from compute_functions import DATA_STRATEGY, inference
+from resource_server.adapters.relay import RelayHub
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest
 from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, settled
 
@@ -93,26 +94,28 @@ class LocalComputeExecutor:
         return result
 
 
-_executors: dict[int, LocalComputeExecutor] = {}
-_executors_lock = threading.Lock()
-
-
-def local_executor(workers: int) -> LocalComputeExecutor:
+class LocalExecutors:
     """One pool per worker count for the process, like one endpoint shared by every Endpoint row on it."""
-    with _executors_lock:
-        executor = _executors.get(workers)
-        if executor is None:
-            executor = _executors[workers] = LocalComputeExecutor(workers)
-        return executor
+
+    def __init__(self) -> None:
+        self._executors: dict[int, LocalComputeExecutor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, workers: int) -> LocalComputeExecutor:
+        with self._lock:
+            executor = self._executors.get(workers)
+            if executor is None:
+                executor = self._executors[workers] = LocalComputeExecutor(workers)
+            return executor
 
 
 class LocalBackend(ComputeBackend):
     config_model = LocalConfig
     config: LocalConfig
 
-    def __init__(self, config: LocalConfig) -> None:
-        super().__init__(config)
-        self._executor = local_executor(config.workers)
+    def __init__(self, config: LocalConfig, *, relay_hub: RelayHub, executors: LocalExecutors) -> None:
+        super().__init__(config, relay_hub=relay_hub)
+        self._executor = executors.get(config.workers)
         self._function_id = self._executor.register_function(inference)
         self.label = f"local pool (vLLM at {config.vllm.host}:{config.vllm.port})"
 

@@ -16,17 +16,27 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from pydantic import BaseModel
 
+from resource_server.adapters.relay import RelayHub
 from resource_server.backend_kinds import BACKEND_KINDS
 from resource_server.dispatch.base import Backend
 from resource_server.dispatch.direct import DirectBackend, DirectConfig
-from resource_server.dispatch.globus_compute import GlobusComputeBackend, GlobusComputeConfig
-from resource_server.dispatch.local import LocalBackend, LocalConfig
+from resource_server.dispatch.globus_compute import ComputeEndpoints, GlobusComputeBackend, GlobusComputeConfig
+from resource_server.dispatch.local import LocalBackend, LocalConfig, LocalExecutors
+
+
+@dataclass(frozen=True, slots=True)
+class BackendParts:
+    """What backends share across endpoints, handed to each backend the pool builds."""
+
+    relay_hub: RelayHub
+    compute_endpoints: ComputeEndpoints
+    local_executors: LocalExecutors
 
 
 @dataclass(frozen=True)
 class Registered:
     config_model: type[BaseModel]
-    build: Callable[[Any], Backend]
+    build: Callable[[Any, BackendParts], Backend]
 
 
 def registered(backends: dict[str, Registered]) -> dict[str, Registered]:
@@ -47,17 +57,29 @@ def registered(backends: dict[str, Registered]) -> dict[str, Registered]:
 
 BACKENDS: dict[str, Registered] = registered(
     {
-        "direct": Registered(DirectConfig, DirectBackend),
-        "globus_compute": Registered(GlobusComputeConfig, GlobusComputeBackend),
-        "local": Registered(LocalConfig, LocalBackend),
+        "direct": Registered(DirectConfig, lambda config, _parts: DirectBackend(config)),
+        "globus_compute": Registered(
+            GlobusComputeConfig,
+            lambda config, parts: GlobusComputeBackend(
+                config, relay_hub=parts.relay_hub, endpoints=parts.compute_endpoints
+            ),
+        ),
+        "local": Registered(
+            LocalConfig,
+            lambda config, parts: LocalBackend(config, relay_hub=parts.relay_hub, executors=parts.local_executors),
+        ),
     }
 )
 
 
 class BackendPool:
-    """Live backend instances, one per endpoint and config; a changed config gets a fresh instance."""
+    """Live backend instances, one per endpoint and config; a changed config gets a fresh instance.
 
-    def __init__(self) -> None:
+    Built by the composition root (`resource_server/bootstrap.py`), which hands it the parts backends share.
+    """
+
+    def __init__(self, parts: BackendParts) -> None:
+        self.parts = parts
         self._live: dict[int, tuple[tuple[str, str], Backend]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -66,7 +88,7 @@ class BackendPool:
         live = self._live.get(endpoint_id)
         if live is not None and live[0] == identity:
             return live[1]
-        instance = BACKENDS[backend].build(config)
+        instance = BACKENDS[backend].build(config, self.parts)
         self._live[endpoint_id] = (identity, instance)
         if live is not None:
             with contextlib.suppress(RuntimeError):  # no running loop: nothing open to close
@@ -75,6 +97,3 @@ class BackendPool:
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
         return instance
-
-
-backend_pool = BackendPool()

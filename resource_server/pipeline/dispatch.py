@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 
 from resource_server.dispatch.base import Backend, UpstreamRequest, UpstreamStream
-from resource_server.dispatch.registry import backend_pool
+from resource_server.dispatch.registry import BackendPool
 from resource_server.errors import GatewayError
 from resource_server.pipeline.meter import Meter
 from resource_server.selectors.endpoints import EndpointRoute
@@ -19,31 +19,33 @@ from resource_server.selectors.endpoints import EndpointRoute
 logger = logging.getLogger(__name__)
 
 
-async def dispatch_submit(*, candidates: Sequence[EndpointRoute], request: UpstreamRequest, meter: Meter) -> bytes:
+async def dispatch_submit(
+    *, backends: BackendPool, candidates: Sequence[EndpointRoute], request: UpstreamRequest, meter: Meter
+) -> bytes:
     """The JSON answer of the first candidate that takes the request."""
     for endpoint in candidates:
         try:
-            return await _backend(endpoint, meter).submit(request)
+            return await _backend(backends, endpoint, meter).submit(request)
         except GatewayError as error:
             _raise_unless_next(error, endpoint, candidates)
     raise AssertionError("the route stage gives at least one candidate")
 
 
 async def dispatch_stream(
-    *, candidates: Sequence[EndpointRoute], request: UpstreamRequest, meter: Meter
+    *, backends: BackendPool, candidates: Sequence[EndpointRoute], request: UpstreamRequest, meter: Meter
 ) -> UpstreamStream:
     """The opened stream of the first candidate that takes the request."""
     for endpoint in candidates:
         try:
-            return await _backend(endpoint, meter).open_stream(request)
+            return await _backend(backends, endpoint, meter).open_stream(request)
         except GatewayError as error:
             _raise_unless_next(error, endpoint, candidates)
     raise AssertionError("the route stage gives at least one candidate")
 
 
-def _backend(endpoint: EndpointRoute, meter: Meter) -> Backend:
+def _backend(backends: BackendPool, endpoint: EndpointRoute, meter: Meter) -> Backend:
     meter.dispatching(endpoint.id)
-    return backend_pool.get(endpoint.id, endpoint.backend, endpoint.config)
+    return backends.get(endpoint.id, endpoint.backend, endpoint.config)
 
 
 def _raise_unless_next(error: GatewayError, endpoint: EndpointRoute, candidates: Sequence[EndpointRoute]) -> None:

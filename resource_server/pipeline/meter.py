@@ -15,15 +15,18 @@ from resource_server.auth.base import Principal
 from resource_server.pipeline.admit import UNLIMITED
 from resource_server.pipeline.parse import ParsedRequest
 from resource_server.routes import Route
-from resource_server.services.usage import UsageRecord, usage_sink
+from resource_server.services.usage import UsageRecord, UsageSink
 
 
 class Meter:
     """A request's usage record from its opening to its single write."""
 
-    __slots__ = ("_started", "record", "reservation")
+    __slots__ = ("_sink", "_started", "record", "reservation")
 
-    def __init__(self, *, principal: Principal, route: Route, request_id: str, client_request_id: str) -> None:
+    def __init__(
+        self, *, sink: UsageSink, principal: Principal, route: Route, request_id: str, client_request_id: str
+    ) -> None:
+        self._sink = sink
         self._started = time.perf_counter()
         self.reservation = UNLIMITED
         self.record = UsageRecord(
@@ -46,7 +49,7 @@ class Meter:
         first = self.record.endpoint_id is None
         self.record.endpoint_id = endpoint_id  # the row names the endpoint that answered, or was tried last
         if first:
-            usage_sink.opened(self.record)
+            self._sink.opened(self.record)
 
     def first_event(self) -> None:
         if self.record.time_to_first_token_ms is None:
@@ -58,5 +61,5 @@ class Meter:
         record.status_code = status
         record.error_code = error_code
         record.latency_ms = (time.perf_counter() - self._started) * 1000
-        usage_sink.record(record)
+        self._sink.record(record)
         self.reservation.settle(record)

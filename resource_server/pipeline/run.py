@@ -10,11 +10,16 @@
     7 meter         pipeline/meter.py        one usage row from the body on, whatever the outcome (499 included)
 
 Both doors call `inference_run`: the lean ASGI app (api/fast.py) and the ninja views (api/inference.py). They
-only read the HTTP request and write the HTTP answer (api/edge.py).
+only read the HTTP request and write the HTTP answer (api/edge.py), and hand in the process's long-lived
+objects (`resource_server/bootstrap.py` builds them; `PipelineParts` says which the stages use).
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
+from resource_server.dispatch.health import HealthProber
+from resource_server.dispatch.registry import BackendPool
 from resource_server.errors import ErrorCode, GatewayError
 from resource_server.pipeline.admit import admit
 from resource_server.pipeline.dispatch import dispatch_stream, dispatch_submit
@@ -22,12 +27,33 @@ from resource_server.pipeline.meter import Meter
 from resource_server.pipeline.parse import BodyReader, body_read, request_parse, upstream_request
 from resource_server.pipeline.respond import JsonResult, StreamResult, answer_json, stream_relay
 from resource_server.routes import ROUTES, Route
-from resource_server.selectors.endpoints import endpoint_candidates
-from resource_server.services.authentication import principal_from_authorization
+from resource_server.selectors.endpoints import RoutingCache, endpoint_candidates
+from resource_server.services.authentication import Authenticators
+from resource_server.services.usage import UsageSink
+
+
+class PipelineParts(Protocol):
+    """The long-lived objects the stages use (the composition root's `Runtime` has them)."""
+
+    @property
+    def authenticators(self) -> Authenticators: ...
+
+    @property
+    def routing(self) -> RoutingCache: ...
+
+    @property
+    def health(self) -> HealthProber: ...
+
+    @property
+    def backend_pool(self) -> BackendPool: ...
+
+    @property
+    def usage_sink(self) -> UsageSink: ...
 
 
 async def inference_run(
     *,
+    parts: PipelineParts,
     route: Route,
     authorization: str,
     content_length: int | None,
@@ -38,22 +64,37 @@ async def inference_run(
     framework: str | None = None,
 ) -> JsonResult | StreamResult:
     """Answer one OpenAI request; from its body on, every outcome leaves exactly one usage record."""
-    principal = await principal_from_authorization(authorization)
+    principal = await parts.authenticators.principal_from_authorization(authorization)
     raw = await body_read(content_length=content_length, read=read_body)
     descriptor = ROUTES[route]
-    meter = Meter(principal=principal, route=route, request_id=request_id, client_request_id=client_request_id)
+    meter = Meter(
+        sink=parts.usage_sink,
+        principal=principal,
+        route=route,
+        request_id=request_id,
+        client_request_id=client_request_id,
+    )
     try:
         request = request_parse(descriptor, raw)
         meter.parsed(request)
         candidates = await endpoint_candidates(
-            principal=principal, model=request.model, cluster=cluster, framework=framework
+            routing=parts.routing,
+            health=parts.health,
+            principal=principal,
+            model=request.model,
+            cluster=cluster,
+            framework=framework,
         )
         meter.reservation = await admit(principal=principal, request=request, candidates=candidates)
         upstream = upstream_request(descriptor, request, request_id)
         if request.stream:
-            stream = await dispatch_stream(candidates=candidates, request=upstream, meter=meter)
+            stream = await dispatch_stream(
+                backends=parts.backend_pool, candidates=candidates, request=upstream, meter=meter
+            )
             return StreamResult(stream_relay(stream, descriptor, meter, client_wants_usage=request.include_usage))
-        content = await dispatch_submit(candidates=candidates, request=upstream, meter=meter)
+        content = await dispatch_submit(
+            backends=parts.backend_pool, candidates=candidates, request=upstream, meter=meter
+        )
     except GatewayError as error:
         meter.finish(status=error.status, error_code=error.code)
         raise

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from resource_server.auth.base import Principal
 from resource_server.backend_kinds import BACKEND_KINDS
 from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
+from resource_server.dispatch.health import HealthProber
 from resource_server.errors import ErrorCode, NotFound, PermissionDenied, ServiceUnavailable
 from resource_server.models import Cluster, Endpoint
 
@@ -69,13 +70,6 @@ class RoutingTable:
     failing: bool = False  # the last reload failed: requests use this table and never wait for a reload
 
 
-_table = RoutingTable()
-_reload: asyncio.Task[RoutingTable] | None = None
-_RETRY_AFTER_DB_ERROR = 2.0
-_OUTAGE_LOG_INTERVAL = 10.0  # an outage is retried every _RETRY_AFTER_DB_ERROR, but not logged every time
-_outage_logged_at = float("-inf")
-
-
 def _load_table() -> RoutingTable:
     by_model: dict[str, list[EndpointRoute]] = defaultdict(list)
     for endpoint in Endpoint.objects.filter(enabled=True).select_related("cluster"):
@@ -112,68 +106,87 @@ def _load_table() -> RoutingTable:
     return RoutingTable(by_model=dict(by_model), clusters=clusters, loaded_at=now, read_at=now)
 
 
-async def routing_table() -> RoutingTable:
-    """The current table. Past half its lifetime it is reloaded in the background while requests keep
-    using it, so a busy worker never waits for the database; only a table past its whole lifetime (an idle
-    worker, or the first request) is waited for, so admin changes still apply within ROUTING_CACHE_SECONDS.
-    During a database outage (a reload failed, or took longer than DATABASE_PATIENCE_SECONDS) requests
-    use the table they have and reloads are tried in the background every few seconds.
-    """
-    age = time.monotonic() - _table.loaded_at
-    lifetime = settings.GATEWAY.ROUTING_CACHE_SECONDS
-    if age < lifetime / 2:
-        return _table
-    reload = _start_reload()
-    if age < lifetime or _table.failing:
-        return _table
-    # Shielded: a caller that goes away, or stops waiting, must not cancel the read the others wait for.
-    if _table.read_at == float("-inf"):
-        return await asyncio.shield(reload)
-    try:
-        return await asyncio.wait_for(asyncio.shield(reload), DATABASE_PATIENCE_SECONDS)
-    except TimeoutError:
-        # The database is slow to answer: route with what we have; the reload goes on and replaces it.
-        _table.failing = True
-        return _table
+_RETRY_AFTER_DB_ERROR = 2.0
+_OUTAGE_LOG_INTERVAL = 10.0  # an outage is retried every _RETRY_AFTER_DB_ERROR, but not logged every time
 
 
-def _start_reload() -> asyncio.Task[RoutingTable]:
-    """The reload under way, or a new one: one at a time, however many requests find the table old."""
-    global _reload
-    loop = asyncio.get_running_loop()
-    if _reload is None or _reload.done() or _reload.get_loop() is not loop:
-        _reload = loop.create_task(_reload_table())
-        # Retrieved: if no caller waits for it, an error is not reported as unhandled.
-        _reload.add_done_callback(lambda done: None if done.cancelled() else done.exception())
-    return _reload
+class RoutingCache:
+    """The routing table this worker keeps (built by the composition root, `resource_server/bootstrap.py`)."""
 
+    def __init__(self) -> None:
+        self._table = RoutingTable()
+        self._reload: asyncio.Task[RoutingTable] | None = None
+        self._outage_logged_at = float("-inf")
 
-async def _reload_table() -> RoutingTable:
-    global _table, _outage_logged_at
-    now = time.monotonic()
-    try:
-        _table = await db_run(_load_table)
-    except DatabaseError:
-        if _table.loaded_at == float("-inf"):
-            raise ServiceUnavailable(
-                "The gateway cannot read its model registry right now. Please retry shortly.",
-                retry_after=5,
-                code=ErrorCode.REGISTRY_UNAVAILABLE,
-            ) from None
-        # Keep serving what we knew during a database outage; try again in a few seconds.
-        if now - _outage_logged_at >= _OUTAGE_LOG_INTERVAL:
-            _outage_logged_at = now
-            logger.warning("database unavailable; routing with the table read %.0f s ago", now - _table.read_at)
-        _table.loaded_at = now - settings.GATEWAY.ROUTING_CACHE_SECONDS / 2 + _RETRY_AFTER_DB_ERROR
-        _table.failing = True
-    return _table
+    @property
+    def current(self) -> RoutingTable:
+        """The table as this worker holds it now, without reloading it."""
+        return self._table
 
+    @property
+    def reloading(self) -> asyncio.Task[RoutingTable] | None:
+        """The reload under way, if any (a finished one too, until the next starts)."""
+        return self._reload
 
-def routing_table_forget() -> None:
-    """Make the next request reload the table (used after admin edits in this process, and by tests)."""
-    global _table, _reload
-    _table = RoutingTable()
-    _reload = None
+    async def table(self) -> RoutingTable:
+        """The current table. Past half its lifetime it is reloaded in the background while requests keep
+        using it, so a busy worker never waits for the database; only a table past its whole lifetime (an idle
+        worker, or the first request) is waited for, so admin changes still apply within ROUTING_CACHE_SECONDS.
+        During a database outage (a reload failed, or took longer than DATABASE_PATIENCE_SECONDS) requests
+        use the table they have and reloads are tried in the background every few seconds.
+        """
+        table = self._table
+        age = time.monotonic() - table.loaded_at
+        lifetime = settings.GATEWAY.ROUTING_CACHE_SECONDS
+        if age < lifetime / 2:
+            return table
+        reload = self._start_reload()
+        if age < lifetime or table.failing:
+            return table
+        # Shielded: a caller that goes away, or stops waiting, must not cancel the read the others wait for.
+        if table.read_at == float("-inf"):
+            return await asyncio.shield(reload)
+        try:
+            return await asyncio.wait_for(asyncio.shield(reload), DATABASE_PATIENCE_SECONDS)
+        except TimeoutError:
+            # The database is slow to answer: route with what we have; the reload goes on and replaces it.
+            table.failing = True
+            return table
+
+    def forget(self) -> None:
+        """Make the next request reload the table (after admin edits in this process)."""
+        self._table = RoutingTable()
+        self._reload = None
+
+    def _start_reload(self) -> asyncio.Task[RoutingTable]:
+        """The reload under way, or a new one: one at a time, however many requests find the table old."""
+        loop = asyncio.get_running_loop()
+        reload = self._reload
+        if reload is None or reload.done() or reload.get_loop() is not loop:
+            reload = self._reload = loop.create_task(self._reload_table())
+            # Retrieved: if no caller waits for it, an error is not reported as unhandled.
+            reload.add_done_callback(lambda done: None if done.cancelled() else done.exception())
+        return reload
+
+    async def _reload_table(self) -> RoutingTable:
+        now = time.monotonic()
+        try:
+            self._table = await db_run(_load_table)
+        except DatabaseError:
+            table = self._table
+            if table.loaded_at == float("-inf"):
+                raise ServiceUnavailable(
+                    "The gateway cannot read its model registry right now. Please retry shortly.",
+                    retry_after=5,
+                    code=ErrorCode.REGISTRY_UNAVAILABLE,
+                ) from None
+            # Keep serving what we knew during a database outage; try again in a few seconds.
+            if now - self._outage_logged_at >= _OUTAGE_LOG_INTERVAL:
+                self._outage_logged_at = now
+                logger.warning("database unavailable; routing with the table read %.0f s ago", now - table.read_at)
+            table.loaded_at = now - settings.GATEWAY.ROUTING_CACHE_SECONDS / 2 + _RETRY_AFTER_DB_ERROR
+            table.failing = True
+        return self._table
 
 
 def _check_scope(table: RoutingTable, cluster: str | None) -> None:
@@ -182,14 +195,22 @@ def _check_scope(table: RoutingTable, cluster: str | None) -> None:
 
 
 async def endpoint_candidates(
-    *, principal: Principal, model: str, cluster: str | None = None, framework: str | None = None
+    *,
+    routing: RoutingCache,
+    health: HealthProber,
+    principal: Principal,
+    model: str,
+    cluster: str | None = None,
+    framework: str | None = None,
 ) -> list[EndpointRoute]:
     """The route stage: the endpoints that may serve `model` to `principal`, best first, or the error that
     explains why none may (no such model or cluster, no access, every one under maintenance).
 
-    Each candidate is allowed to the caller and not under maintenance; the order is the registry's.
+    Each candidate is allowed to the caller and not under maintenance. The order is the registry's, except
+    that endpoints the health prober last found down go after the others (a stable sort). That ordering is
+    the seam the endpoint status (live, starting, queued, offline) will replace.
     """
-    table = await routing_table()
+    table = await routing.table()
     _check_scope(table, cluster)
     in_scope = [route for route in table.by_model.get(model, ()) if route.serves(cluster, framework)]
     if not in_scope:
@@ -213,14 +234,16 @@ async def endpoint_candidates(
             retry_after=300,
             code=ErrorCode.CLUSTER_MAINTENANCE,
         )
+    if len(candidates) > 1 and health.any_down:
+        candidates.sort(key=lambda route: health.is_down(route.id))
     return candidates
 
 
 async def model_list(
-    *, principal: Principal, cluster: str | None = None, framework: str | None = None
+    *, routing: RoutingCache, principal: Principal, cluster: str | None = None, framework: str | None = None
 ) -> list[dict[str, object]]:
     """Models the caller may use, in OpenAI's list shape, one entry per model name."""
-    table = await routing_table()
+    table = await routing.table()
     _check_scope(table, cluster)
     models: dict[str, dict[str, object]] = {}
     for name, routes in table.by_model.items():

@@ -24,7 +24,6 @@ from resource_server.dispatch.globus_compute import (
     Credentials,
     GlobusComputeConfig,
     MissingCredentials,
-    compute_endpoints,
     credentials_for,
     default_credentials,
 )
@@ -77,9 +76,7 @@ def _accounts() -> dict[str, tuple[Credentials, list[tuple[Endpoint, GlobusCompu
     return accounts
 
 
-def compute_functions_register(
-    *, endpoints: ComputeEndpoints = compute_endpoints, force: bool = False
-) -> list[Registration]:
+def compute_functions_register(*, endpoints: ComputeEndpoints, force: bool = False) -> list[Registration]:
     """Register `compute_functions.inference` for every service account in use; report what changed."""
     digest = hashlib.sha256(function_code(inference).encode()).hexdigest()
     report = []

@@ -9,14 +9,19 @@ from collections.abc import Awaitable, Callable
 
 from django.conf import settings
 
-from resource_server.adapters.relay import Delivery, RelayMessage, relay_hub
+from resource_server.adapters.relay import Delivery, RelayHub, RelayMessage
 from resource_server.errors import ErrorCode, InvalidRequest, PermissionDenied, RateLimited
 
 _REFUSED = "Unknown relay task or wrong token."
 
 
 async def relay_deliver(
-    *, task_id: str, authorization: str, content_length: int | None, read_body: Callable[[int], Awaitable[bytes]]
+    *,
+    hub: RelayHub,
+    task_id: str,
+    authorization: str,
+    content_length: int | None,
+    read_body: Callable[[int], Awaitable[bytes]],
 ) -> None:
     """Accept one message for a waiting stream, or raise the error the compute function acts on.
 
@@ -25,7 +30,7 @@ async def relay_deliver(
     """
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or not await relay_hub.authorized(task_id, token):
+    if scheme.lower() != "bearer" or not token or not await hub.authorized(task_id, token):
         raise PermissionDenied(_REFUSED, code=ErrorCode.RELAY_FORBIDDEN)
     limit = settings.GATEWAY.RELAY_MAX_MESSAGE_BYTES
     too_large = InvalidRequest(f"A relay message may be at most {limit} bytes.", code=ErrorCode.REQUEST_TOO_LARGE)
@@ -34,7 +39,7 @@ async def relay_deliver(
     body = await read_body(limit)  # only now: a refused sender never makes the gateway read its body
     if len(body) > limit:
         raise too_large
-    delivery = await relay_hub.append(task_id, RelayMessage.parse(body))
+    delivery = await hub.append(task_id, RelayMessage.parse(body))
     if delivery is Delivery.GONE:
         raise PermissionDenied(_REFUSED, code=ErrorCode.RELAY_FORBIDDEN)
     if delivery is Delivery.FULL:

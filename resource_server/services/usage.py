@@ -868,6 +868,7 @@ class UsageSink:
         """
         if not self._threads or self._stopping.is_set():
             return
+        atexit.unregister(self.stop)  # a sink stopped by its owner needs no second stop at exit
         written = self.flush(timeout=timeout)
         self._stopping.set()
         self._queue.put(None)  # wake both threads if they wait for records
@@ -924,9 +925,12 @@ _MARK_FIELDS = (
 )
 
 
-usage_sink = UsageSink(
-    batch_size=settings.GATEWAY.USAGE_BATCH_SIZE,
-    flush_seconds=settings.GATEWAY.USAGE_FLUSH_SECONDS,
-    spool_dir=settings.GATEWAY.DATA_DIR / "usage-spool",
-    dead_letter_dir=settings.GATEWAY.DATA_DIR / "usage-dead-letter",
-)
+def usage_sink_from_settings() -> UsageSink:
+    """The usage sink the settings describe (the composition root builds the process's one)."""
+    gateway = settings.GATEWAY
+    return UsageSink(
+        batch_size=gateway.USAGE_BATCH_SIZE,
+        flush_seconds=gateway.USAGE_FLUSH_SECONDS,
+        spool_dir=gateway.DATA_DIR / "usage-spool",
+        dead_letter_dir=gateway.DATA_DIR / "usage-dead-letter",
+    )

@@ -15,11 +15,10 @@ from django.conf import settings
 from django.test import override_settings
 
 from gateway.asgi import AdmissionControl, django_application, http_application, inference_app, worker_settle
-from resource_server.adapters.relay import RelayMessage, relay_hub
+from resource_server.adapters.relay import RelayMessage
 from resource_server.api.fast import InferenceApp
+from resource_server.bootstrap import Runtime, runtime
 from resource_server.models import RequestLog
-from resource_server.selectors import endpoints
-from resource_server.services.usage import usage_sink
 from tests.conftest import Seeded
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -178,7 +177,7 @@ async def test_a_sane_client_request_id_is_echoed_by_both(seeded: Seeded) -> Non
     # The gateway's own id, the usage row's key, is returned beside it; the client's is stored in the row.
     ours = {lean.header(b"x-gateway-request-id").decode(), django.header(b"x-gateway-request-id").decode()}
     assert len(ours) == 2
-    assert await sync_to_async(usage_sink.flush)(timeout=10)
+    assert await sync_to_async(runtime().usage_sink.flush)(timeout=10)
     rows = RequestLog.objects.filter(request_id__in=ours).values_list("client_request_id", flat=True)
     assert await sync_to_async(list)(rows) == ["client-chosen-id-42"] * 2
 
@@ -292,7 +291,7 @@ async def _refuse_fallback(scope: Any, receive: Any, send: Any) -> None:
 async def test_relay_messages_are_answered_alike_and_by_the_lean_app(
     transactional_db: None, case: str, body: bytes
 ) -> None:
-    channel = await relay_hub.open(lifetime=30)
+    channel = await runtime().relay_hub.open(lifetime=30)
     token = "a-guessed-token" if case == "wrong token" else channel.token
     path = f"/resource_server/internal/relay/{channel.task_id}"
     try:
@@ -310,11 +309,13 @@ async def test_relay_messages_are_answered_alike_and_by_the_lean_app(
     assert delivered == ([RelayMessage.parse(body)] * 3 if case == "accepted" else [])
 
 
-async def test_start_up_loads_the_routing_table_then_freezes_what_the_worker_keeps(seeded: Seeded) -> None:
-    assert endpoints._table.loaded_at == float("-inf")
+async def test_start_up_loads_the_routing_table_then_freezes_what_the_worker_keeps(
+    seeded: Seeded, runtime: Runtime
+) -> None:
+    assert runtime.routing.current.loaded_at == float("-inf")
     try:
-        await worker_settle()
-        assert "demo-model" in endpoints._table.by_model, "the first request must not pay for the table"
+        await worker_settle(runtime)
+        assert "demo-model" in runtime.routing.current.by_model, "the first request must not pay for the table"
         assert gc.get_freeze_count() > 0, "full collections would walk every long-lived object"
     finally:
         gc.unfreeze()

@@ -6,6 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from resource_server.bootstrap import runtime
 from resource_server.services.compute_functions import RegistrationError, compute_functions_register
 
 
@@ -21,7 +22,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            report = compute_functions_register(force=options["force"])
+            report = compute_functions_register(endpoints=runtime().compute_endpoints, force=options["force"])
         except RegistrationError as error:
             raise CommandError(str(error)) from error
         changed = False

@@ -12,8 +12,8 @@ from django.conf import settings
 from django.test import AsyncClient
 from django.utils import timezone
 
+from resource_server.bootstrap import runtime
 from resource_server.models import Cluster, Endpoint, RequestLog
-from resource_server.services.usage import usage_sink
 from tests.conftest import Seeded
 from tests.servers import fake_stats, free_port
 
@@ -31,7 +31,7 @@ async def post(path: str, body: Any, seeded: Seeded | None = None, **headers: st
 
 
 async def rows() -> list[RequestLog]:
-    assert await sync_to_async(usage_sink.flush)(timeout=10)
+    assert await sync_to_async(runtime().usage_sink.flush)(timeout=10)
     return [row async for row in RequestLog.objects.order_by("created_at")]
 
 

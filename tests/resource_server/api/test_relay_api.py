@@ -9,13 +9,15 @@ import orjson
 import pytest
 from django.test import AsyncClient
 
-from resource_server.adapters.relay import RedisRelayHub, RelayChannel, RelayMessage, relay_hub, relay_url
+from resource_server.adapters.relay import RedisRelayHub, RelayChannel, RelayMessage, relay_url
+from resource_server.bootstrap import runtime
 
 CHUNK = 'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 
 
 @pytest.fixture
 async def channel() -> AsyncIterator[RelayChannel]:
+    relay_hub = runtime().relay_hub
     opened = await relay_hub.open(lifetime=30)
     yield opened
     await opened.close()
@@ -45,7 +47,7 @@ async def test_a_message_with_the_tasks_token_reaches_the_waiting_handler(channe
 
 @pytest.mark.parametrize("presented", ["a guessed token", "no token", "another task's token"])
 async def test_a_bad_relay_token_gets_403_and_no_data_is_accepted(channel: RelayChannel, presented: str) -> None:
-    other = await relay_hub.open(lifetime=30)  # a real token, but of another task
+    other = await runtime().relay_hub.open(lifetime=30)  # a real token, but of another task
     token = {"a guessed token": "wrong-token", "no token": "", "another task's token": other.token}[presented]
     try:
         response = await post(channel, {"seq": 0, "events": [CHUNK]}, token=token)
@@ -108,7 +110,7 @@ async def test_a_malformed_message_gets_400_and_is_not_accepted(channel: RelayCh
 async def test_a_handler_far_behind_answers_429_so_the_function_backs_off(
     channel: RelayChannel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(relay_hub, "max_pending", 2)
+    monkeypatch.setattr(runtime().relay_hub, "max_pending", 2)
     for seq in range(2):
         assert (await post(channel, {"seq": seq, "events": [CHUNK]})).status_code == 204
 

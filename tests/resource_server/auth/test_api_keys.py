@@ -12,6 +12,7 @@ from django.conf import settings
 
 from resource_server.auth.api_keys import ApiKeyAuthenticator, api_key_generate
 from resource_server.auth.base import Principal
+from resource_server.auth.globus import GroupMemberships
 from resource_server.errors import AuthenticationFailed, GatewayError
 from resource_server.models import ApiKey
 from tests.conftest import Seeded
@@ -27,7 +28,7 @@ async def test_a_refused_key_is_answered_from_memory_until_the_negative_ttl_pass
     seeded: Seeded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(settings.GATEWAY, "API_KEY_NEGATIVE_CACHE_SECONDS", 3.0)
-    authenticator = ApiKeyAuthenticator()
+    authenticator = ApiKeyAuthenticator(GroupMemberships())
     key, prefix, digest = api_key_generate()
     with pytest.raises(AuthenticationFailed) as refused:
         await authenticator.authenticate(key)
@@ -52,7 +53,7 @@ async def test_a_refused_key_is_answered_from_memory_until_the_negative_ttl_pass
 
 async def test_a_revoked_key_is_remembered_as_revoked(seeded: Seeded, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(settings.GATEWAY, "API_KEY_CACHE_SECONDS", 0.0)
-    authenticator = ApiKeyAuthenticator()
+    authenticator = ApiKeyAuthenticator(GroupMemberships())
     await authenticator.authenticate(seeded.key)
     await sync_to_async(ApiKey.objects.filter(pk=seeded.api_key.pk).update)(revoked_at=seeded.api_key.created_at)
     codes = []
@@ -68,7 +69,7 @@ async def test_a_flood_of_unknown_keys_is_bounded_while_known_keys_are_checked_a
 ) -> None:
     # Known keys are read again on every use here, so they too need the database during the flood.
     monkeypatch.setattr(settings.GATEWAY, "API_KEY_CACHE_SECONDS", 0.0)
-    authenticator = ApiKeyAuthenticator()
+    authenticator = ApiKeyAuthenticator(GroupMemberships())
     known = await authenticator.authenticate(seeded.key)
     flood = [api_key_generate()[0] for _ in range(600)]
     results: list[Principal | BaseException] = await asyncio.gather(

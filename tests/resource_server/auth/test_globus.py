@@ -17,7 +17,7 @@ from globus_sdk.testing import RegisteredResponse, get_last_request, load_respon
 from pydantic import SecretStr
 
 from resource_server.auth.base import AuthKind
-from resource_server.auth.globus import GlobusAuthenticator, token_identity
+from resource_server.auth.globus import GlobusAuthenticator, GroupMemberships, token_identity
 from resource_server.errors import AuthenticationFailed, PermissionDenied, ServiceUnavailable
 from resource_server.models import User
 from resource_server.services.users import UserPrincipals
@@ -150,7 +150,7 @@ async def test_valid_token_becomes_a_principal_with_groups(globus: None) -> None
     register_introspection(introspection())
     load_response("auth.oauth2_get_dependent_tokens", case="groups")
     groups = load_response("groups.get_my_groups")
-    principal = await GlobusAuthenticator(UserPrincipals()).authenticate("token-1")
+    principal = await GlobusAuthenticator(UserPrincipals(), GroupMemberships()).authenticate("token-1")
     assert principal.auth_kind is AuthKind.GLOBUS
     assert principal.username == "ada@anl.gov"
     expected = {group["id"] for group in groups.json if any(m["status"] == "active" for m in group["my_memberships"])}
@@ -170,7 +170,7 @@ async def test_concurrent_requests_with_one_new_token_introspect_once(globus: No
     register_introspection(introspection())
     load_response("auth.oauth2_get_dependent_tokens", case="groups")
     load_response("groups.get_my_groups")
-    authenticator = GlobusAuthenticator(UserPrincipals())
+    authenticator = GlobusAuthenticator(UserPrincipals(), GroupMemberships())
     principals = await asyncio.gather(*(authenticator.authenticate("same-token") for _ in range(20)))
     assert len({p.user_id for p in principals}) == 1
     assert sum(call.request.url.endswith("/introspect") for call in responses.calls) == 1
@@ -179,7 +179,7 @@ async def test_concurrent_requests_with_one_new_token_introspect_once(globus: No
 @pytest.mark.parametrize("status", [500, 502, 503])
 async def test_globus_errors_are_503_and_not_cached(globus: None, status: int) -> None:
     register_introspection({"errors": [{"status": str(status)}]}, status=status)
-    authenticator = GlobusAuthenticator(UserPrincipals())
+    authenticator = GlobusAuthenticator(UserPrincipals(), GroupMemberships())
     with pytest.raises(ServiceUnavailable) as unavailable:
         await authenticator.authenticate("token-2")
     assert unavailable.value.headers["Retry-After"] == "5"
@@ -192,5 +192,5 @@ async def test_globus_errors_are_503_and_not_cached(globus: None, status: int) -
 async def test_inactive_token_is_refused_without_a_database_write(globus: None) -> None:
     register_introspection({"active": False})
     with pytest.raises(AuthenticationFailed) as failed:
-        await GlobusAuthenticator(UserPrincipals()).authenticate("revoked")
+        await GlobusAuthenticator(UserPrincipals(), GroupMemberships()).authenticate("revoked")
     assert failed.value.code == "inactive_token"

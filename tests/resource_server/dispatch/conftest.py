@@ -13,7 +13,8 @@ from pydantic import SecretStr
 
 from fakes.globus_compute import FakeGlobusCompute
 from gateway.asgi import application
-from resource_server.adapters.relay import RedisRelayHub, relay_hub
+from resource_server.adapters.relay import RedisRelayHub
+from resource_server.bootstrap import Runtime
 from tests.servers import free_port
 
 CLIENT_ID, CLIENT_SECRET = "7d0b6f5e-2c1a-4b8e-9f3d-5a6c7e8f9a01", "gateway-compute-secret"
@@ -22,7 +23,8 @@ OTHER_ID, OTHER_SECRET = "c3e1a2b4-5d6f-4a7b-8c9d-0e1f2a3b4c5d", "site-compute-s
 
 @pytest.fixture(scope="module")
 def relay_base() -> Iterator[str]:
-    """The gateway's real ASGI app in this process (so it shares the in-process relay hub), on a real port."""
+    """The gateway's real ASGI app in this process (so it shares the in-process relay hub of the runtime each
+    test installs), on a real port."""
     port = free_port()
     config = uvicorn.Config(application, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
     server = uvicorn.Server(config)
@@ -58,7 +60,7 @@ def gateway_settings(settings: Any, relay_base: str) -> Any:
 
 
 @pytest.fixture(autouse=True)
-async def _close_relay_connections() -> AsyncIterator[None]:
+async def _close_relay_connections(runtime: Runtime) -> AsyncIterator[None]:
     yield
-    if isinstance(relay_hub, RedisRelayHub):
-        await relay_hub.aclose()
+    if isinstance(runtime.relay_hub, RedisRelayHub):
+        await runtime.relay_hub.aclose()

@@ -19,6 +19,7 @@ from globus_compute_sdk.serialize.base import IDENTIFIER_LENGTH
 from compute_functions import DATA_STRATEGY, inference
 from fakes.globus_compute import FakeGlobusCompute, Fault
 from resource_server.backend_kinds import backend_config_errors
+from resource_server.bootstrap import runtime
 from resource_server.dispatch.base import UpstreamRequest
 from resource_server.dispatch.compute import ComputeStream
 from resource_server.dispatch.globus_compute import (
@@ -61,7 +62,10 @@ def backend(
         "vllm": {"host": url.hostname, "port": url.port, "read_timeout": 10},
         **config,
     }
-    return GlobusComputeBackend(GlobusComputeConfig.model_validate(settings), endpoints=endpoints)
+    # The relay hub of the runtime the test installed: the relay server in this process delivers to it.
+    return GlobusComputeBackend(
+        GlobusComputeConfig.model_validate(settings), relay_hub=runtime().relay_hub, endpoints=endpoints
+    )
 
 
 @pytest.fixture

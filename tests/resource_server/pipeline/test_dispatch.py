@@ -10,8 +10,8 @@ from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 
 from gateway.asgi import http_application
+from resource_server.bootstrap import runtime
 from resource_server.models import Cluster, Endpoint, RequestLog
-from resource_server.services.usage import usage_sink
 from tests.conftest import Seeded
 from tests.gateway.test_asgi import call
 from tests.servers import fake_stats, free_port
@@ -31,7 +31,7 @@ async def _endpoint_before(seeded: Seeded, base_url: str) -> Endpoint:
 
 
 async def _row(request_id: str) -> RequestLog:
-    assert await sync_to_async(usage_sink.flush)(timeout=10)
+    assert await sync_to_async(runtime().usage_sink.flush)(timeout=10)
     return await RequestLog.objects.aget(request_id=request_id)
 
 

@@ -10,13 +10,14 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from resource_server.auth.base import AuthKind, Principal
+from resource_server.bootstrap import runtime
 from resource_server.models import RequestLog
 from resource_server.pipeline.admit import UNLIMITED, admit
 from resource_server.pipeline.meter import Meter
 from resource_server.pipeline.parse import request_parse
 from resource_server.pipeline.respond import answer_json, stream_relay
 from resource_server.routes import ROUTES, Route
-from resource_server.services.usage import UsageRecord, usage_sink
+from resource_server.services.usage import UsageRecord
 from tests.conftest import Seeded
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -55,13 +56,15 @@ class Upstream:
 
 def _meter(seeded: Seeded, request_id: str) -> tuple[Meter, Settled]:
     principal = Principal(seeded.user.pk, seeded.user.identity_id, seeded.user.username, AuthKind.API_KEY)
-    meter = Meter(principal=principal, route=Route.CHAT, request_id=request_id, client_request_id="")
+    meter = Meter(
+        sink=runtime().usage_sink, principal=principal, route=Route.CHAT, request_id=request_id, client_request_id=""
+    )
     meter.reservation = settled = Settled()
     return meter, settled
 
 
 async def _row(request_id: str) -> RequestLog:
-    assert await sync_to_async(usage_sink.flush)(timeout=10)
+    assert await sync_to_async(runtime().usage_sink.flush)(timeout=10)
     return await RequestLog.objects.aget(request_id=request_id)
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from django.conf import settings
 
 from resource_server.auth.base import AuthKind, Principal
+from resource_server.bootstrap import Runtime
 from resource_server.errors import GatewayError
 from resource_server.models import Cluster, Endpoint
-from resource_server.selectors import endpoints
-from resource_server.selectors.endpoints import endpoint_candidates, routing_table
+from resource_server.selectors.endpoints import endpoint_candidates
 from tests.conftest import Seeded
 
 
@@ -23,24 +25,34 @@ async def _disable_endpoint(seeded: Seeded) -> None:
     await Endpoint.objects.filter(pk=seeded.endpoint.pk).aupdate(enabled=False)
 
 
-async def test_a_table_past_half_its_lifetime_is_served_while_a_new_one_loads(seeded: Seeded, lifetime: float) -> None:
-    first = await routing_table()
+async def test_a_table_past_half_its_lifetime_is_served_while_a_new_one_loads(
+    seeded: Seeded, lifetime: float, runtime: Runtime
+) -> None:
+    routing = runtime.routing
+    first = await routing.table()
     assert "demo-model" in first.by_model
     await _disable_endpoint(seeded)
     first.loaded_at -= lifetime * 0.6
 
-    assert await routing_table() is first, "a busy worker must not wait for the database"
-    assert endpoints._reload is not None
-    await endpoints._reload
-    assert "demo-model" not in (await routing_table()).by_model
+    assert await routing.table() is first, "a busy worker must not wait for the database"
+    assert routing.reloading is not None
+    await routing.reloading
+    assert "demo-model" not in (await routing.table()).by_model
 
 
-async def test_a_table_past_its_lifetime_is_reloaded_before_it_is_used(seeded: Seeded, lifetime: float) -> None:
-    first = await routing_table()
+async def test_a_table_past_its_lifetime_is_reloaded_before_it_is_used(
+    seeded: Seeded, lifetime: float, runtime: Runtime
+) -> None:
+    first = await runtime.routing.table()
     await _disable_endpoint(seeded)
     first.loaded_at -= lifetime + 1
 
-    assert "demo-model" not in (await routing_table()).by_model, "admin changes must apply within the lifetime"
+    assert "demo-model" not in (await runtime.routing.table()).by_model, "admin changes must apply within the lifetime"
+
+
+def _route_parts(runtime: Runtime) -> dict[str, Any]:
+    """What the route stage is handed from the runtime."""
+    return {"routing": runtime.routing, "health": runtime.health}
 
 
 def _caller(seeded: Seeded, groups: frozenset[str] = frozenset()) -> Principal:
@@ -59,15 +71,20 @@ async def _endpoint(cluster: str, *, maintenance: bool = False, groups: tuple[st
     )
 
 
-async def test_the_route_stage_gives_every_allowed_endpoint_not_in_maintenance_in_order(seeded: Seeded) -> None:
+async def test_the_route_stage_gives_every_allowed_endpoint_not_in_maintenance_in_order(
+    seeded: Seeded, runtime: Runtime
+) -> None:
+    route = _route_parts(runtime)
     first = await _endpoint("aurora")
     await _endpoint("crux", maintenance=True)
     await _endpoint("sophia", groups=("other-group",))
-    candidates = await endpoint_candidates(principal=_caller(seeded), model="demo-model")
+    candidates = await endpoint_candidates(**route, principal=_caller(seeded), model="demo-model")
     assert [route.id for route in candidates] == [first.pk, seeded.endpoint.pk]
-    on_polaris = await endpoint_candidates(principal=_caller(seeded), model="demo-model", cluster="polaris")
+    on_polaris = await endpoint_candidates(**route, principal=_caller(seeded), model="demo-model", cluster="polaris")
     assert [route.id for route in on_polaris] == [seeded.endpoint.pk]
-    with_group = await endpoint_candidates(principal=_caller(seeded, frozenset({"other-group"})), model="demo-model")
+    with_group = await endpoint_candidates(
+        **route, principal=_caller(seeded, frozenset({"other-group"})), model="demo-model"
+    )
     assert len(with_group) == 3
 
 
@@ -81,8 +98,9 @@ async def test_the_route_stage_gives_every_allowed_endpoint_not_in_maintenance_i
     ],
 )
 async def test_the_route_stage_says_why_no_endpoint_may_serve(
-    seeded: Seeded, case: str, status: int, code: str
+    seeded: Seeded, case: str, status: int, code: str, runtime: Runtime
 ) -> None:
+    route = _route_parts(runtime)
     model, cluster = ("nope" if case == "unknown model" else "demo-model"), None
     if case == "unknown cluster":
         cluster = "nowhere"
@@ -91,5 +109,5 @@ async def test_the_route_stage_says_why_no_endpoint_may_serve(
     elif case == "maintenance":
         await Cluster.objects.filter(pk=seeded.cluster.pk).aupdate(maintenance=True)
     with pytest.raises(GatewayError) as refused:
-        await endpoint_candidates(principal=_caller(seeded), model=model, cluster=cluster)
+        await endpoint_candidates(**route, principal=_caller(seeded), model=model, cluster=cluster)
     assert (refused.value.status, refused.value.code) == (status, code)

@@ -1,0 +1,120 @@
+"""The composition root (Cosmic Python's `bootstrap`): builds the process's long-lived objects and hands
+each the others it needs. Nothing of them exists at import time, and nothing talks to the outside world or
+starts a thread until `Runtime.start` (or a first use: the usage writer starts with its first record).
+
+Who builds it:
+- the ASGI lifespan (`gateway/asgi.py`): at start-up it builds and starts the runtime, at shutdown stops it;
+- tests: a pytest fixture builds a fresh runtime for every test and installs it (`runtime_install`);
+- every other context (Django's test client, `manage.py` commands, the admin under WSGI, `runserver`, an
+  ASGI server run without lifespan): `runtime()` builds one on first use in the process. Those contexts
+  have no start-up hook to call, and building is cheap and touches nothing outside (the usage writer and
+  the Redis connections start lazily on first use), so a first use is the right moment.
+
+The doors (`api/fast.py`, the ninja views) ask `runtime()` per request and pass it to the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from resource_server.adapters.relay import RelayHub, relay_hub_from_settings
+from resource_server.auth.globus import GroupMemberships
+from resource_server.dispatch.globus_compute import ComputeEndpoints, SdkConnector
+from resource_server.dispatch.health import HealthProber
+from resource_server.dispatch.local import LocalExecutors
+from resource_server.dispatch.registry import BackendParts, BackendPool
+from resource_server.selectors.endpoints import EndpointRoute, RoutingCache
+from resource_server.services.authentication import Authenticators
+from resource_server.services.usage import UsageSink, usage_sink_from_settings
+from resource_server.services.users import UserPrincipals
+
+# A health check that takes longer than this counts as failed (the prober never waits for it longer).
+HEALTH_PROBE_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """The long-lived objects of one gateway process."""
+
+    relay_hub: RelayHub
+    usage_sink: UsageSink
+    compute_endpoints: ComputeEndpoints
+    backend_pool: BackendPool
+    group_memberships: GroupMemberships
+    users: UserPrincipals
+    authenticators: Authenticators
+    routing: RoutingCache
+    health: HealthProber
+
+    def start(self) -> None:
+        """At worker start-up, on the event loop: the usage writer (adopting journals left by stopped
+        workers) and the health prober (its first probe one interval from now)."""
+        self.usage_sink.start()
+        self.health.start()
+
+    async def stop(self, usage_seconds: float) -> None:
+        """At shutdown, after the requests have ended: the prober, then the usage writer within
+        `usage_seconds` (what it cannot write stays journaled for the next start)."""
+        await self.health.stop()
+        await asyncio.to_thread(self.usage_sink.stop, usage_seconds)
+
+
+def bootstrap() -> Runtime:
+    """Build the process's long-lived objects from the settings, each handed what it depends on."""
+    gateway = settings.GATEWAY
+    relay_hub = relay_hub_from_settings()
+    compute_endpoints = ComputeEndpoints(SdkConnector())
+    backend_pool = BackendPool(
+        BackendParts(relay_hub=relay_hub, compute_endpoints=compute_endpoints, local_executors=LocalExecutors())
+    )
+    group_memberships = GroupMemberships()
+    users = UserPrincipals()
+    routing = RoutingCache()
+
+    async def enabled_endpoints() -> list[EndpointRoute]:
+        table = await routing.table()
+        return [route for routes in table.by_model.values() for route in routes]
+
+    interval = gateway.HEALTH_PROBE_SECONDS
+    return Runtime(
+        relay_hub=relay_hub,
+        usage_sink=usage_sink_from_settings(),
+        compute_endpoints=compute_endpoints,
+        backend_pool=backend_pool,
+        group_memberships=group_memberships,
+        users=users,
+        authenticators=Authenticators.standard(groups=group_memberships, users=users),
+        routing=routing,
+        health=HealthProber(
+            backends=backend_pool,
+            endpoints=enabled_endpoints,
+            interval=interval,
+            timeout=min(HEALTH_PROBE_TIMEOUT_SECONDS, interval) if interval > 0 else HEALTH_PROBE_TIMEOUT_SECONDS,
+        ),
+    )
+
+
+_current: Runtime | None = None
+_building = threading.Lock()
+
+
+def runtime() -> Runtime:
+    """The process's runtime: the one installed (by the lifespan or a test), else one built now."""
+    current = _current
+    if current is None:
+        with _building:  # WSGI serves from threads: two first uses must not build two
+            if _current is None:
+                runtime_install(bootstrap())
+            current = _current
+            assert current is not None
+    return current
+
+
+def runtime_install(built: Runtime | None) -> None:
+    """Make `built` the process's runtime (None: the next `runtime()` builds a new one)."""
+    global _current
+    _current = built

@@ -1,0 +1,145 @@
+"""Backend health, asked in one place: a background prober the composition root owns and the lifespan starts.
+
+Every `interval` seconds it calls `Backend.health()` on each enabled endpoint's backend (from the backend
+pool, so the same instance and connections as requests), all at once and each cut at `timeout`, and keeps
+endpoint id -> `HealthState`. Never on the request path: the route stage only reads what it knows
+(`selectors/endpoints.py:endpoint_candidates` puts endpoints found down after the others).
+
+This is the seam the endpoint status (live, starting, queued, offline; from backend health, Globus Compute
+endpoint status and the cluster's scheduler) will replace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from resource_server.dispatch.base import Backend
+
+logger = logging.getLogger(__name__)
+
+
+class Probed(Protocol):
+    """What the prober needs of an endpoint (a routing table's `EndpointRoute` is one)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def config(self) -> BaseModel: ...
+
+
+class BackendSource(Protocol):
+    """Where the prober gets an endpoint's backend (the backend pool)."""
+
+    def get(self, endpoint_id: int, backend: str, config: BaseModel) -> Backend: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HealthState:
+    ok: bool
+    detail: str
+    since: float  # when it last changed, on the prober's clock
+
+
+class HealthProber:
+    """Probes every endpoint's backend in the background and remembers which are down.
+
+    `interval` <= 0 disables it (every endpoint stays unknown, so candidates keep the registry's order).
+    """
+
+    def __init__(
+        self,
+        *,
+        backends: BackendSource,
+        endpoints: Callable[[], Awaitable[Iterable[Probed]]],
+        interval: float,
+        timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._backends = backends
+        self._endpoints = endpoints
+        self.interval = interval
+        self._timeout = timeout
+        self._clock = clock
+        self._states: dict[int, HealthState] = {}
+        self._down: set[int] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def any_down(self) -> bool:
+        return bool(self._down)
+
+    def is_down(self, endpoint_id: int) -> bool:
+        """Whether the last probe found this endpoint down (unknown counts as up)."""
+        return endpoint_id in self._down
+
+    def state(self, endpoint_id: int) -> HealthState | None:
+        return self._states.get(endpoint_id)
+
+    def start(self) -> None:
+        """Probe every `interval` from now on; the first probe is one interval away, not at start."""
+        if self.interval > 0 and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="health-prober")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.probe()
+            except Exception:
+                # The endpoints could not be listed (the database is down): keep what we knew, try next time.
+                logger.warning("health probe round failed; keeping the last known states", exc_info=True)
+
+    async def probe(self) -> None:
+        """One round: every enabled endpoint at once, each cut at `timeout`."""
+        targets = {endpoint.id: endpoint for endpoint in await self._endpoints()}
+        results = await asyncio.gather(*(self._probe_one(endpoint) for endpoint in targets.values()))
+        for endpoint_id in set(self._states) - set(targets):  # disabled or removed since
+            del self._states[endpoint_id]
+            self._down.discard(endpoint_id)
+        for endpoint_id, (ok, detail) in zip(targets, results, strict=True):
+            self._record(endpoint_id, ok, detail)
+
+    async def _probe_one(self, endpoint: Probed) -> tuple[bool, str]:
+        try:
+            backend = self._backends.get(endpoint.id, endpoint.backend, endpoint.config)
+            async with asyncio.timeout(self._timeout):
+                health = await backend.health()
+        except TimeoutError:
+            return False, f"no answer to the health check within {self._timeout:g} s"
+        except Exception as exc:
+            return False, f"health check failed ({type(exc).__name__})"
+        return health.ok, health.detail
+
+    def _record(self, endpoint_id: int, ok: bool, detail: str) -> None:
+        before = self._states.get(endpoint_id)
+        if before is not None and before.ok == ok:
+            if before.detail != detail:
+                self._states[endpoint_id] = HealthState(ok, detail, before.since)
+            return
+        self._states[endpoint_id] = HealthState(ok, detail, self._clock())
+        if ok:
+            self._down.discard(endpoint_id)
+            if before is not None:
+                logger.info("endpoint %s is healthy again: %s", endpoint_id, detail)
+        else:
+            self._down.add(endpoint_id)
+            logger.warning("endpoint %s failed its health check: %s", endpoint_id, detail)

@@ -1,0 +1,156 @@
+"""The health prober: backend health asked in the background, and the route stage putting endpoints found down last."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+
+import orjson
+import pytest
+
+from gateway.asgi import http_application
+from resource_server.auth.base import AuthKind, Principal
+from resource_server.bootstrap import Runtime
+from resource_server.dispatch.health import HealthProber
+from resource_server.models import Cluster, Endpoint
+from resource_server.selectors.endpoints import EndpointRoute, endpoint_candidates
+from tests.conftest import Seeded
+from tests.gateway.test_asgi import CHAT, CHAT_PATH, call
+from tests.servers import free_port, running
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _model_server(port: int) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    """The fake vLLM server on a chosen port, so that it can come back where it was."""
+    args = [sys.executable, "-m", "fakes.model_server", "--port", str(port), "--model=demo-model"]
+    return running(args, f"http://127.0.0.1:{port}/health")
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections and never answers: a health check there hangs."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield listener.getsockname()[1]
+
+
+async def _endpoint_before(base_url: str) -> Endpoint:
+    """A second endpoint for demo-model, on a cluster that sorts before the seeded one (so it comes first)."""
+    cluster = await Cluster.objects.acreate(name="aurora", description="first in the registry's order")
+    return await Endpoint.objects.acreate(
+        cluster=cluster,
+        framework="vllm",
+        model="demo-model",
+        backend="direct",
+        backend_config={"base_url": base_url, "read_timeout": 30},
+    )
+
+
+def _prober(runtime: Runtime, *, interval: float = 3600, timeout: float = 2.0) -> HealthProber:
+    """A prober over the runtime's backend pool and routing table, as bootstrap() builds it."""
+
+    async def endpoints() -> list[EndpointRoute]:
+        table = await runtime.routing.table()
+        return [route for routes in table.by_model.values() for route in routes]
+
+    return HealthProber(backends=runtime.backend_pool, endpoints=endpoints, interval=interval, timeout=timeout)
+
+
+async def _candidates(runtime: Runtime, prober: HealthProber, seeded: Seeded) -> list[int]:
+    user = seeded.user
+    principal = Principal(user.pk, user.identity_id, user.username, AuthKind.API_KEY)
+    routes = await endpoint_candidates(routing=runtime.routing, health=prober, principal=principal, model="demo-model")
+    return [route.id for route in routes]
+
+
+async def test_a_server_that_stops_is_found_down_tried_last_and_logged_once(
+    seeded: Seeded, runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="resource_server.dispatch.health")
+    port = free_port()
+    first = await _endpoint_before(f"http://127.0.0.1:{port}/v1")
+    prober = _prober(runtime)
+    with _model_server(port):
+        await prober.probe()
+        state = prober.state(first.pk)
+        assert state is not None and state.ok, state
+        assert await _candidates(runtime, prober, seeded) == [first.pk, seeded.endpoint.pk]
+
+    await prober.probe()
+    await prober.probe()
+    down = prober.state(first.pk)
+    assert down is not None and not down.ok and down.detail
+    assert prober.is_down(first.pk) and not prober.is_down(seeded.endpoint.pk)
+    assert await _candidates(runtime, prober, seeded) == [seeded.endpoint.pk, first.pk]
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert [record.args[0] for record in warnings] == [first.pk]  # type: ignore[index]
+
+    with _model_server(port):
+        await prober.probe()
+        assert not prober.is_down(first.pk)
+        assert await _candidates(runtime, prober, seeded) == [first.pk, seeded.endpoint.pk]
+    ups = [record for record in caplog.records if record.levelno == logging.INFO]
+    assert [record.args[0] for record in ups] == [first.pk]  # type: ignore[index]
+
+
+async def test_a_hanging_health_check_is_cut_by_its_timeout_and_never_holds_up_requests(
+    seeded: Seeded, runtime: Runtime, silent_port: int
+) -> None:
+    hanging = await _endpoint_before(f"http://127.0.0.1:{silent_port}/v1")
+    await Cluster.objects.filter(name="aurora").aupdate(allowed_groups=["nobody"])  # requests go to the seeded one
+    prober = _prober(runtime, interval=0.05, timeout=0.5)
+    prober.start()
+    try:
+        started = time.monotonic()
+        answers = await asyncio.gather(
+            *(call(http_application, CHAT_PATH, orjson.dumps(CHAT), headers=seeded.auth) for _ in range(3))
+        )
+        assert [answer.status for answer in answers] == [200, 200, 200]
+        async with asyncio.timeout(10):
+            while prober.state(hanging.pk) is None:  # noqa: ASYNC110 (the prober has no event to wait on)
+                await asyncio.sleep(0.05)
+    finally:
+        await prober.stop()
+    state = prober.state(hanging.pk)
+    assert state is not None and not state.ok
+    assert "within 0.5 s" in state.detail
+    assert time.monotonic() - started < 10
+
+
+async def test_the_first_probe_is_one_interval_after_start_and_zero_turns_probing_off(
+    seeded: Seeded, runtime: Runtime
+) -> None:
+    off = _prober(runtime, interval=0)
+    off.start()
+    await asyncio.sleep(0.2)
+    assert off.state(seeded.endpoint.pk) is None
+    await off.stop()
+
+    prober = _prober(runtime, interval=0.3)
+    prober.start()
+    try:
+        assert prober.state(seeded.endpoint.pk) is None, "no probe at start"
+        async with asyncio.timeout(10):
+            while prober.state(seeded.endpoint.pk) is None:  # noqa: ASYNC110 (the prober has no event to wait on)
+                await asyncio.sleep(0.05)
+    finally:
+        await prober.stop()
+    state = prober.state(seeded.endpoint.pk)
+    assert state is not None and state.ok
+
+
+async def test_one_candidate_stays_the_candidate_even_when_down(seeded: Seeded, runtime: Runtime) -> None:
+    seeded.endpoint.backend_config = {"base_url": f"http://127.0.0.1:{free_port()}/v1"}
+    await seeded.endpoint.asave()
+    prober = _prober(runtime)
+    await prober.probe()
+    assert prober.is_down(seeded.endpoint.pk)
+    assert await _candidates(runtime, prober, seeded) == [seeded.endpoint.pk]
