@@ -8,7 +8,8 @@ candidate's, is the caller's answer. With one candidate this is exactly one back
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from resource_server.dispatch.base import Backend, UpstreamRequest, UpstreamStream
 from resource_server.dispatch.registry import BackendPool
@@ -17,38 +18,37 @@ from resource_server.pipeline.meter import Meter
 from resource_server.selectors.endpoints import EndpointRoute
 
 logger = logging.getLogger(__name__)
+Answer = TypeVar("Answer")
 
 
 async def dispatch_submit(
     *, backends: BackendPool, candidates: Sequence[EndpointRoute], request: UpstreamRequest, meter: Meter
 ) -> bytes:
     """The JSON answer of the first candidate that takes the request."""
-    for endpoint in candidates:
-        try:
-            return await _backend(backends, endpoint, meter).submit(request)
-        except GatewayError as error:
-            _raise_unless_next(error, endpoint, candidates)
-    raise AssertionError("the route stage gives at least one candidate")
+    return await _first_taker(backends, candidates, meter, lambda backend: backend.submit(request))
 
 
 async def dispatch_stream(
     *, backends: BackendPool, candidates: Sequence[EndpointRoute], request: UpstreamRequest, meter: Meter
 ) -> UpstreamStream:
     """The opened stream of the first candidate that takes the request."""
+    return await _first_taker(backends, candidates, meter, lambda backend: backend.open_stream(request))
+
+
+async def _first_taker(
+    backends: BackendPool,
+    candidates: Sequence[EndpointRoute],
+    meter: Meter,
+    call: Callable[[Backend], Awaitable[Answer]],
+) -> Answer:
     for endpoint in candidates:
+        meter.dispatching(endpoint.id)
         try:
-            return await _backend(backends, endpoint, meter).open_stream(request)
+            return await call(backends.get(endpoint.id, endpoint.backend, endpoint.config))
         except GatewayError as error:
-            _raise_unless_next(error, endpoint, candidates)
+            if not error.never_reached or endpoint is candidates[-1]:
+                raise
+            logger.warning(
+                "endpoint %s did not take the request (%s); trying the next candidate", endpoint.id, error.code
+            )
     raise AssertionError("the route stage gives at least one candidate")
-
-
-def _backend(backends: BackendPool, endpoint: EndpointRoute, meter: Meter) -> Backend:
-    meter.dispatching(endpoint.id)
-    return backends.get(endpoint.id, endpoint.backend, endpoint.config)
-
-
-def _raise_unless_next(error: GatewayError, endpoint: EndpointRoute, candidates: Sequence[EndpointRoute]) -> None:
-    if not error.never_reached or endpoint is candidates[-1]:
-        raise error
-    logger.warning("endpoint %s did not take the request (%s); trying the next candidate", endpoint.id, error.code)

@@ -2,12 +2,12 @@
 
     1 authenticate  services/authentication.py  the bearer credential -> Principal (401/403 leave no usage row)
       body          pipeline/parse.py           413 on the declared size, then the body read within the limit
-    2 parse         pipeline/parse.py        the route's descriptor (routes.py): schema, fields the gateway reads
-    3 route         selectors/endpoints.py   candidate endpoints in order: allowed, not under maintenance
-    4 admit         pipeline/admit.py        limits: reserve now, settle in the meter stage (no limits yet)
-    5 dispatch      pipeline/dispatch.py     the first candidate's backend; the next one if it was never reached
-    6 respond       pipeline/respond.py      JSON, or the SSE events relayed as they arrive
-    7 meter         pipeline/meter.py        one usage row from the body on, whatever the outcome (499 included)
+    2 parse         pipeline/parse.py           the route's descriptor (routes.py): schema, fields the gateway reads
+    3 route         selectors/endpoints.py      candidate endpoints in order: allowed, not under maintenance
+    4 admit         pipeline/admit.py           limits: reserve now, settle in the meter stage (no limits yet)
+    5 dispatch      pipeline/dispatch.py        the first candidate's backend; the next one if it was never reached
+    6 respond       pipeline/respond.py         JSON, or the SSE events relayed as they arrive
+    7 meter         pipeline/meter.py           one usage row from the body on, whatever the outcome (499 included)
 
 Both doors call `inference_run`: the lean ASGI app (api/fast.py) and the ninja views (api/inference.py). They
 only read the HTTP request and write the HTTP answer (api/edge.py), and hand in the process's long-lived
