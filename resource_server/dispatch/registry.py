@@ -80,19 +80,23 @@ class BackendPool:
 
     def __init__(self, parts: BackendParts) -> None:
         self.parts = parts
-        self._live: dict[int, tuple[tuple[str, str], Backend]] = {}
+        # endpoint id -> (backend name, config as JSON, the config object last seen, the instance)
+        self._live: dict[int, tuple[str, str, BaseModel, Backend]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     def get(self, endpoint_id: int, backend: str, config: BaseModel) -> Backend:
-        identity = (backend, config.model_dump_json())
         live = self._live.get(endpoint_id)
-        if live is not None and live[0] == identity:
-            return live[1]
+        if live is not None and live[2] is config and live[0] == backend:
+            return live[3]  # the routing table hands the same config object until it reloads: no dump per request
+        dumped = config.model_dump_json()
+        if live is not None and live[:2] == (backend, dumped):
+            self._live[endpoint_id] = (backend, dumped, config, live[3])
+            return live[3]
         instance = BACKENDS[backend].build(config, self.parts)
-        self._live[endpoint_id] = (identity, instance)
+        self._live[endpoint_id] = (backend, dumped, config, instance)
         if live is not None:
             with contextlib.suppress(RuntimeError):  # no running loop: nothing open to close
-                closing = asyncio.get_running_loop().create_task(live[1].aclose())
+                closing = asyncio.get_running_loop().create_task(live[3].aclose())
                 # Keep a reference until it is done: the loop holds tasks only weakly.
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
