@@ -91,7 +91,7 @@ class EndpointRoute:
 @dataclass(slots=True)
 class RoutingTable:
     by_model: dict[str, list[EndpointRoute]] = field(default_factory=dict)
-    # A model name folded to lower case -> the registered names that fold to it (one, unless several differ
+    # A model name case-folded -> the registered names that fold to it (one, unless several differ
     # only by case): the case-insensitive lookup, computed once per table rather than by a scan per request.
     by_folded_name: dict[str, tuple[str, ...]] = field(default_factory=dict)
     clusters: dict[str, ClusterRoute] = field(default_factory=dict)
