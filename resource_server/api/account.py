@@ -11,7 +11,7 @@ from ninja import Field, Path, Router, Schema
 
 from resource_server.api.openapi import AUTHENTICATED, REQUEST_ID_HEADER, documented
 from resource_server.api.security import bearer_auth, bearer_token
-from resource_server.auth.base import Principal
+from resource_server.auth.base import AuthKind, Principal
 from resource_server.models import ApiKey
 from resource_server.selectors.api_keys import api_key_list
 from resource_server.services.api_keys import api_key_issue, api_key_revoke_own
@@ -22,8 +22,31 @@ router = Router(auth=bearer_auth, tags=["Account"])
 class WhoAmI(Schema):
     identity_id: str
     username: str
-    auth_kind: str
+    auth_kind: str = Field(description="`globus` (a user's token), `service` (a client's token) or `api_key`.")
     groups: list[str]
+    # FIRST's fields, for its users' scripts (the same facts under FIRST's names).
+    id: str = Field(description="FIRST's name for `identity_id`.")
+    name: str = Field(description="Your name, as your identity provider gave it.")
+    user_group_uuids: list[str] = Field(description="FIRST's name for `groups`.")
+    idp_id: str = Field(description="Your identity provider's Globus id (empty when you use an API key).")
+    idp_name: str = Field(description="Your identity provider's name (`local` for accounts made on the gateway).")
+    auth_service: str = Field(description="`globus` for Globus tokens, `api_key` for gateway API keys.")
+
+    @staticmethod
+    def of(principal: Principal) -> WhoAmI:
+        groups = sorted(principal.groups)
+        return WhoAmI(
+            identity_id=principal.identity_id,
+            username=principal.username,
+            auth_kind=principal.auth_kind.value,
+            groups=groups,
+            id=principal.identity_id,
+            name=principal.name,
+            user_group_uuids=groups,
+            idp_id=principal.identity_provider_id,
+            idp_name=principal.identity_provider,
+            auth_service="api_key" if principal.auth_kind is AuthKind.API_KEY else "globus",
+        )
 
 
 class ApiKeyCreate(Schema):
@@ -81,19 +104,14 @@ KeyId = Annotated[str, Path(..., description="The key's `id` (its visible prefix
     operation_id="whoami",
     openapi_extra=documented(
         "The identity, username and groups the gateway sees in your credentials, and which kind they are "
-        "(Globus token or API key). Useful to check a token before a long workflow.",
+        "(Globus token or API key). Useful to check a token before a long workflow. FIRST's fields (`id`, "
+        "`name`, `username`, `user_group_uuids`, `idp_id`, `idp_name`, `auth_service`) are there too.",
         *AUTHENTICATED,
         ok=_ok("Your identity."),
     ),
 )
 async def whoami(request: HttpRequest) -> WhoAmI:
-    principal = _principal(request)
-    return WhoAmI(
-        identity_id=principal.identity_id,
-        username=principal.username,
-        auth_kind=principal.auth_kind.value,
-        groups=sorted(principal.groups),
-    )
+    return WhoAmI.of(_principal(request))
 
 
 _CREATE = documented(

@@ -61,7 +61,10 @@ async def _infer(
 ClusterName = Annotated[
     str, Path(..., description="A cluster's name, as `owned_by` in `GET /v1/models` shows it.", example="demo")
 ]
-FrameworkName = Annotated[str, Path(..., description="The serving framework on that cluster.", example="vllm")]
+FrameworkName = Annotated[
+    str,
+    Path(..., description="The serving framework on that cluster; `api`: any framework there.", example="vllm"),
+]
 
 
 def _add_inference_routes(descriptor: RouteDescriptor) -> None:

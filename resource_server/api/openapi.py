@@ -76,8 +76,8 @@ _UNKNOWN_FIELDS = (
     "server's own refusals come back with their status and message in the error envelope."
 )
 _ON_CLUSTER = (
-    "\n\nThis is FIRST's path: it uses only the named cluster and framework (e.g. `polaris` and `vllm`); "
-    "an unknown cluster is a 404 `cluster_not_found`."
+    "\n\nThis is FIRST's path: it uses only the named cluster and framework (e.g. `polaris` and `vllm`; the "
+    "framework `api` stands for any framework on that cluster); an unknown cluster is a 404 `cluster_not_found`."
 )
 
 

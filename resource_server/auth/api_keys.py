@@ -216,6 +216,8 @@ class ApiKeyAuthenticator:
             auth_kind=AuthKind.API_KEY,
             groups=await self._owner_groups(key),
             api_key_id=key.pk,
+            name=key.owner.name,
+            identity_provider=key.owner.identity_provider,
         )
         config = settings.GATEWAY
         fresh = min(config.API_KEY_CACHE_SECONDS, config.GLOBUS_GROUPS_CACHE_SECONDS)

@@ -23,6 +23,10 @@ class Principal:
     auth_kind: AuthKind
     groups: frozenset[str] = field(default_factory=frozenset)
     api_key_id: int | None = None
+    # Shown by whoami (FIRST's fields), never used to decide anything.
+    name: str = ""
+    identity_provider: str = ""  # its display name if it has one, else its id (as `User.identity_provider`)
+    identity_provider_id: str = ""  # Globus's id of the identity provider; "" if unknown (API keys)
 
     @property
     def domain(self) -> str:
@@ -40,6 +44,7 @@ class Identity:
     identity_provider: str
     auth_kind: AuthKind
     groups: frozenset[str] = field(default_factory=frozenset)
+    identity_provider_id: str = ""
 
 
 class PrincipalSource(Protocol):

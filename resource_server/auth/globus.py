@@ -44,7 +44,8 @@ class TokenIdentity:
     identity_id: str
     username: str
     name: str
-    identity_provider: str
+    identity_provider: str  # its display name if the token says it, else its id
+    identity_provider_id: str
     service: bool
     expires_at: float
 
@@ -97,6 +98,7 @@ def token_identity(
             username=str(data.get("username") or subject),
             name=str(data.get("name") or "service client"),
             identity_provider="clients.auth.globus.org",
+            identity_provider_id="",  # introspection does not say it for a client acting as itself
             service=True,
             expires_at=expires_at,
         )
@@ -109,6 +111,7 @@ def token_identity(
         identity_provider=str(
             identity.get("identity_provider_display_name") or identity.get("identity_provider") or ""
         ),
+        identity_provider_id=str(identity.get("identity_provider") or ""),
         service=False,
         expires_at=expires_at,
     )
@@ -337,6 +340,9 @@ def _principal_json(principal: Principal, expires_at: float) -> bytes:
             "username": principal.username,
             "auth_kind": principal.auth_kind.value,
             "groups": sorted(principal.groups),
+            "name": principal.name,
+            "identity_provider": principal.identity_provider,
+            "identity_provider_id": principal.identity_provider_id,
             "expires_at": expires_at,
         }
     )
@@ -350,6 +356,10 @@ def _principal_from_json(raw: bytes) -> tuple[Principal, float]:
         username=data["username"],
         auth_kind=AuthKind(data["auth_kind"]),
         groups=frozenset(data["groups"]),
+        # Absent from entries an older version cached (until they expire).
+        name=data.get("name", ""),
+        identity_provider=data.get("identity_provider", ""),
+        identity_provider_id=data.get("identity_provider_id", ""),
     )
     return principal, float(data["expires_at"])
 
@@ -428,6 +438,7 @@ class GlobusAuthenticator:
                 username=identity.username,
                 name=identity.name,
                 identity_provider=identity.identity_provider,
+                identity_provider_id=identity.identity_provider_id,
                 auth_kind=AuthKind.SERVICE if identity.service else AuthKind.GLOBUS,
                 groups=groups,
             )

@@ -43,6 +43,10 @@ class Meter:
         if settings.GATEWAY.LOG_REQUEST_BODIES:
             self.record.request_body = request.body
 
+    def routed(self, model: str) -> None:
+        """The model is served under this name (the request named it with another case)."""
+        self.record.model = model
+
     def dispatching(self, endpoint_id: int) -> None:
         """The request goes to this endpoint. The first time, it is marked open: from here a worker crash could
         cut it (the next start records a marked request it never saw finish as lost)."""

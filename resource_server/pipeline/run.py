@@ -16,6 +16,7 @@ objects (`resource_server/bootstrap.py` builds them; `PipelineParts` says which 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
 
 from resource_server.dispatch.health import HealthProber
@@ -85,6 +86,11 @@ async def inference_run(
             cluster=cluster,
             framework=framework,
         )
+        served = candidates[0].model
+        if served != request.model:
+            # The name matched only by case: the model server knows the model by its registered name.
+            request = replace(request, model=served, body={**request.body, descriptor.fields.model: served})
+            meter.routed(served)
         meter.reservation = await admit(principal=principal, request=request, candidates=candidates)
         upstream = upstream_request(descriptor, request, request_id)
         if request.stream:

@@ -2,6 +2,11 @@
 
 The table is reloaded from the database at most every ROUTING_CACHE_SECONDS, so admin changes
 reach every worker within that time without a query on each request.
+
+Model names are matched exactly first; a name that matches no model exactly matches the one model whose name
+differs from it only by case, if there is exactly one (FIRST matched names case-insensitively). On FIRST's
+paths the framework `api` means any framework on the cluster (FIRST's CLI builds `<cluster>/api/v1/...` for
+clusters whose framework it does not know; no endpoint can be registered with a framework named `api`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,28 @@ def _rule(groups: list[str], domains: list[str]) -> AccessRule:
     return AccessRule(frozenset(groups), frozenset(domain.lower() for domain in domains))
 
 
+# FIRST's framework alias: on `/resource_server/<cluster>/api/v1/...`, any framework on that cluster.
+ANY_FRAMEWORK = "api"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterRoute:
+    """A cluster as the routing table knows it (with or without enabled endpoints)."""
+
+    name: str
+    maintenance_message: str | None
+    rule: AccessRule
+
+    def allows(self, principal: Principal) -> bool:
+        return self.rule.allows(principal)
+
+
+def _maintenance_message(cluster: Cluster) -> str | None:
+    if not cluster.maintenance:
+        return None
+    return cluster.maintenance_message or "The cluster is under maintenance."
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointRoute:
     id: int
@@ -64,7 +91,10 @@ class EndpointRoute:
 @dataclass(slots=True)
 class RoutingTable:
     by_model: dict[str, list[EndpointRoute]] = field(default_factory=dict)
-    clusters: frozenset[str] = frozenset()
+    # A model name case-folded -> the registered names that fold to it (one, unless several differ
+    # only by case): the case-insensitive lookup, computed once per table rather than by a scan per request.
+    by_folded_name: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    clusters: dict[str, ClusterRoute] = field(default_factory=dict)
     loaded_at: float = float("-inf")  # when it counts as loaded, for its lifetime; moved on by failed reloads
     read_at: float = float("-inf")  # when the database last answered
     failing: bool = False  # the last reload failed: requests use this table and never wait for a reload
@@ -92,18 +122,32 @@ def _load_table() -> RoutingTable:
                 backend=endpoint.backend,
                 config=config,
                 created=int(endpoint.created_at.timestamp()),
-                maintenance_message=(cluster.maintenance_message or "The cluster is under maintenance.")
-                if cluster.maintenance
-                else None,
+                maintenance_message=_maintenance_message(cluster),
                 rules=(
                     _rule(cluster.allowed_groups, cluster.allowed_domains),
                     _rule(endpoint.allowed_groups, endpoint.allowed_domains),
                 ),
             )
         )
-    clusters = frozenset(Cluster.objects.values_list("name", flat=True))
+    folded: dict[str, list[str]] = defaultdict(list)
+    for name in sorted(by_model):
+        folded[name.casefold()].append(name)
+    clusters = {
+        cluster.name: ClusterRoute(
+            name=cluster.name,
+            maintenance_message=_maintenance_message(cluster),
+            rule=_rule(cluster.allowed_groups, cluster.allowed_domains),
+        )
+        for cluster in Cluster.objects.all()
+    }
     now = time.monotonic()
-    return RoutingTable(by_model=dict(by_model), clusters=clusters, loaded_at=now, read_at=now)
+    return RoutingTable(
+        by_model=dict(by_model),
+        by_folded_name={key: tuple(names) for key, names in folded.items()},
+        clusters=clusters,
+        loaded_at=now,
+        read_at=now,
+    )
 
 
 _RETRY_AFTER_DB_ERROR = 2.0
@@ -189,9 +233,28 @@ class RoutingCache:
         return self._table
 
 
-def _check_scope(table: RoutingTable, cluster: str | None) -> None:
+def _framework_scope(table: RoutingTable, cluster: str | None, framework: str | None) -> str | None:
+    """The framework a FIRST path names, checked: None for any framework (the `api` alias, or no FIRST path)."""
     if cluster is not None and cluster not in table.clusters:
         raise NotFound(f"There is no cluster named {cluster!r} on this gateway.", code=ErrorCode.CLUSTER_NOT_FOUND)
+    return None if framework == ANY_FRAMEWORK else framework
+
+
+def _routes_named(table: RoutingTable, model: str) -> list[EndpointRoute]:
+    """The endpoints of the model named exactly `model`, else of the one model whose name differs only by case."""
+    routes = table.by_model.get(model)
+    if routes is not None:
+        return routes
+    names = table.by_folded_name.get(model.casefold(), ())
+    if len(names) > 1:
+        listed = ", ".join(f"`{name}`" for name in names)
+        raise NotFound(
+            f"The model `{model}` does not exist; models whose names differ from it only by case do: {listed}. "
+            "Send one of them exactly.",
+            code=ErrorCode.MODEL_NOT_FOUND,
+            param="model",
+        )
+    return table.by_model[names[0]] if names else []
 
 
 async def endpoint_candidates(
@@ -204,15 +267,16 @@ async def endpoint_candidates(
     framework: str | None = None,
 ) -> list[EndpointRoute]:
     """The route stage: the endpoints that may serve `model` to `principal`, best first, or the error that
-    explains why none may (no such model or cluster, no access, every one under maintenance).
+    explains why none may (no such model or cluster, no access, every one under maintenance). Each candidate's
+    `model` is the name as served, which differs from `model` when that matched it only by case.
 
     Each candidate is allowed to the caller and not under maintenance. The order is the registry's, except
     that endpoints the health prober last found down go after the others (a stable sort). That ordering is
     the seam the endpoint status (live, starting, queued, offline) will replace.
     """
     table = await routing.table()
-    _check_scope(table, cluster)
-    in_scope = [route for route in table.by_model.get(model, ()) if route.serves(cluster, framework)]
+    scope = _framework_scope(table, cluster, framework)
+    in_scope = [route for route in _routes_named(table, model) if route.serves(cluster, scope)]
     if not in_scope:
         where = f" on {cluster}/{framework}" if cluster else ""
         raise NotFound(
@@ -244,7 +308,7 @@ async def model_list(
 ) -> list[dict[str, object]]:
     """Models the caller may use, in OpenAI's list shape, one entry per model name."""
     table = await routing.table()
-    _check_scope(table, cluster)
+    framework = _framework_scope(table, cluster, framework)
     models: dict[str, dict[str, object]] = {}
     for name, routes in table.by_model.items():
         for route in routes:
@@ -253,3 +317,42 @@ async def model_list(
                     name, {"id": name, "object": "model", "created": route.created, "owned_by": route.cluster}
                 )
     return [models[name] for name in sorted(models)]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterListing:
+    """What a caller may see of one cluster: the models it may use there, by framework, and whether it is up."""
+
+    name: str
+    frameworks: dict[str, list[str]]  # framework -> model names, sorted
+    up: bool
+
+
+async def cluster_list(*, routing: RoutingCache, health: HealthProber, principal: Principal) -> list[ClusterListing]:
+    """The clusters the caller may use, by name, each with the models it may use there (FIRST's list-endpoints
+    and status). A cluster is up when it is not under maintenance and, if it has endpoints the caller may use,
+    the health prober did not find every one of them down (an endpoint it has not probed yet counts as up).
+    """
+    table = await routing.table()
+    usable: dict[str, list[EndpointRoute]] = {
+        name: [] for name, cluster in table.clusters.items() if cluster.allows(principal)
+    }
+    for routes in table.by_model.values():
+        for route in routes:
+            if route.cluster in usable and route.allows(principal):
+                usable[route.cluster].append(route)
+    listings = []
+    for name in sorted(usable):
+        routes = usable[name]
+        frameworks: dict[str, set[str]] = defaultdict(set)
+        for route in routes:
+            frameworks[route.framework].add(route.model)
+        all_down = bool(routes) and all(health.is_down(route.id) for route in routes)
+        listings.append(
+            ClusterListing(
+                name=name,
+                frameworks={framework: sorted(models) for framework, models in sorted(frameworks.items())},
+                up=table.clusters[name].maintenance_message is None and not all_down,
+            )
+        )
+    return listings

@@ -59,6 +59,9 @@ class UserPrincipals:
             username=identity.username,
             auth_kind=identity.auth_kind,
             groups=identity.groups,
+            name=identity.name,
+            identity_provider=identity.identity_provider,
+            identity_provider_id=identity.identity_provider_id,
         )
 
     async def _user_id(self, identity: Identity) -> int:

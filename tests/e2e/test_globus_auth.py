@@ -100,6 +100,16 @@ def test_openai_client_with_a_globus_token_gets_completions(gateway: str, globus
     assert chunks
     me = call(gateway, token, "/resource_server/whoami", None).json()
     assert (me["username"], me["auth_kind"], me["groups"]) == ("ada@anl.gov", "globus", [GATEWAY_GROUP])
+    # FIRST's fields too, as the fake Globus Auth describes Ada's identity.
+    assert {key: me[key] for key in ("id", "name", "username", "user_group_uuids", "idp_id", "idp_name")} == {
+        "id": me["identity_id"],
+        "name": "Ada Lovelace",
+        "username": "ada@anl.gov",
+        "user_group_uuids": [GATEWAY_GROUP],
+        "idp_id": str(uuid.uuid5(uuid.NAMESPACE_DNS, "anl.gov")),  # the fake's identity provider of the domain
+        "idp_name": "anl.gov",
+    }
+    assert me["auth_service"] == "globus"
     assert usage_row(user__username="ada@anl.gov")
 
 

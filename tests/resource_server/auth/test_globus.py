@@ -25,7 +25,14 @@ from resource_server.services.users import UserPrincipals
 CLIENT_ID = str(uuid.uuid4())
 SCOPE = f"https://auth.globus.org/scopes/{CLIENT_ID}/action_all"
 POLICY = str(uuid.uuid4())
-ADA = {"sub": str(uuid.uuid4()), "username": "ada@anl.gov", "name": "Ada", "identity_provider_display_name": "ANL"}
+ANL_IDP = str(uuid.uuid4())
+ADA = {
+    "sub": str(uuid.uuid4()),
+    "username": "ada@anl.gov",
+    "name": "Ada",
+    "identity_provider": ANL_IDP,
+    "identity_provider_display_name": "ANL",
+}
 ADA_GMAIL = {"sub": str(uuid.uuid4()), "username": "ada@gmail.com", "name": "Ada", "identity_provider": "google"}
 
 
@@ -157,6 +164,8 @@ async def test_valid_token_becomes_a_principal_with_groups(globus: None) -> None
     assert principal.groups == expected
     user = await User.objects.aget(pk=principal.user_id)
     assert (user.identity_id, user.identity_provider) == (ADA["sub"], "ANL")
+    # What whoami shows under FIRST's names.
+    assert (principal.name, principal.identity_provider, principal.identity_provider_id) == ("Ada", "ANL", ANL_IDP)
     introspect_call = next(call.request for call in responses.calls if call.request.url.endswith("/introspect"))
     form = parse_qs(introspect_call.body)  # type: ignore[arg-type]
     assert form["include"] == ["session_info,identity_set_detail"]

@@ -111,3 +111,52 @@ async def test_the_route_stage_says_why_no_endpoint_may_serve(
     with pytest.raises(GatewayError) as refused:
         await endpoint_candidates(**route, principal=_caller(seeded), model=model, cluster=cluster)
     assert (refused.value.status, refused.value.code) == (status, code)
+
+
+async def _named(model: str, cluster: str = "polaris") -> Endpoint:
+    where, _ = await Cluster.objects.aget_or_create(name=cluster)
+    return await Endpoint.objects.acreate(
+        cluster=where, model=model, backend="direct", backend_config={"base_url": "http://x/v1"}
+    )
+
+
+async def test_a_name_in_another_case_finds_the_one_model_it_folds_to(seeded: Seeded, runtime: Runtime) -> None:
+    candidates = await endpoint_candidates(**_route_parts(runtime), principal=_caller(seeded), model="Demo-MODEL")
+    assert [(route.id, route.model) for route in candidates] == [(seeded.endpoint.pk, "demo-model")]
+    table = await runtime.routing.table()
+    assert table.by_folded_name == {"demo-model": ("demo-model",)}, "the lookup is computed once, with the table"
+
+
+async def test_an_exact_name_wins_over_names_that_differ_only_by_case(seeded: Seeded, runtime: Runtime) -> None:
+    upper = await _named("Demo-Model")
+    route = _route_parts(runtime)
+    exact = await endpoint_candidates(**route, principal=_caller(seeded), model="Demo-Model")
+    assert [candidate.id for candidate in exact] == [upper.pk]
+    exact = await endpoint_candidates(**route, principal=_caller(seeded), model="demo-model")
+    assert [candidate.id for candidate in exact] == [seeded.endpoint.pk]
+    with pytest.raises(GatewayError) as ambiguous:
+        await endpoint_candidates(**route, principal=_caller(seeded), model="DEMO-MODEL")
+    assert (ambiguous.value.status, ambiguous.value.code, ambiguous.value.param) == (404, "model_not_found", "model")
+    assert "`Demo-Model`, `demo-model`" in ambiguous.value.message
+
+
+async def test_the_api_framework_scope_is_every_framework_of_the_named_cluster(
+    seeded: Seeded, runtime: Runtime
+) -> None:
+    on_sglang = await Endpoint.objects.acreate(
+        cluster=seeded.cluster,
+        framework="sglang",
+        model="demo-model",
+        backend="direct",
+        backend_config={"base_url": "http://x/v1"},
+    )
+    await _named("demo-model", cluster="aurora")
+    route = _route_parts(runtime)
+    on_polaris = await endpoint_candidates(
+        **route, principal=_caller(seeded), model="demo-model", cluster="polaris", framework="api"
+    )
+    assert {candidate.id for candidate in on_polaris} == {seeded.endpoint.pk, on_sglang.pk}
+    only_vllm = await endpoint_candidates(
+        **route, principal=_caller(seeded), model="demo-model", cluster="polaris", framework="vllm"
+    )
+    assert [candidate.id for candidate in only_vllm] == [seeded.endpoint.pk]

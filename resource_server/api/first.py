@@ -1,0 +1,94 @@
+"""FIRST's listing routes, in FIRST's shapes, so that its users' scripts keep working (docs/migrating-from-first.md).
+
+`GET /resource_server/list-endpoints`: the clusters the caller may use, each with its base URL and, by
+framework, the models the caller may use there and the OpenAI routes. `GET /resource_server/status`: each of
+those clusters, true while it is up. Both are filtered by the routing table's access rules, as /v1/models is.
+"""
+
+from __future__ import annotations
+
+from django.http import HttpRequest
+from ninja import Router, Schema
+
+from resource_server.api.openapi import AUTHENTICATED, REQUEST_ID_HEADER, documented
+from resource_server.api.security import bearer_auth
+from resource_server.auth.base import Principal
+from resource_server.bootstrap import runtime
+from resource_server.routes import ROUTES
+from resource_server.selectors.endpoints import ClusterListing, cluster_list
+
+router = Router(auth=bearer_auth, tags=["FIRST compatibility"])
+
+# What FIRST lists as a framework's endpoints: the OpenAI routes, relative to the framework's base URL.
+_ROUTE_PATHS = [f"/v1/{descriptor.path}" for descriptor in ROUTES.values()]
+
+
+class FrameworkSummary(Schema):
+    models: list[str]
+    endpoints: list[str]
+
+
+class ClusterSummary(Schema):
+    base_url: str
+    frameworks: dict[str, FrameworkSummary]
+
+
+class ListEndpoints(Schema):
+    clusters: dict[str, ClusterSummary]
+
+
+def _summary(listing: ClusterListing) -> ClusterSummary:
+    return ClusterSummary(
+        base_url=f"/resource_server/{listing.name}",
+        frameworks={
+            framework: FrameworkSummary(models=models, endpoints=_ROUTE_PATHS)
+            for framework, models in listing.frameworks.items()
+        },
+    )
+
+
+async def _listings(request: HttpRequest) -> list[ClusterListing]:
+    parts = runtime()
+    principal: Principal = request.auth  # type: ignore[attr-defined]
+    return await cluster_list(routing=parts.routing, health=parts.health, principal=principal)
+
+
+def _ok(description: str) -> dict[str, object]:
+    return {"description": description, "headers": REQUEST_ID_HEADER}
+
+
+@router.get(
+    "/list-endpoints",
+    response=ListEndpoints,
+    summary="List clusters, frameworks and models (FIRST's shape)",
+    operation_id="list_endpoints",
+    openapi_extra=documented(
+        "FIRST's listing: every cluster you may use, with its base URL and, by serving framework, the models "
+        "you may use there and the OpenAI routes under `<base_url>/<framework>`. A cluster you may use that "
+        "has no model for you is listed with no frameworks. `GET /v1/models` lists the same models by name.",
+        *AUTHENTICATED,
+        ok=_ok("Your clusters, by name."),
+    ),
+)
+async def list_endpoints(request: HttpRequest) -> ListEndpoints:
+    listings = await _listings(request)
+    return ListEndpoints(clusters={listing.name: _summary(listing) for listing in listings})
+
+
+@router.get(
+    "/status",
+    response=dict[str, bool],
+    summary="Which clusters are up (FIRST's shape)",
+    operation_id="cluster_status",
+    openapi_extra=documented(
+        "FIRST's status: every cluster you may use, `true` while it is up. Up means not under maintenance "
+        "and, if it has models for you, not every one of their endpoints failing the gateway's health check "
+        "(an endpoint not checked yet counts as up). Whether a model's job is running or queued on the "
+        "cluster is not reported yet.",
+        *AUTHENTICATED,
+        ok=_ok("Your clusters, by name."),
+    ),
+)
+async def status(request: HttpRequest) -> dict[str, bool]:
+    listings = await _listings(request)
+    return {listing.name: listing.up for listing in listings}

@@ -1,0 +1,178 @@
+"""FIRST's users keep their scripts: its listing routes and shapes, whoami's fields, the `api` framework alias and
+model names in another case, through the full Django stack and, for the inference routes, the lean door too."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import AsyncClient
+
+from gateway.asgi import http_application
+from resource_server.bootstrap import runtime
+from resource_server.models import Cluster, Endpoint, Framework, RequestLog, User
+from resource_server.selectors.endpoints import ANY_FRAMEWORK
+from tests.conftest import Seeded
+from tests.gateway.test_asgi import call
+from tests.servers import free_port
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 5}
+ROUTE_PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+
+
+async def get(path: str, seeded: Seeded) -> Any:
+    response = await AsyncClient().get(f"/resource_server{path}", headers=seeded.auth)
+    assert response.status_code == 200, response.content
+    return orjson.loads(response.content)
+
+
+async def post(door: str, path: str, body: dict[str, Any], seeded: Seeded) -> tuple[int, dict[str, Any]]:
+    """An inference POST through one of the two doors: the lean ASGI app, or the ninja views."""
+    raw = orjson.dumps(body)
+    if door == "ninja":
+        response = await AsyncClient().post(path, raw, content_type="application/json", headers=seeded.auth)
+        return response.status_code, orjson.loads(response.content)
+    answer = await call(http_application, path, raw, headers=seeded.auth)
+    return answer.status, orjson.loads(answer.body)
+
+
+async def usage_models() -> list[str]:
+    assert await sync_to_async(runtime().usage_sink.flush)(timeout=10)
+    return [row.model async for row in RequestLog.objects.order_by("created_at")]
+
+
+async def _clusters(seeded: Seeded) -> None:
+    """Beside polaris: crux (open, no endpoints), sophia (another group's), and on polaris a model of another group."""
+    await Cluster.objects.acreate(name="crux")
+    sophia = await Cluster.objects.acreate(name="sophia", allowed_groups=["other-group"])
+    config = seeded.endpoint.backend_config
+    await Endpoint.objects.acreate(cluster=sophia, model="demo-model", backend="direct", backend_config=config)
+    await Endpoint.objects.acreate(
+        cluster=seeded.cluster, model="secret-model", backend="direct", backend_config=config, allowed_groups=["x"]
+    )
+    await Endpoint.objects.acreate(
+        cluster=seeded.cluster, framework="sglang", model="org/model.v1", backend="direct", backend_config=config
+    )
+
+
+async def test_list_endpoints_has_firsts_shape_with_only_what_the_caller_may_use(seeded: Seeded) -> None:
+    await _clusters(seeded)
+    assert await get("/list-endpoints", seeded) == {
+        "clusters": {
+            "crux": {"base_url": "/resource_server/crux", "frameworks": {}},
+            "polaris": {
+                "base_url": "/resource_server/polaris",
+                "frameworks": {
+                    "sglang": {"models": ["org/model.v1"], "endpoints": ROUTE_PATHS},
+                    "vllm": {"models": ["demo-model"], "endpoints": ROUTE_PATHS},
+                },
+            },
+        }
+    }
+
+
+async def test_status_is_each_usable_cluster_true_while_it_is_up(seeded: Seeded) -> None:
+    await _clusters(seeded)
+    assert await get("/status", seeded) == {"crux": True, "polaris": True}
+
+    await Cluster.objects.filter(name="crux").aupdate(maintenance=True)
+    runtime().routing.forget()
+    assert await get("/status", seeded) == {"crux": False, "polaris": True}
+
+
+async def test_a_cluster_whose_usable_endpoints_all_fail_their_health_check_is_down(seeded: Seeded) -> None:
+    await Endpoint.objects.filter(cluster=seeded.cluster).aupdate(
+        backend_config={"base_url": f"http://127.0.0.1:{free_port()}/v1"}  # nothing listens there
+    )
+    other = await Cluster.objects.acreate(name="aurora")
+    await Endpoint.objects.acreate(
+        cluster=other, model="demo-model", backend="direct", backend_config=seeded.endpoint.backend_config
+    )
+    runtime().routing.forget()
+    await runtime().routing.table()
+    await runtime().health.probe()
+    assert await get("/status", seeded) == {"aurora": True, "polaris": False}
+
+
+@pytest.mark.parametrize("path", ["/list-endpoints", "/status"])
+async def test_the_listing_routes_need_credentials(path: str) -> None:
+    response = await AsyncClient().get(f"/resource_server{path}")
+    assert response.status_code == 401
+    assert orjson.loads(response.content)["error"]["code"] == "missing_credentials"
+    assert "WWW-Authenticate" in response.headers
+
+
+async def test_whoami_carries_firsts_fields_besides_ours(seeded: Seeded) -> None:
+    await User.objects.filter(pk=seeded.user.pk).aupdate(identity_provider="Argonne National Laboratory")
+    me = await get("/whoami", seeded)
+    assert me == {
+        "identity_id": seeded.user.identity_id,
+        "username": "ada@anl.gov",
+        "auth_kind": "api_key",
+        "groups": [],
+        "id": seeded.user.identity_id,
+        "name": "Ada",
+        "user_group_uuids": [],
+        "idp_id": "",  # Globus's id of the provider is known only from a Globus token
+        "idp_name": "Argonne National Laboratory",
+        "auth_service": "api_key",
+    }
+
+
+@pytest.mark.parametrize("door", ["lean", "ninja"])
+async def test_the_api_framework_stands_for_any_framework_on_the_cluster(seeded: Seeded, door: str) -> None:
+    status, body = await post(door, "/resource_server/polaris/api/v1/chat/completions", CHAT, seeded)
+    assert status == 200, body
+    assert body["model"] == "demo-model"
+    status, body = await post(door, "/resource_server/nowhere/api/v1/chat/completions", CHAT, seeded)
+    assert (status, body["error"]["code"]) == (404, "cluster_not_found")
+    # The alias widens the framework, never the cluster.
+    await Endpoint.objects.acreate(
+        cluster=await Cluster.objects.acreate(name="crux"),
+        model="org/model.v1",
+        backend="direct",
+        backend_config=seeded.endpoint.backend_config,
+    )
+    runtime().routing.forget()
+    status, body = await post(
+        door, "/resource_server/polaris/api/v1/completions", {"model": "org/model.v1", "prompt": "a"}, seeded
+    )
+    assert (status, body["error"]["code"]) == (404, "model_not_found")
+
+
+async def test_the_api_framework_lists_every_model_on_the_cluster(seeded: Seeded) -> None:
+    await _clusters(seeded)
+    listed = await get("/polaris/api/v1/models", seeded)
+    assert [model["id"] for model in listed["data"]] == ["demo-model", "org/model.v1"]
+    assert [model["id"] for model in (await get("/polaris/vllm/v1/models", seeded))["data"]] == ["demo-model"]
+
+
+def test_no_endpoint_can_be_registered_with_a_framework_named_like_the_alias() -> None:
+    assert ANY_FRAMEWORK not in Framework.values, "`api` would then be ambiguous on FIRST's paths"
+
+
+@pytest.mark.parametrize("door", ["lean", "ninja"])
+@pytest.mark.parametrize(
+    "path", ["/resource_server/v1/chat/completions", "/resource_server/polaris/vllm/v1/chat/completions"]
+)
+async def test_a_model_name_in_another_case_reaches_the_model_as_served(seeded: Seeded, door: str, path: str) -> None:
+    status, body = await post(door, path, {**CHAT, "model": "DEMO-Model"}, seeded)
+    assert status == 200, body
+    assert body["model"] == "demo-model", "the model server must be sent the name it serves"
+    assert await usage_models() == ["demo-model"]
+
+
+@pytest.mark.parametrize("door", ["lean", "ninja"])
+async def test_names_that_differ_only_by_case_are_matched_exactly_or_named(seeded: Seeded, door: str) -> None:
+    await Endpoint.objects.acreate(
+        cluster=seeded.cluster, model="Demo-Model", backend="direct", backend_config=seeded.endpoint.backend_config
+    )
+    status, body = await post(door, "/resource_server/v1/chat/completions", {**CHAT, "model": "DEMO-MODEL"}, seeded)
+    assert (status, body["error"]["code"], body["error"]["param"]) == (404, "model_not_found", "model")
+    assert "`Demo-Model`, `demo-model`" in body["error"]["message"]
+    status, body = await post(door, "/resource_server/v1/chat/completions", CHAT, seeded)
+    assert (status, body["model"]) == (200, "demo-model")
