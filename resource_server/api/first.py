@@ -3,6 +3,8 @@
 `GET /resource_server/list-endpoints`: the clusters the caller may use, each with its base URL and, by
 framework, the models the caller may use there and the OpenAI routes. `GET /resource_server/status`: each of
 those clusters, true while it is up. Both are filtered by the routing table's access rules, as /v1/models is.
+As in FIRST, `/status` needs no token (monitoring scripts call it without one): it then lists the public
+clusters only, those with no access rule.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from ninja import Router, Schema
 
 from resource_server.api.openapi import AUTHENTICATED, REQUEST_ID_HEADER, documented
 from resource_server.api.security import bearer_auth
-from resource_server.auth.base import Principal
+from resource_server.auth.base import AuthKind, Principal
 from resource_server.bootstrap import runtime
 from resource_server.routes import ROUTES
 from resource_server.selectors.endpoints import ClusterListing, cluster_list
@@ -47,9 +49,13 @@ def _summary(listing: ClusterListing) -> ClusterSummary:
     )
 
 
-async def _listings(request: HttpRequest) -> list[ClusterListing]:
+# Who asks `/status` without a token: a caller in no group and of no identity provider, whom only the clusters
+# and endpoints without access rules admit.
+ANONYMOUS = Principal(user_id=0, identity_id="", username="", auth_kind=AuthKind.SERVICE)
+
+
+async def _listings(principal: Principal) -> list[ClusterListing]:
     parts = runtime()
-    principal: Principal = request.auth  # type: ignore[attr-defined]
     return await cluster_list(routing=parts.routing, health=parts.health, principal=principal)
 
 
@@ -71,17 +77,19 @@ def _ok(description: str) -> dict[str, object]:
     ),
 )
 async def list_endpoints(request: HttpRequest) -> ListEndpoints:
-    listings = await _listings(request)
+    listings = await _listings(request.auth)  # type: ignore[attr-defined]
     return ListEndpoints(clusters={listing.name: _summary(listing) for listing in listings})
 
 
 @router.get(
     "/status",
+    auth=None,
     response=dict[str, bool],
     summary="Which clusters are up (FIRST's shape)",
     operation_id="cluster_status",
     openapi_extra=documented(
-        "FIRST's status: every cluster you may use, `true` while it is up. Up means not under maintenance "
+        "FIRST's status: every cluster you may use (without a token, as in FIRST: every public cluster), "
+        "`true` while it is up. Up means not under maintenance "
         "and, if it has models for you, not every one of their endpoints failing the gateway's health check "
         "(an endpoint not checked yet counts as up). Whether a model's job is running or queued on the "
         "cluster is not reported yet.",
@@ -90,5 +98,7 @@ async def list_endpoints(request: HttpRequest) -> ListEndpoints:
     ),
 )
 async def status(request: HttpRequest) -> dict[str, bool]:
-    listings = await _listings(request)
+    authorization = request.headers.get("Authorization", "")
+    caller = await runtime().authenticators.principal_from_authorization(authorization) if authorization else ANONYMOUS
+    listings = await _listings(caller)
     return {listing.name: listing.up for listing in listings}

@@ -98,12 +98,22 @@ async def test_a_cluster_whose_usable_endpoints_all_fail_their_health_check_is_d
     assert await get("/status", seeded) == {"aurora": True, "polaris": False}
 
 
-@pytest.mark.parametrize("path", ["/list-endpoints", "/status"])
-async def test_the_listing_routes_need_credentials(path: str) -> None:
-    response = await AsyncClient().get(f"/resource_server{path}")
+async def test_list_endpoints_needs_credentials() -> None:
+    response = await AsyncClient().get("/resource_server/list-endpoints")
     assert response.status_code == 401
     assert orjson.loads(response.content)["error"]["code"] == "missing_credentials"
     assert "WWW-Authenticate" in response.headers
+
+
+async def test_status_without_a_token_lists_the_public_clusters_as_first_does(seeded: Seeded) -> None:
+    await Cluster.objects.acreate(name="private", description="", allowed_groups=["some-group"])
+    await Cluster.objects.acreate(name="open", description="", maintenance=True)
+    runtime().routing.forget()
+    response = await AsyncClient().get("/resource_server/status")
+    assert response.status_code == 200, response.content
+    assert orjson.loads(response.content) == {"open": False, "polaris": True}
+    bad = await AsyncClient().get("/resource_server/status", headers={"Authorization": "Bearer igw_not-a-key"})
+    assert bad.status_code == 401, "a token that is sent is checked"
 
 
 async def test_whoami_carries_firsts_fields_besides_ours(seeded: Seeded) -> None:
