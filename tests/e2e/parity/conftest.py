@@ -66,6 +66,7 @@ def real_vllm(model: str) -> Iterator[str]:
     args = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(weights)]
     args += ["--served-model-name", model, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
     args += ["--max-model-len", "512", "--enforce-eager"]
+    args += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]  # tool_choice "auto" needs a parser
     print(f"starting vLLM for the parity suite on port {port} (about 70 s)", file=sys.stderr)
     with running(args, f"http://127.0.0.1:{port}/health", REAL_VLLM_ENV, timeout=REAL_VLLM_START_SECONDS):
         yield f"http://127.0.0.1:{port}/v1"
