@@ -12,7 +12,9 @@ import orjson
 # What differs between two answers to the same request on any server, and only that: response, item, message
 # and tool-call ids (vLLM draws them at random), and creation times. The key is kept with a placeholder,
 # so an answer that lacks the field, or carries it where the other has none, still differs. Nothing else is
-# ignored: status, every other field and value, event names, the order and number of events.
+# ignored: status, every other field and value, event names, the order and number of events, except that with
+# several choices (n > 1) a stream is compared choice by choice: vLLM interleaves the choices' chunks in an order
+# that changes from one run to the next.
 VOLATILE_FIELDS = {"id": "<id>", "created": "<time>", "created_at": "<time>"}
 
 
@@ -40,7 +42,25 @@ class Answer:
     body: Any
 
     def normalised(self) -> Answer:
-        return Answer(self.status, self.streamed, normalised(self.body))
+        body = normalised(self.body)
+        return Answer(self.status, self.streamed, by_choice(body) if self.streamed else body)
+
+
+def by_choice(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stream's events as the sequence of each choice's own chunks (those carrying one choice), and the whole
+    sequence with each of those chunks written as a placeholder: what stays fixed however the server interleaves
+    the choices."""
+    choices: dict[int, list[dict[str, Any]]] = {}
+    sequence: list[Any] = []
+    for event in events:
+        data = event.get("data")
+        one = data.get("choices") if isinstance(data, dict) else None
+        if isinstance(one, list) and len(one) == 1 and isinstance(one[0], dict) and "index" in one[0]:
+            choices.setdefault(one[0]["index"], []).append(event)
+            sequence.append("<a choice's chunk>")
+        else:
+            sequence.append(event)
+    return {"choices": choices, "sequence": sequence}
 
 
 def sse_events(text: str) -> list[dict[str, Any]]:

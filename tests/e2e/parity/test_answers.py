@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.e2e.parity.answers import normalised, sse_events
+from tests.e2e.parity.answers import Answer, normalised, sse_events
 
 
 def test_ids_and_times_are_replaced_at_every_depth_but_kept_as_keys() -> None:
@@ -30,3 +30,18 @@ def test_events_keep_their_names_order_and_done() -> None:
         {"data": {"b": 2}},
         {"data": "[DONE]"},
     ]
+
+
+def test_a_stream_is_compared_choice_by_choice_but_in_order_within_each() -> None:
+    def chunk(index: int, text: str) -> dict[str, object]:
+        return {"data": {"id": "x", "choices": [{"index": index, "text": text}]}}
+
+    usage = {"data": {"choices": [], "usage": {"completion_tokens": 4}}}
+    interleaved = Answer(200, True, [chunk(0, "a"), chunk(1, "c"), chunk(0, "b"), chunk(1, "d"), usage])
+    grouped = Answer(200, True, [chunk(1, "c"), chunk(1, "d"), chunk(0, "a"), chunk(0, "b"), usage])
+    reordered = Answer(200, True, [chunk(0, "b"), chunk(0, "a"), chunk(1, "c"), chunk(1, "d"), usage])
+    usage_first = Answer(200, True, [usage, chunk(0, "a"), chunk(0, "b"), chunk(1, "c"), chunk(1, "d")])
+
+    assert interleaved.normalised() == grouped.normalised()
+    assert interleaved.normalised() != reordered.normalised()
+    assert interleaved.normalised() != usage_first.normalised()
