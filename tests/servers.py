@@ -38,11 +38,11 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 3
 
 @contextmanager
 def running(
-    args: Sequence[str], health_url: str, env: dict[str, str] | None = None
+    args: Sequence[str], health_url: str, env: dict[str, str] | None = None, timeout: float = 30.0
 ) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(list(args), cwd=ROOT, env={**os.environ, **(env or {})})
     try:
-        wait_until_up(health_url, process)
+        wait_until_up(health_url, process, timeout)
         yield process
     finally:
         process.terminate()

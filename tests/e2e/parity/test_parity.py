@@ -1,0 +1,115 @@
+"""Parity: every request of the corpus (corpus.json) is sent to the model server directly and through the
+gateway, on the `direct` backend and on the `local` one (the compute function in a process pool, streams
+through the relay), and must get the same status and the same body, streamed or not, once ids and creation
+times are set aside (answers.VOLATILE_FIELDS).
+
+The model server is the fake vLLM, or a real vLLM with `make test-real-vllm` (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+
+from resource_server.models import Cluster, Endpoint, User
+from resource_server.services.api_keys import api_key_create
+from tests.e2e.conftest import e2e_gateway
+from tests.e2e.parity.answers import Answer, exchange
+from tests.e2e.parity.conftest import ModelServer
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CORPUS = orjson.loads((Path(__file__).with_name("corpus.json")).read_bytes())["cases"]
+MODEL_PLACEHOLDER = "VAR_model_id"  # FIRST's own placeholder in its request corpus
+BACKENDS = ("direct", "local")
+
+
+@dataclass(frozen=True)
+class Gateway:
+    url: str
+    key: str
+
+    def path(self, backend: str, upstream_path: str) -> str:
+        """FIRST's path on the cluster that serves the model with `backend`: the route below the server's /v1."""
+        return f"{self.url}/resource_server/parity-{backend}/vllm/v1/{upstream_path.removeprefix('/v1/').lstrip('/')}"
+
+
+@pytest.fixture(scope="module")
+def gateway_url(django_db_setup: None, tmp_path_factory: Any) -> Iterator[str]:
+    with e2e_gateway(tmp_path_factory) as url:
+        yield url
+
+
+@pytest.fixture
+def gateway(transactional_db: None, gateway_url: str, served: ModelServer) -> Gateway:
+    """A user with a key, and one cluster per backend with an endpoint for the served model."""
+    owner = User.objects.create(identity_id="id-parity", username="parity@anl.gov")
+    _, key = api_key_create(owner=owner, name="parity")
+    server = urlsplit(served.url)
+    timeout = served.read_timeout
+    configs = {
+        "direct": {"base_url": served.url, "read_timeout": timeout},
+        "local": {"vllm": {"host": server.hostname, "port": server.port, "read_timeout": timeout}, "workers": 2},
+    }
+    for backend, config in configs.items():
+        endpoint = Endpoint(
+            cluster=Cluster.objects.create(name=f"parity-{backend}"),
+            model=served.model,
+            backend=backend,
+            backend_config=config,
+        )
+        endpoint.full_clean()
+        endpoint.save()
+    return Gateway(gateway_url, key)
+
+
+def request_body(case: dict[str, Any], model: str) -> Any:
+    """The case's body with FIRST's model placeholder replaced by the served model's name."""
+    body = copy.deepcopy(case["body"])
+    if body.get("model") == MODEL_PLACEHOLDER:
+        body["model"] = model
+    return body
+
+
+def _params() -> list[Any]:
+    """Every case on every backend; a case that needs another part of issue 11 is skipped, unless
+    PARITY_IGNORE_NEEDS is set (to see which of them pass once that part has landed). Against a real vLLM,
+    the cases for a pooling server are skipped."""
+    honour_needs = not os.environ.get("PARITY_IGNORE_NEEDS")
+    real_vllm = bool(os.environ.get("PARITY_REAL_VLLM"))
+    params = []
+    for case in CORPUS:
+        needs = case.get("needs") if honour_needs else None
+        marks = [pytest.mark.skip(reason=f"needs part {needs} of issue 11")] if needs else []
+        if real_vllm and case.get("server") == "pooling":
+            # vLLM serves embeddings from a second server (--runner pooling), which the target does not start yet.
+            marks.append(pytest.mark.skip(reason="a real vLLM serves this route only as a pooling server"))
+        params += [pytest.param(case, backend, id=f"{case['name']}-{backend}", marks=marks) for backend in BACKENDS]
+    return params
+
+
+@pytest.mark.parametrize(("case", "backend"), _params())
+def test_the_gateway_answers_as_the_model_server_does(
+    case: dict[str, Any], backend: str, gateway: Gateway, served: ModelServer
+) -> None:
+    body = request_body(case, served.model)
+    upstream_url = served.url.removesuffix("/v1") + case["path"]
+
+    direct = exchange(upstream_url, body).normalised()
+    through = exchange(gateway.path(backend, case["path"]), body, {"Authorization": f"Bearer {gateway.key}"})
+
+    # The corpus says what the model server makes of the request: a case that stopped meaning it is stale.
+    assert (direct.status < 400) == (case["expect"] == "ok"), f"the model server answered {direct}"
+    assert through.normalised() == direct, describe(direct, through.normalised())
+
+
+def describe(expected: Answer, got: Answer) -> str:
+    return f"model server: {expected.status} {expected.body!r}\ngateway:      {got.status} {got.body!r}"
