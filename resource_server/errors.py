@@ -309,6 +309,21 @@ class UpstreamError(GatewayError):
     default_code = ErrorCode.UPSTREAM_ERROR
 
 
+class UpstreamRefusal(UpstreamError):
+    """A model server's 4xx, answered with the model server's own error body, unchanged (vLLM's `message`,
+    `type`, `param` and `code`). `code` is the gateway's name for it in the usage row and the logs only."""
+
+    error_type = "invalid_request_error"
+    default_code = ErrorCode.INVALID_REQUEST
+
+    def __init__(self, message: str, *, raw: bytes, status: int, code: ErrorCode | None = None) -> None:
+        super().__init__(message, status=status, code=code)
+        self.raw = raw
+
+    def body(self) -> bytes:
+        return self.raw
+
+
 # Every status the gateway answers with the envelope above: the class that carries it, and what it tells the
 # caller. The OpenAPI's documented error responses, their headers and the codes each lists are derived from it
 # and from ErrorCode (api/openapi.py); so are the user guide's error tables.

@@ -58,6 +58,7 @@ class RelayError:
     status: int
     code: str
     message: str
+    body: object = None  # with `vllm_rejected`: vLLM's error body, passed on unchanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +106,7 @@ class RelayMessage:
             and isinstance(error.get("message"), str)
         ):
             raise InvalidRequest("`error` needs an integer `status`, a `code` and a `message`.", param="error")
-        return cls(seq, error=RelayError(error["status"], error["code"], error["message"]))
+        return cls(seq, error=RelayError(error["status"], error["code"], error["message"], error.get("body")))
 
 
 def _is_event(event: object) -> bool:

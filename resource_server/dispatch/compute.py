@@ -118,11 +118,12 @@ TASK_ERROR_CODES: dict[str, ErrorCode] = {
 UNKNOWN_TASK_ERROR = ErrorCode.BACKEND_MISCONFIGURED
 
 
-def task_error(status: int, task_code: str, message: str, *, server: str) -> GatewayError:
+def task_error(status: int, task_code: str, message: str, *, server: str, body: object = None) -> GatewayError:
     """What the caller gets when the compute function reports a failure (codes: `compute_functions.inference`)."""
     if task_code == "vllm_rejected":
-        # vLLM's own answer (e.g. "prompt too long"): a 4xx stays that 4xx with vLLM's message.
-        return upstream_error(status, orjson.dumps({"error": {"message": message}}), model_server=server)
+        # vLLM's own answer (e.g. "prompt too long"): a 4xx stays that 4xx with vLLM's error body, if it came.
+        content = orjson.dumps(body if isinstance(body, dict) else {"error": {"message": message}})
+        return upstream_error(status, content, model_server=server)
     logger.warning("compute task on %s failed: %s: %s", server, task_code, message[:500])
     code = TASK_ERROR_CODES.get(task_code, UNKNOWN_TASK_ERROR)
     if code is ErrorCode.UPSTREAM_UNREACHABLE:
@@ -307,7 +308,7 @@ class ComputeStream:
             self._seq += 1
             if message.error is not None:
                 error = message.error
-                raise task_error(error.status, error.code, error.message, server=self._backend.label)
+                raise task_error(error.status, error.code, error.message, server=self._backend.label, body=error.body)
             if message.done:
                 self._ended = True
                 return
