@@ -191,6 +191,8 @@ async def stream_relay(
     except Exception:
         status, error_code = 500, ErrorCode.INTERNAL_ERROR
         logger.exception("stream %s failed", record.request_id)
+        for shaped in view.flush():
+            yield shaped
         yield _error_event(GatewayError("The gateway failed while relaying the stream."))
         yield DONE_EVENT
     finally:
