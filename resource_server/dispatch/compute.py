@@ -146,12 +146,14 @@ def task_error(status: int, task_code: str, message: str, *, server: str, body: 
     )
 
 
-def _error_of(result: dict[str, Any]) -> tuple[int, str, str] | None:
+def _error_of(result: dict[str, Any]) -> tuple[int, str, str, object] | None:
+    """Status, code, message and (with `vllm_rejected`) vLLM's error body of a task's failure, if it failed."""
     error = result.get("error")
     if not isinstance(error, dict):
         return None
     status = error.get("status", result.get("status"))
-    return (status if type(status) is int else 502), str(error.get("code", "")), str(error.get("message", ""))
+    code, message = str(error.get("code", "")), str(error.get("message", ""))
+    return (status if type(status) is int else 502), code, message, error.get("body")
 
 
 class ComputeBackend(ABC):
@@ -193,7 +195,8 @@ class ComputeBackend(ABC):
             raise self._malformed(result)
         failure = _error_of(result)
         if failure is not None:
-            raise task_error(*failure, server=self.label)
+            status, code, message, body = failure
+            raise task_error(status, code, message, server=self.label, body=body)
         status, body = result["status"], result.get("body")
         if 200 <= status < 300:
             if not isinstance(body, dict):
@@ -359,7 +362,8 @@ class ComputeStream:
             return self._backend.task_failed(exc)
         failure = _error_of(result) if isinstance(result, dict) else None
         if failure is not None:
-            return task_error(*failure, server=self._backend.label)
+            status, code, message, body = failure
+            return task_error(status, code, message, server=self._backend.label, body=body)
         logger.warning("compute task on %s ended before its stream did: %.300r", self._backend.label, result)
         return UpstreamError(
             "The cluster ended the task before its stream was complete.", code=ErrorCode.RELAY_INCOMPLETE
