@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import orjson
 import ast
 from pathlib import Path
 
+import orjson
 import pytest
 
 from resource_server.dispatch.compute import TASK_ERROR_CODES, UNKNOWN_TASK_ERROR, task_error
