@@ -227,9 +227,12 @@ class ModelList(BaseModel):
 
 class ErrorDetail(BaseModel):
     message: str = Field(description="What went wrong and what to do, for a person to read.")
-    type: str = Field(description="OpenAI's error type, e.g. `invalid_request_error`.")
+    type: str = Field(description="OpenAI's error type, e.g. `invalid_request_error` (vLLM's: `BadRequestError`).")
     param: str | None = Field(description="The request field at fault, if one is.")
-    code: str | None = Field(description="A stable code for programs (see the user guide's table of codes).")
+    code: str | int | None = Field(
+        description="A stable code for programs (see the user guide's table of codes); a model server's refusal "
+        "keeps its own (vLLM's is the HTTP status, a number)."
+    )
 
 
 class ErrorEnvelope(BaseModel):
