@@ -7,10 +7,9 @@ The gateway (gunicorn, uvicorn workers) runs on a fresh SQLite database in a tem
 operation was answered, by status, and exits non-zero on any failed check or any 5xx.
 
 Checks (see CHECKS): no 5xx; every status, content type, documented header and JSON body (answers and
-the error envelope) as the OpenAPI says; schema-invalid input refused with a 4xx; secured operations
-refused without credentials (negative_data_rejection: enabled in _CONFIG, not on the inference routes, whose
-bodies the model server judges); undocumented
-methods answered 405 with `Allow`. Not enabled:
+the error envelope) as the OpenAPI says; schema-invalid input refused with a 4xx (enabled in _CONFIG, but not
+on the inference routes, whose bodies the model server judges); secured operations refused without
+credentials; undocumented methods answered 405 with `Allow`. Not enabled:
 positive_data_acceptance, since valid input is refused for reasons outside the schema (an unknown model is
 a 404, a prompt too long for the model a 400, an API key may not create keys), and the checks that need
 links between operations, which this API does not declare.
