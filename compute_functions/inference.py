@@ -28,7 +28,8 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
     cannot answer: {"status": 503|504|502|500, "error": {"code", "message"}, "elapsed_ms"}.
     Health result: {"status": 200|503, "healthy", "models": [ids], "elapsed_ms", "error"?}.
     Streamed: each batch of SSE events is POSTed to relay_url as {"seq", "events": [...]}, then
-    {"seq", "done": true} or {"seq", "error": {"status", "code", "message"}}; the result is a summary
+    {"seq", "done": true} or {"seq", "error": {"status", "code", "message", "body"?}} (`body`: vLLM's own error
+    body when it refused the request); the result is a summary
     {"status", "outcome": completed|failed|cancelled|relay_failed, "chunks", "events", "usage",
     "elapsed_ms", "error"?}.
     """
@@ -51,14 +52,16 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
     class TaskError(Exception):
         """A failure reported as data: the status the gateway should answer and a stable code."""
 
-        def __init__(self, status: int, code: str, message: str) -> None:
+        def __init__(self, status: int, code: str, message: str, body: object = None) -> None:
             super().__init__(message)
             self.status = status
             self.code = code
             self.message = message
+            self.body = body  # vLLM's own error body, passed on with `vllm_rejected`
 
         def as_dict(self) -> dict[str, Any]:
-            return {"status": self.status, "code": self.code, "message": self.message}
+            error = {"status": self.status, "code": self.code, "message": self.message}
+            return error if self.body is None else {**error, "body": self.body}
 
     class RelayGone(Exception):
         """The gateway answered 403/404: the client left or the task token expired."""
@@ -312,7 +315,8 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         return batch, item
 
     def usage_of(event: str) -> dict[str, Any] | None:
-        """The usage object of vLLM's final usage chunk (asked for with stream_options.include_usage)."""
+        """The usage object of an event: vLLM's final usage chunk, or with `continuous_usage_stats` (the gateway
+        asks for it, to meter streams cut short) any chunk."""
         if '"usage"' not in event or not event.startswith("data: {"):
             return None
         try:
@@ -332,9 +336,9 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
                 relay.send({"events": batch})
                 summary["chunks"] += 1
                 summary["events"] += len(batch)
-                for event in batch:
-                    saw_done = saw_done or event.startswith("data: [DONE]")
-                    summary["usage"] = usage_of(event) or summary["usage"]
+                saw_done = saw_done or any(event.startswith("data: [DONE]") for event in batch)
+                # The latest usage in the batch is all the summary keeps: look from the end.
+                summary["usage"] = next(filter(None, map(usage_of, reversed(batch))), summary["usage"])
             if isinstance(ended_by, TaskError):
                 return ended_by
             if ended_by is end_of_stream:
@@ -348,11 +352,18 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         conn, response = call(vllm, "POST", f"/v1/{route}", {**body, "stream": True})
         if response.status >= 300:
             try:
-                message = error_message(response.read())
+                raw = response.read()
             except (OSError, http.client.HTTPException):
-                message = ""
+                raw = b""
             conn.close()
-            raise TaskError(response.status, "vllm_rejected", message or f"vLLM answered HTTP {response.status}.")
+            message = error_message(raw) if raw else ""
+            refusal = decode(raw) if raw else None
+            raise TaskError(
+                response.status,
+                "vllm_rejected",
+                message or f"vLLM answered HTTP {response.status}.",
+                refusal if isinstance(refusal, dict) else None,
+            )
         inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         reader = threading.Thread(target=pump, args=(response, vllm, inbox), daemon=True)
         reader.start()

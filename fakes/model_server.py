@@ -165,7 +165,7 @@ def _input_repr(value: object) -> str:
     return str(value)
 
 
-# --- field readers: strict JSON types, reported in pydantic's words ---------------------------
+# --- field readers: pydantic's lax mode, as vLLM's request models read JSON, in pydantic's words --------
 
 
 def _is_int(value: object) -> bool:
@@ -173,42 +173,81 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
-    return _is_int(value) or isinstance(value, float)
+_TRUE_STRINGS = frozenset(("1", "on", "t", "true", "y", "yes"))
+_FALSE_STRINGS = frozenset(("0", "off", "f", "false", "n", "no"))
+_NOT_READ = object()
 
 
-# kind -> (check, pydantic error type, message, error type and message when a string was sent)
-_KINDS: dict[str, tuple[Callable[[object], bool], str, str, str, str]] = {
+def _lax_integer(value: object) -> object:
+    if isinstance(value, int):  # true is 1
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    return _NOT_READ
+
+
+def _lax_number(value: object) -> object:
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    return _NOT_READ
+
+
+def _lax_boolean(value: object) -> object:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE_STRINGS | _FALSE_STRINGS:
+        return value.lower() in _TRUE_STRINGS
+    return _NOT_READ
+
+
+def _strict(check: Callable[[object], bool]) -> Callable[[object], object]:
+    return lambda value: value if check(value) else _NOT_READ
+
+
+# kind -> (lax reader, pydantic error type, message, error type and message when a string was sent)
+_KINDS: dict[str, tuple[Callable[[object], object], str, str, str, str]] = {
     "integer": (
-        _is_int,
+        _lax_integer,
         "int_type",
         "Input should be a valid integer",
         "int_parsing",
         "Input should be a valid integer, unable to parse string as an integer",
     ),
     "number": (
-        _is_number,
+        _lax_number,
         "float_type",
         "Input should be a valid number",
         "float_parsing",
         "Input should be a valid number, unable to parse string as a number",
     ),
     "boolean": (
-        lambda value: isinstance(value, bool),
+        _lax_boolean,
         "bool_type",
         "Input should be a valid boolean",
         "bool_parsing",
         "Input should be a valid boolean, unable to interpret input",
     ),
     "string": (
-        lambda value: isinstance(value, str),
+        _strict(lambda value: isinstance(value, str)),
         "string_type",
         "Input should be a valid string",
         "string_type",
         "Input should be a valid string",
     ),
     "object": (
-        lambda value: isinstance(value, dict),
+        _strict(lambda value: isinstance(value, dict)),
         "dict_type",
         "Input should be a valid dictionary",
         "dict_type",
@@ -218,13 +257,14 @@ _KINDS: dict[str, tuple[Callable[[object], bool], str, str, str, str]] = {
 
 
 def _field(body: Mapping[str, Any], name: str, kind: str, *, at: str = "body") -> Any:
-    """`body[name]` (None when absent or null), or a schema error if it has the wrong JSON type."""
+    """`body[name]` read as vLLM reads it (None when absent or null), or a schema error if it cannot be."""
     value = body.get(name)
     if value is None:
         return None
-    check, error, msg, string_error, string_msg = _KINDS[kind]
-    if check(value):
-        return value
+    read, error, msg, string_error, string_msg = _KINDS[kind]
+    result = read(value)
+    if result is not _NOT_READ:
+        return result
     if isinstance(value, str):
         error, msg = string_error, string_msg
     raise _schema_error(f"{at}.{name}", error, msg, value)
@@ -356,11 +396,13 @@ class _Choice:
     index: int
     tokens: tuple[str, ...]
     finish_reason: str
+    echo: str = ""  # the prompt, when a completion echoes it (it comes before the tokens)
+    logprobs: JSON | None = None
 
     @property
     def text(self) -> str:
         # Each token is " word", so the full text is exactly the concatenation of the chunks.
-        return "".join(f" {token}" for token in self.tokens)
+        return self.echo + "".join(f" {token}" for token in self.tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +413,7 @@ class _Generation:
     choices: tuple[_Choice, ...]
     stream: bool
     include_usage: bool
+    continuous_usage: bool
 
     def usage(self) -> JSON:
         completion_tokens = sum(len(choice.tokens) for choice in self.choices)
@@ -389,6 +432,9 @@ class _Sampling:
     n: int
     stream: bool
     include_usage: bool
+    continuous_usage: bool
+    echo: bool  # completions: the prompt before the completion (with max_tokens 0, only the prompt: scoring)
+    logprobs: int | None  # completions: this many alternatives per token
 
 
 def _generate(seed: str, limit: int, sampling: _Sampling) -> tuple[tuple[str, ...], str]:
@@ -404,7 +450,7 @@ def _generate(seed: str, limit: int, sampling: _Sampling) -> tuple[tuple[str, ..
     return tuple(map(_WORD_FOR_BYTE.__getitem__, draw.digest(2 + count)[2:])), finish_reason
 
 
-def _parse_sampling(body: JSON, config: FakeServerConfig) -> _Sampling:
+def _parse_sampling(body: JSON, config: FakeServerConfig, *, chat: bool) -> _Sampling:
     temperature = _field(body, "temperature", "number")
     if temperature is not None and temperature < 0:
         temperature = float(temperature)
@@ -412,23 +458,32 @@ def _parse_sampling(body: JSON, config: FakeServerConfig) -> _Sampling:
     top_p = _field(body, "top_p", "number")
     if top_p is not None and not 0 < top_p <= 1:
         raise _invalid("top_p", f"top_p must be in (0, 1], got {float(top_p)}.", float(top_p))
+    echo = not chat and bool(_field(body, "echo", "boolean"))
     # vLLM reads the newer name first and reports either one as max_tokens.
     max_tokens = _field(body, "max_completion_tokens", "integer")
     if max_tokens is None:
         max_tokens = _field(body, "max_tokens", "integer")
-    if max_tokens is not None:
+    if max_tokens is not None and not (echo and max_tokens == 0):  # echo without generation scores a prompt
         _check_max_tokens(max_tokens, config.max_model_len)
     n = _field(body, "n", "integer")
     if n is not None and n < 1:
         raise _invalid(None, f"n must be at least 1, got {n}.")
     stream = bool(_field(body, "stream", "boolean"))
+    include_usage, continuous_usage = _usage_options(body, stream=stream)
+    # Chat's logprobs is a boolean (with top_logprobs); only text completions' counts alternatives here.
+    logprobs = None if chat else _field(body, "logprobs", "integer")
+    if chat:
+        _field(body, "logprobs", "boolean")
     return _Sampling(
         max_tokens=max_tokens,
         min_tokens=_min_tokens(body, max_tokens),
         ignore_eos=bool(_field(body, "ignore_eos", "boolean")),
         n=n or 1,
         stream=stream,
-        include_usage=_include_usage(body, stream=stream),
+        include_usage=include_usage,
+        continuous_usage=continuous_usage,
+        echo=echo,
+        logprobs=logprobs,
     )
 
 
@@ -455,14 +510,18 @@ def _check_max_tokens(max_tokens: int, max_model_len: int) -> None:
         )
 
 
-def _include_usage(body: JSON, *, stream: bool) -> bool:
+def _usage_options(body: JSON, *, stream: bool) -> tuple[bool, bool]:
+    """vLLM's stream_options: include_usage (true once stream_options is given) and continuous_usage_stats."""
     options = _field(body, "stream_options", "object")
     if options is None:
-        return False
+        return False, False
     if not stream:
         raise _invalid("stream_options", "Stream options can only be defined when `stream=True`.")
-    include = _field(options, "include_usage", "boolean", at="body.stream_options")
-    return bool(include)
+    include = "include_usage" not in options or bool(
+        _field(options, "include_usage", "boolean", at="body.stream_options")
+    )
+    continuous = bool(_field(options, "continuous_usage_stats", "boolean", at="body.stream_options"))
+    return include, include and continuous
 
 
 def _chat_prompt(body: JSON) -> tuple[str, int]:
@@ -541,9 +600,37 @@ def _completion_budget(prompt_tokens: int, sampling: _Sampling, config: FakeServ
         budget = min(sampling.max_tokens, room)
     else:
         budget = room if chat else min(config.default_max_tokens, room)
-    if budget < 1:
+    if budget < 1 and not (sampling.echo and sampling.max_tokens == 0):
         raise _invalid("max_tokens", f"max_tokens must be at least 1, got {budget}.", budget)
     return budget
+
+
+def _text_logprobs(echo: str, tokens: tuple[str, ...]) -> JSON:
+    """vLLM's text-completion logprobs of the echoed prompt's words and the generated tokens; a fixed made-up
+    value per position (the first prompt token has none: nothing comes before it)."""
+    pieces = (
+        [
+            *(f" {word}" if position else word for position, word in enumerate(echo.split(" "))),
+            *(f" {token}" for token in tokens),
+        ]
+        if echo
+        else [f" {token}" for token in tokens]
+    )
+    logprobs: list[float | None] = [-1.0 - (position % 7) / 8 for position in range(len(pieces))]
+    if echo:
+        logprobs[0] = None
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return {
+        "text_offset": offsets,
+        "token_logprobs": logprobs,
+        "tokens": pieces,
+        "top_logprobs": [
+            None if value is None else {piece: value} for piece, value in zip(pieces, logprobs, strict=True)
+        ],
+    }
 
 
 def _generation(
@@ -557,9 +644,11 @@ def _generation(
     choices: list[_Choice] = []
     for seed, prompt_tokens in prompts:
         budget = _completion_budget(prompt_tokens, sampling, config, chat=chat)
+        echo = seed if sampling.echo else ""
         for sample in range(sampling.n):
-            tokens, finish_reason = _generate(f"{sample}:{seed}", budget, sampling)
-            choices.append(_Choice(len(choices), tokens, finish_reason))
+            tokens, finish_reason = _generate(f"{sample}:{seed}", budget, sampling) if budget else ((), "length")
+            logprobs = None if sampling.logprobs is None else _text_logprobs(echo, tokens)
+            choices.append(_Choice(len(choices), tokens, finish_reason, echo, logprobs))
     return _Generation(
         chat=chat,
         model=model,
@@ -567,6 +656,7 @@ def _generation(
         choices=tuple(choices),
         stream=sampling.stream,
         include_usage=sampling.include_usage,
+        continuous_usage=sampling.continuous_usage,
     )
 
 
@@ -610,7 +700,7 @@ def _completion_body(generation: _Generation) -> bytes:
             {
                 "index": choice.index,
                 "text": choice.text,
-                "logprobs": None,
+                "logprobs": choice.logprobs,
                 "finish_reason": choice.finish_reason,
                 **_TEXT_CHOICE_EXTRAS,
                 "routed_experts": None,
@@ -673,28 +763,55 @@ def _stream_plan(generation: _Generation) -> _StreamPlan:
             )
             for c in generation.choices
         ]
-    # vLLM puts the fingerprint on the last chunk: the usage chunk if there is one.
+    # vLLM puts the fingerprint on the last chunk: the usage chunk if there is one, else each finishing chunk.
     fingerprint = {} if generation.include_usage else {"system_fingerprint": SYSTEM_FINGERPRINT}
 
-    def token_event(choice: _Choice, position: int) -> bytes:
-        last = position == len(choice.tokens) - 1
-        return _sse({**base, "choices": [_token_choice(choice, position, chat=chat)], **(fingerprint if last else {})})
+    def usage_so_far(completion_tokens: int) -> JSON:
+        # continuous_usage_stats: each chunk counts its own choice's tokens so far.
+        if not generation.continuous_usage:
+            return {}
+        prompt = generation.prompt_tokens
+        return {
+            "usage": {
+                "prompt_tokens": prompt,
+                "total_tokens": prompt + completion_tokens,
+                "completion_tokens": completion_tokens,
+            }
+        }
 
-    longest = max(len(choice.tokens) for choice in generation.choices)
+    if chat:
+        head = [_sse({**orjson.loads(event[6:]), **usage_so_far(0)}) for event in head]
+
+    def token_event(choice: _Choice, position: int) -> bytes:
+        last = position == _positions(choice) - 1
+        chunk = {
+            **base,
+            "choices": [_token_choice(choice, position, chat=chat)],
+            **usage_so_far(min(position + 1, len(choice.tokens))),
+        }
+        return _sse({**chunk, **(fingerprint if last else {})})
+
+    longest = max(_positions(choice) for choice in generation.choices)
     steps = [
-        [token_event(choice, position) for choice in generation.choices if position < len(choice.tokens)]
+        [token_event(choice, position) for choice in generation.choices if position < _positions(choice)]
         for position in range(longest)
     ]
     tail = [_DONE_EVENT]
     if generation.include_usage:
-        usage = {"choices": [], "usage": generation.usage(), "system_fingerprint": SYSTEM_FINGERPRINT}
-        tail = [_sse({**base, **usage}), _DONE_EVENT]
+        final = {"choices": [], "usage": generation.usage(), "system_fingerprint": SYSTEM_FINGERPRINT}
+        tail = [_sse({**base, **final}), _DONE_EVENT]
     return _StreamPlan(head=head, steps=steps, tail=tail)
 
 
+def _positions(choice: _Choice) -> int:
+    """How many chunks a choice streams: one per token, or one for an echoed prompt alone (max_tokens 0)."""
+    return max(len(choice.tokens), 1)
+
+
 def _token_choice(choice: _Choice, position: int, *, chat: bool) -> JSON:
-    text = f" {choice.tokens[position]}"
-    finish_reason = choice.finish_reason if position == len(choice.tokens) - 1 else None
+    token = f" {choice.tokens[position]}" if position < len(choice.tokens) else ""
+    text = choice.echo + token if position == 0 else token
+    finish_reason = choice.finish_reason if position == _positions(choice) - 1 else None
     if not chat:
         return {
             "index": choice.index,
@@ -959,7 +1076,7 @@ class FakeModelServer(asgi.App):
         request = await self._admit(scope, receive)
         if request is None:
             return
-        sampling = _parse_sampling(request.body, self.config)
+        sampling = _parse_sampling(request.body, self.config, chat=chat)
         prompts = [_chat_prompt(request.body)] if chat else _completion_prompts(request.body)
         generation = _generation(
             chat=chat,

@@ -56,10 +56,10 @@ class ErrorCode(StrEnum):
     INVALID_REQUEST = (
         "invalid_request",
         INVALID_REQUEST_STATUS,
-        "The request is malformed, or the model server refused it; the message says why.",
+        "The request is malformed, or (usage records) the model server refused it with its own error body.",
     )
     INVALID_JSON = "invalid_json", 400, "The request body is not valid JSON, or not a JSON object."
-    INVALID_VALUE = "invalid_value", 400, "A field has a value the gateway cannot use; `param` names it."
+    INVALID_VALUE = "invalid_value", 400, "A field the gateway reads has a value vLLM refuses too; `param` names it."
     MISSING_REQUIRED_PARAMETER = (
         "missing_required_parameter",
         400,
@@ -68,7 +68,7 @@ class ErrorCode(StrEnum):
     CONTEXT_LENGTH_EXCEEDED = (
         "context_length_exceeded",
         MODEL_SERVER_STATUS,
-        "The prompt and `max_tokens` do not fit the model's context: send less or ask for fewer tokens.",
+        "(Usage records) the model server refused a prompt and `max_tokens` too long for the model's context.",
     )
     TOO_MANY_KEYS = "too_many_keys", 400, "You have as many active API keys as allowed: revoke one first."
     # 401
@@ -307,6 +307,21 @@ class UpstreamError(GatewayError):
     status = 502
     error_type = "upstream_error"
     default_code = ErrorCode.UPSTREAM_ERROR
+
+
+class UpstreamRefusal(UpstreamError):
+    """A model server's 4xx, answered with the model server's own error body, unchanged (vLLM's `message`,
+    `type`, `param` and `code`). `code` is the gateway's name for it in the usage row and the logs only."""
+
+    error_type = "invalid_request_error"
+    default_code = ErrorCode.INVALID_REQUEST
+
+    def __init__(self, message: str, *, raw: bytes, status: int, code: ErrorCode | None = None) -> None:
+        super().__init__(message, status=status, code=code)
+        self.raw = raw
+
+    def body(self) -> bytes:
+        return self.raw
 
 
 # Every status the gateway answers with the envelope above: the class that carries it, and what it tells the

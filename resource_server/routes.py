@@ -78,6 +78,11 @@ class UsageReader:
     def of_chunk(self, chunk: dict[str, Any]) -> object:
         return chunk[self._key]
 
+    @property
+    def key(self) -> str:
+        """The usage object's name in an answer or a chunk."""
+        return self._key
+
 
 OPENAI_USAGE = UsageReader()
 
@@ -87,7 +92,7 @@ class RouteDescriptor:
     """Everything the gateway knows about one inference route."""
 
     route: Route
-    # Full validation of the known fields, as strict as OpenAI's (unknown fields pass through); also documented.
+    # Documentation only (the OpenAPI): the gateway reads `fields`, the model server judges the rest.
     request_schema: type[BaseModel]
     response_schema: type[BaseModel]  # documentation only: answers are relayed unchanged
     fields: BodyFields

@@ -1,6 +1,8 @@
-"""OpenAI request bodies: known fields are checked; unknown fields (vLLM extensions) pass through.
+"""OpenAI request bodies as vLLM reads them, for the served OpenAPI only (`openapi_components`): the gateway
+itself reads a handful of fields (routes.py, `BodyFields`) and leaves the rest for the model server to judge, so
+these models describe what vLLM accepts (its lax coercion, its ranges) and never refuse a request.
 
-The request models are also what the served OpenAPI documents (`openapi_components`), beside models of
+They sit beside models of
 the answers and of the error envelope that exist only for the documentation: the gateway relays the
 model server's answers unchanged and never validates them.
 """
@@ -12,12 +14,12 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import models_json_schema
 
-# Strict: OpenAI refuses "0.5" for a number, so do we. Extra fields are allowed and forwarded untouched.
-_REQUEST_CONFIG = ConfigDict(extra="allow", strict=True)
+# Lax, like vLLM's request models ("0.5" is a number there); extra fields are vLLM's extensions.
+_REQUEST_CONFIG = ConfigDict(extra="allow")
 # Answers come from the model server: documented with the fields clients rely on; servers add more.
 _ANSWER_CONFIG = ConfigDict(extra="allow")
 
-Temperature = Annotated[float, Field(ge=0, le=2)]
+Temperature = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -62,7 +64,9 @@ class _Generation(BaseModel):
     model: ModelName = Field(description=_MODEL, examples=["demo-model"])
     stream: bool | None = Field(default=False, description=_STREAM)
     stream_options: StreamOptions | None = Field(default=None, description="Only allowed with `stream: true`.")
-    max_tokens: PositiveInt | None = Field(default=None, description=_MAX_TOKENS)
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description=_MAX_TOKENS + " 0 with `echo` (completions) scores the prompt only."
+    )
     temperature: Temperature | None = Field(default=None, description="Sampling temperature; 0 is greedy.")
     top_p: Probability | None = Field(default=None, description="Nucleus sampling: the probability mass kept.")
     n: Annotated[int, Field(ge=1, le=128)] | None = Field(default=None, description="How many choices to generate.")
@@ -112,7 +116,7 @@ class CompletionRequest(_Generation):
     )
     echo: bool | None = Field(default=None, description="Return the prompt before the completion.")
     suffix: str | None = Field(default=None, description="Text that comes after the completion.")
-    best_of: PositiveInt | None = Field(default=None, description="Generate this many and return the best `n`.")
+    best_of: int | None = Field(default=None, description="Generate this many and return the best `n`.")
 
 
 class EmbeddingRequest(BaseModel):
@@ -223,9 +227,12 @@ class ModelList(BaseModel):
 
 class ErrorDetail(BaseModel):
     message: str = Field(description="What went wrong and what to do, for a person to read.")
-    type: str = Field(description="OpenAI's error type, e.g. `invalid_request_error`.")
+    type: str = Field(description="OpenAI's error type, e.g. `invalid_request_error` (vLLM's: `BadRequestError`).")
     param: str | None = Field(description="The request field at fault, if one is.")
-    code: str | None = Field(description="A stable code for programs (see the user guide's table of codes).")
+    code: str | int | None = Field(
+        description="A stable code for programs (see the user guide's table of codes); a model server's refusal "
+        "keeps its own (vLLM's is the HTTP status, a number)."
+    )
 
 
 class ErrorEnvelope(BaseModel):

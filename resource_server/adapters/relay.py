@@ -58,6 +58,7 @@ class RelayError:
     status: int
     code: str
     message: str
+    body: object = None  # with `vllm_rejected`: vLLM's error body, passed on unchanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +106,7 @@ class RelayMessage:
             and isinstance(error.get("message"), str)
         ):
             raise InvalidRequest("`error` needs an integer `status`, a `code` and a `message`.", param="error")
-        return cls(seq, error=RelayError(error["status"], error["code"], error["message"]))
+        return cls(seq, error=RelayError(error["status"], error["code"], error["message"], error.get("body")))
 
 
 def _is_event(event: object) -> bool:
@@ -260,11 +261,13 @@ _APPEND_RESULTS = {0: Delivery.GONE, 1: Delivery.ACCEPTED, 2: Delivery.FULL}
 
 def _fields(message: RelayMessage) -> list[bytes | int | str]:
     """A checked message as a stream entry's fields: `s` seq, then `e` the events end to end with `n` their
-    lengths, or `d`, or the error's `es` status, `ec` code and `em` message. Plain fields, so a reader
-    rebuilds the message without parsing JSON; lengths, because an event may itself end in more newlines."""
+    lengths, or `d`, or the error's `es` status, `ec` code, `em` message and `eb` body (JSON, if any). Plain
+    fields, so a reader rebuilds the message without parsing JSON (but a refusal's body); lengths, because an
+    event may itself end in more newlines."""
     if message.error is not None:
         error = message.error
-        return ["s", message.seq, "es", error.status, "ec", error.code, "em", error.message]
+        fields: list[bytes | int | str] = ["s", message.seq, "es", error.status, "ec", error.code, "em", error.message]
+        return fields if error.body is None else [*fields, "eb", orjson.dumps(error.body)]
     if message.done:
         return ["s", message.seq, "d", 1]
     lengths = ",".join(str(len(event)) for event in message.events)
@@ -282,7 +285,9 @@ def _message(fields: dict[bytes, bytes]) -> RelayMessage:
         return RelayMessage(seq, events=tuple(events))
     if b"d" in fields:
         return RelayMessage(seq, done=True)
-    return RelayMessage(seq, error=RelayError(int(fields[b"es"]), fields[b"ec"].decode(), fields[b"em"].decode()))
+    body = orjson.loads(fields[b"eb"]) if b"eb" in fields else None
+    error = RelayError(int(fields[b"es"]), fields[b"ec"].decode(), fields[b"em"].decode(), body)
+    return RelayMessage(seq, error=error)
 
 
 # redis-py's defaults do not fit the relay, so each is chosen here (redis-py 8: a 5 s socket timeout on every

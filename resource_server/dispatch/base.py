@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from resource_server.errors import MODEL_SERVER_4XX, ErrorCode, ServiceUnavailable, UpstreamError
+from resource_server.errors import MODEL_SERVER_4XX, ErrorCode, ServiceUnavailable, UpstreamError, UpstreamRefusal
 from resource_server.routes import Route
 
 logger = logging.getLogger(__name__)
@@ -66,21 +66,23 @@ class SseSplitter:
         return [event + b"\n\n" for event in events if event]
 
 
-def _error_message(content: bytes) -> str:
-    """The message of an OpenAI, vLLM or FastAPI error body; empty if there is none."""
+def _error_body(content: bytes) -> tuple[str, bool]:
+    """The message of an OpenAI, vLLM or FastAPI error body (empty if there is none), and whether the body is
+    in OpenAI's envelope (a JSON object whose `error` is an object), the shape a client can read as it is."""
     try:
         body = orjson.loads(content)
     except orjson.JSONDecodeError:
-        return ""
+        return "", False
     if not isinstance(body, dict):
-        return ""
+        return "", False
     error = body.get("error")
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])
+    if isinstance(error, dict):
+        message = error.get("message")
+        return (message if isinstance(message, str) else ""), True
     for key in ("message", "detail"):
         if isinstance(body.get(key), str):
-            return str(body[key])
-    return ""
+            return str(body[key]), False
+    return "", False
 
 
 _CLIENT_ERROR_CODES = {
@@ -94,21 +96,20 @@ _CLIENT_ERROR_CODES = {
 def upstream_error(status: int, content: bytes, *, model_server: str) -> UpstreamError | ServiceUnavailable:
     """What the caller gets when the model server answers `status`.
 
-    The caller's own mistakes (4xx) reach them as that 4xx with the server's message, so that
-    "prompt too long" is a 400 they can act on. Server failures become 502/503/504 without the
-    server's internals, which are logged instead.
+    The caller's own mistakes (4xx) reach them as that 4xx with the server's error body unchanged (vLLM's
+    message, type, param and code), so that "prompt too long" is a 400 they can act on; a body not in OpenAI's
+    envelope is put in it. Server failures become 502/503/504 without the server's internals, which are
+    logged instead.
     """
-    message = _error_message(content)
+    message, enveloped = _error_body(content)
     if status in MODEL_SERVER_4XX:
         code = _CLIENT_ERROR_CODES.get(status, ErrorCode.INVALID_REQUEST)
         if "maximum context length" in message or "context length" in message:
             code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
-        return UpstreamError(
-            message or f"The model server rejected the request (HTTP {status}).",
-            status=status,
-            error_type="invalid_request_error",
-            code=code,
-        )
+        message = message or f"The model server rejected the request (HTTP {status})."
+        if enveloped:
+            return UpstreamRefusal(message, raw=content, status=status, code=code)
+        return UpstreamError(message, status=status, error_type="invalid_request_error", code=code)
     logger.warning("model server %s answered HTTP %s: %s", model_server, status, message[:500])
     if status in (401, 403, 407):
         return UpstreamError(

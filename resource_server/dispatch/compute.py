@@ -118,11 +118,12 @@ TASK_ERROR_CODES: dict[str, ErrorCode] = {
 UNKNOWN_TASK_ERROR = ErrorCode.BACKEND_MISCONFIGURED
 
 
-def task_error(status: int, task_code: str, message: str, *, server: str) -> GatewayError:
+def task_error(status: int, task_code: str, message: str, *, server: str, body: object = None) -> GatewayError:
     """What the caller gets when the compute function reports a failure (codes: `compute_functions.inference`)."""
     if task_code == "vllm_rejected":
-        # vLLM's own answer (e.g. "prompt too long"): a 4xx stays that 4xx with vLLM's message.
-        return upstream_error(status, orjson.dumps({"error": {"message": message}}), model_server=server)
+        # vLLM's own answer (e.g. "prompt too long"): a 4xx stays that 4xx with vLLM's error body, if it came.
+        content = orjson.dumps(body if isinstance(body, dict) else {"error": {"message": message}})
+        return upstream_error(status, content, model_server=server)
     logger.warning("compute task on %s failed: %s: %s", server, task_code, message[:500])
     code = TASK_ERROR_CODES.get(task_code, UNKNOWN_TASK_ERROR)
     if code is ErrorCode.UPSTREAM_UNREACHABLE:
@@ -145,12 +146,14 @@ def task_error(status: int, task_code: str, message: str, *, server: str) -> Gat
     )
 
 
-def _error_of(result: dict[str, Any]) -> tuple[int, str, str] | None:
+def _error_of(result: dict[str, Any]) -> tuple[int, str, str, object] | None:
+    """Status, code, message and (with `vllm_rejected`) vLLM's error body of a task's failure, if it failed."""
     error = result.get("error")
     if not isinstance(error, dict):
         return None
     status = error.get("status", result.get("status"))
-    return (status if type(status) is int else 502), str(error.get("code", "")), str(error.get("message", ""))
+    code, message = str(error.get("code", "")), str(error.get("message", ""))
+    return (status if type(status) is int else 502), code, message, error.get("body")
 
 
 class ComputeBackend(ABC):
@@ -192,7 +195,8 @@ class ComputeBackend(ABC):
             raise self._malformed(result)
         failure = _error_of(result)
         if failure is not None:
-            raise task_error(*failure, server=self.label)
+            status, code, message, body = failure
+            raise task_error(status, code, message, server=self.label, body=body)
         status, body = result["status"], result.get("body")
         if 200 <= status < 300:
             if not isinstance(body, dict):
@@ -307,7 +311,7 @@ class ComputeStream:
             self._seq += 1
             if message.error is not None:
                 error = message.error
-                raise task_error(error.status, error.code, error.message, server=self._backend.label)
+                raise task_error(error.status, error.code, error.message, server=self._backend.label, body=error.body)
             if message.done:
                 self._ended = True
                 return
@@ -358,7 +362,8 @@ class ComputeStream:
             return self._backend.task_failed(exc)
         failure = _error_of(result) if isinstance(result, dict) else None
         if failure is not None:
-            return task_error(*failure, server=self._backend.label)
+            status, code, message, body = failure
+            return task_error(status, code, message, server=self._backend.label, body=body)
         logger.warning("compute task on %s ended before its stream did: %.300r", self._backend.label, result)
         return UpstreamError(
             "The cluster ended the task before its stream was complete.", code=ErrorCode.RELAY_INCOMPLETE

@@ -38,7 +38,7 @@ class Meter:
         )
 
     def parsed(self, request: ParsedRequest) -> None:
-        self.record.model = request.model
+        self.record.model = request.model or ""
         self.record.streamed = request.stream
         if settings.GATEWAY.LOG_REQUEST_BODIES:
             self.record.request_body = request.body

@@ -17,7 +17,9 @@ from django.conf import settings
 from resource_server.dispatch.base import UpstreamStream
 from resource_server.errors import ErrorCode, GatewayError
 from resource_server.pipeline.meter import Meter
-from resource_server.routes import RouteDescriptor
+from resource_server.pipeline.parse import ParsedRequest
+from resource_server.routes import RouteDescriptor, UsageReader
+from resource_server.services.usage import UsageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +57,112 @@ def _error_event(error: GatewayError) -> bytes:
     return b"data: " + error.body() + b"\n\n"
 
 
-async def stream_relay(
-    stream: UpstreamStream, descriptor: RouteDescriptor, meter: Meter, *, client_wants_usage: bool
-) -> AsyncGenerator[bytes, None]:
-    """Relay upstream events one by one as they arrive; always end with `[DONE]`.
+@dataclass(frozen=True, slots=True)
+class StreamWishes:
+    """What the client asked of a stream's usage; the gateway always asks the model server for all of it."""
 
-    The usage chunk the gateway asked for is passed on only if the client asked for it too. A stream that
-    fails after it began ends with an error event; a client that goes away makes it a 499.
+    include_usage: bool  # the final usage chunk
+    continuous_usage: bool  # usage on every chunk (vLLM's continuous_usage_stats)
+
+    @classmethod
+    def of(cls, request: ParsedRequest) -> StreamWishes:
+        return cls(include_usage=request.include_usage, continuous_usage=request.continuous_usage)
+
+
+class ClientView:
+    """Turns the stream the gateway asked for (usage on every chunk, then a usage chunk) back into the one the
+    client asked for, and keeps the last usage seen so that a stream cut short is metered up to its last chunk.
+
+    Without `include_usage` vLLM stamps `system_fingerprint` on each choice's finishing chunk instead of on the
+    usage chunk; as the fingerprint arrives only with that usage chunk, finishing chunks (and what follows them)
+    are held until it comes, normally at once (with several choices, until the last one finishes).
+    """
+
+    __slots__ = ("_choices", "_held", "_reader", "_record", "_wishes")
+
+    def __init__(self, reader: UsageReader, record: UsageRecord, wishes: StreamWishes) -> None:
+        self._reader = reader
+        self._record = record
+        self._wishes = wishes
+        self._held: list[dict[str, Any] | bytes] = []  # a parsed finishing chunk, to stamp; bytes as they are
+        self._choices: dict[object, int] = {}  # choice index -> its completion tokens so far
+
+    def events(self, event: bytes) -> list[bytes]:
+        """The events to send the client now for one upstream event."""
+        chunk = self._reader.event_chunk(event)
+        if chunk is None:
+            return self._pass(event)
+        choices = chunk.get("choices")
+        if not choices:  # the usage chunk that ends the stream: the model server's own totals
+            self._record.set_usage(self._reader.of_chunk(chunk))
+            if self._wishes.include_usage:
+                return [*self._release(None), event]
+            return self._release(chunk.get("system_fingerprint"))
+        self._count(chunk, choices)
+        finishing = not self._wishes.include_usage and _finishes(choices)
+        if not self._wishes.continuous_usage:
+            del chunk[self._reader.key]
+            if not finishing and not self._held:
+                return [_event(chunk)]
+        if finishing:
+            self._held.append(chunk)
+            return []
+        return self._pass(event if self._wishes.continuous_usage else _event(chunk))
+
+    def flush(self) -> list[bytes]:
+        """What is still held when the stream ends without a usage chunk (or fails)."""
+        return self._release(None)
+
+    def _pass(self, event: bytes) -> list[bytes]:
+        if self._held:
+            self._held.append(event)
+            return []
+        return [event]
+
+    def _release(self, fingerprint: object) -> list[bytes]:
+        held, self._held = self._held, []
+        return [
+            item if isinstance(item, bytes) else _event(_stamped(item, fingerprint) if fingerprint else item)
+            for item in held
+        ]
+
+    def _count(self, chunk: dict[str, Any], choices: list[Any]) -> None:
+        """The usage a cut stream is metered with: vLLM counts each choice's tokens on its own chunks."""
+        usage = self._reader.of_chunk(chunk)
+        if not isinstance(usage, dict) or len(choices) != 1 or not isinstance(choices[0], dict):
+            self._record.set_usage(usage)
+            return
+        self._choices[choices[0].get("index")] = usage.get("completion_tokens") or 0
+        completion = sum(self._choices.values())
+        prompt = usage.get("prompt_tokens")
+        total = prompt + completion if isinstance(prompt, int) else None
+        self._record.set_usage({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total})
+
+
+def _finishes(choices: list[Any]) -> bool:
+    return any(isinstance(choice, dict) and choice.get("finish_reason") is not None for choice in choices)
+
+
+def _stamped(chunk: dict[str, Any], fingerprint: object) -> dict[str, Any]:
+    return {**chunk, "system_fingerprint": fingerprint}
+
+
+def _event(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+async def stream_relay(
+    stream: UpstreamStream, descriptor: RouteDescriptor, meter: Meter, *, client: StreamWishes
+) -> AsyncGenerator[bytes, None]:
+    """Relay upstream events one by one as they arrive, as the client asked for them; always end with `[DONE]`.
+
+    A stream that fails after it began ends with an error event; a client that goes away makes it a 499.
+    Either way the row carries the usage of the last chunk seen (see `ClientView`).
     """
     status, error_code = 200, ""
     saw_done = False
-    usage = descriptor.usage
     record = meter.record
+    view = ClientView(descriptor.usage, record, client)
     try:
         async for event in stream:
             if record.time_to_first_token_ms is None:
@@ -74,18 +170,18 @@ async def stream_relay(
             if event.startswith(DONE_EVENT[:12]):
                 saw_done = True
                 break
-            usage_chunk = usage.event_chunk(event)
-            if usage_chunk is not None:
-                record.set_usage(usage.of_chunk(usage_chunk))
-                if not client_wants_usage and not usage_chunk.get("choices"):
-                    continue
-            yield event
+            for shaped in view.events(event):
+                yield shaped
+        for shaped in view.flush():
+            yield shaped
         if not saw_done:
             raise GatewayError("The model server ended the stream early.", code=ErrorCode.UPSTREAM_STREAM_TRUNCATED)
         yield DONE_EVENT
     except GatewayError as error:
         status, error_code = error.status, error.code
         logger.warning("stream %s failed: %s", record.request_id, error.code)
+        for shaped in view.flush():
+            yield shaped
         yield _error_event(error)
         yield DONE_EVENT
     except (asyncio.CancelledError, GeneratorExit):
@@ -95,6 +191,8 @@ async def stream_relay(
     except Exception:
         status, error_code = 500, ErrorCode.INTERNAL_ERROR
         logger.exception("stream %s failed", record.request_id)
+        for shaped in view.flush():
+            yield shaped
         yield _error_event(GatewayError("The gateway failed while relaying the stream."))
         yield DONE_EVENT
     finally:

@@ -2,7 +2,7 @@
 
     1 authenticate  services/authentication.py  the bearer credential -> Principal (401/403 leave no usage row)
       body          pipeline/parse.py           413 on the declared size, then the body read within the limit
-    2 parse         pipeline/parse.py           the route's descriptor (routes.py): schema, fields the gateway reads
+    2 parse         pipeline/parse.py           the route's descriptor (routes.py): the few fields the gateway reads
     3 route         selectors/endpoints.py      candidate endpoints in order: allowed, not under maintenance
     4 admit         pipeline/admit.py           limits: reserve now, settle in the meter stage (no limits yet)
     5 dispatch      pipeline/dispatch.py        the first candidate's backend; the next one if it was never reached
@@ -26,9 +26,9 @@ from resource_server.pipeline.admit import admit
 from resource_server.pipeline.dispatch import dispatch_stream, dispatch_submit
 from resource_server.pipeline.meter import Meter
 from resource_server.pipeline.parse import BodyReader, body_read, request_parse, upstream_request
-from resource_server.pipeline.respond import JsonResult, StreamResult, answer_json, stream_relay
+from resource_server.pipeline.respond import JsonResult, StreamResult, StreamWishes, answer_json, stream_relay
 from resource_server.routes import ROUTES, Route
-from resource_server.selectors.endpoints import RoutingCache, endpoint_candidates
+from resource_server.selectors.endpoints import RoutingCache, endpoint_candidates, model_of_path
 from resource_server.services.authentication import Authenticators
 from resource_server.services.usage import UsageSink
 
@@ -78,11 +78,17 @@ async def inference_run(
     try:
         request = request_parse(descriptor, raw)
         meter.parsed(request)
+        model, chosen = request.model, None
+        if model is None:
+            model = chosen = await model_of_path(
+                routing=parts.routing, principal=principal, cluster=cluster, framework=framework
+            )
+            meter.record.model = model
         candidates = await endpoint_candidates(
             routing=parts.routing,
             health=parts.health,
             principal=principal,
-            model=request.model,
+            model=model,
             cluster=cluster,
             framework=framework,
         )
@@ -92,12 +98,12 @@ async def inference_run(
             request = replace(request, model=served, body={**request.body, descriptor.fields.model: served})
             meter.routed(served)
         meter.reservation = await admit(principal=principal, request=request, candidates=candidates)
-        upstream = upstream_request(descriptor, request, request_id)
+        upstream = upstream_request(descriptor, request, request_id, model=chosen)
         if request.stream:
             stream = await dispatch_stream(
                 backends=parts.backend_pool, candidates=candidates, request=upstream, meter=meter
             )
-            return StreamResult(stream_relay(stream, descriptor, meter, client_wants_usage=request.include_usage))
+            return StreamResult(stream_relay(stream, descriptor, meter, client=StreamWishes.of(request)))
         content = await dispatch_submit(
             backends=parts.backend_pool, candidates=candidates, request=upstream, meter=meter
         )

@@ -25,7 +25,7 @@ from resource_server.auth.base import Principal
 from resource_server.backend_kinds import BACKEND_KINDS
 from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
 from resource_server.dispatch.health import HealthProber
-from resource_server.errors import ErrorCode, NotFound, PermissionDenied, ServiceUnavailable
+from resource_server.errors import ErrorCode, InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
 from resource_server.models import Cluster, Endpoint
 
 logger = logging.getLogger(__name__)
@@ -356,3 +356,32 @@ async def cluster_list(*, routing: RoutingCache, health: HealthProber, principal
             )
         )
     return listings
+
+
+async def model_of_path(
+    *, routing: RoutingCache, principal: Principal, cluster: str | None, framework: str | None
+) -> str:
+    """The model a body that names none goes to: on a FIRST path, the only one its cluster and framework serve
+    the caller (vLLM, serving one model, answers with it too); anywhere else, or when there are several, a 400.
+    """
+    names = (
+        []
+        if cluster is None
+        else [
+            str(model["id"])
+            for model in await model_list(routing=routing, principal=principal, cluster=cluster, framework=framework)
+        ]
+    )
+    if len(names) == 1:
+        return names[0]
+    if cluster is None:
+        where = "The gateway routes each request by its `model`"
+    elif names:
+        where = f"{cluster}/{framework} serves several models you may use ({', '.join(names)})"
+    else:
+        where = f"{cluster}/{framework} serves no model you may use"
+    raise InvalidRequest(
+        f"Missing required parameter: 'model'. {where}: name one (GET /v1/models lists them).",
+        code=ErrorCode.MISSING_REQUIRED_PARAMETER,
+        param="model",
+    )

@@ -144,16 +144,66 @@ def test_a_raw_streamed_completion_ends_with_done_and_drops_the_unrequested_usag
     assert hpc.row(request_id).completion_tokens == reference.usage.completion_tokens  # recorded all the same
 
 
+def direct(model_server: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    """What the fake vLLM answers `body` itself."""
+    return httpx.post(f"{model_server}/{path}", json=body, timeout=30)
+
+
+def chunks_of(lines: list[str]) -> list[dict[str, Any]]:
+    """A stream's chunks without what differs between two runs (id, created)."""
+    chunks = [orjson.loads(line[6:]) for line in lines if line != DONE]
+    return [{key: value for key, value in chunk.items() if key not in ("id", "created")} for chunk in chunks]
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_prompt_too_long_is_a_400_streamed_or_not(hpc: Hpc, stream: bool) -> None:
+def test_a_prompt_too_long_is_vllms_own_400_streamed_or_not(hpc: Hpc, stream: bool) -> None:
+    body = {"model": "demo-model", "messages": [{"role": "user", "content": "word " * 600}], "stream": stream}
     with pytest.raises(openai.BadRequestError) as too_long:
-        hpc.client().chat.completions.create(
-            model="demo-model", messages=[{"role": "user", "content": "word " * 600}], stream=stream
-        )
-    assert too_long.value.code == "context_length_exceeded"
+        hpc.client().chat.completions.create(**body)
+    assert too_long.value.response.json() == direct(hpc.model_server, "chat/completions", body).json()
+    error = too_long.value.response.json()["error"]
+    assert (error["code"], error["param"], error["type"]) == (400, "input_tokens", "BadRequestError")  # vLLM's
     # Logged too; waiting for the row also keeps the gateway's write from racing the test database's flush.
     row = hpc.row(too_long.value.response.headers["x-request-id"])
     assert (row.status_code, row.error_code) == (400, "context_length_exceeded")
+
+
+def test_prompt_scoring_and_lax_fields_reach_the_model_server(hpc: Hpc) -> None:
+    scoring = {"model": "demo-model", "prompt": "score me", "echo": True, "max_tokens": 0, "logprobs": 1}
+    reply = hpc.client().completions.create(**scoring)
+    assert reply.choices[0].text == "score me"
+    assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.tokens == ["score", " me"]
+    status, _, lines = hpc.stream_lines(
+        "/v1/chat/completions", {"model": "demo-model", "messages": HELLO, "max_tokens": 4.0, "stream": "true"}
+    )
+    assert status == 200 and lines[-1] == DONE
+
+
+@pytest.mark.parametrize("options", [None, {"continuous_usage_stats": True}])
+def test_a_stream_through_the_compute_function_is_what_vllm_sends(hpc: Hpc, options: dict[str, bool] | None) -> None:
+    body: dict[str, Any] = {"model": "demo-model", "messages": HELLO, "max_tokens": 6, "stream": True}
+    if options is not None:
+        body["stream_options"] = options
+    status, request_id, lines = hpc.stream_lines("/v1/chat/completions", body)
+    expected = [line for line in direct(hpc.model_server, "chat/completions", body).text.split("\n") if line]
+    assert status == 200
+    assert chunks_of(lines) == chunks_of(expected)
+    assert any("system_fingerprint" in chunk for chunk in chunks_of(lines))
+    assert hpc.row(request_id).completion_tokens == 6
+
+
+def test_a_stream_cut_on_the_cluster_records_the_tokens_sent_so_far(hpc: Hpc) -> None:
+    body = {
+        "model": "demo-model",
+        "messages": HELLO,
+        "max_tokens": 20,
+        "stream": True,
+        "fake_vllm": {"fail_after_tokens": 3},
+    }
+    status, request_id, lines = hpc.stream_lines("/v1/chat/completions", body)
+    assert status == 200 and "error" in orjson.loads(lines[-2][6:])
+    row = hpc.row(request_id)
+    assert (row.status_code, row.prompt_tokens, row.completion_tokens) == (502, 5, 3)
 
 
 def test_a_bad_relay_token_gets_403_and_injects_nothing_into_a_live_stream(hpc: Hpc) -> None:
@@ -272,3 +322,5 @@ def test_a_client_that_leaves_stops_generation_on_the_model_server(hpc: Hpc) -> 
         time.sleep(0.05)
     row = hpc.row(request_id)
     assert (row.status_code, row.error_code) == (499, "client_disconnected")
+    # Metered to the last chunk the gateway relayed: the prompt, and at least the token the client read.
+    assert row.prompt_tokens == 5 and row.completion_tokens is not None and row.completion_tokens >= 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
 from datetime import timedelta
 from typing import Any
 
@@ -135,24 +137,91 @@ async def test_completions_and_embeddings(seeded: Seeded) -> None:
     assert logged[1].prompt_tokens == body["usage"]["prompt_tokens"]
 
 
+def direct(model_server: str, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    """What the fake vLLM answers `body` itself, for comparison with what the gateway answers."""
+    request = urllib.request.Request(
+        f"{model_server}/{path}", orjson.dumps(body), {"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read()
+
+
 @pytest.mark.parametrize(
-    ("body", "param", "code"),
+    "body",
     [
-        ({**CHAT, "temperature": 3}, "temperature", "invalid_value"),
-        ({**CHAT, "max_tokens": "10"}, "max_tokens", "invalid_value"),
-        ({"model": "demo-model"}, "messages", "missing_required_parameter"),
-        ({**CHAT, "messages": [{"content": "x"}]}, "messages.0.role", "missing_required_parameter"),
+        {"model": "demo-model"},  # no messages
+        {**CHAT, "messages": [{"content": "x"}]},
+        {**CHAT, "temperature": -1},
+        {**CHAT, "max_tokens": "ten"},
+        {**CHAT, "stream": "maybe"},
     ],
 )
-async def test_invalid_fields_get_400_naming_the_parameter(
-    seeded: Seeded, body: dict[str, Any], param: str, code: str
+async def test_what_the_model_server_refuses_reaches_the_client_in_its_own_words(
+    seeded: Seeded, model_server: str, body: dict[str, Any]
 ) -> None:
     response = await post(f"{BASE}/chat/completions", body, seeded)
+    status, content = direct(model_server, "chat/completions", body)
+    assert (response.status_code, orjson.loads(response.content)) == (status, orjson.loads(content))
+    assert status == 400 and error_of(response)["param"] is not None, "vLLM's param is kept"
+    [row] = await rows()
+    assert (row.status_code, row.error_code) == (400, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("completions", {"model": "demo-model", "prompt": "score me", "echo": True, "max_tokens": 0, "logprobs": 1}),
+        ("completions", {"model": "demo-model", "prompt": "x", "max_tokens": 4.0}),
+        ("completions", {"model": "demo-model", "prompt": "x", "max_tokens": 3, "seed": 1.0}),
+        ("completions", {"model": "demo-model", "prompt": "x", "max_tokens": 3, "best_of": -1}),
+        ("chat/completions", {**CHAT, "temperature": "0.5"}),
+        ("chat/completions", {**CHAT, "logprobs": 1}),
+    ],
+)
+async def test_what_vllm_accepts_reaches_the_model_server_unchanged(
+    seeded: Seeded, model_server: str, path: str, body: dict[str, Any]
+) -> None:
+    response = await post(f"{BASE}/{path}", body, seeded)
+    assert response.status_code == 200, response.content
+    assert fake_stats(model_server)["last_request"] == body
+    status, content = direct(model_server, path, body)
+    mine, theirs = orjson.loads(response.content), orjson.loads(content)
+    assert status == 200 and mine["choices"] == theirs["choices"] and mine["usage"] == theirs["usage"]
+
+
+async def test_a_stream_asked_for_with_true_as_a_string_streams(seeded: Seeded) -> None:
+    events = await read_events(await post(f"{BASE}/chat/completions", {**CHAT, "stream": "true"}, seeded))
+    assert events[-1] == b"data: [DONE]"
+    [row] = await rows()
+    assert (row.streamed, row.status_code, row.completion_tokens) == (True, 200, len(events) - 2)
+
+
+async def test_a_body_without_model_is_a_400_on_the_generic_path(seeded: Seeded) -> None:
+    response = await post(f"{BASE}/chat/completions", {"messages": CHAT["messages"]}, seeded)
     assert response.status_code == 400
     error = error_of(response)
-    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    assert (error["code"], error["param"]) == ("missing_required_parameter", "model")
     [row] = await rows()
-    assert (row.status_code, row.error_code) == (400, code)
+    assert (row.status_code, row.model) == (400, "")
+
+
+async def test_a_first_path_without_model_uses_the_only_model_it_serves(seeded: Seeded, model_server: str) -> None:
+    path = "/resource_server/polaris/vllm/v1/chat/completions"
+    response = await post(path, {"messages": CHAT["messages"], "max_tokens": 3}, seeded)
+    assert response.status_code == 200
+    assert orjson.loads(response.content)["model"] == "demo-model"
+    assert fake_stats(model_server)["last_request"]["model"] == "demo-model"
+    await Endpoint.objects.acreate(
+        cluster=seeded.cluster, model="org/model.v1", backend="direct", backend_config={"base_url": model_server}
+    )
+    runtime().routing.forget()
+    response = await post(path, {"messages": CHAT["messages"]}, seeded)
+    assert response.status_code == 400
+    assert "demo-model, org/model.v1" in error_of(response)["message"]
+    assert [(row.status_code, row.model) for row in await rows()] == [(200, "demo-model"), (400, "")]
 
 
 async def test_malformed_json_gets_400(seeded: Seeded) -> None:
@@ -182,13 +251,18 @@ async def test_model_names_that_differ_by_dot_or_slash_stay_distinct(seeded: See
     assert orjson.loads(response.content)["model"] == "org/model.v1"
 
 
-async def test_prompt_longer_than_the_context_reaches_the_client_as_400(seeded: Seeded) -> None:
+async def test_prompt_longer_than_the_context_reaches_the_client_as_vllms_400(
+    seeded: Seeded, model_server: str
+) -> None:
     long_chat = {**CHAT, "messages": [{"role": "user", "content": "word " * 600}]}
     response = await post(f"{BASE}/chat/completions", long_chat, seeded)
     assert response.status_code == 400
+    assert response.content == direct(model_server, "chat/completions", long_chat)[1]
     error = error_of(response)
-    assert error["code"] == "context_length_exceeded"
+    assert (error["type"], error["param"], error["code"]) == ("BadRequestError", "input_tokens", 400)
     assert "maximum context length is 512" in error["message"]
+    [row] = await rows()
+    assert row.error_code == "context_length_exceeded", "the row names it in the gateway's words"
 
 
 async def test_upstream_500_becomes_502_without_internals(seeded: Seeded) -> None:
@@ -253,18 +327,63 @@ async def test_stream_keeps_the_usage_chunk_when_asked(seeded: Seeded, model_ser
     assert (await rows())[0].completion_tokens == len(token_chunks)
 
 
-async def test_stream_always_asks_upstream_for_usage(seeded: Seeded, model_server: str) -> None:
+async def test_stream_always_asks_upstream_for_usage_on_every_chunk(seeded: Seeded, model_server: str) -> None:
     await read_events(await post(f"{BASE}/completions", {"model": "demo-model", "prompt": "x", "stream": True}, seeded))
     forwarded = fake_stats(model_server)["last_request"]
     assert isinstance(forwarded, dict)
-    assert forwarded["stream_options"] == {"include_usage": True}
+    assert forwarded["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
 
 
-async def test_stream_refused_upstream_gets_a_json_error(seeded: Seeded) -> None:
+def _chunks(events: list[bytes]) -> list[dict[str, Any]]:
+    """The chunks of a stream without what differs between two runs (id, created)."""
+    chunks = [orjson.loads(event.removeprefix(b"data: ")) for event in events if event != b"data: [DONE]"]
+    return [{key: value for key, value in chunk.items() if key not in ("id", "created")} for chunk in chunks]
+
+
+def _direct_events(model_server: str, path: str, body: dict[str, Any]) -> list[bytes]:
+    status, content = direct(model_server, path, body)
+    assert status == 200
+    return [event for event in content.split(b"\n\n") if event]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [None, {"include_usage": True}, {"continuous_usage_stats": True}, {"include_usage": False}],
+)
+@pytest.mark.parametrize("path", ["chat/completions", "completions"])
+async def test_a_stream_is_exactly_what_vllm_sends_for_the_options_the_client_gave(
+    seeded: Seeded, model_server: str, path: str, options: dict[str, bool] | None
+) -> None:
+    prompt = {"messages": CHAT["messages"]} if path == "chat/completions" else {"prompt": "Hello there"}
+    body = {"model": "demo-model", **prompt, "max_tokens": 5, "n": 2, "stream": True}
+    if options is not None:
+        body["stream_options"] = options
+    events = await read_events(await post(f"{BASE}/{path}", body, seeded))
+    expected = _direct_events(model_server, path, body)
+    assert _chunks(events) == _chunks(expected)
+    assert events[-1] == b"data: [DONE]"
+    fingerprinted = [chunk for chunk in _chunks(events) if "system_fingerprint" in chunk]
+    assert fingerprinted, "system_fingerprint is where vLLM puts it"
+    [row] = await rows()
+    assert (row.prompt_tokens, row.completion_tokens) == (2 if path == "completions" else 5, 10)
+
+
+async def test_stream_refused_upstream_gets_vllms_json_error(seeded: Seeded, model_server: str) -> None:
     long_chat = {**CHAT, "stream": True, "messages": [{"role": "user", "content": "word " * 600}]}
     response = await post(f"{BASE}/chat/completions", long_chat, seeded)
     assert response.status_code == 400
-    assert error_of(response)["code"] == "context_length_exceeded"
+    assert orjson.loads(response.content) == orjson.loads(direct(model_server, "chat/completions", long_chat)[1])
+
+
+async def test_stream_cut_upstream_records_the_tokens_sent_so_far(seeded: Seeded) -> None:
+    body = {**CHAT, "max_tokens": 20, "stream": True, "fake_vllm": {"fail_after_tokens": 3}}
+    events = await read_events(await post(f"{BASE}/chat/completions", body, seeded))
+    assert orjson.loads(events[-2].removeprefix(b"data: "))["error"]["code"] in {
+        "upstream_stream_truncated",
+        "upstream_connection_failed",
+    }
+    [row] = await rows()
+    assert (row.status_code, row.prompt_tokens, row.completion_tokens, row.total_tokens) == (502, 5, 3, 8)
 
 
 async def test_stream_broken_midway_ends_with_an_error_event_and_done(seeded: Seeded) -> None:

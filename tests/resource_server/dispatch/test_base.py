@@ -51,3 +51,14 @@ def test_upstream_503_asks_to_retry() -> None:
     error = upstream_error(503, b"", model_server="test")
     assert isinstance(error, ServiceUnavailable)
     assert error.headers["Retry-After"] == "5"
+
+
+def test_a_vllm_4xx_body_reaches_the_client_unchanged() -> None:
+    error = upstream_error(400, VLLM_CONTEXT_ERROR, model_server="test")
+    assert error.body() == VLLM_CONTEXT_ERROR
+    assert error.code == "context_length_exceeded", "the usage row's name for it"
+
+
+def test_a_4xx_body_not_in_the_envelope_is_put_in_it() -> None:
+    error = upstream_error(404, b'{"detail": "Not Found"}', model_server="test")
+    assert orjson.loads(error.body())["error"]["message"] == "Not Found"

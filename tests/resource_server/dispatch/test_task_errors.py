@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import orjson
 import pytest
 
 from resource_server.dispatch.compute import TASK_ERROR_CODES, UNKNOWN_TASK_ERROR, task_error
@@ -58,3 +59,9 @@ def test_an_unknown_task_code_is_a_setup_fault() -> None:
 def test_vllm_refusal_passes_on_its_status_and_message() -> None:
     error = task_error(422, "vllm_rejected", "top_k must be positive", server="test endpoint")
     assert (error.status, error.code, error.message) == (422, ErrorCode.INVALID_REQUEST, "top_k must be positive")
+
+
+def test_vllm_refusal_with_its_body_passes_the_body_on_unchanged() -> None:
+    body = {"error": {"message": "bad top_k", "type": "BadRequestError", "param": "top_k", "code": 400}}
+    error = task_error(400, "vllm_rejected", "bad top_k", server="test endpoint", body=body)
+    assert (error.status, error.code, orjson.loads(error.body())) == (400, ErrorCode.INVALID_REQUEST, body)

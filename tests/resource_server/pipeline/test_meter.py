@@ -11,11 +11,12 @@ from asgiref.sync import sync_to_async
 
 from resource_server.auth.base import AuthKind, Principal
 from resource_server.bootstrap import runtime
+from resource_server.errors import ErrorCode, UpstreamError
 from resource_server.models import RequestLog
 from resource_server.pipeline.admit import UNLIMITED, admit
 from resource_server.pipeline.meter import Meter
 from resource_server.pipeline.parse import request_parse
-from resource_server.pipeline.respond import answer_json, stream_relay
+from resource_server.pipeline.respond import StreamWishes, answer_json, stream_relay
 from resource_server.routes import ROUTES, Route
 from resource_server.services.usage import UsageRecord
 from tests.conftest import Seeded
@@ -24,6 +25,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 CHAT = ROUTES[Route.CHAT]
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+NOTHING = StreamWishes(include_usage=False, continuous_usage=False)
+FINAL_USAGE = StreamWishes(include_usage=True, continuous_usage=False)
+EVERY_CHUNK = StreamWishes(include_usage=True, continuous_usage=True)
 
 
 class Settled:
@@ -102,7 +106,7 @@ async def test_a_stream_hides_the_usage_chunk_not_asked_for_but_meters_it(seeded
     meter, settled = _meter(seeded, "meter-stream-01")
     usage = _event({"choices": [], "usage": USAGE})
     upstream = Upstream(_event({"choices": [{"delta": {"content": "hi"}}]}), usage, b"data: [DONE]\n\n")
-    events = [event async for event in stream_relay(upstream, CHAT, meter, client_wants_usage=False)]
+    events = [event async for event in stream_relay(upstream, CHAT, meter, client=NOTHING)]
     assert events == [_event({"choices": [{"delta": {"content": "hi"}}]}), b"data: [DONE]\n\n"]
     assert upstream.closed
     row = await _row("meter-stream-01")
@@ -114,7 +118,7 @@ async def test_a_stream_hides_the_usage_chunk_not_asked_for_but_meters_it(seeded
 async def test_a_stream_that_ends_early_gets_an_error_event_then_done(seeded: Seeded) -> None:
     meter, _ = _meter(seeded, "meter-trunc-001")
     upstream = Upstream(_event({"choices": [{"delta": {"content": "hi"}}]}))
-    events = [event async for event in stream_relay(upstream, CHAT, meter, client_wants_usage=True)]
+    events = [event async for event in stream_relay(upstream, CHAT, meter, client=FINAL_USAGE)]
     assert orjson.loads(events[1][6:])["error"]["code"] == "upstream_stream_truncated"
     assert events[-1] == b"data: [DONE]\n\n"
     assert (await _row("meter-trunc-001")).status_code == 502
@@ -123,7 +127,7 @@ async def test_a_stream_that_ends_early_gets_an_error_event_then_done(seeded: Se
 async def test_a_stream_the_client_leaves_is_a_499_and_closes_upstream(seeded: Seeded) -> None:
     meter, settled = _meter(seeded, "meter-gone-0001")
     upstream = Upstream(_event({"choices": [{"delta": {"content": "hi"}}]}), fail=asyncio.CancelledError())
-    relay = stream_relay(upstream, CHAT, meter, client_wants_usage=False)
+    relay = stream_relay(upstream, CHAT, meter, client=NOTHING)
     await relay.__anext__()
     with pytest.raises(asyncio.CancelledError):
         await relay.__anext__()
@@ -131,3 +135,68 @@ async def test_a_stream_the_client_leaves_is_a_499_and_closes_upstream(seeded: S
     row = await _row("meter-gone-0001")
     assert (row.status_code, row.error_code) == (499, "client_disconnected")
     assert len(settled.records) == 1
+
+
+def _chunk(index: int, text: str, tokens: int, *, finish: str | None = None) -> dict[str, object]:
+    """A chunk as vLLM streams it when asked for continuous_usage_stats (usage counts this choice's tokens)."""
+    usage = {"prompt_tokens": 3, "total_tokens": 3 + tokens, "completion_tokens": tokens}
+    return {"id": "c", "choices": [{"index": index, "text": text, "finish_reason": finish}], "usage": usage}
+
+
+def _without_usage(chunk: dict[str, object]) -> dict[str, object]:
+    return {key: value for key, value in chunk.items() if key != "usage"}
+
+
+STREAM = (_chunk(0, " a", 1), _chunk(0, " b", 2), _chunk(0, " c", 3, finish="length"))
+FINAL = {
+    "id": "c",
+    "choices": [],
+    "usage": {**USAGE, "completion_tokens": 3, "total_tokens": 6},
+    "system_fingerprint": "fp",
+}
+
+
+@pytest.mark.parametrize(
+    ("wishes", "expected"),
+    [
+        # Without include_usage vLLM stamps the fingerprint on the finishing chunk and sends no usage at all.
+        (NOTHING, [*map(_without_usage, STREAM[:2]), {**_without_usage(STREAM[2]), "system_fingerprint": "fp"}]),
+        (FINAL_USAGE, [*map(_without_usage, STREAM), FINAL]),
+        (EVERY_CHUNK, [*STREAM, FINAL]),
+    ],
+)
+async def test_a_stream_reaches_the_client_as_vllm_would_send_it_for_what_the_client_asked(
+    seeded: Seeded, wishes: StreamWishes, expected: list[dict[str, object]]
+) -> None:
+    meter, _ = _meter(seeded, f"meter-view-{wishes.include_usage:d}{wishes.continuous_usage:d}")
+    upstream = Upstream(*map(_event, STREAM), _event(FINAL), b"data: [DONE]\n\n")
+    events = [event async for event in stream_relay(upstream, CHAT, meter, client=wishes)]
+    assert events[-1] == b"data: [DONE]\n\n"
+    assert [orjson.loads(event[6:]) for event in events[:-1]] == expected
+    row = await _row(meter.record.request_id)
+    assert (row.prompt_tokens, row.completion_tokens, row.total_tokens) == (3, 3, 6)
+
+
+async def test_a_stream_the_client_leaves_is_metered_to_its_last_chunk(seeded: Seeded) -> None:
+    meter, _ = _meter(seeded, "meter-gone-0002")
+    upstream = Upstream(*map(_event, STREAM[:2]), fail=asyncio.CancelledError())
+    relay = stream_relay(upstream, CHAT, meter, client=NOTHING)
+    assert orjson.loads((await relay.__anext__())[6:]) == _without_usage(STREAM[0])
+    assert orjson.loads((await relay.__anext__())[6:]) == _without_usage(STREAM[1])
+    with pytest.raises(asyncio.CancelledError):
+        await relay.__anext__()
+    row = await _row("meter-gone-0002")
+    assert (row.status_code, row.prompt_tokens, row.completion_tokens, row.total_tokens) == (499, 3, 2, 5)
+
+
+async def test_a_stream_cut_upstream_is_metered_per_choice_and_sends_what_it_held(seeded: Seeded) -> None:
+    meter, _ = _meter(seeded, "meter-cut-00001")
+    # Two choices: the first finishes (held for the fingerprint), the second goes on, then the server dies.
+    chunks = (_chunk(0, " a", 1), _chunk(1, " x", 1), _chunk(0, " b", 2, finish="stop"), _chunk(1, " y", 2))
+    cut = UpstreamError("The connection to the model server broke off.", code=ErrorCode.UPSTREAM_CONNECTION_FAILED)
+    upstream = Upstream(*map(_event, chunks), fail=cut)
+    events = [event async for event in stream_relay(upstream, CHAT, meter, client=NOTHING)]
+    assert [orjson.loads(event[6:]) for event in events[:4]] == list(map(_without_usage, chunks))
+    assert orjson.loads(events[4][6:])["error"]["code"] == "upstream_connection_failed"
+    row = await _row("meter-cut-00001")
+    assert (row.status_code, row.prompt_tokens, row.completion_tokens, row.total_tokens) == (502, 3, 4, 7)
