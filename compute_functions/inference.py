@@ -18,7 +18,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
 
     request:
         mode      "inference" (default) or "health"
-        route     "chat/completions" | "completions" | "embeddings"
+        route     a key of `routes` below ("chat/completions", "responses", "messages", ...)
         body      the OpenAI request body, sent to vLLM as JSON
         request_id   optional, forwarded as X-Request-Id
         vllm      {host, port, tls=False, verify_tls=True, api_key_env=None, connect_timeout=5, read_timeout=600}
@@ -44,7 +44,16 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
     import urllib.parse
     import urllib.request
 
-    routes = ("chat/completions", "completions", "embeddings")
+    # The gateway's route -> its path on vLLM. The route becomes part of the URL, so only these are served.
+    routes = {
+        "chat/completions": "/v1/chat/completions",
+        "completions": "/v1/completions",
+        "embeddings": "/v1/embeddings",
+        "responses": "/v1/responses",
+        "messages": "/v1/messages",
+    }
+    # Streams that end with `data: [DONE]`; the others (Responses, Anthropic Messages) end with a named event.
+    done_terminated = ("chat/completions", "completions")
     started = time.monotonic()
     end_of_stream = object()  # the reader's marker for a cleanly closed upstream response
 
@@ -161,7 +170,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         return str(body)[:2000]
 
     def run_plain(vllm: dict[str, Any], route: str, body: object) -> dict[str, Any]:
-        status, raw = fetch(vllm, "POST", f"/v1/{route}", body)
+        status, raw = fetch(vllm, "POST", routes[route], body)
         return {"status": status, "body": decode(raw), "elapsed_ms": elapsed_ms()}
 
     def run_health(vllm: dict[str, Any]) -> dict[str, Any]:
@@ -322,10 +331,10 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         return usage if isinstance(usage, dict) else None
 
     def relay_events(
-        inbox: queue.SimpleQueue[Any], relay: Relay, window: float, summary: dict[str, Any]
+        inbox: queue.SimpleQueue[Any], relay: Relay, window: float, summary: dict[str, Any], route: str
     ) -> TaskError | None:
         """Forward batches until vLLM's stream ends; the failure to report, if any."""
-        saw_done = False
+        saw_done = route not in done_terminated  # the gateway checks those streams' final event itself
         while True:
             batch, ended_by = collect(inbox, window)
             if batch:
@@ -345,7 +354,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
     def stream_upstream(
         vllm: dict[str, Any], route: str, body: dict[str, Any], relay: Relay, window: float, summary: dict[str, Any]
     ) -> None:
-        conn, response = call(vllm, "POST", f"/v1/{route}", {**body, "stream": True})
+        conn, response = call(vllm, "POST", routes[route], {**body, "stream": True})
         if response.status >= 300:
             try:
                 message = error_message(response.read())
@@ -357,7 +366,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         reader = threading.Thread(target=pump, args=(response, vllm, inbox), daemon=True)
         reader.start()
         try:
-            failure = relay_events(inbox, relay, window, summary)
+            failure = relay_events(inbox, relay, window, summary, route)
         finally:
             # Shutting the socket down wakes the reader and tells vLLM to stop generating.
             if conn.sock is not None and reader.is_alive():

@@ -146,6 +146,9 @@ def _invalid(param: str | None, message: str, value: object = _UNSET) -> ApiErro
     return ApiError(HTTPStatus.BAD_REQUEST, f"{message} ({tail})", param=param)
 
 
+_SCHEMA_ERROR_TYPE = "Bad Request"
+
+
 def _schema_error(loc: str, kind: str, msg: str, value: object, **ctx: str) -> ApiError:
     """A body that fails vLLM's request schema: FastAPI's validation error, typed 'Bad Request'."""
     detail: JSON = {"type": kind, "loc": loc, "msg": msg, "input": _input_repr(value)}
@@ -155,7 +158,7 @@ def _schema_error(loc: str, kind: str, msg: str, value: object, **ctx: str) -> A
         HTTPStatus.BAD_REQUEST,
         f"1 validation error:\n  {detail!r}",
         param=loc,
-        error_type="Bad Request",
+        error_type=_SCHEMA_ERROR_TYPE,
     )
 
 
@@ -907,6 +910,8 @@ class FakeModelServer(asgi.App):
             "/v1/chat/completions": {"POST": self._chat_completions},
             "/v1/completions": {"POST": self._completions},
             "/v1/embeddings": {"POST": self._embeddings},
+            "/v1/responses": {"POST": self._responses},
+            "/v1/messages": {"POST": self._messages},
             _STATS_PATH: {"GET": self._stats},
         }
 
@@ -978,6 +983,49 @@ class FakeModelServer(asgi.App):
         await _sleep(request.pace.latency)
         await _send_json(send, HTTPStatus.OK, body)
 
+    async def _responses(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = await self._admit(scope, receive)
+        if request is None:
+            return
+        body = request.body
+        max_tokens = _field(body, "max_output_tokens", "integer")
+        if max_tokens is not None:
+            _check_max_tokens(max_tokens, self.config.max_model_len)
+        sampling = _single_sampling(max_tokens, stream=bool(_field(body, "stream", "boolean")))
+        generation = _generation(
+            chat=True,
+            model=self._model(body),
+            prompts=[_responses_prompt(body)],
+            sampling=sampling,
+            config=self.config,
+        )
+        await self._answer(generation, request, receive, send, (_response_body, _response_stream_plan))
+
+    async def _messages(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            request = await self._admit(scope, receive)
+            if request is None:
+                return
+            body = request.body
+            max_tokens = _field(body, "max_tokens", "integer")
+            if max_tokens is None:
+                raise _schema_error("body.max_tokens", "missing", "Field required", body)
+            _check_max_tokens(max_tokens, self.config.max_model_len)
+            sampling = _single_sampling(max_tokens, stream=bool(_field(body, "stream", "boolean")))
+            generation = _generation(
+                chat=True,
+                model=self._model(body),
+                prompts=[_messages_prompt(body)],
+                sampling=sampling,
+                config=self.config,
+            )
+        except ApiError as error:
+            if error.error_type == _SCHEMA_ERROR_TYPE:
+                raise  # FastAPI's validation answer, before vLLM's Anthropic handler runs
+            await _send_json(send, error.status, _anthropic_error(error))
+            return
+        await self._answer(generation, request, receive, send, (_message_body, _message_stream_plan))
+
     async def _admit(self, scope: Scope, receive: Receive) -> _Admitted | None:
         """Read an inference request and apply faults; None once it hung until the client left."""
         _check_json_content_type(scope)
@@ -1007,12 +1055,20 @@ class FakeModelServer(asgi.App):
         aliases = ", ".join(self.config.models)
         raise ApiError(HTTPStatus.NOT_FOUND, f"{message} Valid aliases: {aliases}.", param="model")
 
-    async def _answer(self, generation: _Generation, request: _Admitted, receive: Receive, send: Send) -> None:
+    async def _answer(
+        self,
+        generation: _Generation,
+        request: _Admitted,
+        receive: Receive,
+        send: Send,
+        shape: _AnswerShape | None = None,
+    ) -> None:
+        body, stream_plan = shape or (_completion_body, _stream_plan)
         if not generation.stream:
             await _sleep(request.pace.latency)
-            await _send_json(send, HTTPStatus.OK, _completion_body(generation))
+            await _send_json(send, HTTPStatus.OK, body(generation))
             return
-        plan = _stream_plan(generation)
+        plan = stream_plan(generation)
         start = {"type": "http.response.start", "status": HTTPStatus.OK, "headers": _SSE_HEADERS}
         await send(start)
         stats = self.stats
@@ -1069,6 +1125,212 @@ class FakeModelServer(asgi.App):
                 "usage": usage,
             }
         )
+
+
+# --- the Responses API and the Anthropic Messages API -------------------------------------------
+# vLLM serves both by converting them to a chat completion; the fake does the same with its generator.
+
+_AnswerShape = tuple[Callable[[_Generation], bytes], Callable[[_Generation], _StreamPlan]]
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+
+
+def _single_sampling(max_tokens: int | None, *, stream: bool) -> _Sampling:
+    """One choice, no usage chunk: these APIs have neither `n` nor `stream_options`."""
+    return _Sampling(max_tokens=max_tokens, min_tokens=0, ignore_eos=False, n=1, stream=stream, include_usage=False)
+
+
+def _conversation(messages: list[tuple[str, str]]) -> tuple[str, int]:
+    seed = "\n".join(f"{role}: {text}" for role, text in messages)
+    return seed, sum(CHAT_TOKENS_PER_MESSAGE + len(text.split()) for _, text in messages)
+
+
+def _parts_text(content: object, at: str) -> str:
+    """The text of a message's content: a string, or parts whose `text` counts (input_text, text...)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return " ".join(part["text"] for part in content if isinstance(part.get("text"), str))
+    raise _schema_error(f"{at}.content", "string_type", "Input should be a valid string", content)
+
+
+def _responses_prompt(body: JSON) -> tuple[str, int]:
+    messages: list[tuple[str, str]] = []
+    instructions = _field(body, "instructions", "string")
+    if instructions:
+        messages.append(("system", instructions))
+    items = _require(body, "input")
+    if isinstance(items, str):
+        messages.append(("user", items))
+    elif isinstance(items, list):
+        for position, item in enumerate(items):
+            at = f"body.input.{position}"
+            if not isinstance(item, dict):
+                raise _schema_error(at, "dict_type", "Input should be a valid dictionary", item)
+            role = _field(item, "role", "string", at=at) or "user"
+            messages.append((role, _parts_text(item.get("content", ""), at)))
+    else:
+        raise _schema_error("body.input", "string_type", "Input should be a valid string", items)
+    return _conversation(messages)
+
+
+def _messages_prompt(body: JSON) -> tuple[str, int]:
+    messages: list[tuple[str, str]] = []
+    system = body.get("system")
+    if system:
+        messages.append(("system", _parts_text(system, "body.system")))
+    items = _require(body, "messages")
+    if not isinstance(items, list):
+        raise _schema_error("body.messages", "list_type", "Input should be a valid list", items)
+    for position, item in enumerate(items):
+        at = f"body.messages.{position}"
+        if not isinstance(item, dict):
+            raise _schema_error(at, "dict_type", "Input should be a valid dictionary", item)
+        role = _field(item, "role", "string", at=at)
+        if role is None:
+            raise _schema_error(f"{at}.role", "missing", "Field required", item)
+        messages.append((role, _parts_text(item.get("content", ""), at)))
+    return _conversation(messages)
+
+
+def _anthropic_error(error: ApiError) -> bytes:
+    """vLLM's Anthropic routes translate its error envelope to Anthropic's."""
+    return orjson.dumps({"type": "error", "error": {"type": error.error_type, "message": error.message}})
+
+
+def _response_usage(generation: _Generation) -> JSON:
+    usage = generation.usage()
+    return {
+        "input_tokens": usage["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": usage["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage["total_tokens"],
+    }
+
+
+def _response_object(generation: _Generation, response_id: str, item_id: str, *, done: bool) -> JSON:
+    choice = generation.choices[0]
+    content: list[JSON] = [{"type": "output_text", "text": choice.text, "annotations": [], "logprobs": None}]
+    output = [{"id": item_id, "type": "message", "role": "assistant", "status": "completed", "content": content}]
+    incomplete = done and choice.finish_reason == "length"
+    return {
+        "id": response_id,
+        "created_at": int(time.time()),
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "instructions": None,
+        "metadata": None,
+        "model": generation.model,
+        "object": "response",
+        "output": output if done else [],
+        "parallel_tool_calls": True,
+        "temperature": 1.0,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "background": False,
+        "max_output_tokens": None,
+        "max_tool_calls": None,
+        "previous_response_id": None,
+        "prompt": None,
+        "reasoning": None,
+        "service_tier": "auto",
+        "status": ("incomplete" if incomplete else "completed") if done else "in_progress",
+        "text": None,
+        "top_logprobs": None,
+        "truncation": "disabled",
+        "usage": _response_usage(generation) if done else None,
+        "user": None,
+    }
+
+
+def _response_body(generation: _Generation) -> bytes:
+    return orjson.dumps(_response_object(generation, _new_id("resp_"), _new_id("msg_"), done=True))
+
+
+def _named_event(payload: JSON) -> bytes:
+    return b"event: " + str(payload["type"]).encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _response_stream_plan(generation: _Generation) -> _StreamPlan:
+    response_id, item_id = _new_id("resp_"), _new_id("msg_")
+    choice = generation.choices[0]
+    sequence = iter(range(1 << 30))
+
+    def event(kind: str, **fields: Any) -> bytes:
+        return _named_event({"type": kind, "sequence_number": next(sequence), **fields})
+
+    started = _response_object(generation, response_id, item_id, done=False)
+    finished = _response_object(generation, response_id, item_id, done=True)
+    item = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    part: JSON = {"type": "output_text", "text": "", "annotations": [], "logprobs": None}
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    head = [
+        event("response.created", response=started),
+        event("response.in_progress", response=started),
+        event("response.output_item.added", output_index=0, item=item),
+        event("response.content_part.added", **where, part=part),
+    ]
+    steps = [[event("response.output_text.delta", **where, delta=f" {token}", logprobs=[])] for token in choice.tokens]
+    tail = [
+        event("response.output_text.done", **where, text=choice.text, logprobs=[]),
+        event("response.content_part.done", **where, part={**part, "text": choice.text}),
+        event("response.output_item.done", output_index=0, item=finished["output"][0]),
+        # vLLM ends every stream with response.completed, whatever the response's status.
+        event("response.completed", response=finished),
+    ]
+    return _StreamPlan(head=head, steps=steps, tail=tail)
+
+
+def _message_body(generation: _Generation) -> bytes:
+    choice = generation.choices[0]
+    usage = generation.usage()
+    return orjson.dumps(
+        {
+            "id": _new_id("chatcmpl-"),
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "text", "text": choice.text}],
+            "model": generation.model,
+            "stop_reason": _STOP_REASONS.get(choice.finish_reason, "end_turn"),
+            "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]},
+        }
+    )
+
+
+def _message_stream_plan(generation: _Generation) -> _StreamPlan:
+    choice = generation.choices[0]
+    usage = generation.usage()
+    message: JSON = {
+        "id": _new_id("chatcmpl-"),
+        "type": "message",
+        "role": "assistant",
+        "content": [],
+        "model": generation.model,
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": 0},
+    }
+    head = [
+        _named_event({"type": "message_start", "message": message}),
+        _named_event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ]
+    steps = [
+        [_named_event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f" {t}"}})]
+        for t in choice.tokens
+    ]
+    final_usage = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
+    tail = [
+        _named_event({"type": "content_block_stop", "index": 0}),
+        _named_event(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": _STOP_REASONS.get(choice.finish_reason, "end_turn")},
+                "usage": final_usage,
+            }
+        ),
+        _named_event({"type": "message_stop"}),
+    ]
+    return _StreamPlan(head=head, steps=steps, tail=tail)
 
 
 async def _sleep(seconds: float) -> None:

@@ -21,6 +21,10 @@ from resource_server.schemas import (
     CompletionRequest,
     EmbeddingList,
     EmbeddingRequest,
+    Message,
+    MessageRequest,
+    Response,
+    ResponseRequest,
 )
 
 
@@ -30,6 +34,8 @@ class Route(StrEnum):
     CHAT = "chat/completions"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"
+    MESSAGES = "messages"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +52,29 @@ class BodyFields:
     max_tokens: tuple[str, ...] = ("max_tokens",)  # the first one present counts
 
 
+def _sse_data(event: bytes) -> dict[str, Any] | None:
+    """The JSON object of an SSE event's `data:` line (after an optional `event:` line); None otherwise."""
+    if event.startswith(b"data: "):
+        start = 6
+    else:
+        at = event.find(b"\ndata: ")
+        if at < 0:
+            return None
+        start = at + 7
+    try:
+        chunk = orjson.loads(event[start:].strip())
+    except orjson.JSONDecodeError:
+        return None
+    return chunk if isinstance(chunk, dict) else None
+
+
 class UsageReader:
     """Reads token counts where OpenAI-compatible servers put them: a top-level `usage` object, in the JSON
-    answer and, when streaming with `include_usage`, in a final chunk (usually with no choices)."""
+    answer and, when streaming with `include_usage`, in a final chunk (usually with no choices).
+
+    Every reader gives usage in OpenAI's names (prompt_tokens, completion_tokens, total_tokens), which are
+    the usage row's columns; routes that name tokens otherwise have their own reader below.
+    """
 
     __slots__ = ("_key", "_marker", "_nulls")
 
@@ -78,8 +104,109 @@ class UsageReader:
     def of_chunk(self, chunk: dict[str, Any]) -> object:
         return chunk[self._key]
 
+    def added_by_gateway(self, chunk: dict[str, Any]) -> bool:
+        """Whether this usage chunk is there only because the gateway asked for usage (`include_usage`)."""
+        return not chunk.get("choices")
+
 
 OPENAI_USAGE = UsageReader()
+
+
+def _input_output_usage(usage: object) -> dict[str, int] | None:
+    """Usage named as the Responses and Anthropic Messages APIs name it, in OpenAI's names."""
+    if not isinstance(usage, dict):
+        return None
+    tokens = {
+        "prompt_tokens": usage.get("input_tokens"),
+        "completion_tokens": usage.get("output_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+    }
+    counts = {name: value for name, value in tokens.items() if isinstance(value, int)}
+    if "total_tokens" not in counts and {"prompt_tokens", "completion_tokens"} <= counts.keys():
+        counts["total_tokens"] = counts["prompt_tokens"] + counts["completion_tokens"]
+    return counts
+
+
+class ResponsesUsage(UsageReader):
+    """`POST /v1/responses`: `usage.input_tokens / output_tokens` in the answer, and in the response that the
+    final stream event (`response.completed`, or `.incomplete` / `.failed`) carries."""
+
+    __slots__ = ()
+
+    def of_answer(self, reply: object) -> object:
+        return _input_output_usage(super().of_answer(reply))
+
+    def event_chunk(self, event: bytes) -> dict[str, Any] | None:
+        if b'"usage"' not in event or not event.startswith(RESPONSES_FINAL_EVENTS):
+            return None
+        chunk = _sse_data(event)
+        response = chunk.get("response") if chunk else None
+        return chunk if isinstance(response, dict) and isinstance(response.get("usage"), dict) else None
+
+    def of_chunk(self, chunk: dict[str, Any]) -> object:
+        return _input_output_usage(chunk["response"]["usage"])
+
+    def added_by_gateway(self, chunk: dict[str, Any]) -> bool:
+        return False  # the gateway never asks for it: the final event carries it anyway
+
+
+class MessagesUsage(UsageReader):
+    """`POST /v1/messages` (Anthropic): `usage.input_tokens / output_tokens` in the answer; in a stream,
+    `message_start` carries the input tokens and `message_delta` both counts."""
+
+    __slots__ = ()
+
+    def of_answer(self, reply: object) -> object:
+        return _input_output_usage(super().of_answer(reply))
+
+    def event_chunk(self, event: bytes) -> dict[str, Any] | None:
+        if b'"usage"' not in event or not event.startswith((b"event: message_start", b"event: message_delta")):
+            return None
+        return _sse_data(event)
+
+    def of_chunk(self, chunk: dict[str, Any]) -> object:
+        if chunk.get("type") == "message_start":
+            message = chunk.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            counts = _input_output_usage(usage)
+            # Only the input is known at the start (its output_tokens is a placeholder 0).
+            return {"prompt_tokens": counts["prompt_tokens"]} if counts and "prompt_tokens" in counts else None
+        return _input_output_usage(chunk.get("usage"))
+
+    def added_by_gateway(self, chunk: dict[str, Any]) -> bool:
+        return False
+
+
+RESPONSES_FINAL_EVENTS = (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFraming:
+    """How a route's event stream ends, and how the gateway writes its own error into one.
+
+    OpenAI's chat and completions streams end with `data: [DONE]`; the Responses and Anthropic Messages
+    streams end with a named event (`event: response.completed`, `event: message_stop`) and have no [DONE].
+    """
+
+    done_event: bytes | None = b"data: [DONE]\n\n"
+    final_events: tuple[bytes, ...] = ()  # the `event:` lines that end a complete stream without [DONE]
+
+    def is_done(self, event: bytes) -> bool:
+        """The [DONE] event (which the relay writes itself, so never passes on)."""
+        return self.done_event is not None and event.startswith(b"data: [DONE]")
+
+    def is_final(self, event: bytes) -> bool:
+        return bool(self.final_events) and event.startswith(self.final_events)
+
+    def error_event(self, body: bytes) -> bytes:
+        """The gateway's error (its JSON envelope) as the stream's last event."""
+        if self.done_event is not None:
+            return b"data: " + body + b"\n\n"
+        # Both SDKs raise on an `error` event whose data has an `error` object.
+        return b"event: error\ndata: " + orjson.dumps({"type": "error", **orjson.loads(body)}) + b"\n\n"
+
+
+OPENAI_FRAMING = StreamFraming()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +223,7 @@ class RouteDescriptor:
     description: str
     example: dict[str, Any]  # a body the demo deployment serves as it is (the docs page's "Try it out")
     stream_example: str | None = None  # what a streamed answer looks like; None: the route never streams
+    framing: StreamFraming = OPENAI_FRAMING
 
     def __post_init__(self) -> None:
         if self.streams != (self.stream_example is not None):
@@ -155,6 +283,53 @@ ROUTES: dict[Route, RouteDescriptor] = {
             summary="Create embeddings",
             description="Returns embedding vectors of the inputs, as OpenAI's `POST /v1/embeddings` does.",
             example={"model": "demo-model", "input": "The quick brown fox"},
+        ),
+        RouteDescriptor(
+            Route.RESPONSES,
+            request_schema=ResponseRequest,
+            response_schema=Response,
+            fields=BodyFields(stream_options=None, n=None, max_tokens=("max_output_tokens",)),
+            usage=ResponsesUsage(),
+            summary="Create a model response",
+            description="Generates a response with the named model, as OpenAI's Responses API "
+            "`POST /v1/responses` does (vLLM's implementation; stored responses are vLLM's business). Usage "
+            "is `input_tokens` / `output_tokens`, in the answer and in the final `response.completed` event.",
+            example={"model": "demo-model", "input": "Say hello in one word.", "max_output_tokens": 16},
+            stream_example='event: response.created\ndata: {"type": "response.created", "sequence_number": 0, '
+            '"response": {"id": "resp_1", "object": "response", "status": "in_progress"}}\n\n'
+            'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", '
+            '"sequence_number": 4, "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": " Hello"}'
+            "\n\nevent: response.completed\ndata: "
+            '{"type": "response.completed", "sequence_number": 8, "response": {"id": "resp_1", '
+            '"status": "completed", "usage": {"input_tokens": 9, "output_tokens": 1, "total_tokens": 10}}}\n\n',
+            framing=StreamFraming(done_event=None, final_events=RESPONSES_FINAL_EVENTS),
+        ),
+        RouteDescriptor(
+            Route.MESSAGES,
+            request_schema=MessageRequest,
+            response_schema=Message,
+            fields=BodyFields(stream_options=None, n=None),
+            usage=MessagesUsage(),
+            summary="Create a message (Anthropic Messages API)",
+            description="Generates the next message of a conversation, as Anthropic's `POST /v1/messages` "
+            "does (vLLM's implementation). The stock `anthropic` client works with "
+            '`Anthropic(base_url=".../resource_server", auth_token=<key>)` or `api_key=<key>` (sent as '
+            "`x-api-key`). Usage is `input_tokens` / `output_tokens`, in the answer and in the stream's "
+            "`message_start` and `message_delta` events.",
+            example={
+                "model": "demo-model",
+                "max_tokens": 16,
+                "messages": [{"role": "user", "content": "Say hello in one word."}],
+            },
+            stream_example='event: message_start\ndata: {"type": "message_start", "message": {"id": "msg_1", '
+            '"type": "message", "role": "assistant", "content": [], "model": "demo-model", '
+            '"usage": {"input_tokens": 9, "output_tokens": 0}}}\n\n'
+            'event: content_block_delta\ndata: {"type": "content_block_delta", "index": 0, '
+            '"delta": {"type": "text_delta", "text": " Hello"}}\n\n'
+            'event: message_delta\ndata: {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, '
+            '"usage": {"input_tokens": 9, "output_tokens": 1}}\n\n'
+            'event: message_stop\ndata: {"type": "message_stop"}\n\n',
+            framing=StreamFraming(done_event=None, final_events=(b"event: message_stop",)),
         ),
     )
 }

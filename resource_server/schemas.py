@@ -133,6 +133,35 @@ class EmbeddingRequest(BaseModel):
     user: str | None = Field(default=None, description=_USER)
 
 
+# The routes added in issue 11 read only `model` (and `stream` where they stream): the model server checks
+# every other field, so their schemas name the main fields for the documentation and validate nothing else.
+_PASS_THROUGH_CONFIG = ConfigDict(extra="allow")
+
+
+class ResponseRequest(BaseModel):
+    """An OpenAI Responses API request, as vLLM serves `POST /v1/responses`."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    input: Any = Field(default=None, description="A text, or a list of input items (messages).")
+    stream: Any = Field(
+        default=None, description="Send the answer as named server-sent events, ending with `response.completed`."
+    )
+    max_output_tokens: Any = Field(default=None, description=_MAX_TOKENS)
+
+
+class MessageRequest(BaseModel):
+    """An Anthropic Messages API request, as vLLM serves `POST /v1/messages`."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    messages: Any = Field(default=None, description="The conversation: `role` and `content` per message.")
+    max_tokens: Any = Field(default=None, description=_MAX_TOKENS + " Required by the Messages API.")
+    stream: Any = Field(
+        default=None, description="Send the answer as named server-sent events, ending with `message_stop`."
+    )
+
+
 # Documentation only: what the model server answers, relayed unchanged.
 
 
@@ -206,6 +235,39 @@ class EmbeddingList(BaseModel):
     usage: Usage | None = None
 
 
+class InputOutputUsage(BaseModel):
+    """Token counts as the Responses and Anthropic Messages APIs name them."""
+
+    model_config = _ANSWER_CONFIG
+    input_tokens: int
+    output_tokens: int
+
+
+class Response(BaseModel):
+    """A Responses API answer (`stream` false or absent)."""
+
+    model_config = _ANSWER_CONFIG
+    id: str
+    object: str = Field(examples=["response"])
+    model: str
+    status: str = Field(examples=["completed"])
+    output: list[dict[str, Any]]
+    usage: InputOutputUsage | None = None
+
+
+class Message(BaseModel):
+    """An Anthropic Messages API answer (`stream` false or absent)."""
+
+    model_config = _ANSWER_CONFIG
+    id: str
+    type: str = Field(examples=["message"])
+    role: str = Field(examples=["assistant"])
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str | None = None
+    usage: InputOutputUsage
+
+
 class Model(BaseModel):
     model_config = _ANSWER_CONFIG
     id: str = Field(description="The name to send as `model`.", examples=["demo-model"])
@@ -243,9 +305,13 @@ _DOCUMENTED: tuple[type[BaseModel], ...] = (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ResponseRequest,
+    MessageRequest,
     ChatCompletion,
     Completion,
     EmbeddingList,
+    Response,
+    Message,
     ModelList,
     ErrorEnvelope,
     Health,

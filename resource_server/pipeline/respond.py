@@ -21,8 +21,6 @@ from resource_server.routes import RouteDescriptor
 
 logger = logging.getLogger(__name__)
 
-DONE_EVENT = b"data: [DONE]\n\n"
-
 
 @dataclass(frozen=True, slots=True)
 class JsonResult:
@@ -51,43 +49,45 @@ def _json_or_none(content: bytes) -> Any:
         return None
 
 
-def _error_event(error: GatewayError) -> bytes:
-    return b"data: " + error.body() + b"\n\n"
-
-
 async def stream_relay(
     stream: UpstreamStream, descriptor: RouteDescriptor, meter: Meter, *, client_wants_usage: bool
 ) -> AsyncGenerator[bytes, None]:
-    """Relay upstream events one by one as they arrive; always end with `[DONE]`.
+    """Relay upstream events one by one as they arrive; end as the route's streams end (`[DONE]`, or the
+    final named event of the Responses and Messages streams).
 
     The usage chunk the gateway asked for is passed on only if the client asked for it too. A stream that
     fails after it began ends with an error event; a client that goes away makes it a 499.
     """
     status, error_code = 200, ""
-    saw_done = False
+    complete = False
     usage = descriptor.usage
+    framing = descriptor.framing
     record = meter.record
     try:
         async for event in stream:
             if record.time_to_first_token_ms is None:
                 meter.first_event()
-            if event.startswith(DONE_EVENT[:12]):
-                saw_done = True
+            if framing.is_done(event):
+                complete = True
                 break
             usage_chunk = usage.event_chunk(event)
             if usage_chunk is not None:
                 record.set_usage(usage.of_chunk(usage_chunk))
-                if not client_wants_usage and not usage_chunk.get("choices"):
+                if not client_wants_usage and usage.added_by_gateway(usage_chunk):
                     continue
+            # A stream without [DONE] is complete at its final event; the upstream then ends it.
+            complete = complete or framing.is_final(event)
             yield event
-        if not saw_done:
+        if not complete:
             raise GatewayError("The model server ended the stream early.", code=ErrorCode.UPSTREAM_STREAM_TRUNCATED)
-        yield DONE_EVENT
+        if framing.done_event is not None:
+            yield framing.done_event
     except GatewayError as error:
         status, error_code = error.status, error.code
         logger.warning("stream %s failed: %s", record.request_id, error.code)
-        yield _error_event(error)
-        yield DONE_EVENT
+        yield framing.error_event(error.body())
+        if framing.done_event is not None:
+            yield framing.done_event
     except (asyncio.CancelledError, GeneratorExit):
         # The client went away: closing the upstream stream (finally) stops generation on the server.
         status, error_code = 499, "client_disconnected"
@@ -95,8 +95,9 @@ async def stream_relay(
     except Exception:
         status, error_code = 500, ErrorCode.INTERNAL_ERROR
         logger.exception("stream %s failed", record.request_id)
-        yield _error_event(GatewayError("The gateway failed while relaying the stream."))
-        yield DONE_EVENT
+        yield framing.error_event(GatewayError("The gateway failed while relaying the stream.").body())
+        if framing.done_event is not None:
+            yield framing.done_event
     finally:
         try:
             await stream.aclose()
