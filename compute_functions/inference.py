@@ -51,6 +51,13 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         "embeddings": "/v1/embeddings",
         "responses": "/v1/responses",
         "messages": "/v1/messages",
+        "messages/count_tokens": "/v1/messages/count_tokens",
+        "tokenize": "/tokenize",
+        "detokenize": "/detokenize",
+        "score": "/v1/score",
+        "rerank": "/v1/rerank",
+        "pooling": "/pooling",
+        "classify": "/classify",
     }
     # Streams that end with `data: [DONE]`; the others (Responses, Anthropic Messages) end with a named event.
     done_terminated = ("chat/completions", "completions")

@@ -912,6 +912,13 @@ class FakeModelServer(asgi.App):
             "/v1/embeddings": {"POST": self._embeddings},
             "/v1/responses": {"POST": self._responses},
             "/v1/messages": {"POST": self._messages},
+            "/v1/messages/count_tokens": {"POST": self._count_tokens},
+            "/tokenize": {"POST": self._tokenize},
+            "/detokenize": {"POST": self._detokenize},
+            "/v1/score": {"POST": self._score},
+            "/v1/rerank": {"POST": self._rerank},
+            "/pooling": {"POST": self._pooling},
+            "/classify": {"POST": self._classify},
             _STATS_PATH: {"GET": self._stats},
         }
 
@@ -1025,6 +1032,134 @@ class FakeModelServer(asgi.App):
             await _send_json(send, error.status, _anthropic_error(error))
             return
         await self._answer(generation, request, receive, send, (_message_body, _message_stream_plan))
+
+    async def _count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = await self._admit(scope, receive)
+        if request is None:
+            return
+        try:
+            self._model(request.body)
+            _, tokens = _messages_prompt(request.body)
+        except ApiError as error:
+            if error.error_type == _SCHEMA_ERROR_TYPE:
+                raise
+            await _send_json(send, error.status, _anthropic_error(error))
+            return
+        await _send_json(send, HTTPStatus.OK, orjson.dumps({"input_tokens": tokens}))
+
+    async def _tokenize(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pooling_answer(scope, receive, send, self._tokens_body)
+
+    async def _detokenize(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pooling_answer(scope, receive, send, self._detokenized_body)
+
+    async def _score(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pooling_answer(scope, receive, send, self._score_body)
+
+    async def _rerank(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pooling_answer(scope, receive, send, self._rerank_body)
+
+    async def _pooling(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pooling_answer(scope, receive, send, self._pooled_body)
+
+    async def _classify(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pooling_answer(scope, receive, send, self._classified_body)
+
+    async def _pooling_answer(self, scope: Scope, receive: Receive, send: Send, answer: Callable[[JSON], JSON]) -> None:
+        """A non-generating route: read and check the request, answer its JSON after the pace's latency."""
+        request = await self._admit(scope, receive)
+        if request is None:
+            return
+        body = answer(request.body)
+        await _sleep(request.pace.latency)
+        await _send_json(send, HTTPStatus.OK, orjson.dumps(body))
+
+    def _tokens_body(self, body: JSON) -> JSON:
+        self._model(body, generating=False)
+        if body.get("messages") is not None:
+            seed, _ = _chat_prompt(body)
+            words = seed.split()
+        else:
+            prompt = _require(body, "prompt")
+            if not isinstance(prompt, str):
+                raise _schema_error("body.prompt", "string_type", "Input should be a valid string", prompt)
+            words = prompt.split()
+        ids = [_token_id(word) for word in words]
+        return {"count": len(ids), "max_model_len": self.config.max_model_len, "tokens": ids, "token_strs": None}
+
+    def _detokenized_body(self, body: JSON) -> JSON:
+        self._model(body, generating=False)
+        ids = _require(body, "tokens")
+        if not isinstance(ids, list) or not all(_is_int(item) for item in ids):
+            raise _schema_error("body.tokens", "list_type", "Input should be a valid list", ids)
+        return {"prompt": " ".join(_VOCAB[item % len(_VOCAB)] for item in ids)}
+
+    def _score_body(self, body: JSON) -> JSON:
+        model = self._model(body, generating=False)
+        firsts = _prompt_items(_require(body, "text_1"), "text_1")
+        seconds = _prompt_items(_require(body, "text_2"), "text_2")
+        if len(firsts) == 1:
+            firsts = firsts * len(seconds)
+        if len(firsts) != len(seconds):
+            raise _invalid(None, "At least one of text_1 or text_2 must be a string, or both lists of one length.")
+        pairs = list(zip(firsts, seconds, strict=True))
+        data = [
+            {"index": index, "object": "score", "score": _unit_score(a[0] + "\n" + b[0])}
+            for index, (a, b) in enumerate(pairs)
+        ]
+        return self._pooled_list("score-", model, data, sum(a[1] + b[1] for a, b in pairs))
+
+    def _rerank_body(self, body: JSON) -> JSON:
+        model = self._model(body, generating=False)
+        query, query_tokens = _prompt_items(_require(body, "query"), "query")[0]
+        documents = _prompt_items(_require(body, "documents"), "documents")
+        top_n = _field(body, "top_n", "integer") or len(documents)
+        scored = sorted(
+            ((_unit_score(query + "\n" + text), index, text) for index, (text, _) in enumerate(documents)),
+            reverse=True,
+        )
+        results = [
+            {"index": index, "document": {"text": text}, "relevance_score": score}
+            for score, index, text in scored[:top_n]
+        ]
+        tokens = sum(query_tokens + document_tokens for _, document_tokens in documents)
+        return {
+            "id": _new_id("rerank-"),
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "results": results,
+        }
+
+    def _pooled_body(self, body: JSON) -> JSON:
+        model = self._model(body, generating=False)
+        items = _prompt_items(_require(body, "input"), "input")
+        dim = self.config.embedding_dim
+        data = [
+            {"index": index, "object": "pooling", "data": _encode_embedding(_embedding_vector(seed, dim), "float")}
+            for index, (seed, _) in enumerate(items)
+        ]
+        return self._pooled_list("pool-", model, data, sum(tokens for _, tokens in items))
+
+    def _classified_body(self, body: JSON) -> JSON:
+        model = self._model(body, generating=False)
+        items = _prompt_items(_require(body, "input"), "input")
+        data = []
+        for index, (seed, _) in enumerate(items):
+            positive = _unit_score(seed)
+            label = "LABEL_1" if positive >= 0.5 else "LABEL_0"
+            data.append({"index": index, "label": label, "probs": [1 - positive, positive], "num_classes": 2})
+        return self._pooled_list("classify-", model, data, sum(tokens for _, tokens in items))
+
+    def _pooled_list(self, prefix: str, model: str, data: list[JSON], prompt_tokens: int) -> JSON:
+        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0}
+        return {
+            "id": _new_id(prefix),
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": {**usage, "prompt_tokens_details": None},
+        }
 
     async def _admit(self, scope: Scope, receive: Receive) -> _Admitted | None:
         """Read an inference request and apply faults; None once it hung until the client left."""
@@ -1331,6 +1466,19 @@ def _message_stream_plan(generation: _Generation) -> _StreamPlan:
         _named_event({"type": "message_stop"}),
     ]
     return _StreamPlan(head=head, steps=steps, tail=tail)
+
+
+def _token_id(word: str) -> int:
+    """A word's token id: its place in the vocabulary (so /detokenize inverts it), else a hash past it."""
+    try:
+        return _VOCAB.index(word)
+    except ValueError:
+        return len(_VOCAB) + int.from_bytes(hashlib.blake2b(word.encode(), digest_size=2).digest(), "little")
+
+
+def _unit_score(seed: str) -> float:
+    """A deterministic score in [0, 1) for a text."""
+    return int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "little") / 2**32
 
 
 async def _sleep(seconds: float) -> None:

@@ -17,25 +17,45 @@ from pydantic import BaseModel
 from resource_server.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
+    ClassifyRequest,
     Completion,
     CompletionRequest,
+    CountTokensRequest,
+    Detokenized,
+    DetokenizeRequest,
     EmbeddingList,
     EmbeddingRequest,
     Message,
     MessageRequest,
+    PoolingAnswer,
+    PoolingRequest,
+    RerankAnswer,
+    RerankRequest,
     Response,
     ResponseRequest,
+    ScoreRequest,
+    TokenCount,
+    TokenizeRequest,
+    Tokens,
 )
 
 
 class Route(StrEnum):
-    """OpenAI routes the gateway serves, as paths relative to a server's `/v1/`."""
+    """Routes the gateway serves, as paths relative to its `/v1/` (and to the model server's `/v1/`, or to its
+    root for the routes vLLM serves there: `at_server_root`)."""
 
     CHAT = "chat/completions"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
     RESPONSES = "responses"
     MESSAGES = "messages"
+    COUNT_TOKENS = "messages/count_tokens"
+    TOKENIZE = "tokenize"
+    DETOKENIZE = "detokenize"
+    SCORE = "score"
+    RERANK = "rerank"
+    POOLING = "pooling"
+    CLASSIFY = "classify"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +132,21 @@ class UsageReader:
 OPENAI_USAGE = UsageReader()
 
 
+class _NoUsage(UsageReader):
+    """Routes that run no inference (tokenize, count tokens): they use no tokens, whatever counts they return."""
+
+    __slots__ = ()
+
+    def of_answer(self, reply: object) -> object:
+        return None
+
+    def event_chunk(self, event: bytes) -> dict[str, Any] | None:
+        return None
+
+
+NO_USAGE = _NoUsage()
+
+
 def _input_output_usage(usage: object) -> dict[str, int] | None:
     """Usage named as the Responses and Anthropic Messages APIs name it, in OpenAI's names."""
     if not isinstance(usage, dict):
@@ -180,6 +215,9 @@ class MessagesUsage(UsageReader):
 RESPONSES_FINAL_EVENTS = (b"event: response.completed", b"event: response.incomplete", b"event: response.failed")
 
 
+NOT_STREAMED = BodyFields(stream=None, stream_options=None, n=None, max_tokens=())
+
+
 @dataclass(frozen=True, slots=True)
 class StreamFraming:
     """How a route's event stream ends, and how the gateway writes its own error into one.
@@ -224,6 +262,7 @@ class RouteDescriptor:
     example: dict[str, Any]  # a body the demo deployment serves as it is (the docs page's "Try it out")
     stream_example: str | None = None  # what a streamed answer looks like; None: the route never streams
     framing: StreamFraming = OPENAI_FRAMING
+    at_server_root: bool = False  # vLLM serves it at `/<path>`, not `/v1/<path>` (the gateway keeps `/v1/`)
 
     def __post_init__(self) -> None:
         if self.streams != (self.stream_example is not None):
@@ -278,7 +317,7 @@ ROUTES: dict[Route, RouteDescriptor] = {
             Route.EMBEDDINGS,
             request_schema=EmbeddingRequest,
             response_schema=EmbeddingList,
-            fields=BodyFields(stream=None, stream_options=None, n=None, max_tokens=()),
+            fields=NOT_STREAMED,
             usage=OPENAI_USAGE,
             summary="Create embeddings",
             description="Returns embedding vectors of the inputs, as OpenAI's `POST /v1/embeddings` does.",
@@ -330,6 +369,87 @@ ROUTES: dict[Route, RouteDescriptor] = {
             '"usage": {"input_tokens": 9, "output_tokens": 1}}\n\n'
             'event: message_stop\ndata: {"type": "message_stop"}\n\n',
             framing=StreamFraming(done_event=None, final_events=(b"event: message_stop",)),
+        ),
+        RouteDescriptor(
+            Route.COUNT_TOKENS,
+            request_schema=CountTokensRequest,
+            response_schema=TokenCount,
+            fields=NOT_STREAMED,
+            usage=NO_USAGE,
+            summary="Count a message's input tokens (Anthropic Messages API)",
+            description="The input tokens a `POST /v1/messages` request would use, as Anthropic's "
+            "`POST /v1/messages/count_tokens` does. Nothing is generated, so no tokens are recorded as used.",
+            example={"model": "demo-model", "messages": [{"role": "user", "content": "Say hello in one word."}]},
+        ),
+        RouteDescriptor(
+            Route.TOKENIZE,
+            request_schema=TokenizeRequest,
+            response_schema=Tokens,
+            fields=NOT_STREAMED,
+            usage=NO_USAGE,
+            summary="Tokenize a prompt",
+            description="The token ids of a `prompt` (or of chat `messages`), as vLLM's `POST /tokenize` "
+            "(served by vLLM without `/v1`). No tokens are recorded as used.",
+            example={"model": "demo-model", "prompt": "The quick brown fox"},
+            at_server_root=True,
+        ),
+        RouteDescriptor(
+            Route.DETOKENIZE,
+            request_schema=DetokenizeRequest,
+            response_schema=Detokenized,
+            fields=NOT_STREAMED,
+            usage=NO_USAGE,
+            summary="Detokenize token ids",
+            description="The text of `tokens`, as vLLM's `POST /detokenize` (served by vLLM without `/v1`). "
+            "No tokens are recorded as used.",
+            example={"model": "demo-model", "tokens": [1, 2, 3]},
+            at_server_root=True,
+        ),
+        RouteDescriptor(
+            Route.SCORE,
+            request_schema=ScoreRequest,
+            response_schema=PoolingAnswer,
+            fields=NOT_STREAMED,
+            usage=OPENAI_USAGE,
+            summary="Score text pairs",
+            description="Similarity scores of `text_1` against `text_2`, as vLLM's `POST /v1/score` (a "
+            "cross-encoder or embedding model). Usage: `usage.prompt_tokens`.",
+            example={"model": "demo-model", "text_1": "What is a fox?", "text_2": ["A fox is an animal.", "Paris."]},
+        ),
+        RouteDescriptor(
+            Route.RERANK,
+            request_schema=RerankRequest,
+            response_schema=RerankAnswer,
+            fields=NOT_STREAMED,
+            usage=OPENAI_USAGE,
+            summary="Rerank documents",
+            description="The `documents` ordered by relevance to `query`, as vLLM's `POST /v1/rerank` (Jina and "
+            "Cohere style). Usage: `usage.prompt_tokens` where vLLM reports it, else `usage.total_tokens`.",
+            example={"model": "demo-model", "query": "What is a fox?", "documents": ["A fox is an animal.", "Paris."]},
+        ),
+        RouteDescriptor(
+            Route.POOLING,
+            request_schema=PoolingRequest,
+            response_schema=PoolingAnswer,
+            fields=NOT_STREAMED,
+            usage=OPENAI_USAGE,
+            summary="Pool hidden states",
+            description="The pooled hidden states of each input, as vLLM's `POST /pooling` (served by vLLM "
+            "without `/v1`). Usage: `usage.prompt_tokens`.",
+            example={"model": "demo-model", "input": "The quick brown fox"},
+            at_server_root=True,
+        ),
+        RouteDescriptor(
+            Route.CLASSIFY,
+            request_schema=ClassifyRequest,
+            response_schema=PoolingAnswer,
+            fields=NOT_STREAMED,
+            usage=OPENAI_USAGE,
+            summary="Classify texts",
+            description="Class probabilities of each input, as vLLM's `POST /classify` (served by vLLM without "
+            "`/v1`). Usage: `usage.prompt_tokens`.",
+            example={"model": "demo-model", "input": ["I love it", "I hate it"]},
+            at_server_root=True,
         ),
     )
 }

@@ -162,6 +162,65 @@ class MessageRequest(BaseModel):
     )
 
 
+class CountTokensRequest(BaseModel):
+    """Anthropic's `POST /v1/messages/count_tokens`: the input tokens a Messages request would use."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    messages: Any = Field(default=None, description="The conversation, as for `POST /v1/messages`.")
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `POST /tokenize`: a `prompt`, or chat `messages`, to token ids."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    prompt: Any = Field(default=None, description="The text to tokenize (or send `messages`).")
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's `POST /detokenize`: token ids back to text."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    tokens: Any = Field(default=None, description="The token ids.")
+
+
+class ScoreRequest(BaseModel):
+    """vLLM's `POST /v1/score`: similarity of text pairs with a cross-encoder or embedding model."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    text_1: Any = Field(default=None, description="A text, or texts, to score against `text_2`.")
+    text_2: Any = Field(default=None, description="A text, or texts.")
+
+
+class RerankRequest(BaseModel):
+    """vLLM's `POST /v1/rerank` (Jina and Cohere style): documents ordered by relevance to a query."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    query: Any = Field(default=None, description="The query.")
+    documents: Any = Field(default=None, description="The documents to rank.")
+    top_n: Any = Field(default=None, description="Return only the best this many.")
+
+
+class PoolingRequest(BaseModel):
+    """vLLM's `POST /pooling`: the pooled hidden states of the inputs."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    input: Any = Field(default=None, description="A text, several texts, or token ids.")
+
+
+class ClassifyRequest(BaseModel):
+    """vLLM's `POST /classify`: class probabilities of each input, with a classification model."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    input: Any = Field(default=None, description="A text or several texts.")
+
+
 # Documentation only: what the model server answers, relayed unchanged.
 
 
@@ -268,6 +327,50 @@ class Message(BaseModel):
     usage: InputOutputUsage
 
 
+class TokenCount(BaseModel):
+    """The input tokens a Messages request would use."""
+
+    model_config = _ANSWER_CONFIG
+    input_tokens: int
+
+
+class Tokens(BaseModel):
+    """Token ids of the input."""
+
+    model_config = _ANSWER_CONFIG
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class Detokenized(BaseModel):
+    """The text of the token ids."""
+
+    model_config = _ANSWER_CONFIG
+    prompt: str
+
+
+class PoolingAnswer(BaseModel):
+    """The answer of `/v1/score`, `/pooling` and `/classify`: one `data` item per input (or pair), in order."""
+
+    model_config = _ANSWER_CONFIG
+    id: str
+    object: str = Field(examples=["list"])
+    model: str
+    data: list[dict[str, Any]]
+    usage: Usage | None = None
+
+
+class RerankAnswer(BaseModel):
+    """Documents by relevance, best first."""
+
+    model_config = _ANSWER_CONFIG
+    id: str
+    model: str
+    results: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+
+
 class Model(BaseModel):
     model_config = _ANSWER_CONFIG
     id: str = Field(description="The name to send as `model`.", examples=["demo-model"])
@@ -307,11 +410,23 @@ _DOCUMENTED: tuple[type[BaseModel], ...] = (
     EmbeddingRequest,
     ResponseRequest,
     MessageRequest,
+    CountTokensRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
+    ScoreRequest,
+    RerankRequest,
+    PoolingRequest,
+    ClassifyRequest,
     ChatCompletion,
     Completion,
     EmbeddingList,
     Response,
     Message,
+    TokenCount,
+    Tokens,
+    Detokenized,
+    PoolingAnswer,
+    RerankAnswer,
     ModelList,
     ErrorEnvelope,
     Health,

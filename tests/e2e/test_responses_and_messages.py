@@ -10,12 +10,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anthropic
+import httpx
 import openai
 import pytest
 
 from resource_server.models import Cluster, Endpoint, RequestLog
 from tests.conftest import seed
 from tests.e2e.conftest import e2e_gateway, usage_row
+from tests.servers import fake_stats
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -171,3 +173,53 @@ def test_the_model_servers_refusal_reaches_the_anthropic_client_as_that_status(g
             model="demo-model", max_tokens=100_000, messages=[{"role": "user", "content": "Hi"}]
         )
     assert "max_tokens" in str(refused.value)
+
+
+# vLLM's non-generating routes: the gateway path, a body, and the model server's own path.
+JSON_ROUTES = [
+    ("messages/count_tokens", {"messages": HELLO}, "/v1/messages/count_tokens"),
+    ("tokenize", {"prompt": "the quick brown fox"}, "/tokenize"),
+    ("detokenize", {"tokens": [0, 14, 15]}, "/detokenize"),
+    ("score", {"text_1": "what is a fox", "text_2": ["a fox is an animal", "Paris"]}, "/v1/score"),
+    ("rerank", {"query": "what is a fox", "documents": ["a fox is an animal", "Paris"]}, "/v1/rerank"),
+    ("pooling", {"input": ["alpha beta", "gamma"]}, "/pooling"),
+    ("classify", {"input": ["I love it", "I hate it"]}, "/classify"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "server_path"), JSON_ROUTES)
+def test_vllms_json_routes_reach_the_model_server_at_its_own_path_and_record_usage_where_vllm_reports_it(
+    gateway: Gateway, model_server: str, route: str, body: dict[str, Any], server_path: str
+) -> None:
+    before = fake_stats(model_server)["requests"]
+    answer = httpx.post(
+        f"{gateway.base}/v1/{route}",
+        json={"model": "demo-model", **body},
+        headers={"Authorization": f"Bearer {gateway.key}"},
+        timeout=30,
+    )
+
+    assert answer.status_code == 200, answer.text
+    reply = answer.json()
+    after = fake_stats(model_server)["requests"]
+    assert after[server_path] == before.get(server_path, 0) + 1  # type: ignore[index, union-attr]
+    row = row_of(answer.headers["x-request-id"], gateway.cluster)
+    assert (row.status_code, row.streamed, row.route) == (200, False, route)
+    usage = reply.get("usage")
+    if usage is None:  # tokenize, detokenize, count_tokens: nothing ran on the model, nothing is used
+        assert (row.prompt_tokens, row.completion_tokens) == (None, None)
+    else:
+        assert row.prompt_tokens == usage["prompt_tokens"] > 0
+        assert row.total_tokens == usage["total_tokens"]
+    if route == "detokenize":
+        assert reply == {"prompt": "the brown fox"}
+
+
+def test_the_anthropic_client_counts_tokens(gateway: Gateway) -> None:
+    counted = gateway.anthropic().messages.count_tokens(
+        model="demo-model", messages=[{"role": "user", "content": "Hello there"}]
+    )
+    message = gateway.anthropic().messages.create(
+        model="demo-model", max_tokens=5, messages=[{"role": "user", "content": "Hello there"}]
+    )
+    assert counted.input_tokens == message.usage.input_tokens > 0
