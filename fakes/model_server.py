@@ -46,6 +46,12 @@ StreamOutcome = Literal["completed", "aborted", "disconnected"]
 
 VLLM_VERSION = "0.32.0"  # the release whose answers this fake copies
 SYSTEM_FINGERPRINT = f"vllm-{VLLM_VERSION}-fake"
+RUNNERS = ("all", "generate", "pooling")
+# The inference routes only one kind of model has on vLLM; tokenize and detokenize are served for both.
+_GENERATE_ONLY = frozenset(
+    ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
+)
+_POOLING_ONLY = frozenset(("/v1/embeddings", "/pooling", "/classify", "/v1/score", "/v1/rerank"))
 ERROR_STATUSES = frozenset(s.value for s in HTTPStatus if 400 <= s.value < 600)
 
 
@@ -68,6 +74,9 @@ class FakeServerConfig:
     error_status: int = 500
     error_message: str = "Injected failure from the fake vLLM server."
     api_key: str | None = None
+    # Which routes it serves, as vLLM does for the kind of model it runs: "generate" (chat, completions,
+    # responses, messages...), "pooling" (embeddings, pooling, classify, score, rerank), or "all" (a fake only).
+    runner: str = "all"
 
     def __post_init__(self) -> None:
         checks = (
@@ -82,6 +91,7 @@ class FakeServerConfig:
             (0 <= self.error_rate <= 1, "error_rate must be between 0 and 1"),
             (self.error_status in ERROR_STATUSES, "error_status must be 4xx or 5xx"),
             (self.api_key != "", "api_key must be None or non-empty"),
+            (self.runner in RUNNERS, f"runner must be one of {', '.join(RUNNERS)}"),
         )
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -921,6 +931,10 @@ class FakeModelServer(asgi.App):
             "/classify": {"POST": self._classify},
             _STATS_PATH: {"GET": self._stats},
         }
+        # vLLM registers only the routes of its model's kind: the others answer FastAPI's 404 "Not Found".
+        unserved = {"generate": _POOLING_ONLY, "pooling": _GENERATE_ONLY}.get(config.runner, frozenset())
+        for path in unserved:
+            del self._routes[path]
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -1531,6 +1545,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="VAR",
         help="require 'Authorization: Bearer <key>' on /v1 routes; the key is read from $VAR",
     )
+    parser.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default=d.runner,
+        help="serve the routes of a generating or a pooling model, as vLLM does, or all (default: %(default)s)",
+    )
 
 
 def config_from_options(options: Mapping[str, Any]) -> FakeServerConfig:
@@ -1547,6 +1567,7 @@ def config_from_options(options: Mapping[str, Any]) -> FakeServerConfig:
         error_status=options["error_status"],
         error_message=options["error_message"],
         api_key=_api_key_from_env(options["api_key_env"]),
+        runner=options.get("runner") or _DEFAULTS.runner,
     )
 
 

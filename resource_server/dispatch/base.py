@@ -83,6 +83,10 @@ def _error_message(content: bytes) -> str:
     return ""
 
 
+# What vLLM (FastAPI) answers for a path it has no route for: vLLM registers only the routes of its model's
+# kind, so embeddings on a generating model get this, where a missing model gets vLLM's own message.
+ROUTE_NOT_FOUND_MESSAGE = "Not Found"
+
 _CLIENT_ERROR_CODES = {
     400: ErrorCode.INVALID_REQUEST,
     404: ErrorCode.MODEL_NOT_FOUND,
@@ -99,6 +103,13 @@ def upstream_error(status: int, content: bytes, *, model_server: str) -> Upstrea
     server's internals, which are logged instead.
     """
     message = _error_message(content)
+    if status == 404 and message == ROUTE_NOT_FOUND_MESSAGE:
+        return UpstreamError(
+            "The model's server does not serve this route.",
+            status=404,
+            error_type="invalid_request_error",
+            code=ErrorCode.ROUTE_NOT_SERVED,
+        )
     if status in MODEL_SERVER_4XX:
         code = _CLIENT_ERROR_CODES.get(status, ErrorCode.INVALID_REQUEST)
         if "maximum context length" in message or "context length" in message:

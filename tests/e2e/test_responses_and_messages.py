@@ -17,7 +17,7 @@ import pytest
 from resource_server.models import Cluster, Endpoint, RequestLog
 from tests.conftest import seed
 from tests.e2e.conftest import e2e_gateway, usage_row
-from tests.servers import fake_stats
+from tests.servers import fake_model_server, fake_stats
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -223,3 +223,62 @@ def test_the_anthropic_client_counts_tokens(gateway: Gateway) -> None:
         model="demo-model", max_tokens=5, messages=[{"role": "user", "content": "Hello there"}]
     )
     assert counted.input_tokens == message.usage.input_tokens > 0
+
+
+@pytest.fixture(scope="module")
+def single_kind_servers() -> Iterator[dict[str, str]]:
+    """Fake vLLMs that, like vLLM, serve only their model's kind of routes: generating, or pooling."""
+    with (
+        fake_model_server("--model=kind-model", "--runner=generate") as generate,
+        fake_model_server("--model=kind-model", "--runner=pooling") as pooling,
+    ):
+        yield {"generate": generate, "pooling": pooling}
+
+
+# Per model kind: a route it serves, and one it does not (streamed for the pooling model: a stream is refused
+# before it starts, through the compute function's relay too).
+KIND_ROUTES = {
+    "generate": (
+        ("chat/completions", {"messages": HELLO, "max_tokens": 3}),
+        ("rerank", {"query": "q", "documents": ["d"]}),
+    ),
+    "pooling": (
+        ("embeddings", {"input": "alpha"}),
+        ("chat/completions", {"messages": HELLO, "max_tokens": 3, "stream": True}),
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("kind", list(KIND_ROUTES))
+def test_a_route_the_models_server_does_not_serve_answers_404_saying_so(
+    transactional_db: None, gateway_url: str, single_kind_servers: dict[str, str], backend: str, kind: str
+) -> None:
+    server = single_kind_servers[kind]
+    seeded = seed(server, username="grace@anl.gov")
+    Endpoint.objects.filter(pk=seeded.endpoint.pk).update(model="kind-model")
+    url = urlsplit(server)
+    vllm = {"host": url.hostname, "port": url.port, "read_timeout": 5}
+    Endpoint.objects.create(
+        cluster=Cluster.objects.create(name="local-hpc"),
+        model="kind-model",
+        backend="local",
+        backend_config={"vllm": vllm, "workers": 4},
+    )
+    gateway = Gateway(gateway_url, seeded.key, BACKENDS[backend])
+    headers = {"Authorization": f"Bearer {gateway.key}"}
+    (served, served_body), (unserved, unserved_body) = KIND_ROUTES[kind]
+
+    def post(route: str, body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(
+            f"{gateway.base}/v1/{route}", json={"model": "kind-model", **body}, headers=headers, timeout=30
+        )
+
+    assert post(served, served_body).status_code == 200
+    refused = post(unserved, unserved_body)
+
+    assert refused.status_code == 404
+    error = refused.json()["error"]
+    assert error["code"] == "route_not_served"
+    assert f"'kind-model' does not serve POST /v1/{unserved}" in error["message"]
+    assert usage_row(request_id=refused.headers["x-request-id"]).error_code == "route_not_served"

@@ -895,3 +895,17 @@ def test_messages_needs_max_tokens_and_answers_errors_in_anthropics_envelope(bas
     assert kinds[:2] == ["event: message_start", "event: content_block_start"]
     assert kinds[-3:] == ["event: content_block_stop", "event: message_delta", "event: message_stop"]
     assert kinds.count("event: content_block_delta") == 4
+
+
+@pytest.mark.parametrize(
+    ("runner", "served", "unserved"),
+    [("generate", "/v1/responses", "/v1/embeddings"), ("pooling", "/pooling", "/v1/chat/completions")],
+)
+def test_a_single_kind_runner_answers_fastapis_404_for_the_other_kinds_routes(
+    runner: str, served: str, unserved: str
+) -> None:
+    with serving(FakeServerConfig(runner=runner)) as url:
+        answer = post(url, unserved, {"model": "demo-model", "input": "x", "messages": CHAT})
+        assert (answer.status_code, answer.json()) == (404, {"detail": "Not Found"})
+        assert post(url, served, {"model": "demo-model", "input": "x"}).status_code == 200
+        assert post(url, "/tokenize", {"model": "demo-model", "prompt": "x"}).status_code == 200

@@ -51,3 +51,12 @@ def test_upstream_503_asks_to_retry() -> None:
     error = upstream_error(503, b"", model_server="test")
     assert isinstance(error, ServiceUnavailable)
     assert error.headers["Retry-After"] == "5"
+
+
+def test_a_404_for_a_path_the_server_has_no_route_for_is_route_not_served_not_model_not_found() -> None:
+    # FastAPI's answer for an unregistered path (directly), and as the compute function reports it (in a stream).
+    for content in (b'{"detail":"Not Found"}', orjson.dumps({"error": {"message": "Not Found"}})):
+        error = upstream_error(404, content, model_server="m")
+        assert (error.status, error.code) == (404, "route_not_served")
+    missing = orjson.dumps({"error": {"message": "The model `x` does not exist.", "code": 404}})
+    assert upstream_error(404, missing, model_server="m").code == "model_not_found"
