@@ -26,7 +26,8 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
 
     Non-streamed result: {"status": <vLLM's status>, "body": <JSON or text>, "elapsed_ms"}; when vLLM
     cannot answer: {"status": 503|504|502|500, "error": {"code", "message"}, "elapsed_ms"}.
-    Health result: {"status": 200|503, "healthy", "models": [ids], "elapsed_ms", "error"?}.
+    Health result: {"status": 200|503, "healthy", "models": [ids], "cards": [vLLM's model cards],
+    "elapsed_ms", "error"?}.
     Streamed: each batch of SSE events is POSTed to relay_url as {"seq", "events": [...]}, then
     {"seq", "done": true} or {"seq", "error": {"status", "code", "message"}}; the result is a summary
     {"status", "outcome": completed|failed|cancelled|relay_failed, "chunks", "events", "usage",
@@ -189,10 +190,11 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
                 raise TaskError(503, "vllm_unhealthy", detail)
             listing = decode(raw)
             data = listing.get("data") if isinstance(listing, dict) else None
-            models = [item.get("id") for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+            cards = [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
         except TaskError as error:
             return {"status": 503, "healthy": False, "models": [], "elapsed_ms": elapsed_ms(), "error": error.as_dict()}
-        return {"status": 200, "healthy": True, "models": models, "elapsed_ms": elapsed_ms()}
+        models = [card.get("id") for card in cards]
+        return {"status": 200, "healthy": True, "models": models, "cards": cards, "elapsed_ms": elapsed_ms()}
 
     def proxy_for(url: urllib.parse.SplitResult) -> urllib.parse.SplitResult | None:
         """The site proxy for `url` from the node's environment (http(s)_proxy, no_proxy), if any.

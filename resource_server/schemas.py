@@ -377,6 +377,11 @@ class Model(BaseModel):
     object: str = Field(examples=["model"])
     created: int
     owned_by: str = Field(description="The cluster that serves it.")
+    max_model_len: int | None = Field(
+        default=None, description="The model's context length, as its server reports it (vLLM), once probed."
+    )
+    root: str | None = Field(default=None, description="What the server loaded (vLLM's `root`), once probed.")
+    parent: str | None = Field(default=None, description="The base model of an adapter (vLLM's `parent`).")
 
 
 class ModelList(BaseModel):

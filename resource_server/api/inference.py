@@ -112,7 +112,8 @@ _MODELS_OK = json_response("The models, sorted by name.", schema_ref(ModelList))
 )
 async def models(request: HttpRequest) -> dict[str, Any]:
     principal = request.auth  # type: ignore[attr-defined]
-    return _models_response(await model_list(routing=runtime().routing, principal=principal))
+    parts = runtime()
+    return _models_response(await model_list(routing=parts.routing, principal=principal, cards=parts.health.model_card))
 
 
 @router.get(
@@ -128,6 +129,13 @@ async def models(request: HttpRequest) -> dict[str, Any]:
 )
 async def models_on_cluster(request: HttpRequest, cluster: ClusterName, framework: FrameworkName) -> dict[str, Any]:
     principal = request.auth  # type: ignore[attr-defined]
+    parts = runtime()
     return _models_response(
-        await model_list(routing=runtime().routing, principal=principal, cluster=cluster, framework=framework)
+        await model_list(
+            routing=parts.routing,
+            principal=principal,
+            cluster=cluster,
+            framework=framework,
+            cards=parts.health.model_card,
+        )
     )

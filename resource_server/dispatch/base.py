@@ -26,6 +26,14 @@ class UpstreamRequest:
 class BackendHealth:
     ok: bool
     detail: str
+    # The model cards the server lists (vLLM's `GET /v1/models` items: max_model_len, root, parent...).
+    models: tuple[dict[str, Any], ...] = ()
+
+
+def model_cards(listing: object) -> tuple[dict[str, Any], ...]:
+    """The items of an OpenAI models list (`{"object": "list", "data": [...]}`) that are objects."""
+    data = listing.get("data") if isinstance(listing, dict) else None
+    return tuple(item for item in data if isinstance(item, dict)) if isinstance(data, list) else ()
 
 
 class UpstreamStream(Protocol):

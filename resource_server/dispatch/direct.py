@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-from resource_server.dispatch.base import BackendHealth, SseSplitter, UpstreamRequest, upstream_error
+from resource_server.dispatch.base import BackendHealth, SseSplitter, UpstreamRequest, model_cards, upstream_error
 from resource_server.dispatch.fields import EnvVarName
 from resource_server.dispatch.http1 import (
     ConnectError,
@@ -218,13 +218,22 @@ class DirectBackend:
             response = await self._pool().request(self._request("GET", self._target + "models"))
         except HttpError as exc:
             return BackendHealth(ok=False, detail=type(exc).__name__)
-        return BackendHealth(ok=response.status == 200, detail=f"HTTP {response.status}")
+        ok = response.status == 200
+        cards = model_cards(_json_or_none(response.content)) if ok else ()
+        return BackendHealth(ok=ok, detail=f"HTTP {response.status}", models=cards)
 
     async def aclose(self) -> None:
         pools = list(self._pools.values())
         self._pools.clear()
         for pool in pools:
             await pool.aclose()
+
+
+def _json_or_none(content: bytes) -> object:
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
 
 
 class DirectStream:

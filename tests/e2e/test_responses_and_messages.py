@@ -4,6 +4,7 @@ the fake vLLM; usage rows carry each API's own token counts."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,8 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 @pytest.fixture(scope="module")
 def gateway_url(django_db_setup: None, tmp_path_factory: Any) -> Iterator[str]:
-    with e2e_gateway(tmp_path_factory) as url:
+    # Probed often, so that GET /v1/models soon carries the model servers' cards.
+    with e2e_gateway(tmp_path_factory, HEALTH_PROBE_SECONDS="0.5") as url:
         yield url
 
 
@@ -282,3 +284,17 @@ def test_a_route_the_models_server_does_not_serve_answers_404_saying_so(
     assert error["code"] == "route_not_served"
     assert f"'kind-model' does not serve POST /v1/{unserved}" in error["message"]
     assert usage_row(request_id=refused.headers["x-request-id"]).error_code == "route_not_served"
+
+
+def test_models_carry_vllms_model_card_fields_from_the_endpoints_server(gateway: Gateway) -> None:
+    headers = {"Authorization": f"Bearer {gateway.key}"}
+    deadline = time.monotonic() + 15
+    while True:
+        [card] = httpx.get(f"{gateway.base}/v1/models", headers=headers, timeout=10).json()["data"]
+        if "max_model_len" in card or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+
+    assert (card["id"], card["owned_by"]) == ("demo-model", gateway.cluster)
+    assert (card["max_model_len"], card["root"], card["parent"]) == (512, "demo-model", None)
+    assert card["permission"]

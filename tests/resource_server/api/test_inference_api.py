@@ -379,3 +379,16 @@ async def test_an_x_api_key_header_is_taken_as_the_bearer_credential(seeded: See
     assert orjson.loads(response.content)["type"] == "message"
     response = await post(f"{BASE}/messages", MESSAGE, None, **{"X-Api-Key": "not-a-key"})
     assert response.status_code == 401
+
+
+async def test_models_carry_the_model_card_of_their_server_once_probed(seeded: Seeded) -> None:
+    before = orjson.loads((await AsyncClient().get(f"{BASE}/models", headers=seeded.auth)).content)["data"]
+    assert before == [{"id": "demo-model", "object": "model", "created": before[0]["created"], "owned_by": "polaris"}]
+
+    await runtime().health.probe()
+    [card] = orjson.loads((await AsyncClient().get(f"{BASE}/models", headers=seeded.auth)).content)["data"]
+
+    # The gateway's own fields (its cluster as owner, its registration time), beside vLLM's card fields.
+    assert {key: card[key] for key in ("id", "object", "owned_by", "created")} == before[0]
+    assert (card["max_model_len"], card["root"], card["parent"]) == (512, "demo-model", None)
+    assert card["permission"][0]["object"] == "model_permission"
