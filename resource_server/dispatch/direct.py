@@ -28,7 +28,7 @@ from resource_server.dispatch.http1 import (
     ReadTimeout,
 )
 from resource_server.errors import ErrorCode, ServiceUnavailable, UpstreamError
-from resource_server.routes import ROUTES, Route
+from resource_server.routes import ROUTES
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +126,12 @@ class DirectBackend:
         # few that vLLM serves at its root (/tokenize, /pooling, ...) that path without its final `v1/`.
         root = path.removesuffix("v1/") if path.endswith("/v1/") else path
         self._target = path
-        self._root_target = root
+        root_target = root
         if self._proxy is not None and self._tls is None:
             # Plain HTTP goes to the proxy whole: absolute-form target, the proxy's credentials in the head.
             # (HTTPS instead tunnels with CONNECT, and the proxy never sees the requests.)
             self._target = f"http://{named}:{self._port}{path}"
-            self._root_target = f"http://{named}:{self._port}{root}"
+            root_target = f"http://{named}:{self._port}{root}"
             if self._proxy.authorization:
                 fixed.append(f"Proxy-Authorization: {self._proxy.authorization}")
         if config.api_key_env:
@@ -139,6 +139,10 @@ class DirectBackend:
             if not secret:
                 raise _misconfigured()
             fixed.append(f"Authorization: Bearer {secret}")
+        self._route_targets = {
+            route: (root_target if descriptor.at_server_root else self._target) + route.value
+            for route, descriptor in ROUTES.items()
+        }
         self._fixed_headers = "".join(f"{line}\r\n" for line in fixed).encode("latin1")
         # Pools belong to one event loop; tests and management commands may run several.
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool] = weakref.WeakKeyDictionary()
@@ -158,9 +162,6 @@ class DirectBackend:
             )
             self._pools[loop] = pool
         return pool
-
-    def _route_target(self, route: Route) -> str:
-        return (self._root_target if ROUTES[route].at_server_root else self._target) + route.value
 
     def _request(self, method: str, target: str, request_id: str = "", body: bytes = b"") -> bytes:
         head = f"{method} {target} HTTP/1.1\r\n".encode("latin1") + self._fixed_headers
@@ -187,7 +188,7 @@ class DirectBackend:
         return UpstreamError("The connection to the model server failed.", code=ErrorCode.UPSTREAM_CONNECTION_FAILED)
 
     async def submit(self, request: UpstreamRequest) -> bytes:
-        data = self._request("POST", self._route_target(request.route), request.request_id, orjson.dumps(request.body))
+        data = self._request("POST", self._route_targets[request.route], request.request_id, orjson.dumps(request.body))
         try:
             response = await self._pool().request(data)
         except HttpError as exc:
@@ -198,7 +199,7 @@ class DirectBackend:
 
     async def open_stream(self, request: UpstreamRequest) -> DirectStream:
         pool = self._pool()
-        data = self._request("POST", self._route_target(request.route), request.request_id, orjson.dumps(request.body))
+        data = self._request("POST", self._route_targets[request.route], request.request_id, orjson.dumps(request.body))
         try:
             connection = await pool.exchange(data)
         except HttpError as exc:

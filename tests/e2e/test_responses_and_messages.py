@@ -298,3 +298,25 @@ def test_models_carry_vllms_model_card_fields_from_the_endpoints_server(gateway:
     assert (card["id"], card["owned_by"]) == ("demo-model", gateway.cluster)
     assert (card["max_model_len"], card["root"], card["parent"]) == (512, "demo-model", None)
     assert card["permission"]
+
+
+def test_a_route_one_endpoint_does_not_serve_goes_to_another_endpoint_of_the_model(
+    transactional_db: None, gateway_url: str, single_kind_servers: dict[str, str]
+) -> None:
+    seeded = seed(single_kind_servers["generate"], username="grace@anl.gov")
+    Endpoint.objects.filter(pk=seeded.endpoint.pk).update(model="kind-model")
+    Endpoint.objects.create(
+        cluster=Cluster.objects.create(name="sophia"),
+        model="kind-model",
+        backend="direct",
+        backend_config={"base_url": single_kind_servers["pooling"]},
+    )
+    headers = {"Authorization": f"Bearer {seeded.key}"}
+    for route, body in (KIND_ROUTES["generate"][0], KIND_ROUTES["pooling"][0]):
+        answer = httpx.post(
+            f"{gateway_url}/resource_server/v1/{route}",
+            json={"model": "kind-model", **body},
+            headers=headers,
+            timeout=30,
+        )
+        assert answer.status_code == 200, (route, answer.text)
