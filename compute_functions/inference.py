@@ -18,7 +18,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
 
     request:
         mode      "inference" (default) or "health"
-        route     "chat/completions" | "completions" | "embeddings"
+        route     a key of `routes` below ("chat/completions", "responses", "messages", ...)
         body      the OpenAI request body, sent to vLLM as JSON
         request_id   optional, forwarded as X-Request-Id
         vllm      {host, port, tls=False, verify_tls=True, api_key_env=None, connect_timeout=5, read_timeout=600}
@@ -26,7 +26,8 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
 
     Non-streamed result: {"status": <vLLM's status>, "body": <JSON or text>, "elapsed_ms"}; when vLLM
     cannot answer: {"status": 503|504|502|500, "error": {"code", "message"}, "elapsed_ms"}.
-    Health result: {"status": 200|503, "healthy", "models": [ids], "elapsed_ms", "error"?}.
+    Health result: {"status": 200|503, "healthy", "models": [ids], "cards": [vLLM's model cards],
+    "elapsed_ms", "error"?}.
     Streamed: each batch of SSE events is POSTed to relay_url as {"seq", "events": [...]}, then
     {"seq", "done": true} or {"seq", "error": {"status", "code", "message", "body"?}} (`body`: vLLM's own error
     body when it refused the request); the result is a summary
@@ -45,7 +46,23 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
     import urllib.parse
     import urllib.request
 
-    routes = ("chat/completions", "completions", "embeddings")
+    # The gateway's route -> its path on vLLM. The route becomes part of the URL, so only these are served.
+    routes = {
+        "chat/completions": "/v1/chat/completions",
+        "completions": "/v1/completions",
+        "embeddings": "/v1/embeddings",
+        "responses": "/v1/responses",
+        "messages": "/v1/messages",
+        "messages/count_tokens": "/v1/messages/count_tokens",
+        "tokenize": "/tokenize",
+        "detokenize": "/detokenize",
+        "score": "/v1/score",
+        "rerank": "/v1/rerank",
+        "pooling": "/pooling",
+        "classify": "/classify",
+    }
+    # Streams that end with `data: [DONE]`; the others (Responses, Anthropic Messages) end with a named event.
+    done_terminated = ("chat/completions", "completions")
     started = time.monotonic()
     end_of_stream = object()  # the reader's marker for a cleanly closed upstream response
 
@@ -164,7 +181,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         return str(body)[:2000]
 
     def run_plain(vllm: dict[str, Any], route: str, body: object) -> dict[str, Any]:
-        status, raw = fetch(vllm, "POST", f"/v1/{route}", body)
+        status, raw = fetch(vllm, "POST", routes[route], body)
         return {"status": status, "body": decode(raw), "elapsed_ms": elapsed_ms()}
 
     def run_health(vllm: dict[str, Any]) -> dict[str, Any]:
@@ -176,10 +193,11 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
                 raise TaskError(503, "vllm_unhealthy", detail)
             listing = decode(raw)
             data = listing.get("data") if isinstance(listing, dict) else None
-            models = [item.get("id") for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+            cards = [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
         except TaskError as error:
             return {"status": 503, "healthy": False, "models": [], "elapsed_ms": elapsed_ms(), "error": error.as_dict()}
-        return {"status": 200, "healthy": True, "models": models, "elapsed_ms": elapsed_ms()}
+        models = [card.get("id") for card in cards]
+        return {"status": 200, "healthy": True, "models": models, "cards": cards, "elapsed_ms": elapsed_ms()}
 
     def proxy_for(url: urllib.parse.SplitResult) -> urllib.parse.SplitResult | None:
         """The site proxy for `url` from the node's environment (http(s)_proxy, no_proxy), if any.
@@ -326,10 +344,10 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         return usage if isinstance(usage, dict) else None
 
     def relay_events(
-        inbox: queue.SimpleQueue[Any], relay: Relay, window: float, summary: dict[str, Any]
+        inbox: queue.SimpleQueue[Any], relay: Relay, window: float, summary: dict[str, Any], route: str
     ) -> TaskError | None:
         """Forward batches until vLLM's stream ends; the failure to report, if any."""
-        saw_done = False
+        saw_done = route not in done_terminated  # the gateway checks those streams' final event itself
         while True:
             batch, ended_by = collect(inbox, window)
             if batch:
@@ -349,7 +367,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
     def stream_upstream(
         vllm: dict[str, Any], route: str, body: dict[str, Any], relay: Relay, window: float, summary: dict[str, Any]
     ) -> None:
-        conn, response = call(vllm, "POST", f"/v1/{route}", {**body, "stream": True})
+        conn, response = call(vllm, "POST", routes[route], {**body, "stream": True})
         if response.status >= 300:
             try:
                 raw = response.read()
@@ -368,7 +386,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         reader = threading.Thread(target=pump, args=(response, vllm, inbox), daemon=True)
         reader.start()
         try:
-            failure = relay_events(inbox, relay, window, summary)
+            failure = relay_events(inbox, relay, window, summary, route)
         finally:
             # Shutting the socket down wakes the reader and tells vLLM to stop generating.
             if conn.sock is not None and reader.is_alive():

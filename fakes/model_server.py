@@ -46,6 +46,12 @@ StreamOutcome = Literal["completed", "aborted", "disconnected"]
 
 VLLM_VERSION = "0.32.0"  # the release whose answers this fake copies
 SYSTEM_FINGERPRINT = f"vllm-{VLLM_VERSION}-fake"
+RUNNERS = ("all", "generate", "pooling")
+# The inference routes only one kind of model has on vLLM; tokenize and detokenize are served for both.
+_GENERATE_ONLY = frozenset(
+    ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
+)
+_POOLING_ONLY = frozenset(("/v1/embeddings", "/pooling", "/classify", "/v1/score", "/v1/rerank"))
 ERROR_STATUSES = frozenset(s.value for s in HTTPStatus if 400 <= s.value < 600)
 
 
@@ -68,6 +74,9 @@ class FakeServerConfig:
     error_status: int = 500
     error_message: str = "Injected failure from the fake vLLM server."
     api_key: str | None = None
+    # Which routes it serves, as vLLM does for the kind of model it runs: "generate" (chat, completions,
+    # responses, messages...), "pooling" (embeddings, pooling, classify, score, rerank), or "all" (a fake only).
+    runner: str = "all"
 
     def __post_init__(self) -> None:
         checks = (
@@ -82,6 +91,7 @@ class FakeServerConfig:
             (0 <= self.error_rate <= 1, "error_rate must be between 0 and 1"),
             (self.error_status in ERROR_STATUSES, "error_status must be 4xx or 5xx"),
             (self.api_key != "", "api_key must be None or non-empty"),
+            (self.runner in RUNNERS, f"runner must be one of {', '.join(RUNNERS)}"),
         )
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -146,6 +156,9 @@ def _invalid(param: str | None, message: str, value: object = _UNSET) -> ApiErro
     return ApiError(HTTPStatus.BAD_REQUEST, f"{message} ({tail})", param=param)
 
 
+_SCHEMA_ERROR_TYPE = "Bad Request"
+
+
 def _schema_error(loc: str, kind: str, msg: str, value: object, **ctx: str) -> ApiError:
     """A body that fails vLLM's request schema: FastAPI's validation error, typed 'Bad Request'."""
     detail: JSON = {"type": kind, "loc": loc, "msg": msg, "input": _input_repr(value)}
@@ -155,7 +168,7 @@ def _schema_error(loc: str, kind: str, msg: str, value: object, **ctx: str) -> A
         HTTPStatus.BAD_REQUEST,
         f"1 validation error:\n  {detail!r}",
         param=loc,
-        error_type="Bad Request",
+        error_type=_SCHEMA_ERROR_TYPE,
     )
 
 
@@ -1024,8 +1037,21 @@ class FakeModelServer(asgi.App):
             "/v1/chat/completions": {"POST": self._chat_completions},
             "/v1/completions": {"POST": self._completions},
             "/v1/embeddings": {"POST": self._embeddings},
+            "/v1/responses": {"POST": self._responses},
+            "/v1/messages": {"POST": self._messages},
+            "/v1/messages/count_tokens": {"POST": self._count_tokens},
+            "/tokenize": {"POST": self._tokenize},
+            "/detokenize": {"POST": self._detokenize},
+            "/v1/score": {"POST": self._score},
+            "/v1/rerank": {"POST": self._rerank},
+            "/pooling": {"POST": self._pooling},
+            "/classify": {"POST": self._classify},
             _STATS_PATH: {"GET": self._stats},
         }
+        # vLLM registers only the routes of its model's kind: the others answer FastAPI's 404 "Not Found".
+        unserved = {"generate": _POOLING_ONLY, "pooling": _GENERATE_ONLY}.get(config.runner, frozenset())
+        for path in unserved:
+            del self._routes[path]
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -1095,6 +1121,177 @@ class FakeModelServer(asgi.App):
         await _sleep(request.pace.latency)
         await _send_json(send, HTTPStatus.OK, body)
 
+    async def _responses(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = await self._admit(scope, receive)
+        if request is None:
+            return
+        body = request.body
+        max_tokens = _field(body, "max_output_tokens", "integer")
+        if max_tokens is not None:
+            _check_max_tokens(max_tokens, self.config.max_model_len)
+        sampling = _single_sampling(max_tokens, stream=bool(_field(body, "stream", "boolean")))
+        generation = _generation(
+            chat=True,
+            model=self._model(body),
+            prompts=[_responses_prompt(body)],
+            sampling=sampling,
+            config=self.config,
+        )
+        await self._answer(generation, request, receive, send, (_response_body, _response_stream_plan))
+
+    async def _messages(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            request = await self._admit(scope, receive)
+            if request is None:
+                return
+            body = request.body
+            max_tokens = _field(body, "max_tokens", "integer")
+            if max_tokens is None:
+                raise _schema_error("body.max_tokens", "missing", "Field required", body)
+            _check_max_tokens(max_tokens, self.config.max_model_len)
+            sampling = _single_sampling(max_tokens, stream=bool(_field(body, "stream", "boolean")))
+            generation = _generation(
+                chat=True,
+                model=self._model(body),
+                prompts=[_messages_prompt(body)],
+                sampling=sampling,
+                config=self.config,
+            )
+        except ApiError as error:
+            if error.error_type == _SCHEMA_ERROR_TYPE:
+                raise  # FastAPI's validation answer, before vLLM's Anthropic handler runs
+            await _send_json(send, error.status, _anthropic_error(error))
+            return
+        await self._answer(generation, request, receive, send, (_message_body, _message_stream_plan))
+
+    async def _count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = await self._admit(scope, receive)
+        if request is None:
+            return
+        try:
+            self._model(request.body)
+            _, tokens = _messages_prompt(request.body)
+        except ApiError as error:
+            if error.error_type == _SCHEMA_ERROR_TYPE:
+                raise
+            await _send_json(send, error.status, _anthropic_error(error))
+            return
+        await _send_json(send, HTTPStatus.OK, orjson.dumps({"input_tokens": tokens}))
+
+    async def _tokenize(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pooling_answer(scope, receive, send, self._tokens_body)
+
+    async def _detokenize(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pooling_answer(scope, receive, send, self._detokenized_body)
+
+    async def _score(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pooling_answer(scope, receive, send, self._score_body)
+
+    async def _rerank(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pooling_answer(scope, receive, send, self._rerank_body)
+
+    async def _pooling(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pooling_answer(scope, receive, send, self._pooled_body)
+
+    async def _classify(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._pooling_answer(scope, receive, send, self._classified_body)
+
+    async def _pooling_answer(self, scope: Scope, receive: Receive, send: Send, answer: Callable[[JSON], JSON]) -> None:
+        """A non-generating route: read and check the request, answer its JSON after the pace's latency."""
+        request = await self._admit(scope, receive)
+        if request is None:
+            return
+        body = answer(request.body)
+        await _sleep(request.pace.latency)
+        await _send_json(send, HTTPStatus.OK, orjson.dumps(body))
+
+    def _tokens_body(self, body: JSON) -> JSON:
+        self._model(body, generating=False)
+        if body.get("messages") is not None:
+            seed, _ = _chat_prompt(body)
+            words = seed.split()
+        else:
+            prompt = _require(body, "prompt")
+            if not isinstance(prompt, str):
+                raise _schema_error("body.prompt", "string_type", "Input should be a valid string", prompt)
+            words = prompt.split()
+        ids = [_token_id(word) for word in words]
+        return {"count": len(ids), "max_model_len": self.config.max_model_len, "tokens": ids, "token_strs": None}
+
+    def _detokenized_body(self, body: JSON) -> JSON:
+        self._model(body, generating=False)
+        ids = _require(body, "tokens")
+        if not isinstance(ids, list) or not all(_is_int(item) for item in ids):
+            raise _schema_error("body.tokens", "list_type", "Input should be a valid list", ids)
+        return {"prompt": " ".join(_VOCAB[item % len(_VOCAB)] for item in ids)}
+
+    def _score_body(self, body: JSON) -> JSON:
+        model = self._model(body, generating=False)
+        firsts = _prompt_items(_require(body, "text_1"), "text_1")
+        seconds = _prompt_items(_require(body, "text_2"), "text_2")
+        if len(firsts) == 1:
+            firsts = firsts * len(seconds)
+        if len(firsts) != len(seconds):
+            raise _invalid(None, "At least one of text_1 or text_2 must be a string, or both lists of one length.")
+        pairs = list(zip(firsts, seconds, strict=True))
+        data = [
+            {"index": index, "object": "score", "score": _unit_score(a[0] + "\n" + b[0])}
+            for index, (a, b) in enumerate(pairs)
+        ]
+        return self._pooled_list("score-", model, data, sum(a[1] + b[1] for a, b in pairs))
+
+    def _rerank_body(self, body: JSON) -> JSON:
+        model = self._model(body, generating=False)
+        query, query_tokens = _prompt_items(_require(body, "query"), "query")[0]
+        documents = _prompt_items(_require(body, "documents"), "documents")
+        top_n = _field(body, "top_n", "integer") or len(documents)
+        scored = sorted(
+            ((_unit_score(query + "\n" + text), index, text) for index, (text, _) in enumerate(documents)),
+            reverse=True,
+        )
+        results = [
+            {"index": index, "document": {"text": text}, "relevance_score": score}
+            for score, index, text in scored[:top_n]
+        ]
+        tokens = sum(query_tokens + document_tokens for _, document_tokens in documents)
+        return {
+            "id": _new_id("rerank-"),
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "results": results,
+        }
+
+    def _pooled_body(self, body: JSON) -> JSON:
+        model = self._model(body, generating=False)
+        items = _prompt_items(_require(body, "input"), "input")
+        dim = self.config.embedding_dim
+        data = [
+            {"index": index, "object": "pooling", "data": _encode_embedding(_embedding_vector(seed, dim), "float")}
+            for index, (seed, _) in enumerate(items)
+        ]
+        return self._pooled_list("pool-", model, data, sum(tokens for _, tokens in items))
+
+    def _classified_body(self, body: JSON) -> JSON:
+        model = self._model(body, generating=False)
+        items = _prompt_items(_require(body, "input"), "input")
+        data = []
+        for index, (seed, _) in enumerate(items):
+            positive = _unit_score(seed)
+            label = "LABEL_1" if positive >= 0.5 else "LABEL_0"
+            data.append({"index": index, "label": label, "probs": [1 - positive, positive], "num_classes": 2})
+        return self._pooled_list("classify-", model, data, sum(tokens for _, tokens in items))
+
+    def _pooled_list(self, prefix: str, model: str, data: list[JSON], prompt_tokens: int) -> JSON:
+        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0}
+        return {
+            "id": _new_id(prefix),
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": {**usage, "prompt_tokens_details": None},
+        }
+
     async def _admit(self, scope: Scope, receive: Receive) -> _Admitted | None:
         """Read an inference request and apply faults; None once it hung until the client left."""
         _check_json_content_type(scope)
@@ -1124,12 +1321,20 @@ class FakeModelServer(asgi.App):
         aliases = ", ".join(self.config.models)
         raise ApiError(HTTPStatus.NOT_FOUND, f"{message} Valid aliases: {aliases}.", param="model")
 
-    async def _answer(self, generation: _Generation, request: _Admitted, receive: Receive, send: Send) -> None:
+    async def _answer(
+        self,
+        generation: _Generation,
+        request: _Admitted,
+        receive: Receive,
+        send: Send,
+        shape: _AnswerShape | None = None,
+    ) -> None:
+        body, stream_plan = shape or (_completion_body, _stream_plan)
         if not generation.stream:
             await _sleep(request.pace.latency)
-            await _send_json(send, HTTPStatus.OK, _completion_body(generation))
+            await _send_json(send, HTTPStatus.OK, body(generation))
             return
-        plan = _stream_plan(generation)
+        plan = stream_plan(generation)
         start = {"type": "http.response.start", "status": HTTPStatus.OK, "headers": _SSE_HEADERS}
         await send(start)
         stats = self.stats
@@ -1188,6 +1393,235 @@ class FakeModelServer(asgi.App):
         )
 
 
+# --- the Responses API and the Anthropic Messages API -------------------------------------------
+# vLLM serves both by converting them to a chat completion; the fake does the same with its generator.
+
+_AnswerShape = tuple[Callable[[_Generation], bytes], Callable[[_Generation], _StreamPlan]]
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
+
+
+def _single_sampling(max_tokens: int | None, *, stream: bool) -> _Sampling:
+    """One choice, no usage chunk: these APIs have neither `n` nor `stream_options`."""
+    return _Sampling(
+        max_tokens=max_tokens,
+        min_tokens=0,
+        ignore_eos=False,
+        n=1,
+        stream=stream,
+        include_usage=False,
+        continuous_usage=False,
+        echo=False,
+        logprobs=None,
+    )
+
+
+def _conversation(messages: list[tuple[str, str]]) -> tuple[str, int]:
+    seed = "\n".join(f"{role}: {text}" for role, text in messages)
+    return seed, sum(CHAT_TOKENS_PER_MESSAGE + len(text.split()) for _, text in messages)
+
+
+def _parts_text(content: object, at: str) -> str:
+    """The text of a message's content: a string, or parts whose `text` counts (input_text, text...)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return " ".join(part["text"] for part in content if isinstance(part.get("text"), str))
+    raise _schema_error(f"{at}.content", "string_type", "Input should be a valid string", content)
+
+
+def _responses_prompt(body: JSON) -> tuple[str, int]:
+    messages: list[tuple[str, str]] = []
+    instructions = _field(body, "instructions", "string")
+    if instructions:
+        messages.append(("system", instructions))
+    items = _require(body, "input")
+    if isinstance(items, str):
+        messages.append(("user", items))
+    elif isinstance(items, list):
+        for position, item in enumerate(items):
+            at = f"body.input.{position}"
+            if not isinstance(item, dict):
+                raise _schema_error(at, "dict_type", "Input should be a valid dictionary", item)
+            role = _field(item, "role", "string", at=at) or "user"
+            messages.append((role, _parts_text(item.get("content", ""), at)))
+    else:
+        raise _schema_error("body.input", "string_type", "Input should be a valid string", items)
+    return _conversation(messages)
+
+
+def _messages_prompt(body: JSON) -> tuple[str, int]:
+    messages: list[tuple[str, str]] = []
+    system = body.get("system")
+    if system:
+        messages.append(("system", _parts_text(system, "body.system")))
+    items = _require(body, "messages")
+    if not isinstance(items, list):
+        raise _schema_error("body.messages", "list_type", "Input should be a valid list", items)
+    for position, item in enumerate(items):
+        at = f"body.messages.{position}"
+        if not isinstance(item, dict):
+            raise _schema_error(at, "dict_type", "Input should be a valid dictionary", item)
+        role = _field(item, "role", "string", at=at)
+        if role is None:
+            raise _schema_error(f"{at}.role", "missing", "Field required", item)
+        messages.append((role, _parts_text(item.get("content", ""), at)))
+    return _conversation(messages)
+
+
+def _anthropic_error(error: ApiError) -> bytes:
+    """vLLM's Anthropic routes translate its error envelope to Anthropic's."""
+    return orjson.dumps({"type": "error", "error": {"type": error.error_type, "message": error.message}})
+
+
+def _response_usage(generation: _Generation) -> JSON:
+    usage = generation.usage()
+    return {
+        "input_tokens": usage["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": usage["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage["total_tokens"],
+    }
+
+
+def _response_object(generation: _Generation, response_id: str, item_id: str, *, done: bool) -> JSON:
+    choice = generation.choices[0]
+    content: list[JSON] = [{"type": "output_text", "text": choice.text, "annotations": [], "logprobs": None}]
+    output = [{"id": item_id, "type": "message", "role": "assistant", "status": "completed", "content": content}]
+    incomplete = done and choice.finish_reason == "length"
+    return {
+        "id": response_id,
+        "created_at": int(time.time()),
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "instructions": None,
+        "metadata": None,
+        "model": generation.model,
+        "object": "response",
+        "output": output if done else [],
+        "parallel_tool_calls": True,
+        "temperature": 1.0,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "background": False,
+        "max_output_tokens": None,
+        "max_tool_calls": None,
+        "previous_response_id": None,
+        "prompt": None,
+        "reasoning": None,
+        "service_tier": "auto",
+        "status": ("incomplete" if incomplete else "completed") if done else "in_progress",
+        "text": None,
+        "top_logprobs": None,
+        "truncation": "disabled",
+        "usage": _response_usage(generation) if done else None,
+        "user": None,
+    }
+
+
+def _response_body(generation: _Generation) -> bytes:
+    return orjson.dumps(_response_object(generation, _new_id("resp_"), _new_id("msg_"), done=True))
+
+
+def _named_event(payload: JSON) -> bytes:
+    return b"event: " + str(payload["type"]).encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _response_stream_plan(generation: _Generation) -> _StreamPlan:
+    response_id, item_id = _new_id("resp_"), _new_id("msg_")
+    choice = generation.choices[0]
+    sequence = iter(range(1 << 30))
+
+    def event(kind: str, **fields: Any) -> bytes:
+        return _named_event({"type": kind, "sequence_number": next(sequence), **fields})
+
+    started = _response_object(generation, response_id, item_id, done=False)
+    finished = _response_object(generation, response_id, item_id, done=True)
+    item = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    part: JSON = {"type": "output_text", "text": "", "annotations": [], "logprobs": None}
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    head = [
+        event("response.created", response=started),
+        event("response.in_progress", response=started),
+        event("response.output_item.added", output_index=0, item=item),
+        event("response.content_part.added", **where, part=part),
+    ]
+    steps = [[event("response.output_text.delta", **where, delta=f" {token}", logprobs=[])] for token in choice.tokens]
+    tail = [
+        event("response.output_text.done", **where, text=choice.text, logprobs=[]),
+        event("response.content_part.done", **where, part={**part, "text": choice.text}),
+        event("response.output_item.done", output_index=0, item=finished["output"][0]),
+        # vLLM ends every stream with response.completed, whatever the response's status.
+        event("response.completed", response=finished),
+    ]
+    return _StreamPlan(head=head, steps=steps, tail=tail)
+
+
+def _message_body(generation: _Generation) -> bytes:
+    choice = generation.choices[0]
+    usage = generation.usage()
+    return orjson.dumps(
+        {
+            "id": _new_id("chatcmpl-"),
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "text", "text": choice.text}],
+            "model": generation.model,
+            "stop_reason": _STOP_REASONS.get(choice.finish_reason, "end_turn"),
+            "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]},
+        }
+    )
+
+
+def _message_stream_plan(generation: _Generation) -> _StreamPlan:
+    choice = generation.choices[0]
+    usage = generation.usage()
+    message: JSON = {
+        "id": _new_id("chatcmpl-"),
+        "type": "message",
+        "role": "assistant",
+        "content": [],
+        "model": generation.model,
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": usage["prompt_tokens"], "output_tokens": 0},
+    }
+    head = [
+        _named_event({"type": "message_start", "message": message}),
+        _named_event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ]
+    steps = [
+        [_named_event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f" {t}"}})]
+        for t in choice.tokens
+    ]
+    final_usage = {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
+    tail = [
+        _named_event({"type": "content_block_stop", "index": 0}),
+        _named_event(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": _STOP_REASONS.get(choice.finish_reason, "end_turn")},
+                "usage": final_usage,
+            }
+        ),
+        _named_event({"type": "message_stop"}),
+    ]
+    return _StreamPlan(head=head, steps=steps, tail=tail)
+
+
+def _token_id(word: str) -> int:
+    """A word's token id: its place in the vocabulary (so /detokenize inverts it), else a hash past it."""
+    try:
+        return _VOCAB.index(word)
+    except ValueError:
+        return len(_VOCAB) + int.from_bytes(hashlib.blake2b(word.encode(), digest_size=2).digest(), "little")
+
+
+def _unit_score(seed: str) -> float:
+    """A deterministic score in [0, 1) for a text."""
+    return int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "little") / 2**32
+
+
 async def _sleep(seconds: float) -> None:
     if seconds:
         await asyncio.sleep(seconds)
@@ -1238,6 +1672,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="VAR",
         help="require 'Authorization: Bearer <key>' on /v1 routes; the key is read from $VAR",
     )
+    parser.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default=d.runner,
+        help="serve the routes of a generating or a pooling model, as vLLM does, or all (default: %(default)s)",
+    )
 
 
 def config_from_options(options: Mapping[str, Any]) -> FakeServerConfig:
@@ -1254,6 +1694,7 @@ def config_from_options(options: Mapping[str, Any]) -> FakeServerConfig:
         error_status=options["error_status"],
         error_message=options["error_message"],
         api_key=_api_key_from_env(options["api_key_env"]),
+        runner=options.get("runner") or _DEFAULTS.runner,
     )
 
 

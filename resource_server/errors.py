@@ -119,6 +119,11 @@ class ErrorCode(StrEnum):
     MODEL_NOT_FOUND = "model_not_found", 404, "No such model (here or on the model server): see `GET /v1/models`."
     CLUSTER_NOT_FOUND = "cluster_not_found", 404, "No such cluster on this gateway."
     API_KEY_NOT_FOUND = "api_key_not_found", 404, "You have no API key with this id."
+    ROUTE_NOT_SERVED = (
+        "route_not_served",
+        404,
+        "The model exists, but its server does not serve this route (e.g. embeddings on a generating model).",
+    )
     UNKNOWN_ROUTE = "unknown_route", 404, "No such path: the API lives under `/resource_server/v1/`."
     # 405
     METHOD_NOT_ALLOWED = "method_not_allowed", 405, "The path does not take this method; `Allow` lists those it does."

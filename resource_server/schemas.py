@@ -137,6 +137,94 @@ class EmbeddingRequest(BaseModel):
     user: str | None = Field(default=None, description=_USER)
 
 
+# The routes added in issue 11 read only `model` (and `stream` where they stream): the model server checks
+# every other field, so their schemas name the main fields for the documentation and validate nothing else.
+_PASS_THROUGH_CONFIG = ConfigDict(extra="allow")
+
+
+class ResponseRequest(BaseModel):
+    """An OpenAI Responses API request, as vLLM serves `POST /v1/responses`."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    input: Any = Field(default=None, description="A text, or a list of input items (messages).")
+    stream: Any = Field(
+        default=None, description="Send the answer as named server-sent events, ending with `response.completed`."
+    )
+    max_output_tokens: Any = Field(default=None, description=_MAX_TOKENS)
+
+
+class MessageRequest(BaseModel):
+    """An Anthropic Messages API request, as vLLM serves `POST /v1/messages`."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    messages: Any = Field(default=None, description="The conversation: `role` and `content` per message.")
+    max_tokens: Any = Field(default=None, description=_MAX_TOKENS + " Required by the Messages API.")
+    stream: Any = Field(
+        default=None, description="Send the answer as named server-sent events, ending with `message_stop`."
+    )
+
+
+class CountTokensRequest(BaseModel):
+    """Anthropic's `POST /v1/messages/count_tokens`: the input tokens a Messages request would use."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    messages: Any = Field(default=None, description="The conversation, as for `POST /v1/messages`.")
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `POST /tokenize`: a `prompt`, or chat `messages`, to token ids."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    prompt: Any = Field(default=None, description="The text to tokenize (or send `messages`).")
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's `POST /detokenize`: token ids back to text."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    tokens: Any = Field(default=None, description="The token ids.")
+
+
+class ScoreRequest(BaseModel):
+    """vLLM's `POST /v1/score`: similarity of text pairs with a cross-encoder or embedding model."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    text_1: Any = Field(default=None, description="A text, or texts, to score against `text_2`.")
+    text_2: Any = Field(default=None, description="A text, or texts.")
+
+
+class RerankRequest(BaseModel):
+    """vLLM's `POST /v1/rerank` (Jina and Cohere style): documents ordered by relevance to a query."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    query: Any = Field(default=None, description="The query.")
+    documents: Any = Field(default=None, description="The documents to rank.")
+    top_n: Any = Field(default=None, description="Return only the best this many.")
+
+
+class PoolingRequest(BaseModel):
+    """vLLM's `POST /pooling`: the pooled hidden states of the inputs."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    input: Any = Field(default=None, description="A text, several texts, or token ids.")
+
+
+class ClassifyRequest(BaseModel):
+    """vLLM's `POST /classify`: class probabilities of each input, with a classification model."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    model: ModelName = Field(description=_MODEL, examples=["demo-model"])
+    input: Any = Field(default=None, description="A text or several texts.")
+
+
 # Documentation only: what the model server answers, relayed unchanged.
 
 
@@ -210,12 +298,94 @@ class EmbeddingList(BaseModel):
     usage: Usage | None = None
 
 
+class InputOutputUsage(BaseModel):
+    """Token counts as the Responses and Anthropic Messages APIs name them."""
+
+    model_config = _ANSWER_CONFIG
+    input_tokens: int
+    output_tokens: int
+
+
+class Response(BaseModel):
+    """A Responses API answer (`stream` false or absent)."""
+
+    model_config = _ANSWER_CONFIG
+    id: str
+    object: str = Field(examples=["response"])
+    model: str
+    status: str = Field(examples=["completed"])
+    output: list[dict[str, Any]]
+    usage: InputOutputUsage | None = None
+
+
+class Message(BaseModel):
+    """An Anthropic Messages API answer (`stream` false or absent)."""
+
+    model_config = _ANSWER_CONFIG
+    id: str
+    type: str = Field(examples=["message"])
+    role: str = Field(examples=["assistant"])
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str | None = None
+    usage: InputOutputUsage
+
+
+class TokenCount(BaseModel):
+    """The input tokens a Messages request would use."""
+
+    model_config = _ANSWER_CONFIG
+    input_tokens: int
+
+
+class Tokens(BaseModel):
+    """Token ids of the input."""
+
+    model_config = _ANSWER_CONFIG
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class Detokenized(BaseModel):
+    """The text of the token ids."""
+
+    model_config = _ANSWER_CONFIG
+    prompt: str
+
+
+class PoolingAnswer(BaseModel):
+    """The answer of `/v1/score`, `/pooling` and `/classify`: one `data` item per input (or pair), in order."""
+
+    model_config = _ANSWER_CONFIG
+    id: str
+    object: str = Field(examples=["list"])
+    model: str
+    data: list[dict[str, Any]]
+    usage: Usage | None = None
+
+
+class RerankAnswer(BaseModel):
+    """Documents by relevance, best first."""
+
+    model_config = _ANSWER_CONFIG
+    id: str
+    model: str
+    results: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+
+
 class Model(BaseModel):
     model_config = _ANSWER_CONFIG
     id: str = Field(description="The name to send as `model`.", examples=["demo-model"])
     object: str = Field(examples=["model"])
     created: int
     owned_by: str = Field(description="The cluster that serves it.")
+    max_model_len: int | None = Field(
+        default=None, description="The model's context length, as its server reports it (vLLM), once probed."
+    )
+    root: str | None = Field(default=None, description="What the server loaded (vLLM's `root`), once probed.")
+    parent: str | None = Field(default=None, description="The base model of an adapter (vLLM's `parent`).")
 
 
 class ModelList(BaseModel):
@@ -250,9 +420,25 @@ _DOCUMENTED: tuple[type[BaseModel], ...] = (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ResponseRequest,
+    MessageRequest,
+    CountTokensRequest,
+    TokenizeRequest,
+    DetokenizeRequest,
+    ScoreRequest,
+    RerankRequest,
+    PoolingRequest,
+    ClassifyRequest,
     ChatCompletion,
     Completion,
     EmbeddingList,
+    Response,
+    Message,
+    TokenCount,
+    Tokens,
+    Detokenized,
+    PoolingAnswer,
+    RerankAnswer,
     ModelList,
     ErrorEnvelope,
     Health,

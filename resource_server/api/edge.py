@@ -35,6 +35,19 @@ INFERENCE_PATH = re.compile(rf"^/resource_server/(?:(?P<cluster>[^/]+)/(?P<frame
 # The scope key under which the admission wrapper (gateway/asgi.py) leaves its INFERENCE_PATH match of a
 # POST (None: not an inference path), so that the lean door need not match the path again.
 INFERENCE_MATCH = "gateway.inference_match"
+
+
+def credential_header(authorization: str, x_api_key: str) -> str:
+    """The Authorization header, or else an `x-api-key` header as a bearer credential.
+
+    The stock `anthropic` client sends its key as `x-api-key` (with `api_key=`; `auth_token=` sends a bearer
+    token), so a gateway key or Globus token works there too. Authorization wins when both are sent.
+    """
+    if authorization or not x_api_key:
+        return authorization
+    return f"Bearer {x_api_key}"
+
+
 CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 JSON = "application/json"
 SSE_HEADERS = (

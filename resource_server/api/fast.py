@@ -35,6 +35,7 @@ from resource_server.api.edge import (
     RequestIds,
     Scope,
     Send,
+    credential_header,
     internal_error,
 )
 from resource_server.bootstrap import runtime
@@ -58,7 +59,7 @@ REPRODUCED_MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
-_WANTED_HEADERS = frozenset((b"host", b"authorization", b"content-length", b"x-request-id"))
+_WANTED_HEADERS = frozenset((b"host", b"authorization", b"x-api-key", b"content-length", b"x-request-id"))
 _MAX_CACHED_HOSTS = 64
 
 
@@ -147,7 +148,7 @@ class InferenceApp:
         result = await inference_run(
             parts=runtime(),
             route=Route(match["route"]),
-            authorization=headers.get(b"authorization", ""),
+            authorization=credential_header(headers.get(b"authorization", ""), headers.get(b"x-api-key", "")),
             content_length=length,
             read_body=lambda limit: _read_body(receive, limit),
             request_id=ids.gateway,

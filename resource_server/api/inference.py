@@ -15,7 +15,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.request import RawPostDataException
 from ninja import Path, Router
 
-from resource_server.api.edge import JSON, stream_response
+from resource_server.api.edge import JSON, credential_header, stream_response
 from resource_server.api.openapi import AUTHENTICATED, documented, inference_doc, json_response
 from resource_server.api.security import bearer_auth
 from resource_server.bootstrap import runtime
@@ -44,7 +44,7 @@ async def _infer(
     result = await inference_run(
         parts=runtime(),
         route=descriptor.route,
-        authorization=request.headers.get("Authorization", ""),
+        authorization=credential_header(request.headers.get("Authorization", ""), request.headers.get("X-Api-Key", "")),
         content_length=int(length) if length.isdigit() else None,
         read_body=read_body,
         request_id=request.request_id,  # type: ignore[attr-defined]
@@ -112,7 +112,8 @@ _MODELS_OK = json_response("The models, sorted by name.", schema_ref(ModelList))
 )
 async def models(request: HttpRequest) -> dict[str, Any]:
     principal = request.auth  # type: ignore[attr-defined]
-    return _models_response(await model_list(routing=runtime().routing, principal=principal))
+    parts = runtime()
+    return _models_response(await model_list(routing=parts.routing, principal=principal, cards=parts.health.model_card))
 
 
 @router.get(
@@ -128,6 +129,13 @@ async def models(request: HttpRequest) -> dict[str, Any]:
 )
 async def models_on_cluster(request: HttpRequest, cluster: ClusterName, framework: FrameworkName) -> dict[str, Any]:
     principal = request.auth  # type: ignore[attr-defined]
+    parts = runtime()
     return _models_response(
-        await model_list(routing=runtime().routing, principal=principal, cluster=cluster, framework=framework)
+        await model_list(
+            routing=parts.routing,
+            principal=principal,
+            cluster=cluster,
+            framework=framework,
+            cards=parts.health.model_card,
+        )
     )

@@ -26,6 +26,14 @@ class UpstreamRequest:
 class BackendHealth:
     ok: bool
     detail: str
+    # The model cards the server lists (vLLM's `GET /v1/models` items: max_model_len, root, parent...).
+    models: tuple[dict[str, Any], ...] = ()
+
+
+def model_cards(listing: object) -> tuple[dict[str, Any], ...]:
+    """The items of an OpenAI models list (`{"object": "list", "data": [...]}`) that are objects."""
+    data = listing.get("data") if isinstance(listing, dict) else None
+    return tuple(item for item in data if isinstance(item, dict)) if isinstance(data, list) else ()
 
 
 class UpstreamStream(Protocol):
@@ -85,6 +93,10 @@ def _error_body(content: bytes) -> tuple[str, bool]:
     return "", False
 
 
+# What vLLM (FastAPI) answers for a path it has no route for: vLLM registers only the routes of its model's
+# kind, so embeddings on a generating model get this, where a missing model gets vLLM's own message.
+ROUTE_NOT_FOUND_MESSAGE = "Not Found"
+
 _CLIENT_ERROR_CODES = {
     400: ErrorCode.INVALID_REQUEST,
     404: ErrorCode.MODEL_NOT_FOUND,
@@ -102,6 +114,13 @@ def upstream_error(status: int, content: bytes, *, model_server: str) -> Upstrea
     logged instead.
     """
     message, enveloped = _error_body(content)
+    if status == 404 and message == ROUTE_NOT_FOUND_MESSAGE:
+        return UpstreamError(
+            "The model's server does not serve this route.",
+            status=404,
+            error_type="invalid_request_error",
+            code=ErrorCode.ROUTE_NOT_SERVED,
+        )
     if status in MODEL_SERVER_4XX:
         code = _CLIENT_ERROR_CODES.get(status, ErrorCode.INVALID_REQUEST)
         if "maximum context length" in message or "context length" in message:

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-from resource_server.dispatch.base import BackendHealth, SseSplitter, UpstreamRequest, upstream_error
+from resource_server.dispatch.base import BackendHealth, SseSplitter, UpstreamRequest, model_cards, upstream_error
 from resource_server.dispatch.fields import EnvVarName
 from resource_server.dispatch.http1 import (
     ConnectError,
@@ -28,6 +28,7 @@ from resource_server.dispatch.http1 import (
     ReadTimeout,
 )
 from resource_server.errors import ErrorCode, ServiceUnavailable, UpstreamError
+from resource_server.routes import ROUTES
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +122,16 @@ class DirectBackend:
         fixed = [f"Host: {host}", "Content-Type: application/json", "Accept-Encoding: identity"]
         # Decided once here, so a request without a proxy costs nothing more (per-request CPU is benchmarked).
         self._proxy = _proxy_for(url.scheme, named, self._port)
-        self._target = path  # what follows the method in the request line
+        # What follows the method in the request line: the path of base_url for the /v1 routes, and for the
+        # few that vLLM serves at its root (/tokenize, /pooling, ...) that path without its final `v1/`.
+        root = path.removesuffix("v1/") if path.endswith("/v1/") else path
+        self._target = path
+        root_target = root
         if self._proxy is not None and self._tls is None:
             # Plain HTTP goes to the proxy whole: absolute-form target, the proxy's credentials in the head.
             # (HTTPS instead tunnels with CONNECT, and the proxy never sees the requests.)
             self._target = f"http://{named}:{self._port}{path}"
+            root_target = f"http://{named}:{self._port}{root}"
             if self._proxy.authorization:
                 fixed.append(f"Proxy-Authorization: {self._proxy.authorization}")
         if config.api_key_env:
@@ -133,6 +139,10 @@ class DirectBackend:
             if not secret:
                 raise _misconfigured()
             fixed.append(f"Authorization: Bearer {secret}")
+        self._route_targets = {
+            route: (root_target if descriptor.at_server_root else self._target) + route.value
+            for route, descriptor in ROUTES.items()
+        }
         self._fixed_headers = "".join(f"{line}\r\n" for line in fixed).encode("latin1")
         # Pools belong to one event loop; tests and management commands may run several.
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool] = weakref.WeakKeyDictionary()
@@ -153,8 +163,8 @@ class DirectBackend:
             self._pools[loop] = pool
         return pool
 
-    def _request(self, method: str, route: str, request_id: str = "", body: bytes = b"") -> bytes:
-        head = f"{method} {self._target}{route} HTTP/1.1\r\n".encode("latin1") + self._fixed_headers
+    def _request(self, method: str, target: str, request_id: str = "", body: bytes = b"") -> bytes:
+        head = f"{method} {target} HTTP/1.1\r\n".encode("latin1") + self._fixed_headers
         if request_id:
             head += f"X-Request-ID: {request_id}\r\n".encode("latin1")
         return head + f"Content-Length: {len(body)}\r\n\r\n".encode("latin1") + body
@@ -178,7 +188,7 @@ class DirectBackend:
         return UpstreamError("The connection to the model server failed.", code=ErrorCode.UPSTREAM_CONNECTION_FAILED)
 
     async def submit(self, request: UpstreamRequest) -> bytes:
-        data = self._request("POST", request.route.value, request.request_id, orjson.dumps(request.body))
+        data = self._request("POST", self._route_targets[request.route], request.request_id, orjson.dumps(request.body))
         try:
             response = await self._pool().request(data)
         except HttpError as exc:
@@ -189,7 +199,7 @@ class DirectBackend:
 
     async def open_stream(self, request: UpstreamRequest) -> DirectStream:
         pool = self._pool()
-        data = self._request("POST", request.route.value, request.request_id, orjson.dumps(request.body))
+        data = self._request("POST", self._route_targets[request.route], request.request_id, orjson.dumps(request.body))
         try:
             connection = await pool.exchange(data)
         except HttpError as exc:
@@ -206,16 +216,25 @@ class DirectBackend:
 
     async def health(self) -> BackendHealth:
         try:
-            response = await self._pool().request(self._request("GET", "models"))
+            response = await self._pool().request(self._request("GET", self._target + "models"))
         except HttpError as exc:
             return BackendHealth(ok=False, detail=type(exc).__name__)
-        return BackendHealth(ok=response.status == 200, detail=f"HTTP {response.status}")
+        ok = response.status == 200
+        cards = model_cards(_json_or_none(response.content)) if ok else ()
+        return BackendHealth(ok=ok, detail=f"HTTP {response.status}", models=cards)
 
     async def aclose(self) -> None:
         pools = list(self._pools.values())
         self._pools.clear()
         for pool in pools:
             await pool.aclose()
+
+
+def _json_or_none(content: bytes) -> object:
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
 
 
 class DirectStream:

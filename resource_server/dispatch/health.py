@@ -17,11 +17,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from resource_server.dispatch.base import Backend
+from resource_server.dispatch.base import Backend, BackendHealth
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class HealthProber:
         self._timeout = timeout
         self._clock = clock
         self._states: dict[int, HealthState] = {}
+        self._cards: dict[int, dict[str, dict[str, Any]]] = {}  # endpoint id -> model name -> its server's card
         self._down: set[int] = set()
         self._task: asyncio.Task[None] | None = None
 
@@ -86,6 +87,10 @@ class HealthProber:
 
     def state(self, endpoint_id: int) -> HealthState | None:
         return self._states.get(endpoint_id)
+
+    def model_card(self, endpoint_id: int, model: str) -> dict[str, Any] | None:
+        """The model card (vLLM's `GET /v1/models` item) the endpoint's server last listed for `model`."""
+        return self._cards.get(endpoint_id, {}).get(model)
 
     def start(self) -> None:
         """Probe every `interval` from now on; the first probe is one interval away, not at start."""
@@ -114,20 +119,23 @@ class HealthProber:
         results = await asyncio.gather(*(self._probe_one(endpoint) for endpoint in targets.values()))
         for endpoint_id in set(self._states) - set(targets):  # disabled or removed since
             del self._states[endpoint_id]
+            self._cards.pop(endpoint_id, None)
             self._down.discard(endpoint_id)
-        for endpoint_id, (ok, detail) in zip(targets, results, strict=True):
-            self._record(endpoint_id, ok, detail)
+        for endpoint_id, health in zip(targets, results, strict=True):
+            self._record(endpoint_id, health.ok, health.detail)
+            if health.models:  # kept while a probe lists none (a server down): the cards rarely change
+                self._cards[endpoint_id] = {str(card.get("id")): card for card in health.models}
 
-    async def _probe_one(self, endpoint: Probed) -> tuple[bool, str]:
+    async def _probe_one(self, endpoint: Probed) -> BackendHealth:
         try:
             backend = self._backends.get(endpoint.id, endpoint.backend, endpoint.config)
             async with asyncio.timeout(self._timeout):
                 health = await backend.health()
         except TimeoutError:
-            return False, f"no answer to the health check within {self._timeout:g} s"
+            return BackendHealth(False, f"no answer to the health check within {self._timeout:g} s")
         except Exception as exc:
-            return False, f"health check failed ({type(exc).__name__})"
-        return health.ok, health.detail
+            return BackendHealth(False, f"health check failed ({type(exc).__name__})")
+        return health
 
     def _record(self, endpoint_id: int, ok: bool, detail: str) -> None:
         before = self._states.get(endpoint_id)

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from compute_functions import DATA_STRATEGY, inference
 from resource_server.adapters.relay import RelayHub
-from resource_server.dispatch.base import BackendHealth, UpstreamRequest
+from resource_server.dispatch.base import BackendHealth, UpstreamRequest, model_cards
 from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, settled
 
 # compute_serde loads globus-compute-sdk (about 20 MB of a worker's memory): it is imported where
@@ -133,4 +133,8 @@ class LocalBackend(ComputeBackend):
         if not isinstance(result, dict):
             return BackendHealth(ok=False, detail="unreadable health result")
         models = ", ".join(str(name) for name in result.get("models") or [])
-        return BackendHealth(ok=result.get("healthy") is True, detail=f"vLLM serves: {models or 'nothing'}")
+        return BackendHealth(
+            ok=result.get("healthy") is True,
+            detail=f"vLLM serves: {models or 'nothing'}",
+            models=model_cards({"data": result.get("cards")}),
+        )

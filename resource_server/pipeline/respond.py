@@ -23,8 +23,6 @@ from resource_server.services.usage import UsageRecord
 
 logger = logging.getLogger(__name__)
 
-DONE_EVENT = b"data: [DONE]\n\n"
-
 
 @dataclass(frozen=True, slots=True)
 class JsonResult:
@@ -51,10 +49,6 @@ def _json_or_none(content: bytes) -> Any:
         return orjson.loads(content)
     except orjson.JSONDecodeError:
         return None
-
-
-def _error_event(error: GatewayError) -> bytes:
-    return b"data: " + error.body() + b"\n\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +133,26 @@ class ClientView:
         self._record.set_usage({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total})
 
 
+class PassThroughView:
+    """The stream of a route whose `stream_options` the gateway does not touch (Responses, Anthropic Messages):
+    every event goes to the client as it came; the usage its events carry is metered, the last one winning."""
+
+    __slots__ = ("_reader", "_record")
+
+    def __init__(self, reader: UsageReader, record: UsageRecord) -> None:
+        self._reader = reader
+        self._record = record
+
+    def events(self, event: bytes) -> list[bytes]:
+        chunk = self._reader.event_chunk(event)
+        if chunk is not None:
+            self._record.set_usage(self._reader.of_chunk(chunk))
+        return [event]
+
+    def flush(self) -> list[bytes]:
+        return []
+
+
 def _finishes(choices: list[Any]) -> bool:
     return any(isinstance(choice, dict) and choice.get("finish_reason") is not None for choice in choices)
 
@@ -154,36 +168,46 @@ def _event(chunk: dict[str, Any]) -> bytes:
 async def stream_relay(
     stream: UpstreamStream, descriptor: RouteDescriptor, meter: Meter, *, client: StreamWishes
 ) -> AsyncGenerator[bytes, None]:
-    """Relay upstream events one by one as they arrive, as the client asked for them; always end with `[DONE]`.
+    """Relay upstream events one by one as they arrive, as the client asked for them; end as the route's
+    streams end (`[DONE]`, or the final named event of the Responses and Messages streams).
 
     A stream that fails after it began ends with an error event; a client that goes away makes it a 499.
     Either way the row carries the usage of the last chunk seen (see `ClientView`).
     """
     status, error_code = 200, ""
-    saw_done = False
+    complete = False
+    framing = descriptor.framing
     record = meter.record
-    view = ClientView(descriptor.usage, record, client)
+    view = (
+        ClientView(descriptor.usage, record, client)
+        if descriptor.fields.stream_options is not None
+        else PassThroughView(descriptor.usage, record)
+    )
     try:
         async for event in stream:
             if record.time_to_first_token_ms is None:
                 meter.first_event()
-            if event.startswith(DONE_EVENT[:12]):
-                saw_done = True
+            if framing.is_done(event):
+                complete = True
                 break
             for shaped in view.events(event):
                 yield shaped
+            # A stream without [DONE] is complete at its final event; the upstream then ends it.
+            complete = complete or framing.is_final(event)
         for shaped in view.flush():
             yield shaped
-        if not saw_done:
+        if not complete:
             raise GatewayError("The model server ended the stream early.", code=ErrorCode.UPSTREAM_STREAM_TRUNCATED)
-        yield DONE_EVENT
+        if framing.done_event is not None:
+            yield framing.done_event
     except GatewayError as error:
         status, error_code = error.status, error.code
         logger.warning("stream %s failed: %s", record.request_id, error.code)
         for shaped in view.flush():
             yield shaped
-        yield _error_event(error)
-        yield DONE_EVENT
+        yield framing.error_event(error.body())
+        if framing.done_event is not None:
+            yield framing.done_event
     except (asyncio.CancelledError, GeneratorExit):
         # The client went away: closing the upstream stream (finally) stops generation on the server.
         status, error_code = 499, "client_disconnected"
@@ -193,8 +217,9 @@ async def stream_relay(
         logger.exception("stream %s failed", record.request_id)
         for shaped in view.flush():
             yield shaped
-        yield _error_event(GatewayError("The gateway failed while relaying the stream."))
-        yield DONE_EVENT
+        yield framing.error_event(GatewayError("The gateway failed while relaying the stream.").body())
+        if framing.done_event is not None:
+            yield framing.done_event
     finally:
         try:
             await stream.aclose()

@@ -15,7 +15,9 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError
@@ -303,19 +305,36 @@ async def endpoint_candidates(
     return candidates
 
 
+# The card fields that are the gateway's own: its name for the model, its registration time, and its cluster.
+# (endpoint id, model name) -> the model card its server lists, if known (HealthProber.model_card).
+ModelCards = Callable[[int, str], dict[str, Any] | None]
+_GATEWAY_CARD_FIELDS = ("id", "object", "created", "owned_by")
+
+
 async def model_list(
-    *, routing: RoutingCache, principal: Principal, cluster: str | None = None, framework: str | None = None
+    *,
+    routing: RoutingCache,
+    principal: Principal,
+    cluster: str | None = None,
+    framework: str | None = None,
+    cards: ModelCards | None = None,
 ) -> list[dict[str, object]]:
-    """Models the caller may use, in OpenAI's list shape, one entry per model name."""
+    """Models the caller may use, in OpenAI's list shape, one entry per model name.
+
+    Each entry carries the model card its server last listed (`cards`: vLLM's max_model_len, root, parent,
+    permission...) from the first endpoint of the caller's that has one; the gateway's own fields win.
+    """
     table = await routing.table()
     framework = _framework_scope(table, cluster, framework)
     models: dict[str, dict[str, object]] = {}
     for name, routes in table.by_model.items():
         for route in routes:
-            if route.serves(cluster, framework) and route.allows(principal):
-                models.setdefault(
-                    name, {"id": name, "object": "model", "created": route.created, "owned_by": route.cluster}
-                )
+            if not (route.serves(cluster, framework) and route.allows(principal)):
+                continue
+            card = cards(route.id, name) if cards is not None else None
+            if name not in models or (card and len(models[name]) == len(_GATEWAY_CARD_FIELDS)):
+                ours = {"id": name, "object": "model", "created": route.created, "owned_by": route.cluster}
+                models[name] = {**(card or {}), **ours}
     return [models[name] for name in sorted(models)]
 
 

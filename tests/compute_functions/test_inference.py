@@ -243,6 +243,9 @@ def test_health_lists_served_models(vllm: dict[str, Any]) -> None:
     assert result["status"] == 200
     assert result["healthy"] is True
     assert result["models"] == ["demo-model"]
+    [card] = result["cards"]  # vLLM's model card, for the gateway's GET /v1/models
+    assert (card["id"], card["root"], card["parent"]) == ("demo-model", "demo-model", None)
+    assert card["max_model_len"] > 0
 
 
 def test_health_of_a_down_server_is_503() -> None:

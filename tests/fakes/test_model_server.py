@@ -860,3 +860,52 @@ def test_command_line_builds_the_config_and_refuses_an_unset_key_variable(
         main([*argv, "--api-key-env", "NO_SUCH_VARIABLE_SET"])
     assert exit_.value.code == 2
     assert "NO_SUCH_VARIABLE_SET" in capsys.readouterr().err
+
+
+def test_responses_counts_tokens_like_chat_and_names_them_input_and_output(base_url: str) -> None:
+    body = {"model": "demo-model", "instructions": SYSTEM, "input": QUESTION, "max_output_tokens": 3}
+    answer = post(base_url, "/v1/responses", body).json()
+    assert (answer["object"], answer["status"]) == ("response", "incomplete")
+    assert answer["usage"]["input_tokens"] == CHAT_PROMPT_TOKENS
+    assert answer["usage"]["output_tokens"] == 3 == len(answer["output"][0]["content"][0]["text"].split())
+
+    streamed = post(base_url, "/v1/responses", {**body, "stream": True}).text
+    events = [event for event in streamed.split("\n\n") if event]
+    assert events[-1].startswith("event: response.completed\ndata: ")
+    assert "[DONE]" not in streamed
+    final = json.loads(events[-1].split("data: ", 1)[1])
+    assert final["response"]["usage"] == answer["usage"]
+    assert [json.loads(e.split("data: ", 1)[1])["sequence_number"] for e in events] == list(range(len(events)))
+
+
+def test_messages_needs_max_tokens_and_answers_errors_in_anthropics_envelope(base_url: str) -> None:
+    messages = [{"role": "user", "content": QUESTION}]
+    missing = post(base_url, "/v1/messages", {"model": "demo-model", "messages": messages})
+    assert missing.status_code == 400 and "max_tokens" in missing.json()["error"]["message"]
+    unknown = post(base_url, "/v1/messages", {"model": "nope", "max_tokens": 5, "messages": messages})
+    assert unknown.status_code == 404
+    assert unknown.json()["type"] == "error" and "nope" in unknown.json()["error"]["message"]
+
+    body = {"model": "demo-model", "max_tokens": 4, "system": SYSTEM, "messages": messages}
+    answer = post(base_url, "/v1/messages", body).json()
+    assert answer["usage"] == {"input_tokens": CHAT_PROMPT_TOKENS, "output_tokens": 4}
+    assert answer["stop_reason"] == "max_tokens"
+    streamed = post(base_url, "/v1/messages", {**body, "stream": True}).text
+    kinds = [event.split("\n", 1)[0] for event in streamed.split("\n\n") if event]
+    assert kinds[:2] == ["event: message_start", "event: content_block_start"]
+    assert kinds[-3:] == ["event: content_block_stop", "event: message_delta", "event: message_stop"]
+    assert kinds.count("event: content_block_delta") == 4
+
+
+@pytest.mark.parametrize(
+    ("runner", "served", "unserved"),
+    [("generate", "/v1/responses", "/v1/embeddings"), ("pooling", "/pooling", "/v1/chat/completions")],
+)
+def test_a_single_kind_runner_answers_fastapis_404_for_the_other_kinds_routes(
+    runner: str, served: str, unserved: str
+) -> None:
+    with serving(FakeServerConfig(runner=runner)) as url:
+        answer = post(url, unserved, {"model": "demo-model", "input": "x", "messages": CHAT})
+        assert (answer.status_code, answer.json()) == (404, {"detail": "Not Found"})
+        assert post(url, served, {"model": "demo-model", "input": "x"}).status_code == 200
+        assert post(url, "/tokenize", {"model": "demo-model", "prompt": "x"}).status_code == 200

@@ -15,7 +15,8 @@ import orjson
 # ignored: status, every other field and value, event names, the order and number of events, except that with
 # several choices (n > 1) a stream is compared choice by choice: vLLM interleaves the choices' chunks in an order
 # that changes from one run to the next.
-VOLATILE_FIELDS = {"id": "<id>", "created": "<time>", "created_at": "<time>"}
+# `item_id`: a Responses stream names its output item's random id in every event about it.
+VOLATILE_FIELDS = {"id": "<id>", "item_id": "<id>", "created": "<time>", "created_at": "<time>"}
 
 
 def normalised(value: Any) -> Any:

@@ -21,7 +21,20 @@ from tests.servers import free_port
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 5}
-ROUTE_PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+ROUTE_PATHS = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/tokenize",
+    "/v1/detokenize",
+    "/v1/score",
+    "/v1/rerank",
+    "/v1/pooling",
+    "/v1/classify",
+]
 
 
 async def get(path: str, seeded: Seeded) -> Any:

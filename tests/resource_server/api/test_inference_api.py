@@ -455,3 +455,59 @@ async def test_bodies_are_stored_only_when_the_setting_allows(seeded: Seeded, mo
     [row] = await rows()
     assert row.request_body == CHAT
     assert row.response_body == orjson.loads(response.content)
+
+
+RESPONSE = {"model": "demo-model", "input": "Hello there", "max_output_tokens": 5}
+MESSAGE = {"model": "demo-model", "max_tokens": 5, "messages": [{"role": "user", "content": "Hello there"}]}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "final"),
+    [("responses", RESPONSE, b"event: response.completed"), ("messages", MESSAGE, b"event: message_stop")],
+)
+async def test_named_event_streams_are_relayed_whole_without_a_done_event(
+    seeded: Seeded, route: str, body: dict[str, Any], final: bytes
+) -> None:
+    events = await read_events(await post(f"{BASE}/{route}", {**body, "stream": True}, seeded))
+    assert events[-1].startswith(final)
+    assert b"data: [DONE]" not in events
+    [row] = await rows()
+    assert (row.status_code, row.route, row.streamed) == (200, route, True)
+    assert row.prompt_tokens and row.completion_tokens
+
+
+@pytest.mark.parametrize(("route", "body"), [("responses", RESPONSE), ("messages", MESSAGE)])
+async def test_a_named_event_stream_cut_midway_ends_with_an_error_event(
+    seeded: Seeded, route: str, body: dict[str, Any]
+) -> None:
+    streamed = {**body, "stream": True, "fake_vllm": {"fail_after_tokens": 2}}
+    events = await read_events(await post(f"{BASE}/{route}", streamed, seeded))
+    kind, data = events[-1].split(b"\n", 1)
+    assert kind == b"event: error"
+    assert orjson.loads(data.removeprefix(b"data: "))["error"]["code"] in {
+        "upstream_stream_truncated",
+        "upstream_connection_failed",
+    }
+    [row] = await rows()
+    assert row.status_code == 502
+
+
+async def test_an_x_api_key_header_is_taken_as_the_bearer_credential(seeded: Seeded) -> None:
+    response = await post(f"{BASE}/messages", MESSAGE, None, **{"X-Api-Key": seeded.key})
+    assert response.status_code == 200
+    assert orjson.loads(response.content)["type"] == "message"
+    response = await post(f"{BASE}/messages", MESSAGE, None, **{"X-Api-Key": "not-a-key"})
+    assert response.status_code == 401
+
+
+async def test_models_carry_the_model_card_of_their_server_once_probed(seeded: Seeded) -> None:
+    before = orjson.loads((await AsyncClient().get(f"{BASE}/models", headers=seeded.auth)).content)["data"]
+    assert before == [{"id": "demo-model", "object": "model", "created": before[0]["created"], "owned_by": "polaris"}]
+
+    await runtime().health.probe()
+    [card] = orjson.loads((await AsyncClient().get(f"{BASE}/models", headers=seeded.auth)).content)["data"]
+
+    # The gateway's own fields (its cluster as owner, its registration time), beside vLLM's card fields.
+    assert {key: card[key] for key in ("id", "object", "owned_by", "created")} == before[0]
+    assert (card["max_model_len"], card["root"], card["parent"]) == (512, "demo-model", None)
+    assert card["permission"][0]["object"] == "model_permission"

@@ -15,7 +15,7 @@ from openapi_spec_validator import validate
 from resource_server.api.edge import INFERENCE_PATH
 from resource_server.errors import ERROR_CATALOGUE
 from resource_server.models import Cluster, Endpoint
-from resource_server.routes import Route
+from resource_server.routes import ROUTES, Route
 from tests.conftest import Seeded
 
 OPENAPI_URL = "/resource_server/openapi.json"
@@ -103,7 +103,8 @@ def test_inference_routes_document_their_error_statuses_and_stream(spec: dict[st
     for path, operation in inference:
         assert set(operation["responses"]) >= INFERENCE_ERRORS, path
         ok = operation["responses"]["200"]["content"]
-        assert ("text/event-stream" in ok) is (not path.endswith("/embeddings")), path
+        route = Route(path.split("/v1/", 1)[1])
+        assert ("text/event-stream" in ok) is ROUTES[route].streams, path
 
 
 def test_error_envelope_schema_matches_what_the_gateway_sends(spec: dict[str, Any]) -> None:

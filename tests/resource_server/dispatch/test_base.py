@@ -60,5 +60,14 @@ def test_a_vllm_4xx_body_reaches_the_client_unchanged() -> None:
 
 
 def test_a_4xx_body_not_in_the_envelope_is_put_in_it() -> None:
-    error = upstream_error(404, b'{"detail": "Not Found"}', model_server="test")
-    assert orjson.loads(error.body())["error"]["message"] == "Not Found"
+    error = upstream_error(422, b'{"detail": "Field required"}', model_server="test")
+    assert orjson.loads(error.body())["error"]["message"] == "Field required"
+
+
+def test_a_404_for_a_path_the_server_has_no_route_for_is_route_not_served_not_model_not_found() -> None:
+    # FastAPI's answer for an unregistered path (directly), and as the compute function reports it (in a stream).
+    for content in (b'{"detail":"Not Found"}', orjson.dumps({"error": {"message": "Not Found"}})):
+        error = upstream_error(404, content, model_server="m")
+        assert (error.status, error.code) == (404, "route_not_served")
+    missing = orjson.dumps({"error": {"message": "The model `x` does not exist.", "code": 404}})
+    assert upstream_error(404, missing, model_server="m").code == "model_not_found"
