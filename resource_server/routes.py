@@ -15,6 +15,7 @@ import orjson
 from pydantic import BaseModel
 
 from resource_server.schemas import (
+    AnthropicError,
     ChatCompletion,
     ChatCompletionRequest,
     ClassifyRequest,
@@ -258,6 +259,9 @@ class RouteDescriptor:
     stream_example: str | None = None  # what a streamed answer looks like; None: the route never streams
     framing: StreamFraming = OPENAI_FRAMING
     at_server_root: bool = False  # vLLM serves it at `/<path>`, not `/v1/<path>` (the gateway keeps `/v1/`)
+    # Documentation only: the envelope in which the model server refuses a request (passed on unchanged);
+    # None: OpenAI's, as the gateway's own errors.
+    refusal_schema: type[BaseModel] | None = None
 
     def __post_init__(self) -> None:
         if self.streams != (self.stream_example is not None):
@@ -364,6 +368,7 @@ ROUTES: dict[Route, RouteDescriptor] = {
             '"usage": {"input_tokens": 9, "output_tokens": 1}}\n\n'
             'event: message_stop\ndata: {"type": "message_stop"}\n\n',
             framing=StreamFraming(done_event=None, final_events=(b"event: message_stop",)),
+            refusal_schema=AnthropicError,
         ),
         RouteDescriptor(
             Route.COUNT_TOKENS,
@@ -375,6 +380,7 @@ ROUTES: dict[Route, RouteDescriptor] = {
             description="The input tokens a `POST /v1/messages` request would use, as Anthropic's "
             "`POST /v1/messages/count_tokens` does. Nothing is generated, so no tokens are recorded as used.",
             example={"model": "demo-model", "messages": [{"role": "user", "content": "Say hello in one word."}]},
+            refusal_schema=AnthropicError,
         ),
         RouteDescriptor(
             Route.TOKENIZE,

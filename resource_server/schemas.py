@@ -412,11 +412,26 @@ class ErrorEnvelope(BaseModel):
     error: ErrorDetail
 
 
+class AnthropicErrorDetail(BaseModel):
+    model_config = _ANSWER_CONFIG
+    type: str = Field(description="The error's kind, e.g. `invalid_request_error` (vLLM's: `BadRequestError`).")
+    message: str
+
+
+class AnthropicError(BaseModel):
+    """Anthropic's error envelope, in which the Messages routes' model server refuses a request (passed on as is)."""
+
+    model_config = _ANSWER_CONFIG
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 
 
 _DOCUMENTED: tuple[type[BaseModel], ...] = (
+    AnthropicError,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,

@@ -24,6 +24,8 @@ from resource_server.schemas import ErrorEnvelope, schema_ref
 # What every route may answer once a bearer credential is needed: authentication fails (401) or the
 # identity provider denies (403, e.g. a required Globus group), or it cannot be checked (503).
 AUTHENTICATED = ("401", "403", "500", "503")
+# The statuses in which a model server's refusal reaches the caller unchanged.
+MODEL_SERVER_REFUSALS = ("400", "404", "413", "422", "4XX")
 INFERENCE_ERRORS = ("400", "401", "403", "404", "413", "422", "4XX", "429", "500", "502", "503", "504")
 
 _STRING = {"type": "string"}
@@ -136,6 +138,11 @@ def inference_doc(descriptor: RouteDescriptor, *, on_cluster: bool) -> dict[str,
         *INFERENCE_ERRORS,
         ok={"description": ok, "headers": REQUEST_ID_HEADER, "content": content},
     )
+    if descriptor.refusal_schema is not None:
+        # The model server's refusals pass unchanged, in the route's own envelope; the gateway's own in OpenAI's.
+        either = {"anyOf": [schema_ref(ErrorEnvelope), schema_ref(descriptor.refusal_schema)]}
+        for status in MODEL_SERVER_REFUSALS:
+            doc["responses"][_status_key(status)]["content"]["application/json"]["schema"] = either
     doc["security"] = BEARER_SECURITY
     doc["requestBody"] = {
         "required": True,
