@@ -16,7 +16,7 @@ from resource_server.models import RequestLog
 from resource_server.pipeline.admit import UNLIMITED, admit
 from resource_server.pipeline.meter import Meter
 from resource_server.pipeline.parse import request_parse
-from resource_server.pipeline.respond import StreamWishes, answer_json, stream_relay
+from resource_server.pipeline.respond import ClientView, StreamWishes, answer_json, stream_relay
 from resource_server.routes import ROUTES, Route
 from resource_server.services.usage import UsageRecord
 from tests.conftest import Seeded
@@ -200,3 +200,38 @@ async def test_a_stream_cut_upstream_is_metered_per_choice_and_sends_what_it_hel
     assert orjson.loads(events[4][6:])["error"]["code"] == "upstream_connection_failed"
     row = await _row("meter-cut-00001")
     assert (row.status_code, row.prompt_tokens, row.completion_tokens, row.total_tokens) == (502, 3, 4, 7)
+
+
+def _vllm_chunk(tokens: int, *, finish: str | None = None, choices: bool = True) -> bytes:
+    # vLLM's shape: compact JSON, the usage object last.
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": f" w{tokens}"}, "finish_reason": finish}] if choices else [],
+        "usage": {"prompt_tokens": 5, "total_tokens": 5 + tokens, "completion_tokens": tokens},
+    }
+    if not choices:
+        body["system_fingerprint"] = "fp-1"
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+@pytest.mark.parametrize("asked", [NOTHING, FINAL_USAGE, EVERY_CHUNK])
+def test_one_choice_chunks_cut_by_their_bytes_equal_the_parsed_path(asked: StreamWishes) -> None:
+    upstream = [_vllm_chunk(1), _vllm_chunk(2), _vllm_chunk(3, finish="length"), _vllm_chunk(3, choices=False)]
+    seen = []
+    for one_choice in (False, True):
+        wishes = StreamWishes(asked.include_usage, asked.continuous_usage, one_choice=one_choice)
+        record = UsageRecord(request_id="r", client_request_id="", user_id=1, api_key_id=None, route="chat")
+        view = ClientView(ROUTES[Route.CHAT].usage, record, wishes)
+        sent = [event for chunk in upstream for event in view.events(chunk)] + view.flush()
+        seen.append(([orjson.loads(event[6:]) for event in sent], record.completion_tokens))
+        cut = ClientView(ROUTES[Route.CHAT].usage, record, wishes)
+        cut.events(_vllm_chunk(1))
+        cut.events(_vllm_chunk(2))
+        assert record.completion_tokens == 2, "a stream cut after two chunks is metered to them"
+    assert seen[0] == seen[1]
+    events, tokens = seen[1]
+    assert tokens == 3
+    assert all(("usage" in event) == asked.continuous_usage for event in events[:2])
