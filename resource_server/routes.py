@@ -112,15 +112,8 @@ class UsageReader:
         """The parsed chunk of an SSE event that carries usage (a cheap byte test comes before parsing)."""
         if self._marker not in event or self._nulls[0] in event or self._nulls[1] in event:
             return None
-        if not event.startswith(b"data: "):
-            return None
-        try:
-            chunk = orjson.loads(event[6:].strip())
-        except orjson.JSONDecodeError:
-            return None
-        if isinstance(chunk, dict) and isinstance(chunk.get(self._key), dict):
-            return chunk
-        return None
+        chunk = _sse_data(event) if event.startswith(b"data: ") else None
+        return chunk if chunk is not None and isinstance(chunk.get(self._key), dict) else None
 
     def of_chunk(self, chunk: dict[str, Any]) -> object:
         return chunk[self._key]

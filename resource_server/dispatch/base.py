@@ -58,6 +58,14 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+def json_or_none(content: bytes) -> Any:
+    """A JSON document, or None if `content` is not one (a model server's answer is relayed either way)."""
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+
+
 class SseSplitter:
     """Cuts a byte stream into whole server-sent events, so each is relayed as soon as it is complete."""
 

@@ -15,7 +15,14 @@ from urllib.parse import unquote, urlsplit
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-from resource_server.dispatch.base import BackendHealth, SseSplitter, UpstreamRequest, model_cards, upstream_error
+from resource_server.dispatch.base import (
+    BackendHealth,
+    SseSplitter,
+    UpstreamRequest,
+    json_or_none,
+    model_cards,
+    upstream_error,
+)
 from resource_server.dispatch.fields import EnvVarName
 from resource_server.dispatch.http1 import (
     ConnectError,
@@ -220,7 +227,7 @@ class DirectBackend:
         except HttpError as exc:
             return BackendHealth(ok=False, detail=type(exc).__name__)
         ok = response.status == 200
-        cards = model_cards(_json_or_none(response.content)) if ok else ()
+        cards = model_cards(json_or_none(response.content)) if ok else ()
         return BackendHealth(ok=ok, detail=f"HTTP {response.status}", models=cards)
 
     async def aclose(self) -> None:
@@ -228,13 +235,6 @@ class DirectBackend:
         self._pools.clear()
         for pool in pools:
             await pool.aclose()
-
-
-def _json_or_none(content: bytes) -> object:
-    try:
-        return orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return None
 
 
 class DirectStream:

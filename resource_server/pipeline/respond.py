@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 
-from resource_server.dispatch.base import UpstreamStream
+from resource_server.dispatch.base import UpstreamStream, json_or_none
 from resource_server.errors import ErrorCode, GatewayError
 from resource_server.pipeline.meter import Meter
 from resource_server.pipeline.parse import ParsedRequest
@@ -36,19 +36,12 @@ class StreamResult:
 
 def answer_json(content: bytes, descriptor: RouteDescriptor, meter: Meter) -> JsonResult:
     """The model server's JSON answer, unchanged; its usage goes to the meter."""
-    reply = _json_or_none(content)
+    reply = json_or_none(content)
     meter.record.set_usage(descriptor.usage.of_answer(reply))
     if settings.GATEWAY.LOG_REQUEST_BODIES:
         meter.record.response_body = reply
     meter.finish(status=200)
     return JsonResult(content)
-
-
-def _json_or_none(content: bytes) -> Any:
-    try:
-        return orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return None
 
 
 @dataclass(frozen=True, slots=True)
