@@ -123,12 +123,14 @@ def upstream_error(status: int, content: bytes, *, model_server: str) -> Upstrea
     """
     message, enveloped = _error_body(content)
     if status == 404 and message == ROUTE_NOT_FOUND_MESSAGE:
-        return UpstreamError(
+        not_served = UpstreamError(
             "The model's server does not serve this route.",
             status=404,
             error_type="invalid_request_error",
             code=ErrorCode.ROUTE_NOT_SERVED,
         )
+        not_served.never_reached = True  # its server ran nothing: another endpoint of the model may serve it
+        return not_served
     if status in MODEL_SERVER_4XX:
         code = _CLIENT_ERROR_CODES.get(status, ErrorCode.INVALID_REQUEST)
         if "maximum context length" in message or "context length" in message:

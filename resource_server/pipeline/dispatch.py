@@ -47,12 +47,9 @@ async def _first_taker(
         try:
             return await call(backends.get(endpoint.id, endpoint.backend, endpoint.config))
         except GatewayError as error:
-            last = endpoint is candidates[-1]
-            if error.code == ErrorCode.ROUTE_NOT_SERVED:
-                # Its server ran nothing: another endpoint of the same model may serve the route.
-                if last:
+            if not error.never_reached or endpoint is candidates[-1]:
+                if error.code == ErrorCode.ROUTE_NOT_SERVED:
                     raise _route_not_served(request) from None
-            elif not error.never_reached or last:
                 raise
             logger.warning(
                 "endpoint %s did not take the request (%s); trying the next candidate", endpoint.id, error.code
