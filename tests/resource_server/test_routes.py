@@ -18,9 +18,23 @@ def test_every_route_has_one_row_that_the_inference_paths_serve() -> None:
         assert descriptor.route is route
         assert INFERENCE_PATH.match(f"/resource_server/v1/{descriptor.path}")["route"] == route.value  # type: ignore[index]
         assert INFERENCE_PATH.match(f"/resource_server/polaris/vllm/v1/{descriptor.path}")
-        descriptor.request_schema.model_validate(descriptor.example)
+        # A form's example has its text fields (the OpenAPI's "Try it out" attaches the file).
+        descriptor.request_schema.model_validate(
+            {**descriptor.example, **({"file": b"RIFF"} if descriptor.form else {})}
+        )
     streaming = [route for route, descriptor in ROUTES.items() if descriptor.streams]
-    assert streaming == [Route.CHAT, Route.COMPLETIONS, Route.RESPONSES, Route.MESSAGES]
+    assert streaming == [
+        Route.CHAT,
+        Route.COMPLETIONS,
+        Route.RESPONSES,
+        Route.MESSAGES,
+        Route.TRANSCRIPTIONS,
+        Route.TRANSLATIONS,
+    ]
+    assert [route for route, descriptor in ROUTES.items() if descriptor.form] == [
+        Route.TRANSCRIPTIONS,
+        Route.TRANSLATIONS,
+    ]
     assert not INFERENCE_PATH.match("/resource_server/v1/models")
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import AsyncClient, Client
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
@@ -17,6 +18,7 @@ from resource_server.api.openapi import MODEL_SERVER_REFUSALS
 from resource_server.errors import ERROR_CATALOGUE
 from resource_server.models import Cluster, Endpoint
 from resource_server.routes import ROUTES, Route
+from tests.audio import wav_clip
 from tests.conftest import Seeded
 
 OPENAPI_URL = "/resource_server/openapi.json"
@@ -41,6 +43,14 @@ def operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
         for method, operation in item.items()
         if method in METHODS
     ]
+
+
+def request_example(operation: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The media type of an operation's request body and its example, if it takes a body."""
+    if "requestBody" not in operation:
+        return None
+    ((media_type, body),) = operation["requestBody"]["content"].items()
+    return media_type, body
 
 
 def resolve(spec: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
@@ -130,12 +140,15 @@ def _components(spec: dict[str, Any]) -> dict[str, Any]:
 
 def test_every_request_example_fits_its_schema(spec: dict[str, Any]) -> None:
     for path, method, operation in operations(spec):
-        if "requestBody" not in operation:
+        if (documented := request_example(operation)) is None:
             continue
-        body = operation["requestBody"]["content"]["application/json"]
+        media_type, body = documented
         assert "example" in body, f"{method.upper()} {path} has no example body"
         schema = {**resolve(spec, body["schema"]), **_components(spec)}
-        Draft202012Validator(schema).validate(body["example"])
+        example = body["example"]
+        if media_type == "multipart/form-data":
+            example = {**example, "file": "speech.wav"}  # a form's example has its text fields: you attach the file
+        Draft202012Validator(schema).validate(example)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -150,11 +163,14 @@ async def test_each_example_sent_as_is_is_accepted(spec: dict[str, Any], seeded:
     client = AsyncClient()
     for path, method, operation in operations(spec):
         url = example_path(path, operation)
-        body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("example")
-        if body is None:
+        documented = request_example(operation)
+        if documented is None:
             response = await getattr(client, method)(url, headers=seeded.auth)
+        elif documented[0] == "multipart/form-data":
+            form = {**documented[1]["example"], "file": SimpleUploadedFile("speech.wav", wav_clip(0.5))}
+            response = await client.post(url, form, headers=seeded.auth)  # Django's test client sends multipart
         else:
-            raw = orjson.dumps(body)
+            raw = orjson.dumps(documented[1]["example"])
             response = await getattr(client, method)(url, raw, content_type="application/json", headers=seeded.auth)
         where = f"{method.upper()} {url}"
         assert response.status_code not in (400, 422), (where, response.content)
