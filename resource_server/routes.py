@@ -283,6 +283,12 @@ _SPEECH_STREAM_EXAMPLE = (
     'data: {"id": "transcribe-1", "object": "transcription.chunk", "created": 1767225600, "model": "demo-model", '
     '"choices": [{"delta": {"content": " Hello"}}]}\n\ndata: [DONE]\n\n'
 )
+# The examples' `file`: an empty WAV clip (8 kHz, 8-bit mono, no samples), whose 44 bytes are all ASCII so that
+# the OpenAPI document can carry them as text; a client attaches a real recording instead.
+EMPTY_WAV = (
+    "RIFF$\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00"
+    "@\x1f\x00\x00@\x1f\x00\x00\x01\x00\x08\x00data\x00\x00\x00\x00"
+)
 _SPEECH_DESCRIPTION = (
     " A multipart/form-data form, as OpenAI's client sends it: the audio `file` and text fields. The gateway "
     "streams the upload on to the model server as it arrives (up to `AUDIO_MAX_BYTES`, 25 MiB by default; a "
@@ -475,7 +481,7 @@ ROUTES: dict[Route, RouteDescriptor] = {
             description="The text of the audio `file`, as OpenAI's `POST /v1/audio/transcriptions` does (vLLM's "
             "implementation: a speech-to-text model such as Whisper). Usage: the audio's `seconds`, or the "
             "tokens of a stream." + _SPEECH_DESCRIPTION,
-            example={"model": "demo-model", "response_format": "json"},
+            example={"model": "demo-model", "response_format": "json", "file": EMPTY_WAV},
             stream_example=_SPEECH_STREAM_EXAMPLE,
             form=True,
         ),
@@ -489,7 +495,7 @@ ROUTES: dict[Route, RouteDescriptor] = {
             description="The English text of the audio `file`, as OpenAI's `POST /v1/audio/translations` does "
             "(vLLM's implementation). vLLM reports no usage for a translation that is not streamed."
             + _SPEECH_DESCRIPTION,
-            example={"model": "demo-model", "response_format": "json"},
+            example={"model": "demo-model", "response_format": "json", "file": EMPTY_WAV},
             stream_example=_SPEECH_STREAM_EXAMPLE.replace("transcribe-", "translate-").replace(
                 "transcription.chunk", "translation.chunk"
             ),
