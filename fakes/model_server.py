@@ -31,6 +31,7 @@ import math
 import os
 import struct
 import time
+import urllib.parse
 import wave
 import zlib
 from collections import Counter
@@ -1704,9 +1705,13 @@ class _Form:
 
 
 def _read_form(scope: Scope, raw: bytes) -> _Form:
-    """The multipart form as Starlette reads it; any other body is an empty form (so `file` is missing)."""
+    """The form as Starlette reads it: multipart, or URL-encoded (text fields only); any other body is an empty
+    form (so `file` is missing)."""
     content_type = dict(scope["headers"]).get(b"content-type", b"")
     kind, options = parse_options_header(content_type)
+    if kind == b"application/x-www-form-urlencoded":
+        pairs = urllib.parse.parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+        return _Form(dict(pairs), {name: [v for n, v in pairs if n == name] for name, _ in pairs}, {})
     if kind != b"multipart/form-data" or not options.get(b"boundary"):
         return _Form({}, {}, {})
     parts: list[tuple[dict[bytes, bytes], list[bytes]]] = []
