@@ -15,6 +15,7 @@ form's closing delimiter: vLLM, like Starlette, takes a repeated field's last va
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -204,21 +205,24 @@ class FormUpload:
             raise UpstreamError("The audio upload could not be sent again to another endpoint.")
         self._read = True
         held = b""
-        self._spool.seek(0)
-        while block := self._spool.read(_BLOCK):
-            data = held + block
-            held = data[-_TAIL:]
-            if len(data) > _TAIL:
-                yield data[:-_TAIL]
-        self._spool.close()
-        if self._rest is not None:
-            async for chunk in self._rest:
-                self._count(chunk)
+        async with contextlib.aclosing(self._received_bytes()) as received:
+            async for chunk in received:
                 data = held + chunk
                 held = data[-_TAIL:]
                 if len(data) > _TAIL:
                     yield data[:-_TAIL]
         yield self._with_added(held)
+
+    async def _received_bytes(self) -> AsyncGenerator[bytes, None]:
+        """The spool read back, then the rest of the body as the client sends it."""
+        self._spool.seek(0)
+        while block := self._spool.read(_BLOCK):
+            yield block
+        self._spool.close()
+        if self._rest is not None:
+            async for chunk in self._rest:
+                self._count(chunk)
+                yield chunk
 
     def _count(self, chunk: bytes) -> None:
         self._received += len(chunk)
