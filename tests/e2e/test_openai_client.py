@@ -191,18 +191,26 @@ def test_every_request_leaves_exactly_one_row(stack: Stack) -> None:
     assert RequestLog.objects.filter(request_id__in=ids).count() == 3
 
 
-def test_audio_transcription_and_translation_with_the_stock_client_and_their_usage_rows(stack: Stack) -> None:
+def test_audio_transcription_with_the_stock_client_and_translation_and_their_usage_rows(stack: Stack) -> None:
     client = stack.client()
     clip = ("talk.wav", wav_clip(2.2), "audio/wav")
-    raw = client.audio.transcriptions.with_raw_response.create(model="demo-model", file=clip, language="en")
-    transcription = raw.parse()
-    assert transcription.text
-    row = stack.row(raw.headers["x-request-id"])
+    with client.audio.transcriptions.with_streaming_response.create(
+        model="demo-model", file=clip, language="en"
+    ) as response:
+        assert response.parse().text
+    row = stack.row(response.headers["x-request-id"])
     assert (row.status_code, row.route, row.streamed, row.audio_seconds) == (200, "audio/transcriptions", False, 3)
 
-    raw = client.audio.translations.with_raw_response.create(model="demo-model", file=clip)
-    assert raw.parse().text
-    row = stack.row(raw.headers["x-request-id"])
+    # (openai 3.51 marks audio.translations deprecated: the same form over plain HTTP.)
+    translation = httpx.post(
+        f"{stack.url}/resource_server/v1/audio/translations",
+        headers={"Authorization": f"Bearer {stack.seeded.key}"},
+        data={"model": "demo-model"},
+        files={"file": clip},
+        timeout=20,
+    )
+    assert translation.json()["text"]
+    row = stack.row(translation.headers["x-request-id"])
     assert (row.status_code, row.route, row.audio_seconds, row.prompt_tokens) == (200, "audio/translations", None, None)
 
 
