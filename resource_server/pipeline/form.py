@@ -32,7 +32,9 @@ from resource_server.routes import RouteDescriptor
 
 FIELDS_READ = frozenset(("model", "stream", "stream_include_usage", "stream_continuous_usage_stats"))
 SPOOL_MEMORY_BYTES = 1024 * 1024  # a spooled form larger than this goes to a temporary file
-FIELD_BYTES_KEPT = 64 * 1024  # the text fields' values the gateway keeps, in all (more are passed on unread)
+# The values the gateway keeps: each field it reads up to this much, the other text fields up to this much in all
+# (for the usage record's request body, when kept); the rest is passed on unread.
+FIELD_BYTES_KEPT = 64 * 1024
 _BLOCK = 64 * 1024  # how much of a spool is sent at a time
 # Bytes held back at the end of the stream, so that parts can go in before the closing delimiter (and an
 # epilogue of up to this much after it).
@@ -51,6 +53,7 @@ def audio_too_large() -> InvalidRequest:
 class _Part:
     name: str = ""
     is_file: bool = False
+    dropped: bool = False  # a value longer than the gateway keeps
     value: bytearray = field(default_factory=bytearray)
     header: list[bytes] = field(default_factory=lambda: [b"", b""])
 
@@ -119,13 +122,20 @@ class FormScanner:
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
-        if not part.is_file and self._kept + end - start <= FIELD_BYTES_KEPT:
-            part.value += data[start:end]
+        if part.is_file or part.dropped:
+            return
+        read = part.name in FIELDS_READ
+        if len(part.value) + end - start > (FIELD_BYTES_KEPT if read else FIELD_BYTES_KEPT - self._kept):
+            part.dropped = True
+            part.value.clear()
+            return
+        part.value += data[start:end]
+        if not read:
             self._kept += end - start
 
     def _end(self) -> None:
         part = self._part
-        if part.is_file:
+        if part.is_file or part.dropped:
             return
         self.fields[part.name] = part.value.decode("utf-8", "replace")
         if self.model_before_file and part.name in FIELDS_READ and self.late_field is None:

@@ -184,3 +184,13 @@ async def test_an_upload_is_sent_once_only() -> None:
     assert await sent(upload)
     with pytest.raises(UpstreamError):
         await sent(upload)
+
+
+async def test_a_long_text_field_is_passed_on_unread_without_losing_the_fields_the_gateway_reads() -> None:
+    prompt = "fox " * 20_000  # 80 kB: more than the gateway keeps of the other fields
+    head = field("prompt", prompt) + field("model", "whisper") + field("language", "en") + file_head()
+    sender = Sender(head, AUDIO, CLOSE)
+    upload = await read(sender)
+    assert upload.fields == {"model": "whisper", "language": "en"}
+    assert form_parse(TRANSCRIPTIONS, upload).model == "whisper"
+    assert await sent(upload) == b"".join(sender.chunks)
