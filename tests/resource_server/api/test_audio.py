@@ -47,9 +47,12 @@ def silent_wav_pieces(seconds: int, rate: int = 16000) -> tuple[bytes, int]:
     return header + b"data" + struct.pack("<I", data), data
 
 
-async def send_form(app: Any, auth: dict[str, str], pieces: Iterator[bytes], length: int) -> tuple[int, bytes]:
+async def send_form(
+    app: Any, auth: dict[str, str], pieces: Iterator[bytes], length: int, *, then_leave: bool = False
+) -> tuple[int, bytes]:
     """POST a form through an ASGI app as uvicorn delivers it: one message per piece, each made only when the
-    app asks for it (so the test holds no more of the body than the app does)."""
+    app asks for it (so the test holds no more of the body than the app does); `then_leave`: the client
+    disconnects after the pieces instead of ending the body."""
     headers = {"host": "127.0.0.1:8000", "content-type": f"multipart/form-data; boundary={BOUNDARY}"}
     headers |= {name.lower(): value for name, value in auth.items()} | {"content-length": str(length)}
     scope = {
@@ -74,6 +77,8 @@ async def send_form(app: Any, auth: dict[str, str], pieces: Iterator[bytes], len
         piece = next(pieces, None)
         if piece is not None:
             return {"type": "http.request", "body": piece, "more_body": True}
+        if then_leave:
+            return {"type": "http.disconnect"}
         if not finished.is_set() and status == 0 and not answer:
             finished.set()  # the body's end, once
             return {"type": "http.request", "body": b"", "more_body": False}
@@ -161,3 +166,16 @@ async def test_a_form_without_a_model_on_the_generic_path_is_refused_with_400(se
     status, answer = await send_form(inference_app, seeded.auth, iter([body]), len(body))
     assert status == 400
     assert orjson.loads(answer)["error"]["code"] == "missing_required_parameter"
+
+
+async def test_a_client_that_leaves_mid_upload_is_recorded_as_499(seeded: Seeded) -> None:
+    pieces, length = large_form(seconds=300)
+
+    def leaving() -> Iterator[bytes]:
+        for _ in range(20):  # the head and about 1 MB of audio, then the client is gone
+            yield next(pieces)
+
+    await send_form(inference_app, seeded.auth, leaving(), length, then_leave=True)
+    runtime().usage_sink.flush(timeout=10)
+    row = await RequestLog.objects.aget(route="audio/transcriptions")
+    assert (row.status_code, row.error_code) == (499, "client_disconnected")
