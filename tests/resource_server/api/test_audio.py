@@ -13,9 +13,10 @@ import pytest
 
 from gateway.asgi import django_application, inference_app
 from resource_server.bootstrap import runtime
-from resource_server.models import RequestLog
+from resource_server.models import Cluster, Endpoint, RequestLog
 from tests.audio import wav_clip
 from tests.conftest import Seeded
+from tests.servers import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -179,3 +180,18 @@ async def test_a_client_that_leaves_mid_upload_is_recorded_as_499(seeded: Seeded
     runtime().usage_sink.flush(timeout=10)
     row = await RequestLog.objects.aget(route="audio/transcriptions")
     assert (row.status_code, row.error_code) == (499, "client_disconnected")
+
+
+async def test_an_upload_goes_to_the_next_endpoint_when_the_first_cannot_be_reached(
+    seeded: Seeded, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = await Cluster.objects.acreate(name="aaa-first")  # sorted before the seeded cluster: tried first
+    config = {"base_url": f"http://127.0.0.1:{free_port()}/v1", "connect_timeout": 2}  # nothing listens there
+    first = await Endpoint.objects.acreate(cluster=dead, model="demo-model", backend="direct", backend_config=config)
+    body = field("model", "demo-model") + file_head() + wav_clip(1.0) + CLOSE
+    status, answer = await send_form(inference_app, seeded.auth, iter([body[:200], body[200:]]), len(body))
+    assert status == 200, answer
+    assert f"endpoint {first.pk} did not take the request" in caplog.text
+    runtime().usage_sink.flush(timeout=10)
+    row = await RequestLog.objects.aget(route="audio/transcriptions")
+    assert (row.status_code, row.endpoint_id, row.audio_seconds) == (200, seeded.endpoint.pk, 1)
