@@ -124,6 +124,7 @@ class Connection(asyncio.Protocol):
         self._reusable = self._parser.should_keep_alive()
         self.head_done = True
         self._wake()
+        self.resume_writing()  # an answer ends an upload: a sender waiting for the server to read stops waiting
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)

@@ -29,18 +29,17 @@ class Body:
 
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[int, asyncio.Event, list[bytes]]]:
-    """A server that reads a request head, then its body only once `reading` is set (refusing it with 413 at
-    once if the head asks for that), and answers 200 with the body's length."""
+    """A server that reads a request head, then its body only once `reading` is set, and answers 200 with the
+    body's length; or, if the head asks for that, refuses with 413 at once and reads nothing more."""
     reading = asyncio.Event()
     bodies: list[bytes] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         if b"/refuse" in head:
-            writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\n{}")
             await writer.drain()
-            await asyncio.sleep(0.2)
-            writer.close()
+            await asyncio.sleep(60)  # keeps the connection open, reading nothing more
             return
         await reading.wait()
         body = bytearray()
