@@ -32,6 +32,7 @@ async def server() -> AsyncIterator[tuple[int, asyncio.Event, list[bytes]]]:
     """A server that reads a request head, then its body only once `reading` is set, and answers 200 with the
     body's length; or, if the head asks for that, refuses with 413 at once and reads nothing more."""
     reading = asyncio.Event()
+    finished = asyncio.Event()
     bodies: list[bytes] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -39,7 +40,8 @@ async def server() -> AsyncIterator[tuple[int, asyncio.Event, list[bytes]]]:
         if b"/refuse" in head:
             writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\n{}")
             await writer.drain()
-            await asyncio.sleep(60)  # keeps the connection open, reading nothing more
+            await finished.wait()  # keeps the connection open, reading nothing more
+            writer.close()
             return
         await reading.wait()
         body = bytearray()
@@ -54,7 +56,9 @@ async def server() -> AsyncIterator[tuple[int, asyncio.Event, list[bytes]]]:
 
     listening = await asyncio.start_server(handle, "127.0.0.1", 0)
     yield listening.sockets[0].getsockname()[1], reading, bodies
+    finished.set()
     listening.close()
+    await listening.wait_closed()
 
 
 def pool(port: int) -> Pool:
