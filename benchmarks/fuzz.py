@@ -63,7 +63,7 @@ sensitive-markers = ["authorization"]
 negative_data_rejection.enabled = true
 
 [[operations]]
-include-path-regex = "/v1/(chat/completions|completions|embeddings)$"
+include-path-regex = "/v1/(chat/completions|completions|embeddings|audio/transcriptions|audio/translations)$"
 checks.negative_data_rejection.enabled = false
 """
 

@@ -19,7 +19,8 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
     request:
         mode      "inference" (default) or "health"
         route     a key of `routes` below ("chat/completions", "responses", "messages", ...)
-        body      the OpenAI request body, sent to vLLM as JSON
+        body      the OpenAI request body, sent to vLLM as JSON; for the audio routes (`form_routes`) the
+                  client's multipart form: {"content_type": its Content-Type, "data": the form, base64}
         request_id   optional, forwarded as X-Request-Id
         vllm      {host, port, tls=False, verify_tls=True, api_key_env=None, connect_timeout=5, read_timeout=600}
         stream    optional {relay_url, token, max_coalesce_ms=5, retries=5, verify_tls=True, timeout=30}
@@ -34,6 +35,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
     {"status", "outcome": completed|failed|cancelled|relay_failed, "chunks", "events", "usage",
     "elapsed_ms", "error"?}.
     """
+    import base64
     import contextlib
     import http.client
     import json
@@ -60,9 +62,13 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         "rerank": "/v1/rerank",
         "pooling": "/pooling",
         "classify": "/classify",
+        "audio/transcriptions": "/v1/audio/transcriptions",
+        "audio/translations": "/v1/audio/translations",
     }
+    # Routes whose body is a multipart form, sent to vLLM as the client sent it.
+    form_routes = ("audio/transcriptions", "audio/translations")
     # Streams that end with `data: [DONE]`; the others (Responses, Anthropic Messages) end with a named event.
-    done_terminated = ("chat/completions", "completions")
+    done_terminated = ("chat/completions", "completions", *form_routes)
     started = time.monotonic()
     end_of_stream = object()  # the reader's marker for a cleanly closed upstream response
 
@@ -140,20 +146,26 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         return TaskError(502, "vllm_connection_lost", f"The connection to vLLM failed: {exc!r}")
 
     def call(
-        vllm: dict[str, Any], method: str, path: str, body: object = None
+        vllm: dict[str, Any], method: str, path: str, body: object = None, route: str = ""
     ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send one request; the caller reads the response and closes the connection."""
+        """Send one request (JSON, or the form of a `form_routes` route); the caller reads the response and
+        closes the connection."""
         conn = connect(vllm)
-        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = vllm["headers"]
+        if route in form_routes and isinstance(body, dict):
+            payload: bytes | None = base64.b64decode(body["data"])
+            headers = {**headers, "Content-Type": body["content_type"]}
+        else:
+            payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         try:
-            conn.request(method, path, body=payload, headers=vllm["headers"])
+            conn.request(method, path, body=payload, headers=headers)
             return conn, conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise upstream_failure(exc, vllm) from None
 
-    def fetch(vllm: dict[str, Any], method: str, path: str, body: object = None) -> tuple[int, bytes]:
-        conn, response = call(vllm, method, path, body)
+    def fetch(vllm: dict[str, Any], method: str, path: str, body: object = None, route: str = "") -> tuple[int, bytes]:
+        conn, response = call(vllm, method, path, body, route)
         try:
             return response.status, response.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -181,7 +193,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         return str(body)[:2000]
 
     def run_plain(vllm: dict[str, Any], route: str, body: object) -> dict[str, Any]:
-        status, raw = fetch(vllm, "POST", routes[route], body)
+        status, raw = fetch(vllm, "POST", routes[route], body, route)
         return {"status": status, "body": decode(raw), "elapsed_ms": elapsed_ms()}
 
     def run_health(vllm: dict[str, Any]) -> dict[str, Any]:
@@ -367,7 +379,10 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
     def stream_upstream(
         vllm: dict[str, Any], route: str, body: dict[str, Any], relay: Relay, window: float, summary: dict[str, Any]
     ) -> None:
-        conn, response = call(vllm, "POST", routes[route], {**body, "stream": True})
+        # A form says `stream` itself; the gateway streams a JSON body only when its `stream` is on.
+        conn, response = call(
+            vllm, "POST", routes[route], body if route in form_routes else {**body, "stream": True}, route
+        )
         if response.status >= 300:
             try:
                 raw = response.read()
@@ -402,6 +417,11 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         if route not in routes or not isinstance(body, dict):
             # Checked before use: the route becomes part of the URL path on the node.
             raise TaskError(500, "invalid_task", f"Unknown route {route!r} or a body that is not an object.")
+        if route in form_routes:
+            content_type, data = body.get("content_type"), body.get("data")
+            # Checked before use: the content type becomes a header line.
+            if not isinstance(content_type, str) or not isinstance(data, str) or not content_type.isprintable():
+                raise TaskError(500, "invalid_task", "A form route's body needs content_type and data strings.")
         return route, body
 
     def run_stream(relay: Relay, window: float) -> dict[str, Any]:

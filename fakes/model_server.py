@@ -14,7 +14,8 @@ also proves that a proxy in front passes unknown fields through::
 `GET /fake/stats` returns counters and the last inference request body.
 
 Run it from the repository root with `python -m fakes.model_server --port 8001`.
-The app itself needs only the standard library and orjson; uvicorn is imported only to run it.
+The app itself needs only the standard library, orjson and (for the audio routes' multipart forms)
+python-multipart, the parser vLLM's FastAPI uses; uvicorn is imported only to run it.
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import io
 import json
 import math
 import os
 import struct
 import time
+import urllib.parse
+import wave
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -37,6 +42,9 @@ from http import HTTPStatus
 from typing import Any, Literal
 
 import orjson
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
 
 from fakes import asgi
 from fakes.asgi import JSON, Header, Receive, Scope, Send
@@ -49,7 +57,15 @@ SYSTEM_FINGERPRINT = f"vllm-{VLLM_VERSION}-fake"
 RUNNERS = ("all", "generate", "pooling")
 # The inference routes only one kind of model has on vLLM; tokenize and detokenize are served for both.
 _GENERATE_ONLY = frozenset(
-    ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens")
+    (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+    )
 )
 _POOLING_ONLY = frozenset(("/v1/embeddings", "/pooling", "/classify", "/v1/score", "/v1/rerank"))
 ERROR_STATUSES = frozenset(s.value for s in HTTPStatus if 400 <= s.value < 600)
@@ -1046,6 +1062,8 @@ class FakeModelServer(asgi.App):
             "/v1/rerank": {"POST": self._rerank},
             "/pooling": {"POST": self._pooling},
             "/classify": {"POST": self._classify},
+            "/v1/audio/transcriptions": {"POST": self._transcriptions},
+            "/v1/audio/translations": {"POST": self._translations},
             _STATS_PATH: {"GET": self._stats},
         }
         # vLLM registers only the routes of its model's kind: the others answer FastAPI's 404 "Not Found".
@@ -1196,6 +1214,44 @@ class FakeModelServer(asgi.App):
     async def _classify(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._pooling_answer(scope, receive, send, self._classified_body)
 
+    async def _transcriptions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._speech_to_text(scope, receive, send, task="transcribe")
+
+    async def _translations(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._speech_to_text(scope, receive, send, task="translate")
+
+    async def _speech_to_text(self, scope: Scope, receive: Receive, send: Send, *, task: str) -> None:
+        """vLLM's speech-to-text routes, in the order vLLM checks a request: the form, the model, the response
+        format, then the audio itself."""
+        form = _read_form(scope, await asgi.read_body(receive))
+        self.stats.last_request = {**form.fields, "files": {name: len(data) for name, data in form.files.items()}}
+        admitted = await self._faulted(form.fields, _form_fault(form), receive)
+        if admitted is None:
+            return
+        request = _speech_request(form)
+        model = self._model(form.fields)
+        if request.response_format not in ("text", "json", "verbose_json"):
+            raise _invalid(None, "Currently only support response_format: `text`, `json` or `verbose_json`")
+        if request.response_format == "verbose_json" and request.stream:
+            raise _invalid(None, "verbose_json format doesn't support streaming case")
+        duration = _audio_duration(request.audio)
+        seed = f"{task}:{request.language}:{request.prompt}:{hashlib.sha256(request.audio).hexdigest()}"
+        limit = request.max_completion_tokens or MAX_NATURAL_TOKENS
+        sampling = _single_sampling(limit, stream=request.stream)
+        tokens, finish_reason = _generate(seed, limit, sampling)
+        generation = _Generation(
+            chat=False,
+            model=model,
+            prompt_tokens=_SPEECH_PROMPT_TOKENS + len(request.prompt.split()),
+            choices=(_Choice(0, tokens, finish_reason),),
+            stream=request.stream,
+            include_usage=request.include_usage,
+            continuous_usage=request.include_usage and request.continuous_usage,
+        )
+        speech = _Speech(task, request, duration)
+        shape = (speech.body, speech.stream_plan)
+        await self._answer(generation, admitted, receive, send, shape)
+
     async def _pooling_answer(self, scope: Scope, receive: Receive, send: Send, answer: Callable[[JSON], JSON]) -> None:
         """A non-generating route: read and check the request, answer its JSON after the pace's latency."""
         request = await self._admit(scope, receive)
@@ -1297,7 +1353,10 @@ class FakeModelServer(asgi.App):
         _check_json_content_type(scope)
         body = _parse_json(await asgi.read_body(receive))
         self.stats.last_request = body
-        fault = _parse_fault(body.get("fake_vllm"))
+        return await self._faulted(body, _parse_fault(body.get("fake_vllm")), receive)
+
+    async def _faulted(self, body: JSON, fault: Fault, receive: Receive) -> _Admitted | None:
+        """Apply a request's faults (and the server's error rate); None once it hung until the client left."""
         pace = _pace(self.config, fault)
         scheduled_error = self._errors.next_fails()
         if fault.hang:
@@ -1625,6 +1684,210 @@ def _unit_score(seed: str) -> float:
 async def _sleep(seconds: float) -> None:
     if seconds:
         await asyncio.sleep(seconds)
+
+
+# --- speech to text (/v1/audio/transcriptions, /v1/audio/translations) ---------------------------
+# vLLM reads these multipart forms with FastAPI (python-multipart): a part with a filename is a file, any
+# other a text field; a repeated field's last value counts, except the list `timestamp_granularities[]`.
+# The fake "hears" words drawn from a hash of the audio, like its other generations.
+
+_SPEECH_PROMPT_TOKENS = 4  # Whisper's decoder prompt: start of transcript, language, task, no timestamps
+_SPEECH_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+_TIMESTAMP_GRANULARITIES = ("word", "segment")
+_MAX_AUDIO_MB = 25  # VLLM_MAX_AUDIO_CLIP_FILESIZE_MB's default
+
+
+@dataclass(frozen=True, slots=True)
+class _Form:
+    fields: dict[str, str]
+    lists: dict[str, list[str]]  # every value of each text field, in order
+    files: dict[str, bytes]
+
+
+def _read_form(scope: Scope, raw: bytes) -> _Form:
+    """The form as Starlette reads it: multipart, or URL-encoded (text fields only); any other body is an empty
+    form (so `file` is missing)."""
+    content_type = dict(scope["headers"]).get(b"content-type", b"")
+    kind, options = parse_options_header(content_type)
+    if kind == b"application/x-www-form-urlencoded":
+        pairs = urllib.parse.parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+        return _Form(dict(pairs), {name: [v for n, v in pairs if n == name] for name, _ in pairs}, {})
+    if kind != b"multipart/form-data" or not options.get(b"boundary"):
+        return _Form({}, {}, {})
+    parts: list[tuple[dict[bytes, bytes], list[bytes]]] = []
+    header: list[bytes] = [b"", b""]
+
+    def header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def header_end() -> None:
+        if header[0].lower() == b"content-disposition":
+            parts[-1][0].update(parse_options_header(header[1])[1])
+        header[:] = [b"", b""]
+
+    callbacks = {
+        "on_part_begin": lambda: parts.append(({}, [])),
+        "on_header_field": header_field,
+        "on_header_value": header_value,
+        "on_header_end": header_end,
+        "on_part_data": lambda data, start, end: parts[-1][1].append(data[start:end]),
+    }
+    try:
+        parser = MultipartParser(options[b"boundary"], callbacks)  # type: ignore[arg-type]  # a TypedDict of callbacks
+        parser.write(raw)
+        parser.finalize()
+    except MultipartParseError as error:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"There was an error parsing the body: {error}") from None
+    form = _Form({}, {}, {})
+    for disposition, data in parts:
+        name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        if b"filename" in disposition:
+            form.files[name] = b"".join(data)
+        else:
+            value = b"".join(data).decode("utf-8", "replace")
+            form.fields[name] = value
+            form.lists.setdefault(name, []).append(value)
+    return form
+
+
+def _form_fault(form: _Form) -> Fault:
+    """The `fake_vllm` field of a form: the JSON object a JSON body would carry."""
+    raw = form.fields.get("fake_vllm")
+    try:
+        return _parse_fault(None if raw is None else orjson.loads(raw))
+    except orjson.JSONDecodeError:
+        raise _invalid("fake_vllm", "fake_vllm must be a JSON object.") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _SpeechRequest:
+    audio: bytes
+    language: str | None
+    prompt: str
+    response_format: str
+    temperature: float
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    max_completion_tokens: int | None
+
+
+def _speech_request(form: _Form) -> _SpeechRequest:
+    """vLLM's TranscriptionRequest / TranslationRequest validation of the form."""
+    fields = form.fields
+    if "file" in fields and "file" not in form.files:
+        raise ApiError(HTTPStatus.UNPROCESSABLE_ENTITY, "Expected 'file' to be a file-like object, not 'str'.")
+    # vLLM's model validator reads the raw form strings: any non-empty value is "set".
+    stream_options = ("stream_include_usage", "stream_continuous_usage_stats")
+    if any(fields.get(option) for option in stream_options) and not fields.get("stream"):
+        raise _schema_error(
+            "body", "value_error", "Value error, Stream options can only be defined when `stream=True`.", fields
+        )
+    if "file" not in form.files:
+        raise _schema_error("body.file", "missing", "Field required", fields)
+    response_format = fields.get("response_format", "json")
+    if response_format not in _SPEECH_FORMATS:
+        expected = ", ".join(f"'{name}'" for name in _SPEECH_FORMATS[:-1]) + f" or '{_SPEECH_FORMATS[-1]}'"
+        raise _schema_error("body.response_format", "literal_error", f"Input should be {expected}", response_format)
+    for value in form.lists.get("timestamp_granularities[]", []):
+        if value not in _TIMESTAMP_GRANULARITIES:
+            raise _schema_error(
+                "body.timestamp_granularities[]", "literal_error", "Input should be 'word' or 'segment'", value
+            )
+    max_tokens = _field(fields, "max_completion_tokens", "integer")
+    if max_tokens is not None and max_tokens < 1:
+        raise _invalid("max_tokens", f"max_tokens must be at least 1, got {max_tokens}.", max_tokens)
+    return _SpeechRequest(
+        audio=form.files["file"],
+        language=_field(fields, "language", "string") or None,
+        prompt=fields.get("prompt", ""),
+        response_format=response_format,
+        temperature=float(_field(fields, "temperature", "number") or 0.0),
+        stream=bool(_field(fields, "stream", "boolean")),
+        include_usage=bool(_field(fields, "stream_include_usage", "boolean")),
+        continuous_usage=bool(_field(fields, "stream_continuous_usage_stats", "boolean")),
+        max_completion_tokens=max_tokens,
+    )
+
+
+def _audio_duration(audio: bytes) -> float:
+    """The audio's length in seconds. vLLM decodes many formats with librosa; the fake reads WAV only."""
+    if len(audio) / 1024**2 > _MAX_AUDIO_MB:
+        raise _invalid("audio_filesize_mb", "Maximum file size exceeded", len(audio) / 1024**2)
+    try:
+        with wave.open(io.BytesIO(audio)) as clip:
+            return float(clip.getnframes() / clip.getframerate())
+    except (wave.Error, EOFError, ZeroDivisionError):
+        raise _invalid(None, "Invalid or unsupported audio file.") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Speech:
+    """How a speech-to-text answer looks, beside its generation."""
+
+    task: str  # "transcribe" or "translate"
+    request: _SpeechRequest
+    duration: float
+
+    def body(self, generation: _Generation) -> bytes:
+        text = generation.choices[0].text
+        if self.request.response_format == "verbose_json":
+            return orjson.dumps(self._verbose(generation, text))
+        if self.task == "translate":
+            return orjson.dumps({"text": text})  # vLLM reports no usage for translations
+        # Usage is the audio's duration, rounded up as OpenAI does.
+        return orjson.dumps({"text": text, "usage": {"type": "duration", "seconds": math.ceil(self.duration)}})
+
+    def _verbose(self, generation: _Generation, text: str) -> JSON:
+        choice = generation.choices[0]
+        encoded = text.encode()
+        segment = {
+            "id": 0,
+            "avg_logprob": -0.25,
+            "compression_ratio": len(encoded) / len(zlib.compress(encoded)),
+            "end": round(self.duration, 2),
+            "no_speech_prob": None,
+            "seek": 0,
+            "start": 0.0,
+            "temperature": self.request.temperature,
+            "text": text,
+            "tokens": [_token_id(word) for word in choice.tokens],
+        }
+        language = self.request.language or "en"  # Whisper's default
+        return {
+            "duration": str(self.duration),
+            "language": language,
+            "text": text,
+            "segments": [segment],
+            "words": None,
+        }
+
+    def stream_plan(self, generation: _Generation) -> _StreamPlan:
+        """One chunk per token (vLLM sets only the fields it has: no finish_reason until the last), the usage
+        chunk when asked for, then [DONE]."""
+        kind = "transcription.chunk" if self.task == "transcribe" else "translation.chunk"
+        base = {"id": _new_id(f"{self.task}-"), "object": kind, "created": int(time.time()), "model": generation.model}
+        choice = generation.choices[0]
+        prompt = generation.prompt_tokens
+
+        def usage(completion: int) -> JSON:
+            return {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
+
+        steps = []
+        for position, token in enumerate(choice.tokens):
+            last = position == len(choice.tokens) - 1
+            ending = {"finish_reason": choice.finish_reason, "stop_reason": None} if last else {}
+            chunk = {**base, "choices": [{"delta": {"content": f" {token}"}, **ending}]}
+            if generation.continuous_usage:
+                chunk["usage"] = usage(position + 1)
+            steps.append([_sse(chunk)])
+        tail = [_DONE_EVENT]
+        if generation.include_usage:
+            tail = [_sse({**base, "choices": [], "usage": usage(len(choice.tokens))}), _DONE_EVENT]
+        return _StreamPlan(head=[], steps=steps, tail=tail)
 
 
 # --- command line -----------------------------------------------------------------------------

@@ -81,6 +81,10 @@ class GatewaySettings(BaseSettings):
 
     # Largest request body accepted on the inference routes.
     MAX_REQUEST_BYTES: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Largest audio upload (the multipart body of /v1/audio/transcriptions and /translations), as OpenAI's 25 MB.
+    # Uploads stream through to the model server and are never held whole in memory (a form whose `model`
+    # comes after the file is spooled to a temporary file first); through Globus Compute the limit is lower.
+    AUDIO_MAX_BYTES: int = Field(default=25 * 1024 * 1024, ge=1024)
     # Overload: a worker answers a new inference request 503 + Retry-After at once, rather than take it,
     # while it already holds MAX_PENDING_PER_WORKER requests not yet answered (a stream counts until its
     # response starts), or MAX_IN_FLIGHT_PER_WORKER requests of any kind (open streams included). So a

@@ -180,6 +180,7 @@ class RequestLogAdmin(admin.ModelAdmin[RequestLog]):
         "prompt_tokens",
         "completion_tokens",
         "total_tokens",
+        "audio_seconds",
         "latency_ms",
         "time_to_first_token_ms",
     )

@@ -65,6 +65,11 @@ class ErrorCode(StrEnum):
         400,
         "A required field is missing; `param` names it.",
     )
+    FORM_FIELD_AFTER_FILE = (
+        "form_field_after_file",
+        400,
+        "An audio form sent `model` before the file but a field the gateway reads after it: send those first.",
+    )
     CONTEXT_LENGTH_EXCEEDED = (
         "context_length_exceeded",
         MODEL_SERVER_STATUS,

@@ -160,6 +160,9 @@ class RequestLog(models.Model):
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
     total_tokens = models.PositiveIntegerField(null=True, blank=True)
+    audio_seconds = models.PositiveIntegerField(
+        null=True, blank=True, help_text="The audio's duration, for a transcription that was not streamed."
+    )
     latency_ms = models.FloatField()
     time_to_first_token_ms = models.FloatField(null=True, blank=True)
     request_body = models.JSONField(null=True, blank=True)

@@ -38,6 +38,8 @@ from resource_server.schemas import (
     TokenCount,
     TokenizeRequest,
     Tokens,
+    Transcription,
+    TranscriptionRequest,
 )
 
 
@@ -57,6 +59,8 @@ class Route(StrEnum):
     RERANK = "rerank"
     POOLING = "pooling"
     CLASSIFY = "classify"
+    TRANSCRIPTIONS = "audio/transcriptions"
+    TRANSLATIONS = "audio/translations"
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +259,9 @@ class RouteDescriptor:
     # Documentation only: the envelope in which the model server refuses a request (passed on unchanged);
     # None: OpenAI's, as the gateway's own errors.
     refusal_schema: type[BaseModel] | None = None
+    # The body is a multipart/form-data form (audio), streamed to the model server as it arrives, not JSON;
+    # `fields` then names form fields, and its stream options are vLLM's flat `stream_include_usage` ones.
+    form: bool = False
 
     def __post_init__(self) -> None:
         if self.streams != (self.stream_example is not None):
@@ -269,6 +276,25 @@ class RouteDescriptor:
     def streams(self) -> bool:
         """Whether the route answers with server-sent events when the body asks for it."""
         return self.fields.stream is not None
+
+
+_SPEECH_FIELDS = BodyFields(stream_options="stream_include_usage", n=None, max_tokens=("max_completion_tokens",))
+_SPEECH_STREAM_EXAMPLE = (
+    'data: {"id": "transcribe-1", "object": "transcription.chunk", "created": 1767225600, "model": "demo-model", '
+    '"choices": [{"delta": {"content": " Hello"}}]}\n\ndata: [DONE]\n\n'
+)
+# The examples' `file`: an empty WAV clip (8 kHz, 8-bit mono, no samples), whose 44 bytes are all ASCII so that
+# the OpenAPI document can carry them as text; a client attaches a real recording instead.
+EMPTY_WAV = (
+    "RIFF$\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00"
+    "@\x1f\x00\x00@\x1f\x00\x00\x01\x00\x08\x00data\x00\x00\x00\x00"
+)
+_SPEECH_DESCRIPTION = (
+    " A multipart/form-data form, as OpenAI's client sends it: the audio `file` and text fields. The gateway "
+    "streams the upload on to the model server as it arrives (up to `AUDIO_MAX_BYTES`, 25 MiB by default; a "
+    "model served through Globus Compute takes at most 7.3 MiB), reading only `model` and the stream fields "
+    "from the fields before the file. With `stream=true` the text comes as server-sent events (vLLM's extension)."
+)
 
 
 ROUTES: dict[Route, RouteDescriptor] = {
@@ -444,6 +470,36 @@ ROUTES: dict[Route, RouteDescriptor] = {
             "`/v1`). Usage: `usage.prompt_tokens`.",
             example={"model": "demo-model", "input": ["I love it", "I hate it"]},
             at_server_root=True,
+        ),
+        RouteDescriptor(
+            Route.TRANSCRIPTIONS,
+            request_schema=TranscriptionRequest,
+            response_schema=Transcription,
+            fields=_SPEECH_FIELDS,
+            usage=OPENAI_USAGE,
+            summary="Transcribe audio",
+            description="The text of the audio `file`, as OpenAI's `POST /v1/audio/transcriptions` does (vLLM's "
+            "implementation: a speech-to-text model such as Whisper). Usage: the audio's `seconds`, or the "
+            "tokens of a stream." + _SPEECH_DESCRIPTION,
+            example={"model": "demo-model", "response_format": "json", "file": EMPTY_WAV},
+            stream_example=_SPEECH_STREAM_EXAMPLE,
+            form=True,
+        ),
+        RouteDescriptor(
+            Route.TRANSLATIONS,
+            request_schema=TranscriptionRequest,
+            response_schema=Transcription,
+            fields=_SPEECH_FIELDS,
+            usage=OPENAI_USAGE,
+            summary="Translate audio into English",
+            description="The English text of the audio `file`, as OpenAI's `POST /v1/audio/translations` does "
+            "(vLLM's implementation). vLLM reports no usage for a translation that is not streamed."
+            + _SPEECH_DESCRIPTION,
+            example={"model": "demo-model", "response_format": "json", "file": EMPTY_WAV},
+            stream_example=_SPEECH_STREAM_EXAMPLE.replace("transcribe-", "translate-").replace(
+                "transcription.chunk", "translation.chunk"
+            ),
+            form=True,
         ),
     )
 }

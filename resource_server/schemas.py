@@ -228,6 +228,39 @@ class ClassifyRequest(BaseModel):
 # Documentation only: what the model server answers, relayed unchanged.
 
 
+class TranscriptionRequest(BaseModel):
+    """vLLM's `POST /v1/audio/transcriptions` and `/v1/audio/translations`: a multipart/form-data form with the
+    audio `file` and text fields (vLLM reads booleans and numbers from their text, e.g. `stream=true`)."""
+
+    model_config = _PASS_THROUGH_CONFIG
+    file: bytes = Field(description="The audio file: flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav or webm.")
+    model: ModelName = Field(
+        description=_MODEL + " Send it before `file`, as the OpenAI client does: the gateway routes the upload "
+        "by it while the audio streams on (see the user guide).",
+        examples=["demo-model"],
+    )
+    language: str | None = Field(default=None, description="The audio's language (ISO-639-1), e.g. `en`.")
+    prompt: str | None = Field(default=None, description="Text to guide the model's style or continue a segment.")
+    response_format: Literal["json", "text", "srt", "verbose_json", "vtt"] | None = Field(
+        default=None, description="`json` (the default), `text` or `verbose_json`; vLLM refuses `srt` and `vtt`."
+    )
+    temperature: float | None = Field(default=None, description="Sampling temperature, 0 to 1.")
+    stream: bool | None = Field(
+        default=None, description="Send the text as server-sent `transcription.chunk` events, ending with [DONE]."
+    )
+    stream_include_usage: bool | None = Field(default=None, description="With `stream`: a final usage chunk.")
+    stream_continuous_usage_stats: bool | None = Field(default=None, description="With `stream`: usage on every chunk.")
+
+
+class Transcription(BaseModel):
+    """The text of the audio; a transcription's `usage` is the audio's duration (`{"type": "duration",
+    "seconds": N}`). `verbose_json` adds `duration`, `language` and `segments`."""
+
+    model_config = _ANSWER_CONFIG
+    text: str
+    usage: dict[str, Any] | None = None
+
+
 class Usage(BaseModel):
     """Token counts, as the model server reports them."""
 
@@ -444,6 +477,7 @@ _DOCUMENTED: tuple[type[BaseModel], ...] = (
     RerankRequest,
     PoolingRequest,
     ClassifyRequest,
+    TranscriptionRequest,
     ChatCompletion,
     Completion,
     EmbeddingList,
@@ -454,6 +488,7 @@ _DOCUMENTED: tuple[type[BaseModel], ...] = (
     Detokenized,
     PoolingAnswer,
     RerankAnswer,
+    Transcription,
     ModelList,
     ErrorEnvelope,
     Health,

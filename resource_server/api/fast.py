@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from django.conf import settings
 from django.http.request import split_domain_port, validate_host
@@ -40,6 +40,7 @@ from resource_server.api.edge import (
 )
 from resource_server.bootstrap import runtime
 from resource_server.errors import GatewayError
+from resource_server.pipeline.parse import ClientGone
 from resource_server.pipeline.respond import JsonResult
 from resource_server.pipeline.run import inference_run
 from resource_server.routes import Route
@@ -59,7 +60,9 @@ REPRODUCED_MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
-_WANTED_HEADERS = frozenset((b"host", b"authorization", b"x-api-key", b"content-length", b"x-request-id"))
+_WANTED_HEADERS = frozenset(
+    (b"host", b"authorization", b"x-api-key", b"content-length", b"content-type", b"x-request-id")
+)
 _MAX_CACHED_HOSTS = 64
 
 
@@ -129,7 +132,7 @@ class InferenceApp:
             handling = self._infer(match, headers, int(length), ids, receive, send)
         try:
             await handling
-        except _ClientGone:
+        except ClientGone:
             return  # the client left while sending: nobody to answer, as in Django
         except GatewayError as error:
             await self._answers.send_error(send, error, ids)
@@ -149,8 +152,10 @@ class InferenceApp:
             parts=runtime(),
             route=Route(match["route"]),
             authorization=credential_header(headers.get(b"authorization", ""), headers.get(b"x-api-key", "")),
-            content_length=length,
+            content_length=length if b"content-length" in headers else None,
             read_body=lambda limit: _read_body(receive, limit),
+            body_chunks=_body_chunks(receive),
+            content_type=headers.get(b"content-type", ""),
             request_id=ids.gateway,
             client_request_id=ids.client,
             cluster=match["cluster"],
@@ -177,10 +182,6 @@ class InferenceApp:
         await self._answers.send(send, 204, b"", [(b"Content-Type", b"text/html; charset=utf-8")], ids)
 
 
-class _ClientGone(Exception):
-    """The client disconnected before its request was read."""
-
-
 async def _read_body(receive: Receive, limit: int | None) -> bytes:
     """The request body, or its first bytes past `limit` (the caller refuses it: no need to read on)."""
     chunks = []
@@ -188,12 +189,24 @@ async def _read_body(receive: Receive, limit: int | None) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientGone
+            raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         chunks.append(chunk)
         if not message.get("more_body", False) or (limit is not None and size > limit):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body as it arrives (the server reads the socket only as fast as these are taken)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        if chunk := message.get("body", b""):
+            yield chunk
+        if not message.get("more_body", False):
+            return
 
 
 async def _relay_until_disconnect(events: AsyncGenerator[bytes, None], receive: Receive, send: Send) -> None:

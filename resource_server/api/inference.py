@@ -9,6 +9,7 @@ the bearer scheme; the models list still uses ninja's.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
@@ -29,6 +30,7 @@ from resource_server.selectors.endpoints import model_list
 router = Router(auth=bearer_auth, tags=["OpenAI-compatible"])
 
 FIRST_PREFIX = "/{cluster}/{framework}"
+_BLOCK = 64 * 1024
 
 
 async def _infer(
@@ -40,6 +42,11 @@ async def _infer(
         except RawPostDataException:
             raise InvalidRequest("The request body could not be read.") from None
 
+    async def body_chunks() -> AsyncIterator[bytes]:
+        # Django's ASGI handler has received the body into a spooled temporary file: read it in blocks.
+        while chunk := request.read(_BLOCK):
+            yield chunk
+
     length = request.headers.get("Content-Length", "")
     result = await inference_run(
         parts=runtime(),
@@ -47,6 +54,8 @@ async def _infer(
         authorization=credential_header(request.headers.get("Authorization", ""), request.headers.get("X-Api-Key", "")),
         content_length=int(length) if length.isdigit() else None,
         read_body=read_body,
+        body_chunks=body_chunks(),
+        content_type=request.headers.get("Content-Type", ""),
         request_id=request.request_id,  # type: ignore[attr-defined]
         client_request_id=request.client_request_id,  # type: ignore[attr-defined]
         cluster=cluster,

@@ -144,10 +144,10 @@ def inference_doc(descriptor: RouteDescriptor, *, on_cluster: bool) -> dict[str,
         for status in MODEL_SERVER_REFUSALS:
             doc["responses"][_status_key(status)]["content"]["application/json"]["schema"] = either
     doc["security"] = BEARER_SECURITY
+    # A form's example holds its text fields; the file is yours to attach.
+    media_type = "multipart/form-data" if descriptor.form else "application/json"
     doc["requestBody"] = {
         "required": True,
-        "content": {
-            "application/json": {"schema": schema_ref(descriptor.request_schema), "example": descriptor.example}
-        },
+        "content": {media_type: {"schema": schema_ref(descriptor.request_schema), "example": descriptor.example}},
     }
     return doc

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -15,11 +15,30 @@ from resource_server.routes import Route
 logger = logging.getLogger(__name__)
 
 
+class FormBody(Protocol):
+    """A multipart/form-data body (the audio routes) on its way to the model server, read as it arrives."""
+
+    @property
+    def content_type(self) -> str:
+        """The body's Content-Type, its boundary included."""
+        ...
+
+    @property
+    def declared_length(self) -> int | None:
+        """What the client said the body is long (Content-Length), if it did: a backend may refuse it at once."""
+        ...
+
+    def chunks(self) -> AsyncGenerator[bytes, None]:
+        """The body's bytes for the model server, from the first; it can be read only once."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
     route: Route
-    body: dict[str, Any]
+    body: dict[str, Any]  # the JSON body; for a form, the text fields the gateway read (the form goes as it came)
     request_id: str
+    form: FormBody | None = None
 
 
 @dataclass(frozen=True, slots=True)

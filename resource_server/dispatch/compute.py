@@ -9,12 +9,14 @@ process pool). A non-streamed answer is the task's result. A streamed answer com
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Annotated, Any, Protocol
 
 import orjson
@@ -24,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from resource_server.adapters.relay import RelayChannel, RelayHub, RelayMessage, relay_url
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest, upstream_error
 from resource_server.dispatch.fields import EnvVarName
-from resource_server.errors import ErrorCode, GatewayError, ServiceUnavailable, UpstreamError
+from resource_server.errors import ErrorCode, GatewayError, InvalidRequest, ServiceUnavailable, UpstreamError
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,38 @@ class ComputeTaskConfig(BaseModel):
     idle_timeout: float | None = Field(
         default=None, gt=0, le=3600, description="Longest silence within a stream (RELAY_IDLE_SECONDS)."
     )
+
+
+# A Globus Compute task's payload is at most 10 MiB. An audio form travels in it base64-encoded (4 bytes for 3),
+# beside the rest of the task: this much form, at most, leaves room for that.
+TASK_PAYLOAD_BYTES = 10 * 1024 * 1024
+TASK_FORM_MAX_BYTES = (TASK_PAYLOAD_BYTES - 256 * 1024) // 4 * 3
+
+
+def form_too_large() -> InvalidRequest:
+    return InvalidRequest(
+        f"This model runs through Globus Compute, whose tasks carry at most 10 MiB: audio uploads of up to "
+        f"{TASK_FORM_MAX_BYTES / 1024 / 1024:.1f} MiB reach it. Send a shorter or more compressed clip.",
+        code=ErrorCode.REQUEST_TOO_LARGE,
+    )
+
+
+async def form_in_task(request: UpstreamRequest) -> UpstreamRequest:
+    """A form request as the task carries it: the whole form, base64, in place of the JSON body (refused with
+    413 past TASK_FORM_MAX_BYTES, on its declared length before reading it). Other requests are unchanged."""
+    form = request.form
+    if form is None:
+        return request
+    if form.declared_length is not None and form.declared_length > TASK_FORM_MAX_BYTES:
+        raise form_too_large()
+    data = bytearray()
+    async with contextlib.aclosing(form.chunks()) as chunks:
+        async for chunk in chunks:
+            data += chunk
+            if len(data) > TASK_FORM_MAX_BYTES:
+                raise form_too_large()
+    body = {"content_type": form.content_type, "data": base64.b64encode(data).decode("ascii")}
+    return replace(request, body=body, form=None)
 
 
 class TaskCancelled(Exception):
@@ -212,6 +246,7 @@ class ComputeBackend(ABC):
         )
 
     async def submit(self, request: UpstreamRequest) -> bytes:
+        request = await form_in_task(request)
         future = await self._submit(request, self._task(request))
         timeout = self.config.task_timeout
         try:
@@ -228,6 +263,7 @@ class ComputeBackend(ABC):
 
     async def open_stream(self, request: UpstreamRequest) -> ComputeStream:
         gateway = settings.GATEWAY
+        request = await form_in_task(request)
         channel = await self._relay_hub.open(lifetime=gateway.RELAY_MAX_STREAM_SECONDS)
         try:
             relay = {"relay_url": relay_url(channel.task_id), "token": channel.token}

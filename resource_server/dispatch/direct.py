@@ -126,7 +126,7 @@ class DirectBackend:
         self._tls = _tls_context() if url.scheme == "https" else None
         path = (url.path or "/").rstrip("/") + "/"
         host = named if self._port == default_port else f"{named}:{self._port}"
-        fixed = [f"Host: {host}", "Content-Type: application/json", "Accept-Encoding: identity"]
+        fixed = [f"Host: {host}", "Accept-Encoding: identity"]
         # Decided once here, so a request without a proxy costs nothing more (per-request CPU is benchmarked).
         self._proxy = _proxy_for(url.scheme, named, self._port)
         # What follows the method in the request line: the path of base_url for the /v1 routes, and for the
@@ -150,7 +150,10 @@ class DirectBackend:
             route: (root_target if descriptor.at_server_root else self._target) + route.value
             for route, descriptor in ROUTES.items()
         }
-        self._fixed_headers = "".join(f"{line}\r\n" for line in fixed).encode("latin1")
+        self._form_headers = "".join(f"{line}\r\n" for line in [*fixed, "Transfer-Encoding: chunked"]).encode("latin1")
+        self._fixed_headers = "".join(f"{line}\r\n" for line in [*fixed, "Content-Type: application/json"]).encode(
+            "latin1"
+        )
         # Pools belong to one event loop; tests and management commands may run several.
         self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pool] = weakref.WeakKeyDictionary()
 
@@ -194,23 +197,38 @@ class DirectBackend:
             return unreachable
         return UpstreamError("The connection to the model server failed.", code=ErrorCode.UPSTREAM_CONNECTION_FAILED)
 
-    async def submit(self, request: UpstreamRequest) -> bytes:
-        data = self._request("POST", self._route_targets[request.route], request.request_id, orjson.dumps(request.body))
+    async def _exchange(self, pool: Pool, request: UpstreamRequest) -> Connection:
+        """Send the request (a form as it arrives, chunked); the connection, its response head read."""
+        target = self._route_targets[request.route]
         try:
-            response = await self._pool().request(data)
+            if request.form is None:
+                return await pool.exchange(
+                    self._request("POST", target, request.request_id, orjson.dumps(request.body))
+                )
+            head = f"POST {target} HTTP/1.1\r\n".encode("latin1") + self._form_headers
+            head += f"X-Request-ID: {request.request_id}\r\nContent-Type: {request.form.content_type}\r\n\r\n".encode(
+                "latin1"
+            )
+            return await pool.exchange_upload(head, request.form.chunks())
         except HttpError as exc:
             raise self._transport_error(exc) from None
-        if response.status >= 300:
-            raise upstream_error(response.status, response.content, model_server=self._base_url)
-        return response.content
+
+    async def submit(self, request: UpstreamRequest) -> bytes:
+        pool = self._pool()
+        connection = await self._exchange(pool, request)
+        try:
+            content = await connection.read_all()
+        except HttpError as exc:
+            raise self._transport_error(exc) from None
+        finally:
+            pool.release(connection)
+        if connection.status >= 300:
+            raise upstream_error(connection.status, content, model_server=self._base_url)
+        return content
 
     async def open_stream(self, request: UpstreamRequest) -> DirectStream:
         pool = self._pool()
-        data = self._request("POST", self._route_targets[request.route], request.request_id, orjson.dumps(request.body))
-        try:
-            connection = await pool.exchange(data)
-        except HttpError as exc:
-            raise self._transport_error(exc) from None
+        connection = await self._exchange(pool, request)
         if connection.status >= 300:
             try:
                 content = await connection.read_all()

@@ -11,8 +11,10 @@ with absolute-form targets, TLS goes through a CONNECT tunnel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import httptools
@@ -73,6 +75,7 @@ class Connection(asyncio.Protocol):
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._paused = False
+        self._writable: asyncio.Future[None] | None = None  # set while the transport asks us to stop writing
         self._error: HttpError | None = None
         self.closed = False
         self.reused = False
@@ -81,6 +84,7 @@ class Connection(asyncio.Protocol):
         self.head_done = False
         self.complete = False
         self._reusable = False
+        self.request_cut = False  # its request's body was not sent whole: it cannot carry another request
 
     # asyncio.Protocol
 
@@ -100,6 +104,17 @@ class Connection(asyncio.Protocol):
         self.closed = True
         if not self.complete:
             self._fail(RemoteProtocolError("the server closed the connection"))
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None:
+            if not self._writable.done():
+                self._writable.set_result(None)
+            self._writable = None
 
     # httptools callbacks
 
@@ -109,6 +124,7 @@ class Connection(asyncio.Protocol):
         self._reusable = self._parser.should_keep_alive()
         self.head_done = True
         self._wake()
+        self.resume_writing()  # an answer ends an upload: a sender waiting for the server to read stops waiting
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -130,6 +146,22 @@ class Connection(asyncio.Protocol):
         self._last_data = self._loop.time()
         assert self._transport is not None
         self._transport.write(data)
+
+    def send_chunk(self, data: bytes) -> None:
+        """One chunk of a request body sent with `Transfer-Encoding: chunked` (b"": the last)."""
+        assert self._transport is not None
+        self._transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+
+    async def drain(self) -> None:
+        """Wait until the server has taken what was sent (within the read timeout), so that a large body is
+        never held in the gateway's buffers."""
+        if self._writable is None:
+            return
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                await self._writable
+        except TimeoutError:
+            raise ReadTimeout("the server took no data within the read timeout") from None
 
     async def head(self) -> int:
         while not self.head_done:
@@ -161,7 +193,7 @@ class Connection(asyncio.Protocol):
 
     @property
     def keep_alive(self) -> bool:
-        return self.complete and not self.closed and self._reusable
+        return self.complete and not self.closed and self._reusable and not self.request_cut
 
     def close(self) -> None:
         self.closed = True
@@ -263,6 +295,33 @@ class Pool:
             return connection
         raise AssertionError("unreachable")
 
+    async def exchange_upload(self, head: bytes, body: AsyncGenerator[bytes, None]) -> Connection:
+        """Send a request head and then `body` as it comes (chunked), and wait for the response head.
+
+        The body is read only as fast as the server takes it, on a new connection: it cannot be sent again,
+        so it never goes on a kept-alive one the server may have just closed. If the server answers before
+        the body is complete (a refusal), sending stops and the answer is read.
+        """
+        connection = await self._acquire(reuse=False)
+        try:
+            connection.send(head)
+            async with contextlib.aclosing(body):
+                async for data in body:
+                    if connection.head_done or connection.closed:
+                        connection.request_cut = True
+                        break
+                    if data:
+                        connection.send_chunk(data)
+                        await connection.drain()
+                else:
+                    connection.send_chunk(b"")
+            await connection.head()
+        except BaseException:
+            connection.request_cut = True
+            self.release(connection)
+            raise
+        return connection
+
     def release(self, connection: Connection) -> None:
         """Give a connection back: kept if its response was read to the end, closed otherwise."""
         if connection.keep_alive:
@@ -277,13 +336,16 @@ class Pool:
                 waiter.set_result(None)
                 break
 
-    async def _acquire(self) -> Connection:
+    async def _acquire(self, *, reuse: bool = True) -> Connection:
         while True:
-            while self._idle:
+            while reuse and self._idle:
                 connection = self._idle.pop()
                 if not connection.closed:
                     return connection
                 self._open -= 1  # closed by the server while idle
+            if not reuse and self._idle and self._open >= self._max:
+                self._idle.pop(0).close()  # the oldest idle connection makes room for the new one
+                self._open -= 1
             if self._open < self._max:
                 break
             waiter = self._loop.create_future()

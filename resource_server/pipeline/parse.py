@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from django.conf import settings
@@ -14,8 +14,15 @@ from resource_server.dispatch.base import UpstreamRequest
 from resource_server.errors import ErrorCode, InvalidRequest
 from resource_server.routes import RouteDescriptor
 
+if TYPE_CHECKING:
+    from resource_server.pipeline.form import FormUpload
+
 # Reads the body; given the size limit, it may stop once past it (the caller refuses the body then).
 BodyReader = Callable[[int | None], Awaitable[bytes]]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was read whole (a door's body reader raises it)."""
 
 
 def body_too_large() -> InvalidRequest:
@@ -45,6 +52,7 @@ class ParsedRequest:
     continuous_usage: bool  # ... and for usage on every chunk (vLLM's continuous_usage_stats)
     n: int  # at least 1: the model server refuses fewer
     max_tokens: int | None
+    form: FormUpload | None = None  # a multipart body (audio), streamed on as it arrives; `body` has its fields
 
 
 def request_parse(descriptor: RouteDescriptor, raw: bytes) -> ParsedRequest:
@@ -138,7 +146,12 @@ def upstream_request(
     - a stream always asks for usage on every chunk (`include_usage` and `continuous_usage_stats`), so that a
       stream cut short is metered to its last chunk; the relay gives the client the stream it asked for;
     - `model`, when the gateway chose it (a FIRST path whose body names none), is named.
+
+    A form gets the same as form fields (pipeline/form.py), vLLM's flat `stream_include_usage` and
+    `stream_continuous_usage_stats` for the stream options, and goes on as it arrives.
     """
+    if request.form is not None:
+        return _form_upstream(descriptor, request, request_id, model)
     body = request.body
     if model is not None:
         body = {**body, descriptor.fields.model: model}
@@ -149,3 +162,19 @@ def upstream_request(
             metered = {**(options or {}), "include_usage": True, "continuous_usage_stats": True}
             body = {**body, options_field: metered}
     return UpstreamRequest(descriptor.route, body, request_id)
+
+
+def _form_upstream(
+    descriptor: RouteDescriptor, request: ParsedRequest, request_id: str, model: str | None
+) -> UpstreamRequest:
+    assert request.form is not None
+    name = descriptor.fields.model
+    added: dict[str, str] = {}
+    if model is not None:
+        added[name] = model
+    elif request.model is not None and request.model != request.form.fields.get(name):
+        added[name] = request.model  # the registered name, where the form's differs only by case
+    if request.stream:
+        added.update(stream_include_usage="true", stream_continuous_usage_stats="true")
+    request.form.add_fields(added)
+    return UpstreamRequest(descriptor.route, {**request.body, **added}, request_id, form=request.form)

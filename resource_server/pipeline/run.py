@@ -16,6 +16,7 @@ objects (`resource_server/bootstrap.py` builds them; `PipelineParts` says which 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Protocol
 
@@ -24,8 +25,9 @@ from resource_server.dispatch.registry import BackendPool
 from resource_server.errors import ErrorCode, GatewayError
 from resource_server.pipeline.admit import admit
 from resource_server.pipeline.dispatch import dispatch_stream, dispatch_submit
+from resource_server.pipeline.form import FormUpload, form_parse, form_read
 from resource_server.pipeline.meter import Meter
-from resource_server.pipeline.parse import BodyReader, body_read, request_parse, upstream_request
+from resource_server.pipeline.parse import BodyReader, ClientGone, body_read, request_parse, upstream_request
 from resource_server.pipeline.respond import JsonResult, StreamResult, StreamWishes, answer_json, stream_relay
 from resource_server.routes import ROUTES, Route
 from resource_server.selectors.endpoints import RoutingCache, endpoint_candidates, model_of_path
@@ -59,15 +61,25 @@ async def inference_run(
     authorization: str,
     content_length: int | None,
     read_body: BodyReader,
+    body_chunks: AsyncIterator[bytes],
     request_id: str,
+    content_type: str = "",
     client_request_id: str = "",
     cluster: str | None = None,
     framework: str | None = None,
 ) -> JsonResult | StreamResult:
-    """Answer one OpenAI request; from its body on, every outcome leaves exactly one usage record."""
+    """Answer one OpenAI request; from its body on, every outcome leaves exactly one usage record.
+
+    A JSON body is read whole (`read_body`); a form (the audio routes) only up to the fields the gateway
+    reads, the rest being read from `body_chunks` as it goes on to the model server (pipeline/form.py).
+    """
     principal = await parts.authenticators.principal_from_authorization(authorization)
-    raw = await body_read(content_length=content_length, read=read_body)
     descriptor = ROUTES[route]
+    form: FormUpload | None = None
+    if descriptor.form:
+        form = await form_read(content_type=content_type, content_length=content_length, chunks=body_chunks)
+    else:
+        raw = await body_read(content_length=content_length, read=read_body)
     meter = Meter(
         sink=parts.usage_sink,
         principal=principal,
@@ -76,7 +88,7 @@ async def inference_run(
         client_request_id=client_request_id,
     )
     try:
-        request = request_parse(descriptor, raw)
+        request = form_parse(descriptor, form) if form is not None else request_parse(descriptor, raw)
         meter.parsed(request)
         model, chosen = request.model, None
         if model is None:
@@ -110,7 +122,13 @@ async def inference_run(
     except GatewayError as error:
         meter.finish(status=error.status, error_code=error.code)
         raise
+    except ClientGone:
+        meter.finish(status=499, error_code="client_disconnected")  # while its upload went on to the model server
+        raise
     except BaseException:
         meter.finish(status=500, error_code=ErrorCode.INTERNAL_ERROR)
         raise
+    finally:
+        if form is not None:
+            form.close()
     return answer_json(content, descriptor, meter)

@@ -122,15 +122,19 @@ class UsageRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    audio_seconds: int | None = None  # the audio routes' usage when not streamed (vLLM reports no tokens then)
     latency_ms: float = 0.0
     time_to_first_token_ms: float | None = None
     request_body: Any = None
     response_body: Any = None
 
     def set_usage(self, usage: object) -> None:
-        """Take token counts exactly as the model server reported them; never estimate."""
+        """Take token counts (or an audio's duration) exactly as the model server reported them; never estimate."""
         if not isinstance(usage, dict):
             return
+        seconds = usage.get("seconds")
+        if usage.get("type") == "duration" and isinstance(seconds, int) and seconds >= 0:
+            self.audio_seconds = seconds
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
             value = usage.get(name)
             if isinstance(value, int) and value >= 0:

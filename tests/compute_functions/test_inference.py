@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from globus_compute_sdk.serialize import ComputeSerializer
 
 from compute_functions import CODE_STRATEGY, DATA_STRATEGY, inference
+from tests.audio import wav_clip
 from tests.servers import fake_model_server, fake_stats, free_port
 
 TOKEN = "task-token-123"
@@ -479,3 +481,29 @@ def test_the_sdk_default_strategy_would_not_carry_the_code(vllm: dict[str, Any],
 
     assert process.returncode != 0
     assert "compute_functions" in process.stderr
+
+
+def _audio_form(*fields: tuple[str, str]) -> dict[str, str]:
+    """A transcription form as the gateway puts it in the task: its content type and the form, base64."""
+    parts = b"".join(f'--b1\r\nContent-Disposition: form-data; name="{n}"\r\n\r\n{v}\r\n'.encode() for n, v in fields)
+    parts += b'--b1\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    parts += wav_clip(1.2) + b"\r\n--b1--\r\n"
+    return {"content_type": "multipart/form-data; boundary=b1", "data": base64.b64encode(parts).decode()}
+
+
+def test_an_audio_form_goes_to_vllm_as_the_client_sent_it(vllm: dict[str, Any]) -> None:
+    result = inference({"route": "audio/transcriptions", "body": _audio_form(("model", "demo-model")), "vllm": vllm})
+    assert result["status"] == 200
+    assert result["body"]["usage"] == {"type": "duration", "seconds": 2}
+
+    form = _audio_form(("model", "demo-model"), ("stream", "true"), ("stream_include_usage", "true"))
+    with relay_server() as relay:
+        summary = inference(stream_task(vllm, relay, form) | {"route": "audio/transcriptions"})
+    assert summary["outcome"] == "completed" and relay.events()[-1] == "data: [DONE]\n\n"
+    assert summary["usage"]["completion_tokens"] == len(relay.events()) - 2  # each word's chunk, usage, [DONE]
+
+
+def test_a_form_whose_content_type_would_break_the_request_head_is_refused(vllm: dict[str, Any]) -> None:
+    body = {"content_type": "multipart/form-data; boundary=b1\r\nX-Injected: 1", "data": ""}
+    result = inference({"route": "audio/translations", "body": body, "vllm": vllm})
+    assert (result["status"], result["error"]["code"]) == (500, "invalid_task")

@@ -32,6 +32,7 @@ from fakes.model_server import (
     create_app,
     main,
 )
+from tests.audio import wav_clip
 from tests.servers import ROOT
 
 MODELS = ("demo-model", "other-model")
@@ -909,3 +910,74 @@ def test_a_single_kind_runner_answers_fastapis_404_for_the_other_kinds_routes(
         assert (answer.status_code, answer.json()) == (404, {"detail": "Not Found"})
         assert post(url, served, {"model": "demo-model", "input": "x"}).status_code == 200
         assert post(url, "/tokenize", {"model": "demo-model", "prompt": "x"}).status_code == 200
+
+
+# --- speech to text ------------------------------------------------------------------------------
+
+
+def test_a_transcription_is_text_with_the_audios_duration_as_usage(base_url: str, client: openai.OpenAI) -> None:
+    answer = client.audio.transcriptions.create(model="demo-model", file=("talk.wav", wav_clip(2.5)))
+    words = answer.text.split()
+    assert MIN_NATURAL_TOKENS <= len(words) <= MAX_NATURAL_TOKENS
+    assert answer.model_dump()["usage"] == {"type": "duration", "seconds": 3}  # rounded up, as vLLM and OpenAI do
+    again = httpx.post(f"{base_url}/v1/audio/transcriptions", data={"model": "demo-model"}, files=_wav(2.5))
+    assert again.json()["text"] == answer.text  # the same audio is heard the same
+
+
+def test_a_translation_reports_no_usage_and_verbose_json_has_segments(base_url: str) -> None:
+    plain = httpx.post(f"{base_url}/v1/audio/translations", data={"model": "demo-model"}, files=_wav(1))
+    assert set(plain.json()) == {"text"}
+    verbose = httpx.post(
+        f"{base_url}/v1/audio/transcriptions",
+        data={"model": "demo-model", "response_format": "verbose_json", "language": "de"},
+        files=_wav(1),
+    ).json()
+    assert (verbose["duration"], verbose["language"], verbose["words"]) == ("1.0", "de", None)
+    assert [segment["text"] for segment in verbose["segments"]] == [verbose["text"]]
+
+
+def test_a_streamed_transcription_sends_chunks_as_vllm_does(base_url: str) -> None:
+    form = {"model": "demo-model", "stream": "true", "stream_include_usage": "true"}
+    form["stream_continuous_usage_stats"] = "true"
+    answer = httpx.post(f"{base_url}/v1/audio/transcriptions", data=form, files=_wav(1))
+    assert answer.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in answer.text.split("\n\n") if line.startswith("data: {")]
+    assert answer.text.endswith("data: [DONE]\n\n")
+    *tokens, last = events
+    assert {chunk["object"] for chunk in events} == {"transcription.chunk"}
+    # Unset fields are left out: no finish_reason until the last word, then finish_reason and stop_reason.
+    assert tokens[0]["choices"] == [{"delta": {"content": tokens[0]["choices"][0]["delta"]["content"]}}]
+    assert set(tokens[-1]["choices"][0]) == {"delta", "finish_reason", "stop_reason"}
+    assert [chunk["usage"]["completion_tokens"] for chunk in tokens] == list(range(1, len(tokens) + 1))
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == len(tokens)
+
+
+@pytest.mark.parametrize(
+    ("form", "files", "status", "message"),
+    [
+        ({"model": "demo-model", "response_format": "srt"}, True, 400, "Currently only support response_format"),
+        ({"model": "demo-model", "stream_include_usage": "true"}, True, 400, "Stream options can only be defined"),
+        ({"model": "demo-model"}, False, 400, "'loc': 'body.file', 'msg': 'Field required'"),
+        ({"model": "demo-model", "file": "text"}, False, 422, "Expected 'file' to be a file-like object"),
+        ({"model": "nope"}, True, 404, "The model `nope` does not exist."),
+    ],
+)
+def test_speech_requests_vllm_refuses(
+    base_url: str, form: dict[str, str], files: bool, status: int, message: str
+) -> None:
+    answer = httpx.post(f"{base_url}/v1/audio/transcriptions", data=form, files=_wav(1) if files else None)
+    assert answer.status_code == status
+    assert message in answer.json()["error"]["message"]
+
+
+def test_audio_that_is_not_a_wav_is_invalid_to_the_fake() -> None:
+    with serving(FakeServerConfig()) as url:
+        answer = httpx.post(f"{url}/v1/audio/translations", data={"model": "demo-model"}, files={"file": b"MP3?"})
+        assert (answer.status_code, answer.json()["error"]["message"]) == (400, "Invalid or unsupported audio file.")
+    with serving(FakeServerConfig(runner="pooling")) as url:
+        answer = httpx.post(f"{url}/v1/audio/transcriptions", data={"model": "demo-model"}, files=_wav(1))
+        assert (answer.status_code, answer.json()) == (404, {"detail": "Not Found"})
+
+
+def _wav(seconds: float) -> dict[str, tuple[str, bytes, str]]:
+    return {"file": ("talk.wav", wav_clip(seconds), "audio/wav")}

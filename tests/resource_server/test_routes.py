@@ -20,7 +20,18 @@ def test_every_route_has_one_row_that_the_inference_paths_serve() -> None:
         assert INFERENCE_PATH.match(f"/resource_server/polaris/vllm/v1/{descriptor.path}")
         descriptor.request_schema.model_validate(descriptor.example)
     streaming = [route for route, descriptor in ROUTES.items() if descriptor.streams]
-    assert streaming == [Route.CHAT, Route.COMPLETIONS, Route.RESPONSES, Route.MESSAGES]
+    assert streaming == [
+        Route.CHAT,
+        Route.COMPLETIONS,
+        Route.RESPONSES,
+        Route.MESSAGES,
+        Route.TRANSCRIPTIONS,
+        Route.TRANSLATIONS,
+    ]
+    assert [route for route, descriptor in ROUTES.items() if descriptor.form] == [
+        Route.TRANSCRIPTIONS,
+        Route.TRANSLATIONS,
+    ]
     assert not INFERENCE_PATH.match("/resource_server/v1/models")
 
 

@@ -95,3 +95,15 @@ def exchange(url: str, body: Any, headers: dict[str, str] | None = None, timeout
         text = response.read().decode()
         streamed = response.headers.get("content-type", "").startswith("text/event-stream")
     return Answer(response.status_code, streamed, sse_events(text) if streamed else _json_or_text(text))
+
+
+def exchange_form(
+    url: str, parts: list[tuple[str, str | tuple[str, bytes, str]]], headers: dict[str, str] | None = None
+) -> Answer:
+    """POST a multipart/form-data form, its parts in the given order (a text field, or a file as (name, bytes,
+    content type)), and read the whole answer."""
+    files = [(name, value if isinstance(value, tuple) else (None, value)) for name, value in parts]
+    with httpx.stream("POST", url, files=files, headers=headers, timeout=120) as response:
+        text = response.read().decode()
+        streamed = response.headers.get("content-type", "").startswith("text/event-stream")
+    return Answer(response.status_code, streamed, sse_events(text) if streamed else _json_or_text(text))

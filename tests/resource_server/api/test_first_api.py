@@ -34,6 +34,8 @@ ROUTE_PATHS = [
     "/v1/rerank",
     "/v1/pooling",
     "/v1/classify",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
 ]
 
 
