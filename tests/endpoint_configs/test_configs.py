@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml  # type: ignore[import-untyped]  # the venv has no types-PyYAML
 
-from compute_functions import CODE_STRATEGY, DATA_STRATEGY
+from compute_functions import CODE_STRATEGY, DATA_STRATEGY, inference
 from tests.servers import ROOT, free_port
 
 CONFIG_DIR = ROOT / "endpoint_configs"
@@ -77,33 +77,26 @@ def test_config_loads_with_the_endpoints_own_loader(site: str) -> None:
 
 # --- launch_vllm.sh ----------------------------------------------------------------------------
 
-# Stands in for `vllm serve MODEL --host H --port P [args]`: records how it was called, then serves /health.
+# Stands in for `vllm serve MODEL --host H --port P [args]`: records how it was called, then serves the fake
+# model server (fakes/model_server.py). `--stub-crash` or a `fail-start` file in $STUB_CONTROL_DIR makes it
+# fail to load; `--stub-delay S` makes it load for S seconds. Killing it is vLLM dying.
 STUB = """#!{python}
 import json, os, sys, time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
+sys.path.insert(0, {root!r})
 args = sys.argv[1:]
 port = int(args[args.index("--port") + 1])
 record = {{"argv": args, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}}
 with open(os.path.join(os.environ["STUB_RECORD_DIR"], f"{{port}}.json"), "w") as out:
     json.dump(record, out)
-if "--stub-crash" in args:
+if "--stub-crash" in args or os.path.exists(os.path.join(os.environ["STUB_CONTROL_DIR"], "fail-start")):
     sys.exit("stub: the model failed to load")
 if "--stub-delay" in args:
     time.sleep(float(args[args.index("--stub-delay") + 1]))
 
+from fakes.model_server import main
 
-class Health(BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-HTTPServer((args[args.index("--host") + 1], port), Health).serve_forever()
+main(["--host", args[args.index("--host") + 1], "--port", str(port), "--model", args[1]])
 """
 
 
@@ -112,13 +105,20 @@ class Launcher:
         self.logs = tmp_path / "logs"
         self.records = tmp_path / "records"
         self.records.mkdir()
+        self.control = tmp_path / "control"
+        self.control.mkdir()
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
         stub = bin_dir / "vllm"
-        stub.write_text(STUB.format(python=sys.executable))
+        stub.write_text(STUB.format(python=sys.executable, root=str(ROOT)))
         stub.chmod(0o755)
         path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
-        self.env = {**os.environ, "PATH": path, "STUB_RECORD_DIR": str(self.records)}
+        self.env = {
+            **os.environ,
+            "PATH": path,
+            "STUB_RECORD_DIR": str(self.records),
+            "STUB_CONTROL_DIR": str(self.control),
+        }
 
     def run(self, *args: str, timeout: float = 5) -> subprocess.CompletedProcess[str]:
         options = ["-l", str(self.logs), "-t", str(timeout), "-i", "0.1", *args]
@@ -133,10 +133,19 @@ class Launcher:
     def pid(self, port: int) -> int:
         return int((self.logs / f"vllm-{port}.pid").read_text())
 
+    def state(self, port: int) -> dict[str, Any]:
+        state: dict[str, Any] = json.loads((self.logs / f"vllm-{port}.state").read_text())
+        return state
+
+    def serving(self, port: int) -> bool:
+        return (self.logs / f"vllm-{port}.state").is_file() and self.state(port)["state"] == "serving"
+
     def stop_all(self) -> None:
-        for pid_file in self.logs.glob("*.pid"):
-            with suppress(ProcessLookupError):
-                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        # Supervisors first, or they would restart the servers stopped after them.
+        for pattern in ("*.supervisor.pid", "vllm-*[0-9].pid"):
+            for pid_file in self.logs.glob(pattern):
+                with suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
 
 
 @pytest.fixture
@@ -156,6 +165,16 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    return True
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 30) -> bool:
+    """Whether `condition` holds within `timeout` s (a generous bound, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
     return True
 
 
@@ -217,7 +236,8 @@ def test_a_server_not_healthy_in_time_fails_and_names_the_port(launcher: Launche
 
     assert result.returncode == 1
     assert f"port {port} not healthy after 1s" in result.stderr
-    assert alive(launcher.pid(port))  # left to finish loading
+    # The block is about to end: nothing half-loaded may keep holding the GPUs.
+    assert eventually(lambda: not alive(launcher.pid(port)))
 
 
 def test_a_spec_without_a_port_is_a_usage_error(launcher: Launcher) -> None:
@@ -225,3 +245,96 @@ def test_a_spec_without_a_port_is_a_usage_error(launcher: Launcher) -> None:
 
     assert result.returncode == 2
     assert "bad spec" in result.stderr
+
+
+def test_a_failed_start_stops_the_servers_that_did_start(launcher: Launcher) -> None:
+    broken, fine = free_port(), free_port()
+
+    result = launcher.run("-m", f"model-a {fine}", "-m", f"broken-model {broken} --stub-crash", timeout=30)
+
+    assert result.returncode == 1
+    assert launcher.state(broken)["state"] == "failed"
+    assert eventually(lambda: not alive(launcher.pid(fine)))
+
+
+def test_a_server_that_dies_after_serving_is_restarted(launcher: Launcher) -> None:
+    port = free_port()
+    assert launcher.run("-m", f"model-a {port}", "-r", "2", "-b", "1").returncode == 0
+    first = launcher.pid(port)
+    assert launcher.state(port) == {"state": "serving", "attempt": 0, "max_attempts": 2, "detail": "healthy"}
+
+    os.kill(first, signal.SIGKILL)  # vLLM dies
+
+    assert eventually(lambda: launcher.state(port)["state"] == "serving" and launcher.pid(port) != first)
+    assert launcher.state(port)["attempt"] == 1
+    assert healthy(port)
+    assert "restart 1 of 2 in 1s" in (launcher.logs / f"vllm-{port}.log").read_text()
+
+
+def test_while_vllm_restarts_the_compute_function_says_so(launcher: Launcher, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    assert launcher.run("-m", f"model-a {port}", "-r", "5", "-b", "120").returncode == 0
+    os.kill(launcher.pid(port), signal.SIGKILL)
+    assert eventually(lambda: launcher.state(port)["state"] == "restarting")
+    monkeypatch.setenv("VLLM_LOG_DIR", str(launcher.logs))
+
+    result = inference({"route": "completions", "body": {"prompt": "hi"}, "vllm": {"host": "127.0.0.1", "port": port}})
+
+    assert result["status"] == 503
+    assert result["error"]["code"] == "vllm_restarting"
+    assert "restarting (attempt 1 of 5)" in result["error"]["message"]
+
+
+def test_out_of_restarts_the_block_is_ended(launcher: Launcher) -> None:
+    port = free_port()
+    # The block's job shell: worker_init (the launcher), then the worker pool (here a sleep) in the foreground.
+    block = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            f'bash "$0" -l "$1" -i 0.1 -r 1 -b 0 -o $$ -m "model-a {port}" || exit 1; sleep 600',
+            LAUNCHER,
+            str(launcher.logs),
+        ],
+        env=launcher.env,
+        start_new_session=True,
+    )
+    try:
+        assert eventually(lambda: launcher.serving(port))
+        (launcher.control / "fail-start").touch()  # the restart will fail to load, as after a GPU fault
+
+        os.kill(launcher.pid(port), signal.SIGKILL)
+
+        assert block.wait(timeout=60) != 0  # the worker pool was stopped, so the job (the block) ended
+        assert launcher.state(port) == {
+            "state": "failed",
+            "attempt": 1,
+            "max_attempts": 1,
+            "detail": "exited with status 1; no restarts left",
+        }
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(block.pid, signal.SIGKILL)
+
+
+def test_supervisors_stop_vllm_when_the_block_ends(launcher: Launcher) -> None:
+    port = free_port()
+    block = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            f'bash "$0" -l "$1" -i 0.1 -o $$ -m "model-a {port}" || exit 1; sleep 600',
+            LAUNCHER,
+            str(launcher.logs),
+        ],
+        env=launcher.env,
+        start_new_session=True,
+    )
+    assert eventually(lambda: launcher.serving(port))
+    server = launcher.pid(port)
+
+    block.kill()  # the scheduler ends the job shell (walltime)
+    block.wait(timeout=30)
+
+    assert eventually(lambda: not alive(server))
+    assert launcher.state(port)["state"] == "serving"  # stopped on purpose, not a failure to restart
