@@ -3,7 +3,7 @@
 # answers /health. Meant for an endpoint's worker_init, so that workers start only once the models can serve.
 #
 # Usage: launch_vllm.sh [-f MODELS_FILE] [-m SPEC]... [-l LOG_DIR] [-H HOST] [-t TIMEOUT_S] [-i POLL_S]
-#                       [-r RESTARTS] [-b BACKOFF_S] [-o BLOCK_PID]
+#                       [-r RESTARTS] [-b BACKOFF_S] [-o BLOCK_PID [-w WALLTIME_S -s SHARED_DIR]]
 #   SPEC        [VAR=value ...] MODEL PORT [vllm serve arguments...]
 #               e.g. "CUDA_VISIBLE_DEVICES=0,1 meta-llama/Llama-3.1-8B-Instruct 8000 --tensor-parallel-size 2"
 #   -f FILE     one SPEC per line; blank lines and lines starting with # are skipped
@@ -16,6 +16,9 @@
 #   -b SECONDS  wait before the first restart, doubled for each next one up to 300 (default: 10)
 #   -o PID      the block's job shell (worker_init passes $$): supervisors stop vLLM when it exits, and
 #               when a server is out of restarts they end its process group, so the scheduler gets the node back
+#   -w SECONDS  the block's walltime, and -s DIR a directory shared by the endpoint's blocks: stagger this
+#               block against the other one (min_blocks 2) so their ends are half a walltime apart; it may
+#               end itself early to get there (see "Walltime overlap" in endpoint_configs/README.md)
 # Environment: VLLM_BIN, the vLLM command (default: vllm), e.g. a wrapper that runs it in a container.
 # A port that already answers /health is left alone, so re-running on a warm node is harmless.
 # vllm-PORT.state holds one JSON object: {"state": starting|serving|restarting|failed, "attempt",
@@ -31,14 +34,16 @@ poll_s=5
 max_restarts=5
 backoff_s=10
 block_pid=
+walltime_s=
+shared_dir=
 specs=()
 
 usage() {
-    sed -n '2,25s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,28s/^# \{0,1\}//p' "$0" >&2
     exit 2
 }
 
-while getopts "f:m:l:H:t:i:r:b:o:h" option; do
+while getopts "f:m:l:H:t:i:r:b:o:w:s:h" option; do
     case "$option" in
         f)
             [[ -r "$OPTARG" ]] || { echo "launch_vllm: cannot read $OPTARG" >&2; exit 2; }
@@ -54,11 +59,15 @@ while getopts "f:m:l:H:t:i:r:b:o:h" option; do
         r) max_restarts=$OPTARG ;;
         b) backoff_s=$OPTARG ;;
         o) block_pid=$OPTARG ;;
+        w) walltime_s=$OPTARG ;;
+        s) shared_dir=$OPTARG ;;
         *) usage ;;
     esac
 done
 [[ ${#specs[@]} -gt 0 ]] || usage
 [[ "$max_restarts" =~ ^[0-9]+$ && ( -z "$block_pid" || "$block_pid" =~ ^[0-9]+$ ) ]] || usage
+# Staggering needs all three: the walltime, where blocks meet, and the block to end.
+[[ -z "$walltime_s$shared_dir" || ( "$walltime_s" =~ ^[0-9]+$ && -n "$shared_dir" && -n "$block_pid" ) ]] || usage
 
 # 0.0.0.0 and :: are not addresses to connect to; check through loopback instead.
 check_host=$host
@@ -97,10 +106,48 @@ owner_sleep() {
     done
 }
 
+# Ends the block by ending its process group (job shell, worker pool, supervisors), as Parsl cancels a block:
+# the scheduler gets the node back. Only a group this script runs in, never anyone else's.
+end_block() {
+    local group
+    group=$(ps -o pgid= -p "$block_pid" | tr -d ' ')
+    if [[ -n "$group" && "$group" == "$(ps -o pgid= -p "$BASHPID" | tr -d ' ')" ]]; then
+        kill -TERM -- "-$group"
+    fi
+}
+
+# This block's end, chosen against the other block's (in SHARED_DIR/*.end): half a walltime from it, so that
+# one block serves while the other's successor queues and loads. Ending earlier than the walltime is the
+# only way to get there: the engine starts a block only for load, never on a clock.
+plan_end() { # OWN_END_FILE
+    local now end other candidate file lock="$shared_dir/.lock" tries=0
+    now=$(date +%s)
+    end=$((now + walltime_s))
+    # mkdir is atomic on shared filesystems; a lock left by a killed block is taken over after a minute.
+    until mkdir "$lock" 2>/dev/null; do
+        ((++tries < 60)) || { rm -rf "$lock"; tries=0; }
+        sleep 1
+    done
+    for file in "$shared_dir"/*.end; do
+        [[ -f "$file" && "$file" != "$1" ]] || continue
+        other=$(<"$file")
+        [[ "$other" =~ ^[0-9]+$ ]] && ((other > now)) || continue
+        if ((other - walltime_s / 2 >= now + walltime_s / 4)); then
+            candidate=$((other - walltime_s / 2))
+        else
+            candidate=$((other + walltime_s / 2))
+        fi
+        ((candidate < end)) && end=$candidate
+    done
+    echo "$end" >"$1"
+    rmdir "$lock"
+    echo "$end"
+}
+
 # Runs in the background, one per server: starts it, waits until it serves, and restarts it when it dies.
 # A server that never served is not restarted: the launcher reports it and the block ends.
 supervise() { # PORT COMMAND...
-    local port=$1 attempt=0 delay=$backoff_s code server up served=0 load_deadline group
+    local port=$1 attempt=0 delay=$backoff_s code server up served=0 load_deadline
     shift
     # The launcher stops supervisors only when the block's start failed.
     trap 'kill "$server" 2>/dev/null; write_state "$port" failed "$attempt" "stopped: the block did not start"; exit 0' TERM
@@ -135,15 +182,8 @@ supervise() { # PORT COMMAND...
         if ((attempt >= max_restarts)); then
             write_state "$port" failed "$attempt" "exited with status $code; no restarts left"
             echo "launch_vllm: the server for port $port exited ($code) with no restarts left" >>"$log_dir/vllm-$port.log"
-            if [[ -n "$block_pid" ]]; then
-                # Ending the block's process group (the job shell, its worker pool, this supervisor; as Parsl
-                # cancels a block) gives the node back to the scheduler, and the endpoint starts a fresh block
-                # on demand, instead of a node answering 503 until its walltime. Only a group this runs in.
-                group=$(ps -o pgid= -p "$block_pid" | tr -d ' ')
-                if [[ -n "$group" && "$group" == "$(ps -o pgid= -p "$BASHPID" | tr -d ' ')" ]]; then
-                    kill -TERM -- "-$group"
-                fi
-            fi
+            # The endpoint starts a fresh block on demand, instead of this node answering 503 until its walltime.
+            [[ -z "$block_pid" ]] || end_block
             exit 0
         fi
         attempt=$((attempt + 1))
@@ -156,6 +196,21 @@ supervise() { # PORT COMMAND...
 }
 
 mkdir -p "$log_dir"
+if [[ -n "$walltime_s" ]]; then
+    mkdir -p "$shared_dir"
+    end_file="$shared_dir/$(hostname)-$block_pid.end"
+    end_at=$(plan_end "$end_file")
+    echo "launch_vllm: this block ends at $(date -d "@$end_at" 2>/dev/null || echo "$end_at")"
+    (
+        trap 'exit 0' TERM
+        trap 'rm -f "$end_file"' EXIT
+        while (($(date +%s) < end_at)); do
+            alive "$owner" || exit 0
+            sleep "$poll_s"
+        done
+        end_block
+    ) </dev/null >/dev/null 2>&1 &
+fi
 started=()
 supervisors=()
 for spec in "${specs[@]}"; do

@@ -285,20 +285,26 @@ def test_while_vllm_restarts_the_compute_function_says_so(launcher: Launcher, mo
     assert "restarting (attempt 1 of 5)" in result["error"]["message"]
 
 
-def test_out_of_restarts_the_block_is_ended(launcher: Launcher) -> None:
-    port = free_port()
-    # The block's job shell: worker_init (the launcher), then the worker pool (here a sleep) in the foreground.
-    block = subprocess.Popen(
-        [
-            "bash",
-            "-c",
-            f'bash "$0" -l "$1" -i 0.1 -r 1 -b 0 -o $$ -m "model-a {port}" || exit 1; sleep 600',
-            LAUNCHER,
-            str(launcher.logs),
-        ],
+def start_block(launcher: Launcher, port: int, *options: str) -> subprocess.Popen[bytes]:
+    """A block's job shell in its own process group, as a scheduler runs it: worker_init (the launcher, told
+    this shell's PID), then the worker pool in the foreground (here a sleep)."""
+    script = 'bash "$0" -l "$1" -i 0.1 -o $$ "${@:2}" || exit 1; sleep 600'
+    return subprocess.Popen(
+        ["bash", "-c", script, LAUNCHER, str(launcher.logs), *options, "-m", f"model-a {port}"],
         env=launcher.env,
         start_new_session=True,
     )
+
+
+def end_block(block: subprocess.Popen[bytes]) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(block.pid, signal.SIGKILL)
+    block.wait(timeout=30)
+
+
+def test_out_of_restarts_the_block_is_ended(launcher: Launcher) -> None:
+    port = free_port()
+    block = start_block(launcher, port, "-r", "1", "-b", "0")
     try:
         assert eventually(lambda: launcher.serving(port))
         (launcher.control / "fail-start").touch()  # the restart will fail to load, as after a GPU fault
@@ -313,23 +319,12 @@ def test_out_of_restarts_the_block_is_ended(launcher: Launcher) -> None:
             "detail": "exited with status 1; no restarts left",
         }
     finally:
-        with suppress(ProcessLookupError):
-            os.killpg(block.pid, signal.SIGKILL)
+        end_block(block)
 
 
 def test_supervisors_stop_vllm_when_the_block_ends(launcher: Launcher) -> None:
     port = free_port()
-    block = subprocess.Popen(
-        [
-            "bash",
-            "-c",
-            f'bash "$0" -l "$1" -i 0.1 -o $$ -m "model-a {port}" || exit 1; sleep 600',
-            LAUNCHER,
-            str(launcher.logs),
-        ],
-        env=launcher.env,
-        start_new_session=True,
-    )
+    block = start_block(launcher, port)
     assert eventually(lambda: launcher.serving(port))
     server = launcher.pid(port)
 
@@ -338,3 +333,30 @@ def test_supervisors_stop_vllm_when_the_block_ends(launcher: Launcher) -> None:
 
     assert eventually(lambda: not alive(server))
     assert launcher.state(port)["state"] == "serving"  # stopped on purpose, not a failure to restart
+
+
+def test_two_blocks_are_staggered_by_half_a_walltime(launcher: Launcher, tmp_path: Path) -> None:
+    shared = tmp_path / "blocks"
+    walltime = 20
+    stagger = ("-w", str(walltime), "-s", str(shared))
+    blocks = []
+    try:
+        blocks.append(start_block(launcher, free_port(), *stagger))
+        assert eventually(lambda: len(list(shared.glob("*.end"))) == 1)
+        first_end = int(next(shared.glob("*.end")).read_text())
+
+        blocks.append(start_block(launcher, free_port(), *stagger))  # both start together, as with init_blocks 2
+
+        assert eventually(lambda: len(list(shared.glob("*.end"))) == 2)
+        assert sorted(int(path.read_text()) for path in shared.glob("*.end")) == [first_end - walltime // 2, first_end]
+        assert blocks[1].wait(timeout=walltime) != 0  # it ended itself half a walltime early...
+        assert blocks[0].poll() is None  # ...while the other one serves
+        assert eventually(lambda: len(list(shared.glob("*.end"))) == 1)  # an ended block leaves no plan behind
+
+        blocks.append(start_block(launcher, free_port(), *stagger))  # its successor
+
+        assert eventually(lambda: len(list(shared.glob("*.end"))) == 2)
+        assert sorted(int(path.read_text()) for path in shared.glob("*.end")) == [first_end, first_end + walltime // 2]
+    finally:
+        for block in blocks:
+            end_block(block)
