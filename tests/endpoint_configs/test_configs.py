@@ -23,11 +23,29 @@ from tests.servers import ROOT, free_port
 
 CONFIG_DIR = ROOT / "endpoint_configs"
 LAUNCHER = CONFIG_DIR / "launch_vllm.sh"
-PROVIDERS = {"polaris-pbs": "PBSProProvider", "slurm": "SlurmProvider", "local": "LocalProvider"}
+PROVIDERS = {
+    "polaris-pbs": "PBSProProvider",
+    "polaris-pbs-multinode": "PBSProProvider",
+    "slurm": "SlurmProvider",
+    "local": "LocalProvider",
+}
+# The sites behind a batch scheduler: their blocks end at a walltime and may fail on a node.
+CLUSTER_SITES = sorted(site for site, provider in PROVIDERS.items() if provider != "LocalProvider")
+POLARIS_SITES = sorted(site for site in PROVIDERS if site.startswith("polaris"))
 
 
 def config_text(site: str) -> str:
     return (CONFIG_DIR / site / "config.yaml").read_text()
+
+
+def config_data(site: str) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(config_text(site))
+    return config
+
+
+def seconds(walltime: str) -> int:
+    hours, minutes, secs = (int(part) for part in walltime.split(":"))
+    return hours * 3600 + minutes * 60 + secs
 
 
 def test_there_is_a_config_for_each_site() -> None:
@@ -53,13 +71,85 @@ def test_worker_init_launches_the_models_file_shipped_for_the_site(site: str) ->
 
 
 @pytest.mark.parametrize("site", sorted(PROVIDERS))
+def test_worker_init_ends_the_block_when_vllm_does_not_serve(site: str) -> None:
+    worker_init = config_data(site)["engine"]["provider"]["worker_init"]
+    launch = worker_init[worker_init.index('bash "$GATEWAY_DIR/endpoint_configs/launch_vllm.sh"') :]
+
+    # A failing line in worker_init does not stop the job script: only `exit` keeps the workers from starting.
+    assert launch.rstrip().endswith("|| exit 1")
+    assert " -o $$ " in launch  # the supervisors watch this job, and end it when vLLM is beyond restarting
+    assert re.search(r"^export VLLM_LOG_DIR=\S+$", worker_init, re.MULTILINE)  # where the function reads vLLM's state
+
+
+@pytest.mark.parametrize("site", sorted(PROVIDERS))
+def test_every_config_keeps_retries_off_and_says_why(site: str) -> None:
+    lines = config_text(site).splitlines()
+    settings = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    comments = " ".join(line.lstrip().lstrip("#").strip() for line in lines if line.lstrip().startswith("#"))
+
+    assert "max_retries_on_system_failure" not in settings  # 0, the engine's default
+    assert "Retries stay off" in comments
+    assert "spliced from two generations" in comments
+    assert "Do not set max_retries_on_system_failure" in comments
+
+
+@pytest.mark.parametrize("site", CLUSTER_SITES)
+def test_a_failed_block_does_not_stop_a_cluster_endpoint(site: str) -> None:
+    assert config_data(site)["engine"]["block_error_handler"] is False
+
+
+@pytest.mark.parametrize("site", CLUSTER_SITES)
+def test_cluster_blocks_overlap_their_walltimes(site: str) -> None:
+    engine = config_data(site)["engine"]
+    provider = engine["provider"]
+    walltime = seconds(provider["walltime"])
+
+    assert provider["init_blocks"] == provider["min_blocks"] == provider["max_blocks"] == 2
+    # One outstanding task must count as load for a missing block (see test_engine_blocks.py).
+    assert provider["parallelism"] > engine["max_workers_per_node"] * provider["nodes_per_block"]
+    assert engine["job_status_kwargs"]["max_idletime"] >= walltime  # the second block is never idle-released
+    assert f" -w {walltime} -s " in provider["worker_init"]  # the blocks stagger on the walltime they have
+
+
+@pytest.mark.parametrize("site", POLARIS_SITES)
+def test_polaris_pins_the_interface_the_broker_port_and_the_documented_cpus(site: str) -> None:
+    config = config_data(site)
+
+    assert config["amqp_port"] == 443
+    assert config["engine"]["address"] == {"type": "address_by_interface", "ifname": "bond0"}
+    assert config["engine"]["provider"]["cpus_per_node"] == 32
+    assert "pbsnodes" in config_text(site)  # how to check what the nodes offer
+
+
+def test_the_multinode_template_spreads_one_model_over_every_gpu_of_the_block() -> None:
+    provider = config_data("polaris-pbs-multinode")["engine"]["provider"]
+    models = [
+        line.split()
+        for line in (CONFIG_DIR / "polaris-pbs-multinode" / "models.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+
+    assert len(models) == 1
+    args = models[0]
+    tensor = int(args[args.index("--tensor-parallel-size") + 1])
+    pipeline = int(args[args.index("--pipeline-parallel-size") + 1])
+    assert args[args.index("--distributed-executor-backend") + 1] == "ray"
+    assert provider["nodes_per_block"] == pipeline > 1
+    assert tensor * pipeline == 4 * provider["nodes_per_block"]  # Polaris: 4 GPUs a node
+    assert "ray start --head" in provider["worker_init"]
+    assert provider["launcher"] == {"type": "SimpleLauncher"}  # one worker pool, beside vLLM's API server
+
+
+@pytest.mark.parametrize("site", sorted(PROVIDERS))
 def test_config_loads_with_the_endpoints_own_loader(site: str) -> None:
     loader = pytest.importorskip(
         "globus_compute_endpoint.endpoint.config.utils",
-        reason="globus-compute-endpoint is a cluster-side package; install the `cluster` extra to check configs",
+        reason="globus-compute-endpoint is a cluster-side package; install the `endpoint` extra to check configs",
     )
+    # The loader resolves the interface here and now; bond0 exists on Polaris's login nodes only.
+    text = config_text(site).replace("ifname: bond0", "ifname: lo")
 
-    config = loader.load_config_yaml(config_text(site))
+    config = loader.load_config_yaml(text)
 
     engine = config.engine
     try:
@@ -67,6 +157,12 @@ def test_config_loads_with_the_endpoints_own_loader(site: str) -> None:
         assert type(engine).__name__ == "GlobusComputeEngine"
         assert type(engine.executor.provider).__name__ == PROVIDERS[site]
         assert engine.executor.provider.min_blocks >= 1  # a node stays hot with the models loaded
+        assert engine.max_retries_on_system_failure == 0
+        if site in CLUSTER_SITES:
+            assert engine.executor.block_error_handler.__name__ == "noop_error_handler"
+        if site in POLARIS_SITES:
+            assert config.amqp_port == 443
+            assert engine.executor.provider.cpus_per_node == 32
         assert {strategy.__name__ for strategy in engine.serde.allowed_deserializer_types} == {
             CODE_STRATEGY.rsplit(".", 1)[1],
             DATA_STRATEGY.rsplit(".", 1)[1],

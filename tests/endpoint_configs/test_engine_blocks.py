@@ -136,3 +136,41 @@ def test_a_vllm_that_fails_to_load_ends_the_block_and_the_next_task_gets_a_fresh
         assert executor.status_facade["1"].state.name == "RUNNING"  # a second block, started for the task
     finally:
         engine.shutdown()
+
+
+def test_with_two_blocks_one_that_ends_is_replaced_at_the_next_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walltime overlap needs the engine to bring a second block back while the first still serves: Parsl
+    starts blocks only for load, so the cluster configs' `parallelism` must make one task count as load."""
+    from parsl.jobs.states import JobState
+
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    polaris = yaml.safe_load((CONFIG_DIR / "polaris-pbs" / "config.yaml").read_text())["engine"]["provider"]
+    config = yaml.safe_load((CONFIG_DIR / "local" / "config.yaml").read_text())
+    engine_config = config["engine"]
+    engine_config["block_error_handler"] = False
+    engine_config["job_status_kwargs"] = {"strategy_period": 0.5, "max_idletime": 3600}
+    engine_config["max_workers_per_node"] = 4
+    provider = engine_config["provider"]
+    provider.update({key: polaris[key] for key in ("init_blocks", "min_blocks", "max_blocks", "parallelism")})
+    provider["worker_init"] = ""  # no vLLM: this is about blocks, the task only has to run somewhere
+    engine = loader.load_config_yaml(yaml.safe_dump(config)).engine
+    engine.start(endpoint_id=uuid.uuid4(), run_dir=str(tmp_path / "run"))
+    executor = engine.executor
+
+    def running() -> set[str]:
+        return {block for block, status in executor.status_facade.items() if status.state == JobState.RUNNING}
+
+    try:
+        wait_for(lambda: running() == {"0", "1"} and len(engine.get_connected_managers()) == 2, "two blocks serve")
+        job = executor.blocks_to_job_id["0"]
+        os.killpg(os.getpgid(executor.provider.resources[job]["remote_pid"]), signal.SIGKILL)  # its walltime is up
+        wait_for(lambda: executor.status_facade["0"].terminal, "block 0 ends")
+
+        future = health_task(engine, free_port())
+
+        assert future.result(timeout=120)  # served by block 1...
+        wait_for(lambda: running() == {"1", "2"}, "...and the task brought a fresh block for the one that ended")
+    finally:
+        engine.shutdown()
