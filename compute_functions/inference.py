@@ -131,16 +131,19 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         state in $VLLM_LOG_DIR/vllm-PORT.state: say when it is restarting vLLM, or has given up."""
         unreachable = f"vLLM at {host}:{port} is unreachable: {exc}"
         state: object = None
-        if host in ("127.0.0.1", "localhost", "::1") and os.environ.get("VLLM_LOG_DIR"):
-            with contextlib.suppress(OSError, ValueError):
-                with open(os.path.join(os.environ["VLLM_LOG_DIR"], f"vllm-{port}.state")) as file:
-                    state = json.load(file)
+        log_dir = os.environ.get("VLLM_LOG_DIR")
+        if host in ("127.0.0.1", "localhost", "::1") and log_dir:
+            state_file = os.path.join(log_dir, f"vllm-{port}.state")
+            with contextlib.suppress(OSError, ValueError), open(state_file) as file:
+                state = json.load(file)
         if not isinstance(state, dict):
             return TaskError(503, "vllm_unreachable", unreachable)
-        attempt, attempts = state.get("attempt"), state.get("max_attempts")
         if state.get("state") == "restarting":
-            message = f"The model server on the node stopped and is restarting (attempt {attempt} of {attempts})."
-            return TaskError(503, "vllm_restarting", message)
+            with contextlib.suppress(TypeError, ValueError):
+                # Numbers only: the gateway shows this message to the caller.
+                attempt, attempts = int(state["attempt"]), int(state["max_attempts"])
+                message = f"The model server on the node stopped and is restarting (attempt {attempt} of {attempts})."
+                return TaskError(503, "vllm_restarting", message)
         if state.get("state") == "failed":
             return TaskError(503, "vllm_unreachable", f"{unreachable}; its supervisor gave up: {state.get('detail')}")
         return TaskError(503, "vllm_unreachable", unreachable)
