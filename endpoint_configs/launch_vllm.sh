@@ -65,7 +65,9 @@ while getopts "f:m:l:H:t:i:r:b:o:w:s:h" option; do
     esac
 done
 [[ ${#specs[@]} -gt 0 ]] || usage
-[[ "$max_restarts" =~ ^[0-9]+$ && ( -z "$block_pid" || "$block_pid" =~ ^[0-9]+$ ) ]] || usage
+for number in "$timeout_s" "$max_restarts" "$backoff_s" ${block_pid:+"$block_pid"}; do
+    [[ "$number" =~ ^[0-9]+$ ]] || usage
+done
 # Staggering needs all three: the walltime, where blocks meet, and the block to end.
 [[ -z "$walltime_s$shared_dir" || ( "$walltime_s" =~ ^[0-9]+$ && -n "$shared_dir" && -n "$block_pid" ) ]] || usage
 

@@ -107,7 +107,6 @@ def test_cluster_blocks_overlap_their_walltimes(site: str) -> None:
     assert provider["init_blocks"] == provider["min_blocks"] == provider["max_blocks"] == 2
     # One outstanding task must count as load for a missing block (see test_engine_blocks.py).
     assert provider["parallelism"] > engine["max_workers_per_node"] * provider["nodes_per_block"]
-    assert engine["job_status_kwargs"]["max_idletime"] >= walltime  # the second block is never idle-released
     assert f" -w {walltime} -s " in provider["worker_init"]  # the blocks stagger on the walltime they have
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -92,7 +93,7 @@ def local_engine(run_dir: Path) -> Any:
     return engine
 
 
-def health_task(engine: Any, port: int) -> Future[Any]:
+def health_task(engine: Any, port: int, read_timeout: float = 600) -> Future[Any]:
     """Submit compute_functions.inference in health mode, serialized as the gateway registers and submits it."""
     from globus_compute_common.messagepack import pack
     from globus_compute_common.messagepack.message_types import Task
@@ -100,7 +101,7 @@ def health_task(engine: Any, port: int) -> Future[Any]:
     from globus_compute_sdk.serialize import ComputeSerializer, JSONData, PureSourceTextInspect
 
     serde = ComputeSerializer(strategy_code=PureSourceTextInspect(), strategy_data=JSONData())
-    request = {"mode": "health", "vllm": {"host": "127.0.0.1", "port": port}}
+    request = {"mode": "health", "vllm": {"host": "127.0.0.1", "port": port, "read_timeout": read_timeout}}
     buffers = [serde.serialize(inference), serde.serialize((request,)), serde.serialize({})]
     task_id = uuid.uuid4()
     future = GCFuture(task_id)
@@ -146,11 +147,12 @@ def test_with_two_blocks_one_that_ends_is_replaced_at_the_next_task(
     from parsl.jobs.states import JobState
 
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    polaris = yaml.safe_load((CONFIG_DIR / "polaris-pbs" / "config.yaml").read_text())["engine"]["provider"]
+    polaris_engine = yaml.safe_load((CONFIG_DIR / "polaris-pbs" / "config.yaml").read_text())["engine"]
+    polaris = polaris_engine["provider"]
     config = yaml.safe_load((CONFIG_DIR / "local" / "config.yaml").read_text())
     engine_config = config["engine"]
     engine_config["block_error_handler"] = False
-    engine_config["job_status_kwargs"] = {"strategy_period": 0.5, "max_idletime": 3600}
+    engine_config["job_status_kwargs"] = {**polaris_engine["job_status_kwargs"], "strategy_period": 0.5}
     engine_config["max_workers_per_node"] = 4
     provider = engine_config["provider"]
     provider.update({key: polaris[key] for key in ("init_blocks", "min_blocks", "max_blocks", "parallelism")})
@@ -168,9 +170,11 @@ def test_with_two_blocks_one_that_ends_is_replaced_at_the_next_task(
         os.killpg(os.getpgid(executor.provider.resources[job]["remote_pid"]), signal.SIGKILL)  # its walltime is up
         wait_for(lambda: executor.status_facade["0"].terminal, "block 0 ends")
 
-        future = health_task(engine, free_port())
-
-        assert future.result(timeout=120)  # served by block 1...
+        # Parsl sees load only while a task is outstanding when its strategy runs: like a real request, this one
+        # takes seconds (a vLLM that accepts the connection and answers nothing until the read timeout).
+        with socket.create_server(("127.0.0.1", 0)) as silent:
+            future = health_task(engine, silent.getsockname()[1], read_timeout=5)
+            assert future.result(timeout=120)  # served by block 1...
         wait_for(lambda: running() == {"1", "2"}, "...and the task brought a fresh block for the one that ended")
     finally:
         engine.shutdown()
