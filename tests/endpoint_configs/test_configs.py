@@ -236,11 +236,15 @@ class Launcher:
         return (self.logs / f"vllm-{port}.state").is_file() and self.state(port)["state"] == "serving"
 
     def stop_all(self) -> None:
-        # Supervisors first, or they would restart the servers stopped after them.
-        for pattern in ("*.supervisor.pid", "vllm-*[0-9].pid"):
-            for pid_file in self.logs.glob(pattern):
-                with suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        stop_launched(self.logs)
+
+
+def stop_launched(log_dir: Path) -> None:
+    """Stop what launch_vllm.sh started: supervisors first, or they would restart the servers stopped after them."""
+    for pattern in ("*.supervisor.pid", "vllm-*[0-9].pid"):
+        for pid_file in log_dir.glob(pattern):
+            with suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
 
 
 @pytest.fixture

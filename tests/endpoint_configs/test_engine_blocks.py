@@ -15,7 +15,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]  # the venv has no types-PyYAML
 
 from compute_functions import inference
-from tests.endpoint_configs.test_configs import CONFIG_DIR, LAUNCHER, STUB
+from tests.endpoint_configs.test_configs import CONFIG_DIR, LAUNCHER, STUB, stop_launched
 from tests.servers import ROOT, free_port
 
 pytestmark = pytest.mark.server  # starts the engine's interchange and the block's worker pool
@@ -61,12 +60,6 @@ class Site:
         self.control.mkdir()
         self.logs = home / ".globus_compute" / "local-vllm" / "vllm-logs"
 
-    def stop_servers(self) -> None:
-        for pattern in ("*.supervisor.pid", "vllm-*[0-9].pid"):
-            for pid_file in self.logs.glob(pattern):
-                with suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
-
 
 @pytest.fixture
 def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
@@ -77,7 +70,7 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
     monkeypatch.setenv("STUB_RECORD_DIR", str(site.records))
     monkeypatch.setenv("STUB_CONTROL_DIR", str(site.control))
     yield site
-    site.stop_servers()
+    stop_launched(site.logs)
 
 
 def local_engine(run_dir: Path) -> Any:
