@@ -26,7 +26,8 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
         stream    optional {relay_url, token, max_coalesce_ms=5, retries=5, verify_tls=True, timeout=30}
 
     Non-streamed result: {"status": <vLLM's status>, "body": <JSON or text>, "elapsed_ms"}; when vLLM
-    cannot answer: {"status": 503|504|502|500, "error": {"code", "message"}, "elapsed_ms"}.
+    cannot answer: {"status": 503|504|502|500, "error": {"code", "message"}, "elapsed_ms"} (code
+    `vllm_restarting` while the node's supervisor restarts a vLLM that died).
     Health result: {"status": 200|503, "healthy", "models": [ids], "cards": [vLLM's model cards],
     "elapsed_ms", "error"?}.
     Streamed: each batch of SSE events is POSTed to relay_url as {"seq", "events": [...]}, then
@@ -125,6 +126,28 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
             "headers": headers,
         }
 
+    def vllm_down(host: str, port: int, exc: OSError) -> TaskError:
+        """vLLM refused the connection. On this node, endpoint_configs/launch_vllm.sh's supervisor keeps its
+        state in $VLLM_LOG_DIR/vllm-PORT.state: say when it is restarting vLLM, or has given up."""
+        unreachable = f"vLLM at {host}:{port} is unreachable: {exc}"
+        state: object = None
+        log_dir = os.environ.get("VLLM_LOG_DIR")
+        if host in ("127.0.0.1", "localhost", "::1") and log_dir:
+            state_file = os.path.join(log_dir, f"vllm-{port}.state")
+            with contextlib.suppress(OSError, ValueError), open(state_file) as file:
+                state = json.load(file)
+        if not isinstance(state, dict):
+            return TaskError(503, "vllm_unreachable", unreachable)
+        if state.get("state") == "restarting":
+            with contextlib.suppress(TypeError, ValueError):
+                # Numbers only: the gateway shows this message to the caller.
+                attempt, attempts = int(state["attempt"]), int(state["max_attempts"])
+                message = f"The model server on the node stopped and is restarting (attempt {attempt} of {attempts})."
+                return TaskError(503, "vllm_restarting", message)
+        if state.get("state") == "failed":
+            return TaskError(503, "vllm_unreachable", f"{unreachable}; its supervisor gave up: {state.get('detail')}")
+        return TaskError(503, "vllm_unreachable", unreachable)
+
     def connect(vllm: dict[str, Any]) -> http.client.HTTPConnection:
         host, port, timeout = vllm["host"], vllm["port"], vllm["connect_timeout"]
         if vllm["tls"]:
@@ -136,7 +159,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
             conn.connect()
         except OSError as exc:
             conn.close()
-            raise TaskError(503, "vllm_unreachable", f"vLLM at {host}:{port} is unreachable: {exc}") from None
+            raise vllm_down(host, port, exc) from None
         conn.sock.settimeout(vllm["read_timeout"])  # connected: from now on, waits are read waits
         return conn
 

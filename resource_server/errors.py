@@ -168,6 +168,11 @@ class ErrorCode(StrEnum):
         503,
         "The model server cannot be reached (it may be starting): retry after `Retry-After` seconds.",
     )
+    UPSTREAM_RESTARTING = (
+        "upstream_restarting",
+        503,
+        "The model server stopped and the cluster node is restarting it: retry after `Retry-After` seconds.",
+    )
     UPSTREAM_UNAVAILABLE = "upstream_unavailable", 503, "The model server says it is unavailable: retry shortly."
     ENDPOINT_OFFLINE = (
         "endpoint_offline",

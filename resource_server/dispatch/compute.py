@@ -142,6 +142,7 @@ def settled(future: Future[Any]) -> asyncio.Future[Any]:
 TASK_ERROR_CODES: dict[str, ErrorCode] = {
     "vllm_unreachable": ErrorCode.UPSTREAM_UNREACHABLE,
     "vllm_unhealthy": ErrorCode.UPSTREAM_UNREACHABLE,
+    "vllm_restarting": ErrorCode.UPSTREAM_RESTARTING,
     "vllm_timeout": ErrorCode.UPSTREAM_TIMEOUT,
     "vllm_connection_lost": ErrorCode.UPSTREAM_CONNECTION_FAILED,
     "vllm_stream_broken": ErrorCode.UPSTREAM_CONNECTION_FAILED,
@@ -168,6 +169,11 @@ def task_error(status: int, task_code: str, message: str, *, server: str, body: 
         )
         unreachable.never_reached = True  # the function found vLLM down before sending it the request
         return unreachable
+    if code is ErrorCode.UPSTREAM_RESTARTING:
+        # The function's own words (which attempt of how many); nothing in them comes from vLLM.
+        restarting = ServiceUnavailable(f"{message} Please retry shortly.", retry_after=30, code=code)
+        restarting.never_reached = True
+        return restarting
     if code is ErrorCode.UPSTREAM_TIMEOUT:
         return UpstreamError("The model server on the cluster did not answer in time.", code=code)
     if code is ErrorCode.UPSTREAM_CONNECTION_FAILED:

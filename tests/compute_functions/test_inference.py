@@ -196,6 +196,41 @@ def test_vllm_down_is_503_unreachable() -> None:
     assert result["error"]["code"] == "vllm_unreachable"
 
 
+def write_supervisor_state(log_dir: Path, port: int, state: dict[str, Any]) -> None:
+    """What endpoint_configs/launch_vllm.sh's supervisor keeps for the vLLM on `port`."""
+    (log_dir / f"vllm-{port}.state").write_text(json.dumps(state))
+
+
+def test_vllm_down_while_its_supervisor_restarts_it_says_which_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    write_supervisor_state(tmp_path, port, {"state": "restarting", "attempt": 2, "max_attempts": 5, "detail": "x"})
+    monkeypatch.setenv("VLLM_LOG_DIR", str(tmp_path))
+
+    result = inference({"route": "chat/completions", "body": CHAT, "vllm": {"host": "127.0.0.1", "port": port}})
+
+    assert result["status"] == 503
+    assert result["error"] == {
+        "code": "vllm_restarting",
+        "message": "The model server on the node stopped and is restarting (attempt 2 of 5).",
+    }
+
+
+def test_vllm_down_after_its_supervisor_gave_up_is_unreachable_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    detail = "exited with status 1; no restarts left"
+    write_supervisor_state(tmp_path, port, {"state": "failed", "attempt": 5, "max_attempts": 5, "detail": detail})
+    monkeypatch.setenv("VLLM_LOG_DIR", str(tmp_path))
+
+    result = inference({"route": "chat/completions", "body": CHAT, "vllm": {"host": "127.0.0.1", "port": port}})
+
+    assert result["error"]["code"] == "vllm_unreachable"
+    assert result["error"]["message"].endswith(f"its supervisor gave up: {detail}")
+
+
 def test_silent_vllm_is_504_after_read_timeout(fake_vllm: str) -> None:
     vllm = vllm_settings(fake_vllm, read_timeout=0.5)
     body = chat(fake_vllm={"hang": True})

@@ -65,3 +65,14 @@ def test_vllm_refusal_with_its_body_passes_the_body_on_unchanged() -> None:
     body = {"error": {"message": "bad top_k", "type": "BadRequestError", "param": "top_k", "code": 400}}
     error = task_error(400, "vllm_rejected", "bad top_k", server="test endpoint", body=body)
     assert (error.status, error.code, orjson.loads(error.body())) == (400, ErrorCode.INVALID_REQUEST, body)
+
+
+def test_a_model_server_being_restarted_is_503_with_the_attempt_and_may_fail_over() -> None:
+    message = "The model server on the node stopped and is restarting (attempt 2 of 5)."
+
+    error = task_error(503, "vllm_restarting", message, server="test endpoint")
+
+    assert (error.status, error.code) == (503, ErrorCode.UPSTREAM_RESTARTING)
+    assert error.message == f"{message} Please retry shortly."
+    assert error.headers["Retry-After"] == "30"
+    assert error.never_reached  # the function found vLLM down, so another endpoint may take the request
