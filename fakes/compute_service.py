@@ -29,8 +29,8 @@ submitted arguments), and its results (the 10 MiB result limit and errors includ
 interchange publishes them. Several endpoint ids may share the one engine, each with its own status and
 `allowed_functions`.
 
-Fault hook: `lose(request_id)` makes the task of that gateway request vanish (accepted, never run, never
-answered), as after an endpoint restart or a broker loss.
+Fault hooks: `lose(request_id)` makes the task of that gateway request vanish (accepted, never run, never
+answered), as after an endpoint restart or a broker loss; clearing `status_gate` holds status answers back.
 
 Start everything with `start_compute_service()` (a context manager); see its docstring.
 """
@@ -109,7 +109,8 @@ class Stats:
     """What the service was asked: calls per route, tasks submitted per endpoint."""
 
     calls: dict[str, int] = field(default_factory=dict)
-    submitted: dict[str, int] = field(default_factory=dict)
+    status_calls: dict[str, int] = field(default_factory=dict)  # per endpoint
+    submitted: dict[str, int] = field(default_factory=dict)  # tasks accepted, per endpoint
 
 
 class Broker:
@@ -164,6 +165,8 @@ class ComputeService(asgi.App):
         self.stats = Stats()
         self._task_groups: dict[str, str] = {}  # task group id -> owner
         self._lost: set[str] = set()  # request ids whose task is never answered
+        self.status_gate = threading.Event()  # cleared: status requests wait (a slow service)
+        self.status_gate.set()
         self._lock = threading.Lock()
         self._routes: list[tuple[str, re.Pattern[str], Any]] = [
             ("POST", re.compile(r"/v3/functions"), self._register_function),
@@ -234,6 +237,8 @@ class ComputeService(asgi.App):
         return {"function_uuid": function_id}
 
     def _endpoint_status(self, client_id: str, data: dict[str, Any], endpoint_id: str) -> dict[str, Any]:
+        self.status_gate.wait()
+        self.stats.status_calls[endpoint_id] = self.stats.status_calls.get(endpoint_id, 0) + 1
         endpoint = self._endpoint(endpoint_id)
         if not endpoint.online:
             return {"status": "offline", "details": {}}
@@ -247,7 +252,10 @@ class ComputeService(asgi.App):
             function = self.functions.get(function_id)
             if function is None:
                 raise ServiceError(
-                    HTTPStatus.NOT_FOUND, "FUNCTION_NOT_FOUND", f"Function {function_id} could not be resolved", function_id
+                    HTTPStatus.NOT_FOUND,
+                    "FUNCTION_NOT_FOUND",
+                    f"Function {function_id} could not be resolved",
+                    function_id,
                 )
             if function.owner != client_id:
                 raise ServiceError(
@@ -274,7 +282,8 @@ class ComputeService(asgi.App):
                 self._run(client_id, task_group_id, endpoint_id, function_id, payload, result_serializers)
                 for payload in payloads
             ]
-        self.stats.submitted[endpoint_id] = self.stats.submitted.get(endpoint_id, 0) + len(data.get("tasks") or ())
+        accepted = sum(len(task_ids) for task_ids in answer.values())
+        self.stats.submitted[endpoint_id] = self.stats.submitted.get(endpoint_id, 0) + accepted
         return {
             "request_id": str(uuid.uuid4()),
             "task_group_id": task_group_id,
@@ -369,6 +378,7 @@ class ComputeService(asgi.App):
             error = ResultErrorDetails(code="UNKNOWN_TASK_FAILURE", user_message=message)
             packed = messagepack.pack(Result(task_id=uuid.UUID(task_id), data=message, error_details=error))
         result = messagepack.unpack(packed)
+        assert isinstance(result, Result), f"the engine answered a {type(result).__name__}"
         record = self.tasks[task_id]
         record.result = result
         record.status = "failed" if result.is_error else "success"
@@ -380,8 +390,9 @@ def _request_id(payload: str) -> str | None:
     """The gateway request a task belongs to, read from its JSON arguments (for the fault hook only)."""
     from globus_compute_sdk.serialize import ComputeSerializer
 
+    serializer = ComputeSerializer()
     try:
-        args, _kwargs = ComputeSerializer().unpack_and_deserialize(payload)
+        args = serializer.deserialize(serializer.unpack_buffers(payload)[0])
         request_id = args[0].get("request_id")
     except Exception:
         return None

@@ -146,6 +146,10 @@ def sdk_executor(endpoint_id: str, client: ComputeClient) -> TaskExecutor:
         result_serializers=[DATA_STRATEGY],
         label=f"gateway:{endpoint_id}",
     )
+    # A new Executor joins the task group the process last submitted to (a class-wide default), even one of
+    # another service account, which Globus refuses (403 TASK_GROUP_ACCESS_FORBIDDEN) and which would stop
+    # this executor. Start without one: Globus makes this executor its own on the first submission.
+    executor.task_group_id = None
     return cast(TaskExecutor, executor)
 
 
