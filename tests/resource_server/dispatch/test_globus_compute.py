@@ -351,10 +351,14 @@ async def test_the_endpoint_refuses_code_that_was_not_sent_as_source_text(
     monkeypatch.undo()
     wrong = backend(endpoints, model_server, endpoint_id=compute.service.add_endpoint(), function_id=dill_function)
 
+    request = chat()
+
     with pytest.raises(UpstreamError) as refused:
-        await wrong.submit(chat())
+        await wrong.submit(request)
 
     assert refused.value.code == "compute_task_failed"
+    [task] = [task for task in compute.service.tasks.values() if task.request_id == request.request_id]
+    assert task.result is not None and "DillCode" in task.result.data  # the engine's allowed_serializers said no
 
 
 # --- endpoint status ---------------------------------------------------------------------------
