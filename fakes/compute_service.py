@@ -238,7 +238,8 @@ class ComputeService(asgi.App):
 
     def _endpoint_status(self, client_id: str, data: dict[str, Any], endpoint_id: str) -> dict[str, Any]:
         self.status_gate.wait()
-        self.stats.status_calls[endpoint_id] = self.stats.status_calls.get(endpoint_id, 0) + 1
+        with self._lock:
+            self.stats.status_calls[endpoint_id] = self.stats.status_calls.get(endpoint_id, 0) + 1
         endpoint = self._endpoint(endpoint_id)
         if not endpoint.online:
             return {"status": "offline", "details": {}}
@@ -283,7 +284,8 @@ class ComputeService(asgi.App):
                 for payload in payloads
             ]
         accepted = sum(len(task_ids) for task_ids in answer.values())
-        self.stats.submitted[endpoint_id] = self.stats.submitted.get(endpoint_id, 0) + accepted
+        with self._lock:
+            self.stats.submitted[endpoint_id] = self.stats.submitted.get(endpoint_id, 0) + accepted
         return {
             "request_id": str(uuid.uuid4()),
             "task_group_id": task_group_id,
