@@ -7,9 +7,13 @@ test's event loop; uvicorn is imported only to serve one from the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import socket
 import sys
+import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
 import orjson
@@ -93,3 +97,29 @@ def serve(app: App, *, host: str, port: int, banner: str) -> None:
 
     print(banner, file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: App, *, timeout: float = 10.0) -> Iterator[str]:
+    """Serve `app` under uvicorn in a thread of this process, on a free loopback port; yields its URL.
+
+    For fakes whose state the caller reads and arranges directly (in-process), unlike `serve`.
+    """
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True, name=f"{type(app).__name__}:{port}")
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"{type(app).__name__} did not start serving on port {port}")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout)

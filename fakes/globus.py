@@ -4,7 +4,7 @@ It serves the few routes the gateway and its users' tool need, shaped like globu
 (checked against the SDK's request code and its registered example responses):
 
     POST /v2/oauth2/token/introspect   token introspection (HTTP Basic client auth, form body)
-    POST /v2/oauth2/token              dependent-token grant and refresh-token grant
+    POST /v2/oauth2/token              client-credentials, dependent-token and refresh-token grants
     POST /v2/oauth2/token/revoke       token revocation
     GET  /v2/groups/my_groups          the caller's groups (Globus Groups)
 
@@ -51,6 +51,9 @@ ISSUER = "https://auth.globus.org"
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
 DEPENDENT_TOKEN_GRANT = "urn:globus:auth:grant_type:dependent_token"  # noqa: S105 - a grant type, not a secret
+# Globus Compute's resource server is a service name, and its scope is built on its client id (as in globus-sdk).
+COMPUTE_RESOURCE_SERVER = "funcx_service"
+COMPUTE_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
 TOKEN_LIFETIME = 172800  # Globus access tokens live 48 hours
 # Client identities share one identity provider; the real one's id is not published, so this is ours.
 CLIENTS_IDP = "2a3b7ec6-3f8e-4b1e-9c4a-0c1e5ad1c0de"
@@ -61,6 +64,8 @@ DEMO_CLIENT_SECRET = "fake-globus-demo-secret"  # noqa: S105 - a fake's fixed de
 DEMO_NATIVE_CLIENT_ID = "0b5e3f0e-8a41-4c2d-b1f7-9d6c3e2a1f08"
 # Scopes the dependent-token grant can issue, and the resource server each belongs to.
 _DEPENDENT_RESOURCE_SERVERS = {GROUPS_SCOPE: GROUPS_RESOURCE_SERVER}
+# Scopes a confidential client can get for itself (client-credentials grant).
+_CLIENT_RESOURCE_SERVERS = {**_DEPENDENT_RESOURCE_SERVERS, COMPUTE_SCOPE: COMPUTE_RESOURCE_SERVER}
 _MEMBERSHIP_STATUSES = frozenset(("active", "declined", "invited", "left", "pending", "rejected", "removed"))
 
 
@@ -687,11 +692,51 @@ class FakeGlobus(asgi.App):
         form = request.form()
         grant_type = form.get("grant_type", "")
         self.stats.grants[grant_type] += 1
+        if grant_type == "client_credentials":
+            return self._client_credentials(request, form)
         if grant_type == DEPENDENT_TOKEN_GRANT:
             return self._dependent_tokens(request, form)
         if grant_type == "refresh_token":
             return self._refresh(request, form)
         return _oauth_error(HTTPStatus.BAD_REQUEST, "unsupported_grant_type")
+
+    def _client_credentials(self, request: Request, form: Mapping[str, str]) -> Response:
+        """A confidential client's own tokens, one per resource server: the first in the body, the rest in
+        `other_tokens`, as Globus answers."""
+        client_id = self._confidential_client(request)
+        if client_id is None:
+            return _oauth_error(HTTPStatus.UNAUTHORIZED, "invalid_client")
+        scopes = form.get("scope", "").split()
+        if not scopes or any(scope not in _CLIENT_RESOURCE_SERVERS for scope in scopes):
+            return _oauth_error(HTTPStatus.BAD_REQUEST, "invalid_scope")
+        now = int(time.time())
+        identity = _client_identity(client_id, None)
+        bodies = []
+        for resource_server in dict.fromkeys(_CLIENT_RESOURCE_SERVERS[scope] for scope in scopes):
+            granted = " ".join(scope for scope in scopes if _CLIENT_RESOURCE_SERVERS[scope] == resource_server)
+            grant = Grant(
+                token=secrets.token_urlsafe(32),
+                client_id=client_id,
+                scope=granted,
+                resource_server=resource_server,
+                audience=(resource_server,),
+                issued_at=now,
+                expires_at=now + self.config.token_lifetime,
+                identities=(identity,),
+                session_id=None,
+                authentications=(),
+                groups=(),
+                policies={},
+                dependent_scopes=(),
+            )
+            self._grants[grant.token] = grant
+            bodies.append(self._token_body(grant))
+        return _json(HTTPStatus.OK, {**bodies[0], "other_tokens": bodies[1:]})
+
+    def client_of(self, token: str | None, resource_server: str) -> str | None:
+        """For a fake resource server in this process: the client an active token for it was issued to."""
+        grant = self._active_grant(token)
+        return grant.client_id if grant is not None and grant.resource_server == resource_server else None
 
     def _dependent_tokens(self, request: Request, form: Mapping[str, str]) -> Response:
         client_id = self._confidential_client(request)

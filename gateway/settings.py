@@ -168,6 +168,8 @@ LOGGING = {
         "django.request": {"level": "ERROR"},
         # httpx logs every upstream request at INFO: one line per inference is noise, not signal.
         "httpx": {"level": "WARNING"},
+        # pika (the Globus Compute SDK's result watcher) logs every AMQP connection step at INFO.
+        "pika": {"level": "WARNING"},
     },
 }
 DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY.MAX_REQUEST_BYTES

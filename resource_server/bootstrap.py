@@ -23,7 +23,7 @@ from django.conf import settings
 
 from resource_server.adapters.relay import RelayHub, relay_hub_from_settings
 from resource_server.auth.globus import GroupMemberships
-from resource_server.dispatch.globus_compute import ComputeEndpoints, SdkConnector
+from resource_server.dispatch.globus_compute import ComputeEndpoints
 from resource_server.dispatch.health import HealthProber
 from resource_server.dispatch.local import LocalExecutors
 from resource_server.dispatch.registry import BackendParts, BackendPool
@@ -67,7 +67,7 @@ def bootstrap() -> Runtime:
     """Build the process's long-lived objects from the settings, each handed what it depends on."""
     gateway = settings.GATEWAY
     relay_hub = relay_hub_from_settings()
-    compute_endpoints = ComputeEndpoints(SdkConnector())
+    compute_endpoints = ComputeEndpoints()
     backend_pool = BackendPool(
         BackendParts(relay_hub=relay_hub, compute_endpoints=compute_endpoints, local_executors=LocalExecutors())
     )

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from django.db import connection
 
+from fakes.compute_service import RunningCompute, start_compute_service
 from resource_server.bootstrap import Runtime, bootstrap, runtime_install
 from resource_server.models import ApiKey, Cluster, Endpoint, User
 from resource_server.services.api_keys import api_key_create
@@ -28,6 +29,29 @@ def model_server() -> Iterator[str]:
     models = ("demo-model", "org/model.v1", "group-model")
     with fake_model_server(*(f"--model={name}" for name in models), "--max-model-len", "512") as url:
         yield url
+
+
+# The Globus Compute service accounts the tests use: the gateway's, and a site's own (an Endpoint override).
+COMPUTE_CLIENT_ID, COMPUTE_CLIENT_SECRET = "7d0b6f5e-2c1a-4b8e-9f3d-5a6c7e8f9a01", "gateway-compute-secret"
+SITE_CLIENT_ID, SITE_CLIENT_SECRET = "c3e1a2b4-5d6f-4a7b-8c9d-0e1f2a3b4c5d", "site-compute-secret"
+
+
+@pytest.fixture(scope="session")
+def compute_service() -> Iterator[RunningCompute]:
+    """Globus Compute for the session: the service and Globus Auth stood in, the endpoint's real engine
+    behind them (one block of workers), results through the machine's RabbitMQ (`fakes.compute_service`)."""
+    with start_compute_service(
+        {COMPUTE_CLIENT_ID: COMPUTE_CLIENT_SECRET, SITE_CLIENT_ID: SITE_CLIENT_SECRET}
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def compute(compute_service: RunningCompute, monkeypatch: pytest.MonkeyPatch) -> RunningCompute:
+    """The session's Globus Compute, with the SDK pointed at it for this test."""
+    for name, value in compute_service.environment.items():
+        monkeypatch.setenv(name, value)
+    return compute_service
 
 
 @pytest.fixture(scope="session", autouse=True)

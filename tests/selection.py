@@ -34,7 +34,7 @@ PROCESS_FIXTURES = frozenset(
     {
         "model_server",  # tests/conftest.py: the fake vLLM server, a subprocess for the session
         "seeded",  # rows whose endpoint is served by `model_server`
-        "compute",  # tests/resource_server/dispatch: FakeGlobusCompute runs tasks in a process pool
+        "compute_service",  # tests/conftest.py: Globus Compute stood in before the endpoint's real engine
         "fake_url",  # tests/fakes/test_globus_fake.py: the fake Globus Auth as a subprocess
         "vllm",  # tests/compute_functions/test_inference.py: a fake model server subprocess
         "fake_vllm",  # the same server's URL
@@ -186,7 +186,10 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, None, None]:
+    if nextitem is None:
+        # The session's fixtures end with the last test, whatever its tier (e.g. the Globus Compute engine).
+        return (yield)
     return (yield from _guarded(item, "teardown"))
 
 

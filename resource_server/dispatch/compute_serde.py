@@ -1,8 +1,8 @@
 """Compute tasks packed and run the way Globus Compute does it, on both sides of an endpoint.
 
 The gateway registers functions as source text and sends arguments as JSON (see `compute_functions`).
-The local backend's worker processes and the fake executor's import this module to play the endpoint's
-part, so it loads no Django: only the SDK's serializers and the compute functions.
+The local backend's worker processes import this module to play the endpoint's part, so it loads no
+Django: only the SDK's serializers and the compute functions.
 """
 
 from __future__ import annotations

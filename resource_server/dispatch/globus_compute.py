@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import Any, Protocol, cast
 from uuid import UUID
 
 from django.conf import settings
@@ -29,9 +29,6 @@ from resource_server.dispatch.base import BackendHealth, UpstreamRequest
 from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, TaskExecutor, settled
 from resource_server.dispatch.fields import EnvVarName
 from resource_server.errors import ErrorCode, ServiceUnavailable, UpstreamError
-
-if TYPE_CHECKING:
-    from globus_compute_sdk.serialize import ComputeSerializer, SerializationStrategy
 
 # globus-compute-sdk is about 20 MB of a worker's memory: it is imported only where it is used, which the
 # routing table does ahead of time, in a thread, for gateways that have a compute endpoint (see registry).
@@ -103,63 +100,57 @@ class ComputeClient(Protocol):
     def get_endpoint_status(self, endpoint_uuid: str) -> dict[str, Any]: ...
 
 
-class ComputeConnector(Protocol):
-    """Builds SDK clients and executors: the real SDK in production, a fake in tests."""
+def sdk_client(credentials: Credentials) -> ComputeClient:
+    """globus-compute-sdk's `Client`, authenticated as a confidential client (no browser login, no token
+    files), registering functions as source text and sending arguments as JSON."""
+    from globus_compute_sdk import Client
+    from globus_sdk import ClientApp, GlobusAppConfig
 
-    def client(
-        self,
-        credentials: Credentials,
-        *,
-        code_serialization_strategy: SerializationStrategy,
-        data_serialization_strategy: SerializationStrategy,
-    ) -> ComputeClient: ...
+    from resource_server.dispatch.compute_serde import compute_serializer
 
-    def executor(
-        self, *, endpoint_id: str, client: ComputeClient, serializer: ComputeSerializer, result_serializers: list[str]
-    ) -> TaskExecutor: ...
+    serializer = compute_serializer()
+    app = ClientApp(
+        "inference-gateway",
+        client_id=credentials.client_id,
+        client_secret=credentials.client_secret,
+        config=GlobusAppConfig(token_storage="memory"),  # noqa: S106 - a storage kind: tokens stay in memory
+    )
+    client = Client(
+        app=app,
+        code_serialization_strategy=serializer.code_serializer,
+        data_serialization_strategy=serializer.data_serializer,
+        # The check is a network call that only logs; endpoints report version mismatches with results.
+        do_version_check=False,
+    )
+    # The Compute client passes its own base URL to globus-sdk, which then ignores globus-sdk's documented
+    # per-service override; honour it, as every other Globus client does (a Globus test environment, a
+    # site's API proxy).
+    override = os.environ.get("GLOBUS_SDK_SERVICE_URL_COMPUTE")
+    if override:
+        web = client._compute_web_client
+        web.v2.base_url = web.v3.base_url = override
+    return cast(ComputeClient, client)
 
 
-class SdkConnector:
-    """globus-compute-sdk, authenticated as a confidential client (no browser login, no token files)."""
+def sdk_executor(endpoint_id: str, client: ComputeClient) -> TaskExecutor:
+    """globus-compute-sdk's `Executor` bound to one endpoint; results come back as JSON too (our serializer
+    refuses anything else)."""
+    from globus_compute_sdk import Executor
 
-    def client(
-        self,
-        credentials: Credentials,
-        *,
-        code_serialization_strategy: SerializationStrategy,
-        data_serialization_strategy: SerializationStrategy,
-    ) -> ComputeClient:
-        from globus_compute_sdk import Client
-        from globus_sdk import ClientApp, GlobusAppConfig
+    from resource_server.dispatch.compute_serde import compute_serializer
 
-        app = ClientApp(
-            "inference-gateway",
-            client_id=credentials.client_id,
-            client_secret=credentials.client_secret,
-            config=GlobusAppConfig(token_storage="memory"),  # noqa: S106 - a storage kind: tokens stay in memory
-        )
-        client = Client(
-            app=app,
-            code_serialization_strategy=code_serialization_strategy,
-            data_serialization_strategy=data_serialization_strategy,
-            # The check is a network call that only logs; endpoints report version mismatches with results.
-            do_version_check=False,
-        )
-        return cast(ComputeClient, client)
-
-    def executor(
-        self, *, endpoint_id: str, client: ComputeClient, serializer: ComputeSerializer, result_serializers: list[str]
-    ) -> TaskExecutor:
-        from globus_compute_sdk import Executor
-
-        executor = Executor(
-            endpoint_id=endpoint_id,
-            client=client,  # type: ignore[arg-type]  # a globus_compute_sdk.Client, built by client() above
-            serializer=serializer,
-            result_serializers=result_serializers,
-            label=f"gateway:{endpoint_id}",
-        )
-        return cast(TaskExecutor, executor)
+    executor = Executor(
+        endpoint_id=endpoint_id,
+        client=client,  # type: ignore[arg-type]  # a globus_compute_sdk.Client, built by sdk_client()
+        serializer=compute_serializer(),
+        result_serializers=[DATA_STRATEGY],
+        label=f"gateway:{endpoint_id}",
+    )
+    # A new Executor joins the task group the process last submitted to (a class-wide default), even one of
+    # another service account, which Globus refuses (403 TASK_GROUP_ACCESS_FORBIDDEN) and which would stop
+    # this executor. Start without one: Globus makes this executor its own on the first submission.
+    executor.task_group_id = None
+    return cast(TaskExecutor, executor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +179,7 @@ def _parse_status(raw: object) -> EndpointStatus:
 class ComputeEndpoints:
     """SDK clients, executors and endpoint statuses, one per (credentials[, endpoint]), for the process."""
 
-    def __init__(self, connector: ComputeConnector) -> None:
-        self._connector = connector
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._clients: dict[tuple[str, str], ComputeClient] = {}
         self._executors: dict[tuple[str, str, str], TaskExecutor] = {}
@@ -197,19 +187,11 @@ class ComputeEndpoints:
         self._status_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="compute-status")
 
     def client(self, credentials: Credentials) -> ComputeClient:
-        """A client that registers functions as source text and sends arguments as JSON."""
+        """The account's client (see `sdk_client`), made once."""
         with self._lock:
             client = self._clients.get(credentials.key)
             if client is None:
-                from resource_server.dispatch.compute_serde import compute_serializer
-
-                serializer = compute_serializer()
-                client = self._connector.client(
-                    credentials,
-                    code_serialization_strategy=serializer.code_serializer,
-                    data_serialization_strategy=serializer.data_serializer,
-                )
-                self._clients[credentials.key] = client
+                client = self._clients[credentials.key] = sdk_client(credentials)
             return client
 
     def _executor(self, credentials: Credentials, endpoint_id: str) -> TaskExecutor:
@@ -218,16 +200,7 @@ class ComputeEndpoints:
         with self._lock:
             executor = self._executors.get(key)
             if executor is None:
-                from resource_server.dispatch.compute_serde import compute_serializer
-
-                executor = self._connector.executor(
-                    endpoint_id=endpoint_id,
-                    client=client,
-                    serializer=compute_serializer(),
-                    # Results come back as JSON too; our serializer refuses anything else.
-                    result_serializers=[DATA_STRATEGY],
-                )
-                self._executors[key] = executor
+                executor = self._executors[key] = sdk_executor(endpoint_id, client)
             return executor
 
     def _discard(self, credentials: Credentials, endpoint_id: str, executor: TaskExecutor) -> None:

@@ -15,6 +15,8 @@ from globus_sdk.transport import RequestsTransport, RetryConfig
 
 from fakes.globus import (
     CLIENTS_DOMAIN,
+    COMPUTE_RESOURCE_SERVER,
+    COMPUTE_SCOPE,
     GROUPS_RESOURCE_SERVER,
     GROUPS_SCOPE,
     FakeGlobusConfig,
@@ -186,6 +188,21 @@ def test_service_token_has_the_client_as_subject_and_no_session(fake_url: str) -
     assert data["name"] == "batch runner"
     assert data["session_info"] == {"session_id": None, "authentications": {}}
     assert [identity["id"] for identity in data["identity_set_detail"]] == [SERVICE_ID]
+
+
+def test_client_credentials_give_a_client_its_own_tokens_per_resource_server(fake_url: str) -> None:
+    client = globus_sdk.ConfidentialAppAuthClient(GATEWAY_ID, GATEWAY_SECRET)
+
+    tokens = client.oauth2_client_credentials_tokens(requested_scopes=[COMPUTE_SCOPE, GROUPS_SCOPE])
+
+    assert set(tokens.by_resource_server) == {COMPUTE_RESOURCE_SERVER, GROUPS_RESOURCE_SERVER}
+    compute = tokens.by_resource_server[COMPUTE_RESOURCE_SERVER]
+    assert compute["scope"] == COMPUTE_SCOPE
+    with pytest.raises(globus_sdk.AuthAPIError) as refused:
+        globus_sdk.ConfidentialAppAuthClient(GATEWAY_ID, "wrong").oauth2_client_credentials_tokens(
+            requested_scopes=[COMPUTE_SCOPE]
+        )
+    assert refused.value.http_status == 401
 
 
 def test_a_mistyped_registration_is_refused(fake_url: str) -> None:

@@ -1,4 +1,4 @@
-"""Fixtures for the compute backends: a relay the compute functions can reach, and a fake Globus Compute."""
+"""Fixtures for the compute backends: a relay the compute functions can reach, and the gateway's account."""
 
 from __future__ import annotations
 
@@ -11,14 +11,11 @@ import pytest
 import uvicorn
 from pydantic import SecretStr
 
-from fakes.globus_compute import FakeGlobusCompute
 from gateway.asgi import application
 from resource_server.adapters.relay import RedisRelayHub
 from resource_server.bootstrap import Runtime
+from tests.conftest import COMPUTE_CLIENT_ID, COMPUTE_CLIENT_SECRET
 from tests.servers import free_port
-
-CLIENT_ID, CLIENT_SECRET = "7d0b6f5e-2c1a-4b8e-9f3d-5a6c7e8f9a01", "gateway-compute-secret"
-OTHER_ID, OTHER_SECRET = "c3e1a2b4-5d6f-4a7b-8c9d-0e1f2a3b4c5d", "site-compute-secret"
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +36,13 @@ def relay_base() -> Iterator[str]:
     thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def compute() -> Iterator[FakeGlobusCompute]:
-    fake = FakeGlobusCompute(clients={CLIENT_ID: CLIENT_SECRET, OTHER_ID: OTHER_SECRET})
-    yield fake
-    fake.close()
-
-
 @pytest.fixture
 def gateway_settings(settings: Any, relay_base: str) -> Any:
     """The gateway's service account and relay URL, as an admin would set them."""
     settings.GATEWAY = settings.GATEWAY.model_copy(
         update={
-            "GLOBUS_COMPUTE_CLIENT_ID": CLIENT_ID,
-            "GLOBUS_COMPUTE_CLIENT_SECRET": SecretStr(CLIENT_SECRET),
+            "GLOBUS_COMPUTE_CLIENT_ID": COMPUTE_CLIENT_ID,
+            "GLOBUS_COMPUTE_CLIENT_SECRET": SecretStr(COMPUTE_CLIENT_SECRET),
             "RELAY_PUBLIC_URL": relay_base,
         }
     )

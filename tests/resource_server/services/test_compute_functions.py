@@ -1,9 +1,9 @@
-"""Registering the compute function with (fake) Globus Compute, and Endpoints following the registration."""
+"""Registering the compute function with Globus Compute (the real SDK, the stood-in service), and Endpoints
+following the registration."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from io import StringIO
 from typing import Any
 
@@ -13,27 +13,25 @@ from globus_compute_sdk.serialize import ComputeSerializer, PureSourceTextInspec
 from globus_compute_sdk.serialize.base import IDENTIFIER_LENGTH
 from pydantic import SecretStr
 
-from fakes.globus_compute import FakeGlobusCompute
+from fakes.compute_service import RunningCompute
 from resource_server.dispatch.globus_compute import ComputeEndpoints
 from resource_server.models import Cluster, ComputeFunction, Endpoint
 from resource_server.services.compute_functions import RegistrationError, compute_functions_register
+from tests.conftest import COMPUTE_CLIENT_ID as CLIENT_ID
+from tests.conftest import COMPUTE_CLIENT_SECRET as CLIENT_SECRET
+from tests.conftest import SITE_CLIENT_ID as SITE_ID
+from tests.conftest import SITE_CLIENT_SECRET as SITE_SECRET
 
 pytestmark = pytest.mark.django_db
 
-CLIENT_ID, CLIENT_SECRET = "7d0b6f5e-2c1a-4b8e-9f3d-5a6c7e8f9a01", "gateway-compute-secret"
-SITE_ID, SITE_SECRET = "c3e1a2b4-5d6f-4a7b-8c9d-0e1f2a3b4c5d", "site-compute-secret"
-
 
 @pytest.fixture
-def compute() -> Iterator[FakeGlobusCompute]:
-    fake = FakeGlobusCompute(clients={CLIENT_ID: CLIENT_SECRET, SITE_ID: SITE_SECRET}, workers=1)
-    yield fake
-    fake.close()
+def endpoints(compute: RunningCompute) -> ComputeEndpoints:
+    return ComputeEndpoints()
 
 
-@pytest.fixture
-def endpoints(compute: FakeGlobusCompute) -> ComputeEndpoints:
-    return ComputeEndpoints(compute)
+def registrations(compute: RunningCompute) -> int:
+    return compute.service.stats.calls.get("POST /v3/functions", 0)
 
 
 @pytest.fixture
@@ -59,12 +57,12 @@ def endpoint(model: str, function_id: str, **config: Any) -> Endpoint:
 
 @pytest.mark.usefixtures("service_account")
 def test_the_first_run_registers_the_function_as_source_text(
-    compute: FakeGlobusCompute, endpoints: ComputeEndpoints
+    compute: RunningCompute, endpoints: ComputeEndpoints
 ) -> None:
     [registration] = compute_functions_register(endpoints=endpoints)
 
     assert (registration.client_id, registration.outcome) == (CLIENT_ID, "registered")
-    stored = compute.functions[registration.function_uuid]
+    stored = compute.service.functions[registration.function_uuid]
     assert (stored.owner, stored.name) == (CLIENT_ID, "inference")
     assert ComputeSerializer.unpack_buffers(stored.code)[0][:IDENTIFIER_LENGTH] == PureSourceTextInspect.identifier
     row = ComputeFunction.objects.get()
@@ -72,9 +70,10 @@ def test_the_first_run_registers_the_function_as_source_text(
 
 
 @pytest.mark.usefixtures("service_account")
-def test_running_again_changes_nothing(compute: FakeGlobusCompute, endpoints: ComputeEndpoints) -> None:
+def test_running_again_changes_nothing(compute: RunningCompute, endpoints: ComputeEndpoints) -> None:
     [first] = compute_functions_register(endpoints=endpoints)
     follower = endpoint("demo-model", first.function_uuid)
+    before = registrations(compute)
 
     [again] = compute_functions_register(endpoints=endpoints)
 
@@ -84,14 +83,14 @@ def test_running_again_changes_nothing(compute: FakeGlobusCompute, endpoints: Co
         [],
         [],
     )
-    assert compute.calls["register_function"] == 1
+    assert registrations(compute) == before
     follower.refresh_from_db()
     assert follower.backend_config["function_id"] == first.function_uuid
 
 
 @pytest.mark.usefixtures("service_account")
 def test_a_changed_function_is_registered_again_and_endpoints_on_the_old_one_follow(
-    compute: FakeGlobusCompute, endpoints: ComputeEndpoints
+    compute: RunningCompute, endpoints: ComputeEndpoints
 ) -> None:
     [first] = compute_functions_register(endpoints=endpoints)
     follower = endpoint("demo-model", first.function_uuid)
@@ -114,17 +113,18 @@ def test_a_changed_function_is_registered_again_and_endpoints_on_the_old_one_fol
 
 
 @pytest.mark.usefixtures("service_account")
-def test_force_registers_an_unchanged_function_again(compute: FakeGlobusCompute, endpoints: ComputeEndpoints) -> None:
+def test_force_registers_an_unchanged_function_again(compute: RunningCompute, endpoints: ComputeEndpoints) -> None:
     compute_functions_register(endpoints=endpoints)
+    before = registrations(compute)
     [forced] = compute_functions_register(endpoints=endpoints, force=True)
 
     assert forced.outcome == "re-registered"
-    assert compute.calls["register_function"] == 2
+    assert registrations(compute) == before + 1
 
 
 @pytest.mark.usefixtures("service_account")
 def test_each_service_account_in_use_owns_its_registration(
-    compute: FakeGlobusCompute, endpoints: ComputeEndpoints, monkeypatch: pytest.MonkeyPatch
+    compute: RunningCompute, endpoints: ComputeEndpoints, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SITE_COMPUTE_SECRET", SITE_SECRET)
     site_endpoint = endpoint(
@@ -136,7 +136,7 @@ def test_each_service_account_in_use_owns_its_registration(
     report = {registration.client_id: registration for registration in compute_functions_register(endpoints=endpoints)}
 
     assert set(report) == {CLIENT_ID, SITE_ID}
-    assert compute.functions[report[SITE_ID].function_uuid].owner == SITE_ID
+    assert compute.service.functions[report[SITE_ID].function_uuid].owner == SITE_ID
     assert report[SITE_ID].pinned == [("polaris/vllm/site-model", site_endpoint.backend_config["function_id"])]
     assert ComputeFunction.objects.count() == 2
 
@@ -157,6 +157,7 @@ def test_an_override_without_its_secret_is_named(endpoints: ComputeEndpoints) ->
 
 
 def test_a_refused_registration_is_reported_and_records_nothing(settings: Any, endpoints: ComputeEndpoints) -> None:
+    # A wrong secret: Globus Auth refuses the client-credentials grant, so there is no token to register with.
     settings.GATEWAY = settings.GATEWAY.model_copy(
         update={"GLOBUS_COMPUTE_CLIENT_ID": CLIENT_ID, "GLOBUS_COMPUTE_CLIENT_SECRET": SecretStr("wrong")}
     )
