@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tests.e2e.parity.answers import Answer, normalised, sse_events
 
 
@@ -45,3 +47,167 @@ def test_a_stream_is_compared_choice_by_choice_but_in_order_within_each() -> Non
     assert interleaved.normalised() == grouped.normalised()
     assert interleaved.normalised() != reordered.normalised()
     assert interleaved.normalised() != usage_first.normalised()
+
+
+def _responses_stream(*deltas: str, numbers: list[int] | None = None, done_text: str | None = None) -> Answer:
+    """A Responses stream whose output text comes in `deltas` (and is `done_text` in its done event: the joined
+    deltas unless told), its events numbered from 0 (or by `numbers`)."""
+    where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}},
+        *({"type": "response.output_text.delta", **where, "delta": delta, "logprobs": []} for delta in deltas),
+        {"type": "response.output_text.done", **where, "text": done_text or "".join(deltas), "logprobs": []},
+        {"type": "response.completed", "response": {"id": "resp_1", "status": "completed"}},
+    ]
+    numbers = list(range(len(events))) if numbers is None else numbers
+    return Answer(
+        200,
+        True,
+        [
+            {"event": event["type"], "data": {**event, "sequence_number": number}}
+            for event, number in zip(events, numbers, strict=True)
+        ],
+    )
+
+
+def test_a_responses_stream_is_compared_by_its_joined_text_however_vllm_cuts_it() -> None:
+    three = _responses_stream(" a", " b", " c")
+
+    assert three.normalised() == _responses_stream(" a b", " c").normalised()
+    assert three.normalised() == _responses_stream(" a b c").normalised()
+    # The text itself, its order, and each event's number still count.
+    assert three.normalised() != _responses_stream(" a", " b", " d").normalised()
+    assert three.normalised() != _responses_stream(" a", " b", " d", done_text=" a b c").normalised()
+    assert three.normalised() != _responses_stream(" b", " a", " c").normalised()
+    assert three.normalised() != _responses_stream(" a", " b", " c", numbers=[0, 1, 2, 2, 3, 4]).normalised()
+    assert three.normalised() != _responses_stream(" a", " b", " c", numbers=[1, 2, 3, 4, 5, 6]).normalised()
+
+
+def _chat_chunk(text: str, *, finish: str | None = None, model: str = "m", tokens: int | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+    data: dict[str, Any] = {"id": "chatcmpl-1", "created": 1, "model": model, "choices": [choice]}
+    if tokens is not None:
+        data["usage"] = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": 3 + tokens}
+    return {"data": data}
+
+
+def test_chat_chunks_are_compared_by_their_joined_text_up_to_the_choices_end() -> None:
+    role = {
+        "data": {
+            "id": "chatcmpl-1",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+        }
+    }
+    done = {"data": "[DONE]"}
+    one_by_one = Answer(
+        200,
+        True,
+        [
+            role,
+            _chat_chunk(" a", tokens=1),
+            _chat_chunk(" b", tokens=2),
+            _chat_chunk(" c", finish="length", tokens=3),
+            done,
+        ],
+    )
+    merged = Answer(
+        200, True, [role, _chat_chunk(" a b", tokens=2), _chat_chunk(" c", finish="length", tokens=3), done]
+    )
+    all_at_once = Answer(200, True, [role, _chat_chunk(" a b c", finish="length", tokens=3), done])
+
+    assert one_by_one.normalised() == merged.normalised() == all_at_once.normalised()
+    other_text = Answer(
+        200,
+        True,
+        [
+            role,
+            _chat_chunk(" a", tokens=1),
+            _chat_chunk(" B", tokens=2),
+            _chat_chunk(" c", finish="length", tokens=3),
+            done,
+        ],
+    )
+    assert one_by_one.normalised() != other_text.normalised()
+    # A chunk that differs in anything but its text, its end and its usage is not merged away.
+    other_model = Answer(
+        200,
+        True,
+        [
+            role,
+            _chat_chunk(" a", model="x", tokens=1),
+            _chat_chunk(" b", tokens=2),
+            _chat_chunk(" c", finish="length", tokens=3),
+            done,
+        ],
+    )
+    assert one_by_one.normalised() != other_model.normalised()
+    # Nor is text after the choice's end, nor a final usage that differs.
+    ended_early = Answer(
+        200,
+        True,
+        [role, _chat_chunk(" a", finish="stop", tokens=1), _chat_chunk(" b c", finish="length", tokens=3), done],
+    )
+    assert one_by_one.normalised() != ended_early.normalised()
+    other_usage = Answer(200, True, [role, _chat_chunk(" a b c", finish="length", tokens=4), done])
+    assert one_by_one.normalised() != other_usage.normalised()
+
+
+def test_completion_chunks_are_joined_with_their_logprobs() -> None:
+    def chunk(text: str, offset: int, finish: str | None = None) -> dict[str, Any]:
+        logprobs = {"text_offset": [offset], "token_logprobs": [-1.0], "tokens": [text], "top_logprobs": [{text: -1.0}]}
+        return {
+            "data": {
+                "id": "cmpl-1",
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+            }
+        }
+
+    one_by_one = Answer(200, True, [chunk(" a", 0), chunk(" b", 2, "length")])
+    joined = Answer(
+        200,
+        True,
+        [
+            {
+                "data": {
+                    "id": "cmpl-2",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": " a b",
+                            "logprobs": {
+                                "text_offset": [0, 2],
+                                "token_logprobs": [-1.0, -1.0],
+                                "tokens": [" a", " b"],
+                                "top_logprobs": [{" a": -1.0}, {" b": -1.0}],
+                            },
+                            "finish_reason": "length",
+                        }
+                    ],
+                }
+            }
+        ],
+    )
+
+    assert one_by_one.normalised() == joined.normalised()
+    assert Answer(200, True, [chunk(" a", 0), chunk(" b", 3, "length")]).normalised() != joined.normalised()
+
+
+def test_anthropic_text_deltas_are_compared_joined() -> None:
+    def delta(text: str) -> dict[str, Any]:
+        return {
+            "event": "content_block_delta",
+            "data": {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+        }
+
+    stop = {"event": "content_block_stop", "data": {"type": "content_block_stop", "index": 0}}
+
+    assert (
+        Answer(200, True, [delta(" a"), delta(" b"), stop]).normalised()
+        == Answer(200, True, [delta(" a b"), stop]).normalised()
+    )
+    assert (
+        Answer(200, True, [delta(" a"), delta(" b"), stop]).normalised()
+        != Answer(200, True, [delta(" a c"), stop]).normalised()
+    )
