@@ -129,12 +129,17 @@ def _joined_chunks(first: dict[str, Any], second: dict[str, Any]) -> dict[str, A
     one, two = first["choices"][0], second["choices"][0]
     if not isinstance(one, dict) or not isinstance(two, dict) or one.get("finish_reason") is not None:
         return None
-    if "delta" in one:  # chat: a delta that only carries text
-        if not (set(one["delta"]) == set(two.get("delta") or ()) == {"content"}):
+    if "delta" in one:  # chat: deltas that carry text at most (vLLM sends `{}` for a token that decodes to "")
+        earlier, later = one["delta"], two.get("delta")
+        if not (isinstance(earlier, dict) and isinstance(later, dict)):
             return None
-        if not (isinstance(one["delta"]["content"], str) and isinstance(two["delta"]["content"], str)):
+        deltas: tuple[dict[str, Any], ...] = (earlier, later)
+        if not all(set(delta) <= {"content"} for delta in deltas):
             return None
-        text = {"delta": {"content": one["delta"]["content"] + two["delta"]["content"]}}
+        texts = [delta.get("content", "") for delta in deltas]
+        if not all(isinstance(text, str) for text in texts):
+            return None
+        text = {"delta": {"content": "".join(texts)} if any("content" in delta for delta in deltas) else {}}
     elif isinstance(one.get("text"), str) and isinstance(two.get("text"), str):
         text = {"text": one["text"] + two["text"]}
     else:

@@ -118,6 +118,15 @@ def test_chat_chunks_are_compared_by_their_joined_text_up_to_the_choices_end() -
     all_at_once = Answer(200, True, [role, _chat_chunk(" a b c", finish="length", tokens=3), done])
 
     assert one_by_one.normalised() == merged.normalised() == all_at_once.normalised()
+    # vLLM sends an empty delta for a token that decodes to nothing; merged, it adds no text.
+    empty_last = Answer(
+        200,
+        True,
+        [role, _chat_chunk(" a b c", tokens=3), {"data": {**_chat_chunk("", finish="length", tokens=4)["data"]}}, done],
+    )
+    empty_last.body[2]["data"]["choices"][0]["delta"] = {}
+    merged_into_text = Answer(200, True, [role, _chat_chunk(" a b c", finish="length", tokens=4), done])
+    assert empty_last.normalised() == merged_into_text.normalised()
     other_text = Answer(
         200,
         True,
