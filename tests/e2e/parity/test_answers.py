@@ -83,84 +83,44 @@ def test_a_responses_stream_is_compared_by_its_joined_text_however_vllm_cuts_it(
     assert three.normalised() != _responses_stream(" a", " b", " c", numbers=[1, 2, 3, 4, 5, 6]).normalised()
 
 
-def _chat_chunk(text: str, *, finish: str | None = None, model: str = "m", tokens: int | None = None) -> dict[str, Any]:
-    choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": finish, "stop_reason": None}
-    data: dict[str, Any] = {"id": "chatcmpl-1", "created": 1, "model": model, "choices": [choice]}
-    if tokens is not None:
-        data["usage"] = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": 3 + tokens}
-    return {"data": data}
+def _chat_chunk(text: str | None, *, finish: str | None = None, model: str = "m", tokens: int) -> dict[str, Any]:
+    """A chat chunk of choice 0 carrying `text` (None: vLLM's empty delta), with continuous usage so far."""
+    delta = {} if text is None else {"content": text}
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+    usage = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": 3 + tokens}
+    return {"data": {"id": "chatcmpl-1", "created": 1, "model": model, "choices": [choice], "usage": usage}}
+
+
+def _chat_stream(*chunks: dict[str, Any]) -> Answer:
+    role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+    first = {"data": {"id": "chatcmpl-1", "created": 1, "model": "m", "choices": [role]}}
+    return Answer(200, True, [first, *chunks, {"data": "[DONE]"}])
 
 
 def test_chat_chunks_are_compared_by_their_joined_text_up_to_the_choices_end() -> None:
-    role = {
-        "data": {
-            "id": "chatcmpl-1",
-            "created": 1,
-            "model": "m",
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
-        }
-    }
-    done = {"data": "[DONE]"}
-    one_by_one = Answer(
-        200,
-        True,
-        [
-            role,
-            _chat_chunk(" a", tokens=1),
-            _chat_chunk(" b", tokens=2),
-            _chat_chunk(" c", finish="length", tokens=3),
-            done,
-        ],
-    )
-    merged = Answer(
-        200, True, [role, _chat_chunk(" a b", tokens=2), _chat_chunk(" c", finish="length", tokens=3), done]
-    )
-    all_at_once = Answer(200, True, [role, _chat_chunk(" a b c", finish="length", tokens=3), done])
+    one_by_one = _chat_stream(
+        _chat_chunk(" a", tokens=1), _chat_chunk(" b", tokens=2), _chat_chunk(" c", finish="length", tokens=3)
+    ).normalised()
 
-    assert one_by_one.normalised() == merged.normalised() == all_at_once.normalised()
+    assert (
+        one_by_one
+        == _chat_stream(_chat_chunk(" a b", tokens=2), _chat_chunk(" c", finish="length", tokens=3)).normalised()
+    )
+    assert one_by_one == _chat_stream(_chat_chunk(" a b c", finish="length", tokens=3)).normalised()
     # vLLM sends an empty delta for a token that decodes to nothing; merged, it adds no text.
-    empty_last = Answer(
-        200,
-        True,
-        [role, _chat_chunk(" a b c", tokens=3), {"data": {**_chat_chunk("", finish="length", tokens=4)["data"]}}, done],
+    assert (
+        _chat_stream(_chat_chunk(" a b c", tokens=3), _chat_chunk(None, finish="length", tokens=4)).normalised()
+        == _chat_stream(_chat_chunk(" a b c", finish="length", tokens=4)).normalised()
     )
-    empty_last.body[2]["data"]["choices"][0]["delta"] = {}
-    merged_into_text = Answer(200, True, [role, _chat_chunk(" a b c", finish="length", tokens=4), done])
-    assert empty_last.normalised() == merged_into_text.normalised()
-    other_text = Answer(
-        200,
-        True,
-        [
-            role,
-            _chat_chunk(" a", tokens=1),
-            _chat_chunk(" B", tokens=2),
-            _chat_chunk(" c", finish="length", tokens=3),
-            done,
-        ],
-    )
-    assert one_by_one.normalised() != other_text.normalised()
-    # A chunk that differs in anything but its text, its end and its usage is not merged away.
-    other_model = Answer(
-        200,
-        True,
-        [
-            role,
-            _chat_chunk(" a", model="x", tokens=1),
-            _chat_chunk(" b", tokens=2),
-            _chat_chunk(" c", finish="length", tokens=3),
-            done,
-        ],
-    )
-    assert one_by_one.normalised() != other_model.normalised()
-    # Nor is text after the choice's end, nor a final usage that differs.
-    ended_early = Answer(
-        200,
-        True,
-        [role, _chat_chunk(" a", finish="stop", tokens=1), _chat_chunk(" b c", finish="length", tokens=3), done],
-    )
-    assert one_by_one.normalised() != ended_early.normalised()
-    other_usage = Answer(200, True, [role, _chat_chunk(" a b c", finish="length", tokens=4), done])
-    assert one_by_one.normalised() != other_usage.normalised()
+    # Other text, or a chunk that differs in anything but its text, its end and its usage, still counts.
+    other_text = (_chat_chunk(" a", tokens=1), _chat_chunk(" B", tokens=2))
+    other_model = (_chat_chunk(" a", model="x", tokens=1), _chat_chunk(" b", tokens=2))
+    for start in (other_text, other_model):
+        assert one_by_one != _chat_stream(*start, _chat_chunk(" c", finish="length", tokens=3)).normalised()
+    # Nor is text after the choice's end merged, nor is a final usage that differs ignored.
+    ended_early = (_chat_chunk(" a", finish="stop", tokens=1), _chat_chunk(" b c", finish="length", tokens=3))
+    assert one_by_one != _chat_stream(*ended_early).normalised()
+    assert one_by_one != _chat_stream(_chat_chunk(" a b c", finish="length", tokens=4)).normalised()
 
 
 def test_completion_chunks_are_joined_with_their_logprobs() -> None:
