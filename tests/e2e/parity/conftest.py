@@ -94,9 +94,11 @@ def _kinds_needed(items: Sequence[pytest.Item]) -> set[str]:
     """The server kinds of the parity cases selected to run (none skipped by a mark)."""
     kinds = set()
     for item in items:
+        if "served" not in getattr(item, "fixturenames", ()) or item.get_closest_marker("skip"):
+            continue
         callspec = getattr(item, "callspec", None)
         case = callspec.params.get("case") if callspec is not None else None
-        if case is not None and not item.get_closest_marker("skip"):
+        if isinstance(case, dict):
             kinds.add(server_kind(case))
     return kinds
 
