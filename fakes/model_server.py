@@ -898,13 +898,22 @@ def _token_choice(choice: _Choice, position: int, *, chat: bool) -> JSON:
     text = choice.echo + token if position == 0 else token
     finish_reason = choice.finish_reason if position == _positions(choice) - 1 else None
     if not chat:
+        # The first chunk of an echo carries the prompt's pieces and token ids too.
+        prompt_pieces = len(choice.echo.split(" ")) if choice.echo else 0
+        start, end = (
+            (0, prompt_pieces + 1) if position == 0 else (prompt_pieces + position, prompt_pieces + position + 1)
+        )
+        logprobs = (
+            None if choice.logprobs is None else {key: items[start:end] for key, items in choice.logprobs.items()}
+        )
+        prompt_ids = [_token_id(word) for word in choice.echo.split(" ")] if choice.echo and position == 0 else None
         return {
             "index": choice.index,
             "text": text,
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
             "stop_reason": None,
-            "prompt_token_ids": None,
+            "prompt_token_ids": prompt_ids,
             "token_ids": None,
         }
     # Chat chunks name stop_reason only on the finishing chunk.

@@ -1088,3 +1088,17 @@ def test_small_fields_vllm_always_sends(base_url: str) -> None:
     *chunks, final = [json.loads(data) for data in sse_events(post(base_url, "/v1/chat/completions", chat).text)[:-1]]
     assert all(chunk["usage"]["completion_tokens_details"] is None for chunk in chunks)
     assert "completion_tokens_details" not in final["usage"]
+
+
+def test_a_completion_stream_carries_each_chunks_logprobs_and_an_echo_its_prompt_first(base_url: str) -> None:
+    body = {"model": "demo-model", "prompt": "The sky is", "max_tokens": 3, "logprobs": 1, "echo": True}
+    whole = post(base_url, "/v1/completions", body).json()["choices"][0]
+    chunks = [
+        json.loads(data)["choices"][0]
+        for data in sse_events(post(base_url, "/v1/completions", {**body, "stream": True}).text)[:-1]
+    ]
+
+    assert [len(chunk["logprobs"]["tokens"]) for chunk in chunks] == [4, 1, 1]  # the prompt's 3 pieces and a token
+    for key, items in whole["logprobs"].items():
+        assert [item for chunk in chunks for item in chunk["logprobs"][key]] == items
+    assert len(chunks[0]["prompt_token_ids"]) == 3 and chunks[1]["prompt_token_ids"] is None
