@@ -145,14 +145,17 @@ def _joined_chunks(first: dict[str, Any], second: dict[str, Any]) -> dict[str, A
     else:
         return None
     logprobs = _joined_logprobs(one.get("logprobs"), two.get("logprobs"))
-    if logprobs is _UNJOINABLE:
+    if logprobs is _UNJOINABLE or two.get("prompt_token_ids") is not None:  # only a first chunk names them
         return None
-    rest = ("delta", "text", "logprobs", *_CHUNK_ENDS)
+    rest = ("delta", "text", "logprobs", "prompt_token_ids", *_CHUNK_ENDS)
     if _without(one, rest) != _without(two, rest) or _without(first, ("choices", "usage")) != _without(
         second, ("choices", "usage")
     ):
         return None
-    return {**second, "choices": [{**two, **text, "logprobs": logprobs}]}
+    joined = {**two, **text, "logprobs": logprobs}
+    if "prompt_token_ids" in one:
+        joined["prompt_token_ids"] = one["prompt_token_ids"]
+    return {**second, "choices": [joined]}
 
 
 _UNJOINABLE = object()

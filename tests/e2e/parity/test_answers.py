@@ -123,44 +123,27 @@ def test_chat_chunks_are_compared_by_their_joined_text_up_to_the_choices_end() -
     assert one_by_one != _chat_stream(_chat_chunk(" a b c", finish="length", tokens=4)).normalised()
 
 
-def test_completion_chunks_are_joined_with_their_logprobs() -> None:
-    def chunk(text: str, offset: int, finish: str | None = None) -> dict[str, Any]:
-        logprobs = {"text_offset": [offset], "token_logprobs": [-1.0], "tokens": [text], "top_logprobs": [{text: -1.0}]}
-        return {
-            "data": {
-                "id": "cmpl-1",
-                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-            }
+def test_completion_chunks_are_joined_with_their_logprobs_and_the_first_ones_prompt_ids() -> None:
+    def chunk(pieces: list[str], offsets: list[int], finish: str | None = None, ids: Any = None) -> dict[str, Any]:
+        logprobs = {
+            "text_offset": offsets,
+            "token_logprobs": [-1.0] * len(pieces),
+            "tokens": pieces,
+            "top_logprobs": [{piece: -1.0} for piece in pieces],
         }
+        choice = {"index": 0, "text": "".join(pieces), "logprobs": logprobs, "finish_reason": finish}
+        return {"data": {"id": "cmpl-1", "choices": [{**choice, "prompt_token_ids": ids}]}}
 
-    one_by_one = Answer(200, True, [chunk(" a", 0), chunk(" b", 2, "length")])
-    joined = Answer(
-        200,
-        True,
-        [
-            {
-                "data": {
-                    "id": "cmpl-2",
-                    "choices": [
-                        {
-                            "index": 0,
-                            "text": " a b",
-                            "logprobs": {
-                                "text_offset": [0, 2],
-                                "token_logprobs": [-1.0, -1.0],
-                                "tokens": [" a", " b"],
-                                "top_logprobs": [{" a": -1.0}, {" b": -1.0}],
-                            },
-                            "finish_reason": "length",
-                        }
-                    ],
-                }
-            }
-        ],
-    )
+    one_by_one = Answer(200, True, [chunk(["x", " a"], [0, 1], ids=[7]), chunk([" b"], [3], "length")])
+    joined = Answer(200, True, [chunk(["x", " a", " b"], [0, 1, 3], "length", ids=[7])])
 
     assert one_by_one.normalised() == joined.normalised()
-    assert Answer(200, True, [chunk(" a", 0), chunk(" b", 3, "length")]).normalised() != joined.normalised()
+    assert Answer(200, True, [chunk(["x", " a"], [0, 1], ids=[7]), chunk([" b"], [4], "length")]).normalised() != (
+        joined.normalised()
+    )
+    # Prompt ids only stand on a choice's first chunk: a later chunk naming them is not merged away.
+    late_ids = Answer(200, True, [chunk(["x", " a"], [0, 1], ids=[7]), chunk([" b"], [3], "length", ids=[7])])
+    assert late_ids.normalised() != joined.normalised()
 
 
 def test_anthropic_text_deltas_are_compared_joined() -> None:
