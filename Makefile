@@ -92,7 +92,9 @@ real-vllm: $(TINY_LLAMA)/config.json
 ## minutes). vLLM serves a model's routes by what it runs, so it starts three side by side (about 2 minutes, each
 ## takes a core while it starts): a generating one (chat, completions, responses, messages, tokenize), one with
 ## `--runner pooling --convert embed` (embeddings, pooling, score and rerank) and one with `--convert classify`
-## (classify). Skips, saying so, until `make real-vllm` has run. PARITY_VLLM_URL, PARITY_VLLM_POOLING_URL and
+## (classify). The audio cases are skipped: vLLM transcribes only with a speech-to-text model (Whisper and the
+## like), and `make real-vllm` builds only the tiny Llama, a text model, offline. Skips every case, saying so,
+## until `make real-vllm` has run. PARITY_VLLM_URL, PARITY_VLLM_POOLING_URL and
 ## PARITY_VLLM_CLASSIFY_URL=<a /v1 URL> use vLLMs already running (serving PARITY_VLLM_MODEL, default tiny).
 ## See docs/architecture.md, "Testing".
 test-real-vllm: $(STAMP)
