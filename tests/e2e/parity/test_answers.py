@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tests.e2e.parity.answers import Answer, normalised, sse_events
 
 
@@ -45,3 +47,119 @@ def test_a_stream_is_compared_choice_by_choice_but_in_order_within_each() -> Non
     assert interleaved.normalised() == grouped.normalised()
     assert interleaved.normalised() != reordered.normalised()
     assert interleaved.normalised() != usage_first.normalised()
+
+
+def _responses_stream(*deltas: str, numbers: list[int] | None = None, done_text: str | None = None) -> Answer:
+    """A Responses stream whose output text comes in `deltas` (and is `done_text` in its done event: the joined
+    deltas unless told), its events numbered from 0 (or by `numbers`)."""
+    where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}},
+        *({"type": "response.output_text.delta", **where, "delta": delta, "logprobs": []} for delta in deltas),
+        {"type": "response.output_text.done", **where, "text": done_text or "".join(deltas), "logprobs": []},
+        {"type": "response.completed", "response": {"id": "resp_1", "status": "completed"}},
+    ]
+    numbers = list(range(len(events))) if numbers is None else numbers
+    return Answer(
+        200,
+        True,
+        [
+            {"event": event["type"], "data": {**event, "sequence_number": number}}
+            for event, number in zip(events, numbers, strict=True)
+        ],
+    )
+
+
+def test_a_responses_stream_is_compared_by_its_joined_text_however_vllm_cuts_it() -> None:
+    three = _responses_stream(" a", " b", " c")
+
+    assert three.normalised() == _responses_stream(" a b", " c").normalised()
+    assert three.normalised() == _responses_stream(" a b c").normalised()
+    # The text itself, its order, and each event's number still count.
+    assert three.normalised() != _responses_stream(" a", " b", " d").normalised()
+    assert three.normalised() != _responses_stream(" a", " b", " d", done_text=" a b c").normalised()
+    assert three.normalised() != _responses_stream(" b", " a", " c").normalised()
+    assert three.normalised() != _responses_stream(" a", " b", " c", numbers=[0, 1, 2, 2, 3, 4]).normalised()
+    assert three.normalised() != _responses_stream(" a", " b", " c", numbers=[1, 2, 3, 4, 5, 6]).normalised()
+
+
+def _chat_chunk(text: str | None, *, finish: str | None = None, model: str = "m", tokens: int) -> dict[str, Any]:
+    """A chat chunk of choice 0 carrying `text` (None: vLLM's empty delta), with continuous usage so far."""
+    delta = {} if text is None else {"content": text}
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+    usage = {"prompt_tokens": 3, "completion_tokens": tokens, "total_tokens": 3 + tokens}
+    return {"data": {"id": "chatcmpl-1", "created": 1, "model": model, "choices": [choice], "usage": usage}}
+
+
+def _chat_stream(*chunks: dict[str, Any]) -> Answer:
+    role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+    first = {"data": {"id": "chatcmpl-1", "created": 1, "model": "m", "choices": [role]}}
+    return Answer(200, True, [first, *chunks, {"data": "[DONE]"}])
+
+
+def test_chat_chunks_are_compared_by_their_joined_text_up_to_the_choices_end() -> None:
+    one_by_one = _chat_stream(
+        _chat_chunk(" a", tokens=1), _chat_chunk(" b", tokens=2), _chat_chunk(" c", finish="length", tokens=3)
+    ).normalised()
+
+    assert (
+        one_by_one
+        == _chat_stream(_chat_chunk(" a b", tokens=2), _chat_chunk(" c", finish="length", tokens=3)).normalised()
+    )
+    assert one_by_one == _chat_stream(_chat_chunk(" a b c", finish="length", tokens=3)).normalised()
+    # vLLM sends an empty delta for a token that decodes to nothing; merged, it adds no text.
+    assert (
+        _chat_stream(_chat_chunk(" a b c", tokens=3), _chat_chunk(None, finish="length", tokens=4)).normalised()
+        == _chat_stream(_chat_chunk(" a b c", finish="length", tokens=4)).normalised()
+    )
+    # Other text, or a chunk that differs in anything but its text, its end and its usage, still counts.
+    other_text = (_chat_chunk(" a", tokens=1), _chat_chunk(" B", tokens=2))
+    other_model = (_chat_chunk(" a", model="x", tokens=1), _chat_chunk(" b", tokens=2))
+    for start in (other_text, other_model):
+        assert one_by_one != _chat_stream(*start, _chat_chunk(" c", finish="length", tokens=3)).normalised()
+    # Nor is text after the choice's end merged, nor is a final usage that differs ignored.
+    ended_early = (_chat_chunk(" a", finish="stop", tokens=1), _chat_chunk(" b c", finish="length", tokens=3))
+    assert one_by_one != _chat_stream(*ended_early).normalised()
+    assert one_by_one != _chat_stream(_chat_chunk(" a b c", finish="length", tokens=4)).normalised()
+
+
+def test_completion_chunks_are_joined_with_their_logprobs_and_the_first_ones_prompt_ids() -> None:
+    def chunk(pieces: list[str], offsets: list[int], finish: str | None = None, ids: Any = None) -> dict[str, Any]:
+        logprobs = {
+            "text_offset": offsets,
+            "token_logprobs": [-1.0] * len(pieces),
+            "tokens": pieces,
+            "top_logprobs": [{piece: -1.0} for piece in pieces],
+        }
+        choice = {"index": 0, "text": "".join(pieces), "logprobs": logprobs, "finish_reason": finish}
+        return {"data": {"id": "cmpl-1", "choices": [{**choice, "prompt_token_ids": ids}]}}
+
+    one_by_one = Answer(200, True, [chunk(["x", " a"], [0, 1], ids=[7]), chunk([" b"], [3], "length")])
+    joined = Answer(200, True, [chunk(["x", " a", " b"], [0, 1, 3], "length", ids=[7])])
+
+    assert one_by_one.normalised() == joined.normalised()
+    assert Answer(200, True, [chunk(["x", " a"], [0, 1], ids=[7]), chunk([" b"], [4], "length")]).normalised() != (
+        joined.normalised()
+    )
+    # Prompt ids only stand on a choice's first chunk: a later chunk naming them is not merged away.
+    late_ids = Answer(200, True, [chunk(["x", " a"], [0, 1], ids=[7]), chunk([" b"], [3], "length", ids=[7])])
+    assert late_ids.normalised() != joined.normalised()
+
+
+def test_anthropic_text_deltas_are_compared_joined() -> None:
+    def delta(text: str) -> dict[str, Any]:
+        return {
+            "event": "content_block_delta",
+            "data": {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
+        }
+
+    stop = {"event": "content_block_stop", "data": {"type": "content_block_stop", "index": 0}}
+
+    assert (
+        Answer(200, True, [delta(" a"), delta(" b"), stop]).normalised()
+        == Answer(200, True, [delta(" a b"), stop]).normalised()
+    )
+    assert (
+        Answer(200, True, [delta(" a"), delta(" b"), stop]).normalised()
+        != Answer(200, True, [delta(" a c"), stop]).normalised()
+    )

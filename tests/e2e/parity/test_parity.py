@@ -3,7 +3,8 @@ gateway, on the `direct` backend and on the `local` one (the compute function in
 through the relay), and must get the same status and the same body, streamed or not, once ids and creation
 times are set aside (answers.VOLATILE_FIELDS).
 
-The model server is the fake vLLM, or a real vLLM with `make test-real-vllm` (see conftest.py).
+The model server is the fake vLLM, or real vLLMs with `make test-real-vllm`, one for each kind of server
+the cases need (see conftest.py); the gateway reaches each kind on a cluster of its own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from resource_server.services.api_keys import api_key_create
 from tests.audio import wav_clip
 from tests.e2e.conftest import e2e_gateway
 from tests.e2e.parity.answers import Answer, exchange, exchange_form
-from tests.e2e.parity.conftest import ModelServer
+from tests.e2e.parity.conftest import GENERATE, REAL_VLLM_KINDS, REAL_VLLM_UNSERVED, ModelServer, server_kind
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,9 +39,15 @@ class Gateway:
     url: str
     key: str
 
-    def path(self, backend: str, upstream_path: str) -> str:
-        """FIRST's path on the cluster that serves the model with `backend`: the route below the server's /v1."""
-        return f"{self.url}/resource_server/parity-{backend}/vllm/v1/{upstream_path.removeprefix('/v1/').lstrip('/')}"
+    def path(self, backend: str, kind: str, upstream_path: str) -> str:
+        """FIRST's path on the cluster whose `kind` of server serves the model with `backend`: the route below
+        the server's /v1."""
+        route = upstream_path.removeprefix("/v1/").lstrip("/")
+        return f"{self.url}/resource_server/{cluster_name(backend, kind)}/vllm/v1/{route}"
+
+
+def cluster_name(backend: str, kind: str) -> str:
+    return f"parity-{backend}" if kind == GENERATE else f"parity-{backend}-{kind}"
 
 
 @pytest.fixture(scope="module")
@@ -50,25 +57,27 @@ def gateway_url(django_db_setup: None, tmp_path_factory: Any) -> Iterator[str]:
 
 
 @pytest.fixture
-def gateway(transactional_db: None, gateway_url: str, served: ModelServer) -> Gateway:
-    """A user with a key, and one cluster per backend with an endpoint for the served model."""
+def gateway(transactional_db: None, gateway_url: str, served: dict[str, ModelServer]) -> Gateway:
+    """A user with a key, and for each kind of server and each backend a cluster with an endpoint for the model
+    that server serves (one cluster per kind: the servers of two kinds serve the same model name)."""
     owner = User.objects.create(identity_id="id-parity", username="parity@anl.gov")
     _, key = api_key_create(owner=owner, name="parity")
-    server = urlsplit(served.url)
-    timeout = served.read_timeout
-    configs = {
-        "direct": {"base_url": served.url, "read_timeout": timeout},
-        "local": {"vllm": {"host": server.hostname, "port": server.port, "read_timeout": timeout}, "workers": 2},
-    }
-    for backend, config in configs.items():
-        endpoint = Endpoint(
-            cluster=Cluster.objects.create(name=f"parity-{backend}"),
-            model=served.model,
-            backend=backend,
-            backend_config=config,
-        )
-        endpoint.full_clean()
-        endpoint.save()
+    for kind, model_server in served.items():
+        server = urlsplit(model_server.url)
+        timeout = model_server.read_timeout
+        configs = {
+            "direct": {"base_url": model_server.url, "read_timeout": timeout},
+            "local": {"vllm": {"host": server.hostname, "port": server.port, "read_timeout": timeout}, "workers": 2},
+        }
+        for backend, config in configs.items():
+            endpoint = Endpoint(
+                cluster=Cluster.objects.create(name=cluster_name(backend, kind)),
+                model=model_server.model,
+                backend=backend,
+                backend_config=config,
+            )
+            endpoint.full_clean()
+            endpoint.save()
     return Gateway(gateway_url, key)
 
 
@@ -94,37 +103,39 @@ def form_parts(case: dict[str, Any], model: str) -> list[tuple[str, str | tuple[
 
 def _params() -> list[Any]:
     """Every case on every backend; a case that needs another part of issue 11 is skipped, unless
-    PARITY_IGNORE_NEEDS is set (to see which of them pass once that part has landed). Against a real vLLM,
-    the cases for a pooling server are skipped."""
+    PARITY_IGNORE_NEEDS is set (to see which of them pass once that part has landed). Against real vLLMs, a
+    case for a kind of server the suite does not know how to start is skipped, naming the kind."""
     honour_needs = not os.environ.get("PARITY_IGNORE_NEEDS")
     real_vllm = bool(os.environ.get("PARITY_REAL_VLLM"))
     params = []
     for case in CORPUS:
         needs = case.get("needs") if honour_needs else None
         marks = [pytest.mark.skip(reason=f"needs part {needs} of issue 11")] if needs else []
-        if real_vllm and case.get("server") == "pooling":
-            # vLLM serves embeddings from a second server (--runner pooling), which the target does not start yet.
-            marks.append(pytest.mark.skip(reason="a real vLLM serves this route only as a pooling server"))
-        if real_vllm and case.get("server") == "transcription":
-            marks.append(pytest.mark.skip(reason="the tiny Llama that make test-real-vllm serves has no audio routes"))
+        kind = server_kind(case)
+        if real_vllm and kind not in REAL_VLLM_KINDS:
+            reason = REAL_VLLM_UNSERVED.get(kind, f"the suite starts no real vLLM of the kind {kind!r}")
+            marks.append(pytest.mark.skip(reason=reason))
         params += [pytest.param(case, backend, id=f"{case['name']}-{backend}", marks=marks) for backend in BACKENDS]
     return params
 
 
 @pytest.mark.parametrize(("case", "backend"), _params())
 def test_the_gateway_answers_as_the_model_server_does(
-    case: dict[str, Any], backend: str, gateway: Gateway, served: ModelServer
+    case: dict[str, Any], backend: str, gateway: Gateway, served: dict[str, ModelServer]
 ) -> None:
-    upstream_url = served.url.removesuffix("/v1") + case["path"]
+    kind = server_kind(case)
+    model_server = served[kind]
+    upstream_url = model_server.url.removesuffix("/v1") + case["path"]
+    gateway_url = gateway.path(backend, kind, case["path"])
     auth = {"Authorization": f"Bearer {gateway.key}"}
     if "form" in case:
-        parts = form_parts(case, served.model)
+        parts = form_parts(case, model_server.model)
         direct = exchange_form(upstream_url, parts).normalised()
-        through = exchange_form(gateway.path(backend, case["path"]), parts, auth)
+        through = exchange_form(gateway_url, parts, auth)
     else:
-        body = request_body(case, served.model)
+        body = request_body(case, model_server.model)
         direct = exchange(upstream_url, body).normalised()
-        through = exchange(gateway.path(backend, case["path"]), body, auth)
+        through = exchange(gateway_url, body, auth)
 
     # The corpus says what the model server makes of the request: a case that stopped meaning it is stale.
     assert (direct.status < 400) == (case["expect"] == "ok"), f"the model server answered {direct}"

@@ -131,6 +131,20 @@ async def test_status_without_a_token_lists_the_public_clusters_as_first_does(se
     assert bad.status_code == 401, "a token that is sent is checked"
 
 
+async def test_status_and_list_endpoints_take_an_x_api_key_as_the_inference_routes_do(seeded: Seeded) -> None:
+    await Cluster.objects.acreate(name="anl-only", allowed_domains=["anl.gov"])  # hidden from anonymous callers
+    runtime().routing.forget()
+    x_api_key = {"X-Api-Key": seeded.key}
+
+    status = await AsyncClient().get("/resource_server/status", headers=x_api_key)
+    assert status.status_code == 200, status.content
+    assert orjson.loads(status.content) == await get("/status", seeded) == {"anl-only": True, "polaris": True}
+    listing = await AsyncClient().get("/resource_server/list-endpoints", headers=x_api_key)
+    assert orjson.loads(listing.content) == await get("/list-endpoints", seeded)
+    bad = await AsyncClient().get("/resource_server/status", headers={"X-Api-Key": "igw_not-a-key"})
+    assert bad.status_code == 401, "a key that is sent is checked, whichever header carries it"
+
+
 async def test_whoami_carries_firsts_fields_besides_ours(seeded: Seeded) -> None:
     await User.objects.filter(pk=seeded.user.pk).aupdate(identity_provider="Argonne National Laboratory")
     me = await get("/whoami", seeded)
