@@ -126,6 +126,14 @@ class GatewaySettings(BaseSettings):
     GLOBUS_COMPUTE_CLIENT_SECRET: SecretStr = SecretStr("")
     # How long an endpoint's status (online, workers) is trusted before it is fetched again.
     GLOBUS_COMPUTE_STATUS_CACHE_SECONDS: float = Field(default=30.0, ge=0, le=3600)
+    # The SDK Executor's submission pacing (docs/performance.md, "Globus Compute submission"): it sends the
+    # tasks waiting in its queue as one batch of at most GLOBUS_COMPUTE_BATCH_SIZE; once it has sent
+    # GLOBUS_COMPUTE_API_BURST_LIMIT batches smaller than that limit within GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS,
+    # it sleeps before the next one (up to window/limit, plus up to 1 s at random). The SDK's defaults (128, 4,
+    # 16 s) delay every request past the fourth in 16 s; the bounds are the SDK's own (it clamps to them).
+    GLOBUS_COMPUTE_BATCH_SIZE: int = Field(default=128, ge=1, le=1024)
+    GLOBUS_COMPUTE_API_BURST_LIMIT: int = Field(default=8, ge=1, le=8)
+    GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS: int = Field(default=1, ge=1, le=32)
 
     # The stream relay: compute functions on cluster nodes POST each stream's chunks back to the gateway.
     # The base URL they use, e.g. https://gateway.example.org. Empty: streams through compute backends fail.

@@ -28,7 +28,8 @@ from resource_server.adapters.relay import RelayHub
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest
 from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, TaskExecutor, settled
 from resource_server.dispatch.fields import EnvVarName
-from resource_server.errors import ErrorCode, ServiceUnavailable, UpstreamError
+from resource_server.dispatch.globus_compute_failures import task_exception_error
+from resource_server.errors import ErrorCode, GatewayError, ServiceUnavailable, UpstreamError
 
 # globus-compute-sdk is about 20 MB of a worker's memory: it is imported only where it is used, which the
 # routing table does ahead of time, in a thread, for gateways that have a compute endpoint (see registry).
@@ -139,12 +140,16 @@ def sdk_executor(endpoint_id: str, client: ComputeClient) -> TaskExecutor:
 
     from resource_server.dispatch.compute_serde import compute_serializer
 
+    gateway = settings.GATEWAY
     executor = Executor(
         endpoint_id=endpoint_id,
         client=client,  # type: ignore[arg-type]  # a globus_compute_sdk.Client, built by sdk_client()
         serializer=compute_serializer(),
         result_serializers=[DATA_STRATEGY],
         label=f"gateway:{endpoint_id}",
+        batch_size=gateway.GLOBUS_COMPUTE_BATCH_SIZE,
+        api_burst_limit=gateway.GLOBUS_COMPUTE_API_BURST_LIMIT,
+        api_burst_window_s=gateway.GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS,
     )
     # A new Executor joins the task group the process last submitted to (a class-wide default), even one of
     # another service account, which Globus refuses (403 TASK_GROUP_ACCESS_FORBIDDEN) and which would stop
@@ -286,6 +291,13 @@ class GlobusComputeBackend(ComputeBackend):
                 retry_after=10,
                 code=ErrorCode.COMPUTE_UNAVAILABLE,
             ) from None
+
+    def task_failed(self, exc: BaseException) -> GatewayError:
+        named = task_exception_error(exc, endpoint=self.label)
+        if named is None:
+            return super().task_failed(exc)
+        logger.warning("compute task on %s failed: %s: %s", self.label, named.code, str(exc)[-500:])
+        return named
 
     async def health(self) -> BackendHealth:
         status = await self._endpoints.status(self._credentials, self._endpoint_id)
