@@ -134,6 +134,12 @@ class GatewaySettings(BaseSettings):
     GLOBUS_COMPUTE_BATCH_SIZE: int = Field(default=128, ge=1, le=1024)
     GLOBUS_COMPUTE_API_BURST_LIMIT: int = Field(default=8, ge=1, le=8)
     GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS: int = Field(default=1, ge=1, le=32)
+    # A task the endpoint lost (an endpoint restart, a lost broker message) never resolves. From this many
+    # seconds after submission, a waiting request checks the endpoint's status: if the endpoint went offline,
+    # or holds no task at all (its engine's outstanding_tasks is 0) while this one is unanswered, the task is
+    # lost: 502 `compute_task_lost` (503 `endpoint_offline`), and the SDK stops watching it. Longer than the
+    # endpoint's heartbeat (30 s), whose report the status is, plus a result's way back. 0: wait task_timeout.
+    GLOBUS_COMPUTE_LOST_TASK_SECONDS: float = Field(default=60.0, ge=0, le=86400)
 
     # The stream relay: compute functions on cluster nodes POST each stream's chunks back to the gateway.
     # The base URL they use, e.g. https://gateway.example.org. Empty: streams through compute backends fail.

@@ -77,11 +77,36 @@ def endpoint_failure(remote: str, *, endpoint: str) -> GatewayError | None:
     return None
 
 
+class TaskLost(Exception):
+    """The gateway gave up on a task the endpoint no longer holds (see `GLOBUS_COMPUTE_LOST_TASK_SECONDS`)."""
+
+    def __init__(self, reason: str, *, offline: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.offline = offline  # the endpoint disconnected, rather than holding nothing while connected
+
+
+def _lost_error(lost: TaskLost, endpoint: str) -> GatewayError:
+    if lost.offline:
+        return ServiceUnavailable(
+            f"The {endpoint} disconnected while running this request. Please retry later; if it stays offline, "
+            "tell the gateway administrators.",
+            retry_after=60,
+            code=ErrorCode.ENDPOINT_OFFLINE,
+        )
+    return UpstreamError(
+        f"The {endpoint} lost this request's task ({lost.reason}); it may have restarted. Please retry.",
+        code=ErrorCode.COMPUTE_TASK_LOST,
+    )
+
+
 def task_exception_error(exc: BaseException, *, endpoint: str) -> GatewayError | None:
     """The named error a Globus Compute future's exception stands for, or None (then: compute_task_failed)."""
     from globus_compute_sdk.errors import TaskExecutionFailed
     from globus_sdk import GlobusAPIError
 
+    if isinstance(exc, TaskLost):
+        return _lost_error(exc, endpoint)
     if isinstance(exc, TaskExecutionFailed):
         return endpoint_failure(exc.remote_data, endpoint=endpoint)
     if isinstance(exc, GlobusAPIError) and exc.http_status == 403 and _NOT_PERMITTED.search(exc.text or ""):
