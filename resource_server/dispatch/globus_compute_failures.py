@@ -8,12 +8,14 @@ what globus-compute-endpoint 4.19 and Parsl write there:
   endpoint <id>" (its interchange, before the task runs);
 - the worker's result exceeds the endpoint's limit (10 MiB): `repr(MaxResultSizeExceeded(size, limit))`;
 - Parsl lost the worker or the node's manager: a traceback ending in `parsl...WorkerLost:` / `ManagerLost:`;
-- Parsl's executor gave up on its blocks (`BadStateException`): every task fails at once until the endpoint is
-  restarted (`block_error_handler: false` in the endpoint config keeps one failed block from causing it).
+- Parsl's executor gave up on its blocks: the tasks it held fail with `BadStateException`, every later one with
+  the reason itself (`TooManyJobFailuresError` from the block error handler) until the endpoint is restarted
+  (`block_error_handler: false` in the endpoint config keeps one failed block from causing it).
 
 With `max_retries_on_system_failure`, the text holds every attempt's traceback; the last attempt decides.
-A submission the web service refuses (e.g. 403 for a function the endpoint does not allow) reaches every
-future of its batch as the service's `GlobusAPIError`. Anything else is `compute_task_failed`.
+A submission the web service refuses reaches every future of its batch as the service's `GlobusAPIError`;
+403 `FUNCTION_NOT_PERMITTED` is its refusal of a function the endpoint does not allow.
+Anything else is `compute_task_failed`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from resource_server.errors import ErrorCode, GatewayError, ServiceUnavailable, 
 _NOT_PERMITTED = re.compile(r"Function \S+ (?:is )?not (?:permitted|allowed) on (?:the )?endpoint", re.IGNORECASE)
 _TOO_LARGE = re.compile(r"MaxResultSizeExceeded\((\d+), (\d+)\)")
 _LOST = re.compile(r"^parsl\.\S*\.(WorkerLost|ManagerLost): (.*)$", re.MULTILINE)
-_BAD_STATE = re.compile(r"^parsl\.\S*\.BadStateException: (.*)$", re.MULTILINE)
+_BAD_STATE = re.compile(r"^parsl\.\S*\.(BadStateException|TooManyJobFailuresError):", re.MULTILINE)
 # The endpoint's marker before the final attempt's traceback when a task was retried.
 _FINAL_ATTEMPT = "Traceback from attempt: final attempt"
 
@@ -59,11 +61,11 @@ def endpoint_failure(remote: str, *, endpoint: str) -> GatewayError | None:
             "less (fewer tokens, choices or inputs), or use `stream`, which has no such limit.",
             code=ErrorCode.COMPUTE_RESULT_TOO_LARGE,
         )
-    if bad_state := _BAD_STATE.search(final):
+    if _BAD_STATE.search(final):
         failed = ServiceUnavailable(
             f"The {endpoint} has failed (its worker blocks could not be started or kept) and runs nothing "
             "until an administrator restarts it. Please retry later; if it persists, tell the gateway "
-            f"administrators. ({bad_state[1][:300]})",
+            "administrators.",
             retry_after=BAD_STATE_RETRY_AFTER,
             code=ErrorCode.ENDPOINT_BAD_STATE,
         )
@@ -109,6 +111,6 @@ def task_exception_error(exc: BaseException, *, endpoint: str) -> GatewayError |
         return _lost_error(exc, endpoint)
     if isinstance(exc, TaskExecutionFailed):
         return endpoint_failure(exc.remote_data, endpoint=endpoint)
-    if isinstance(exc, GlobusAPIError) and exc.http_status == 403 and _NOT_PERMITTED.search(exc.text or ""):
+    if isinstance(exc, GlobusAPIError) and exc.http_status == 403 and exc.code == "FUNCTION_NOT_PERMITTED":
         return function_not_allowed(endpoint)
     return None

@@ -23,6 +23,7 @@ from globus_sdk import GlobusAPIError
 from parsl.executors import ThreadPoolExecutor
 from parsl.executors.errors import BadStateException
 from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
+from parsl.jobs.errors import TooManyJobFailuresError
 
 from resource_server.dispatch.globus_compute_failures import task_exception_error
 from resource_server.errors import ErrorCode, GatewayError
@@ -108,6 +109,13 @@ def test_an_endpoint_in_a_bad_state_is_a_503_with_retry_after_another_endpoint_m
     assert "restarts it" in error.message
 
 
+def test_a_task_sent_after_the_endpoint_went_bad_is_named_the_same() -> None:
+    # Parsl's submit raises the bad state's reason itself: its block error handler's.
+    error = _named(_engine_failure(TooManyJobFailuresError("Error 1:\n\tEXIT CODE: 1\n")))
+
+    assert (error.status, error.code) == (503, ErrorCode.ENDPOINT_BAD_STATE)
+
+
 def test_with_retries_the_final_attempt_decides() -> None:
     lost_then_bad = _named(_engine_failure(_worker_lost(1, "node3"), _bad_state()))
     bad_then_lost = _named(_engine_failure(_bad_state(), ManagerLost(b"m", "node4")))
@@ -134,7 +142,10 @@ def test_the_service_refusing_the_function_at_submission_is_named_too() -> None:
     response = requests.Response()
     response.status_code = 403
     response.headers["Content-Type"] = "application/json"
-    response._content = b'{"code": "FUNCTION_NOT_PERMITTED", "error": "Function 1234 not permitted on endpoint 5678"}'
+    response._content = (
+        b'{"code": "FUNCTION_NOT_PERMITTED", "error_args": ["1234", "5678"], "http_status_code": 403,'
+        b' "reason": "Function 1234 not permitted on endpoint 5678"}'
+    )
     response.request = requests.Request("POST", "https://compute.api.globus.org/v3/endpoints/5678/submit").prepare()
 
     error = _named(GlobusAPIError(response))
