@@ -6,9 +6,9 @@ of a real `GlobusComputeEngine` (fakes/compute_service.py; RabbitMQ carries the 
 result watcher), whose workers run the registered compute function against the fake model server. Each
 request is an open-loop arrival (evenly spaced, rate r for `--seconds`); its added latency is the time from
 the gateway's submit to the result in hand, less the time the function itself ran (its `elapsed_ms`). Run
-once with the SDK's default pacing (batch_size 128, api_burst_limit 4, api_burst_window_s 16) and once with
-the gateway's settings (GLOBUS_COMPUTE_*; see docs/performance.md, "Globus Compute submission"). Writes
-<out>/<label>.json and .md and prints the table.
+once with the SDK's default pacing (batch_size 128, api_burst_limit 4, api_burst_window_s 16, and its result
+watcher's 0.5 s poll) and once with the gateway's settings (GLOBUS_COMPUTE_*; docs/performance.md, "Globus
+Compute submission"). Writes <out>/<label>.json and .md and prints the table (added latency in ms).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import Future
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +37,7 @@ SDK_PACING = {
     "GLOBUS_COMPUTE_BATCH_SIZE": 128,
     "GLOBUS_COMPUTE_API_BURST_LIMIT": 4,
     "GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS": 16,
+    "GLOBUS_COMPUTE_RESULT_POLL_SECONDS": 0.5,  # the result watcher's
 }
 WARM_UP_REQUESTS = 5
 RESULT_WAIT_SECONDS = 300.0
@@ -58,8 +60,34 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": cuts[49], "p95": cuts[94], "p99": cuts[98], "max": max(values)}
 
 
-async def _one(parts: dict[str, Any], n: int) -> float:
-    """One request through the gateway's path: its added latency in ms."""
+class _Timings:
+    """When each task was accepted by the service and handed back to the gateway (wall clock, like the
+    stand-in's `completion_t`): one poller for every pending submission, so the measure costs little."""
+
+    def __init__(self) -> None:
+        self.submitting: dict[Future[Any], float] = {}
+        self.accepted: dict[Future[Any], float] = {}
+        self.handed_back: dict[Future[Any], float] = {}
+
+    def submitted(self, future: Future[Any], at: float) -> None:
+        self.submitting[future] = at
+        future.add_done_callback(lambda done: self.handed_back.setdefault(done, time.time()))
+
+    def sweep(self) -> None:
+        # The SDK gives a future its task id once the service accepted the batch holding it.
+        now = time.time()
+        for future in [f for f in self.submitting if getattr(f, "task_id", None) or f.done()]:
+            self.accepted[future] = now
+            del self.submitting[future]
+
+    async def poll(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.sweep()
+            await asyncio.sleep(0.002)
+
+
+async def _one(parts: dict[str, Any], timings: _Timings, n: int) -> dict[str, float]:
+    """One request through the gateway's path: where its time went, in ms."""
     from resource_server.dispatch.compute import settled
 
     task = {
@@ -69,28 +97,43 @@ async def _one(parts: dict[str, Any], n: int) -> float:
         "request_id": f"bench-{n}",
         "vllm": parts["vllm"],
     }
-    began = time.monotonic()
+    began, wall = time.monotonic(), time.time()
     future = await parts["endpoints"].submit(parts["credentials"], parts["endpoint_id"], parts["function_id"], task)
+    timings.submitted(future, wall)
     result = await asyncio.wait_for(settled(future), RESULT_WAIT_SECONDS)
     total_ms = (time.monotonic() - began) * 1000
     if result.get("status") != 200:
         raise RuntimeError(f"request {n} failed: {result!r:.300}")
-    return total_ms - float(result["elapsed_ms"])
+    timings.sweep()
+    published = float(parts["service"].tasks[future.task_id].completion_t)
+    submission_ms = (timings.accepted[future] - wall) * 1000
+    hand_over_ms = (timings.handed_back[future] - published) * 1000
+    return {
+        "added": total_ms - float(result["elapsed_ms"]),
+        "submission": submission_ms,
+        "hand_over": hand_over_ms,
+        "gateway": submission_ms + hand_over_ms,
+    }
 
 
 async def _at_rate(parts: dict[str, Any], rate: float, seconds: float) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     count = max(1, round(rate * seconds))
+    timings, stop = _Timings(), asyncio.Event()
+    poller = asyncio.ensure_future(timings.poll(stop))
     start = loop.time()
     pending = []
     for n in range(count):
         await asyncio.sleep(max(0.0, start + n / rate - loop.time()))
-        pending.append(asyncio.ensure_future(_one(parts, n)))
+        pending.append(asyncio.ensure_future(_one(parts, timings, n)))
     outcomes = await asyncio.gather(*pending, return_exceptions=True)
-    added = [outcome for outcome in outcomes if isinstance(outcome, float)]
-    failures = [repr(outcome)[:300] for outcome in outcomes if not isinstance(outcome, float)]
-    return {"rate": rate, "requests": count, "ok": len(added), "failed": len(failures), "failures": failures[:3]} | {
-        "added_ms": _percentiles(added)
+    stop.set()
+    await poller
+    measured = [outcome for outcome in outcomes if isinstance(outcome, dict)]
+    failures = [repr(outcome)[:300] for outcome in outcomes if not isinstance(outcome, dict)]
+    return {"rate": rate, "requests": count, "ok": len(measured), "failed": len(failures), "failures": failures[:3]} | {
+        f"{part}_ms": _percentiles([each[part] for each in measured])
+        for part in ("added", "gateway", "submission", "hand_over")
     }
 
 
@@ -112,6 +155,7 @@ def _measure(
         for rate in rates:
             # A fresh Executor per rate: the SDK's burst window starts empty, as on a gateway worker's start.
             parts = {
+                "service": compute.service,
                 "endpoints": ComputeEndpoints(),
                 "credentials": credentials,
                 "endpoint_id": endpoint_id,
@@ -133,17 +177,23 @@ def _markdown(run: dict[str, Any]) -> str:
         "",
         f"`{run['command']}` at {run['revision']}, {run['started']}; {run['machine']}",
         "",
-        "| pacing | batch / burst limit / window | req/s | requests | failed | p50 ms | p95 ms | p99 ms | max ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Milliseconds, p50 / p95 / p99. gateway side: submission (submit until the service accepted the batch)",
+        "plus hand-over (the result published until the request has it); added: all but the function's own time.",
+        "",
+        "| pacing: batch / burst limit / window / result poll | req/s | failed | gateway side | submission "
+        "| hand-over | added |",
+        "|---|---|---|---|---|---|---|",
     ]
     for level in run["levels"]:
-        added = level["added_ms"]
-        cells = [f"{added[key]:.0f}" if added[key] is not None else "-" for key in ("p50", "p95", "p99", "max")]
+        cells = []
+        for part in ("gateway", "submission", "hand_over", "added"):
+            figures = level[f"{part}_ms"]
+            cells.append(
+                " / ".join("-" if figures[key] is None else f"{figures[key]:.0f}" for key in ("p50", "p95", "p99"))
+            )
         pacing = run["pacing"][level["pacing"]]
         lines.append(
-            f"| {level['pacing']} | {pacing} | {level['rate']:g} | {level['requests']} | {level['failed']} | "
-            + " | ".join(cells)
-            + " |"
+            f"| {level['pacing']}: {pacing} | {level['rate']:g} | {level['failed']} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -163,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
 
         django.setup()
         from django.conf import settings
+
         from fakes.compute_service import start_compute_service
 
         port = free_port()
@@ -189,9 +240,11 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": options.seconds,
             "pacing": {
                 "sdk": "{GLOBUS_COMPUTE_BATCH_SIZE} / {GLOBUS_COMPUTE_API_BURST_LIMIT} / "
-                "{GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS} s".format(**SDK_PACING),
+                "{GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS} s / {GLOBUS_COMPUTE_RESULT_POLL_SECONDS} s".format(
+                    **SDK_PACING
+                ),
                 "gateway": f"{gateway.GLOBUS_COMPUTE_BATCH_SIZE} / {gateway.GLOBUS_COMPUTE_API_BURST_LIMIT} / "
-                f"{gateway.GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS} s",
+                f"{gateway.GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS} s / {gateway.GLOBUS_COMPUTE_RESULT_POLL_SECONDS} s",
             },
             "levels": [],
         }

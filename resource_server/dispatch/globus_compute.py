@@ -278,6 +278,7 @@ class ComputeEndpoints:
             self._discard(credentials, endpoint_id, executor)
             executor = await asyncio.to_thread(self._executor, credentials, endpoint_id)
             future = executor.submit_to_registered_function(function_id, args=(task,))
+        _pace_result_watcher(executor)
         key = (*credentials.key, endpoint_id)
         future.add_done_callback(lambda done: self._task_done(key, done))
         return future
@@ -371,6 +372,22 @@ class ComputeEndpoints:
         return _parse_status(raw, fetched_at=fetched_at)
 
 
+def _pace_result_watcher(executor: TaskExecutor) -> None:
+    """Have the executor's result watcher hand results over within GLOBUS_COMPUTE_RESULT_POLL_SECONDS.
+
+    The SDK's watcher (one per task group, made by the executor after its first batch) receives each result
+    as it arrives but completes the futures only on its next poll, every 0.5 s by default: on average 250 ms
+    added to every request. The SDK offers no setting for it (4.19: `_ResultWatcher.poll_period_s`, re-read at
+    each poll); it is set here at each submission, so a watcher the SDK replaces gets it too.
+    """
+    from globus_compute_sdk.sdk.executor import _RESULT_WATCHERS
+
+    task_group_id = getattr(executor, "task_group_id", None)  # None until its first batch is sent
+    watcher = _RESULT_WATCHERS.get(task_group_id) if task_group_id is not None else None
+    if watcher is not None:
+        watcher.poll_period_s = settings.GATEWAY.GLOBUS_COMPUTE_RESULT_POLL_SECONDS
+
+
 class GlobusComputeBackend(ComputeBackend):
     config_model = GlobusComputeConfig
     config: GlobusComputeConfig
@@ -445,25 +462,31 @@ class GlobusComputeBackend(ComputeBackend):
     def _outcome(self, future: Future[Any]) -> asyncio.Future[Any]:
         outcome = settled(future)
         if settings.GATEWAY.GLOBUS_COMPUTE_LOST_TASK_SECONDS > 0:
-            watch = asyncio.ensure_future(self._watch_for_loss(future, outcome, time.monotonic()))
+            watch = asyncio.ensure_future(self._watch_for_loss(future, outcome))
             outcome.add_done_callback(lambda _: watch.cancel())
         return outcome
 
-    async def _watch_for_loss(self, future: Future[Any], outcome: asyncio.Future[Any], submitted_at: float) -> None:
-        """Fail `outcome` with `TaskLost` once a status fetched long enough after submission says so."""
+    async def _watch_for_loss(self, future: Future[Any], outcome: asyncio.Future[Any]) -> None:
+        """Fail `outcome` with `TaskLost` once a status fetched long enough after the service accepted the task
+        says the endpoint lost it. Until the SDK has sent it (the future has its task id), the task is not the
+        endpoint's to lose: the SDK's pacing or a slow service only delay it."""
         gateway = settings.GATEWAY
         grace = gateway.GLOBUS_COMPUTE_LOST_TASK_SECONDS
-        await asyncio.sleep(grace)
+        # The status is fetched anew once it is GLOBUS_COMPUTE_STATUS_CACHE_SECONDS old; look at least that often.
+        period = min(max(gateway.GLOBUS_COMPUTE_STATUS_CACHE_SECONDS, 0.2), 5.0)
+        accepted_at: float | None = None
         while not outcome.done():
-            status = await self._endpoints.status(self._credentials, self._endpoint_id)
-            lost = task_lost(status) if status.fetched_at - submitted_at >= grace else None
-            if lost is not None and not outcome.done():
-                logger.warning("%s lost task %s: %s", self.label, getattr(future, "task_id", "?"), lost.reason)
-                self._endpoints.forget(future)
-                outcome.set_exception(lost)
-                return
-            # The status is fetched anew once it is GLOBUS_COMPUTE_STATUS_CACHE_SECONDS old.
-            await asyncio.sleep(min(max(gateway.GLOBUS_COMPUTE_STATUS_CACHE_SECONDS, 1.0), 5.0))
+            if accepted_at is None and getattr(future, "task_id", None) is not None:
+                accepted_at = time.monotonic()  # seen at most `period` late: later, never sooner
+            if accepted_at is not None and time.monotonic() - accepted_at >= grace:
+                status = await self._endpoints.status(self._credentials, self._endpoint_id)
+                lost = task_lost(status) if status.fetched_at - accepted_at >= grace else None
+                if lost is not None and not outcome.done():
+                    logger.warning("%s lost task %s: %s", self.label, getattr(future, "task_id", "?"), lost.reason)
+                    self._endpoints.forget(future)
+                    outcome.set_exception(lost)
+                    return
+            await asyncio.sleep(period)
 
     def task_failed(self, exc: BaseException) -> GatewayError:
         named = task_exception_error(exc, endpoint=self.label)
