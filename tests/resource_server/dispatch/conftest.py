@@ -11,6 +11,8 @@ from typing import Any, cast
 
 import pytest
 import uvicorn
+from globus_compute_sdk import Executor
+from globus_compute_sdk.sdk.executor import _RESULT_WATCHERS
 from pydantic import SecretStr
 
 from compute_functions import inference
@@ -71,6 +73,11 @@ def endpoints(compute: RunningCompute) -> Iterator[ComputeEndpoints]:
     yield fresh
     for executor in fresh._executors.values():
         cast(concurrent.futures.Executor, executor).shutdown(wait=False, cancel_futures=True)
+        sdk_executor = cast(Executor, executor)
+        # A task a test lost is never answered; the SDK's exit waits for every watched future, so drop them.
+        watcher = _RESULT_WATCHERS.get(sdk_executor.task_group_id) if sdk_executor.task_group_id else None
+        for future in watcher.get_open_futures(sdk_executor).values() if watcher is not None else ():
+            fresh.forget(future)
 
 
 @pytest.fixture
