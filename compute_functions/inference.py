@@ -30,9 +30,11 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
     `vllm_restarting` while the node's supervisor restarts a vLLM that died).
     Health result: {"status": 200|503, "healthy", "models": [ids], "cards": [vLLM's model cards],
     "elapsed_ms", "error"?}.
-    Streamed: each batch of SSE events is POSTed to relay_url as {"seq", "events": [...]}, then
-    {"seq", "done": true} or {"seq", "error": {"status", "code", "message", "body"?}} (`body`: vLLM's own error
-    body when it refused the request); the result is a summary
+    Streamed: each batch of SSE events is POSTed to relay_url as {"seq", "attempt", "events": [...]}, then
+    {"seq", "attempt", "done": true} or {"seq", "attempt", "error": {"status", "code", "message", "body"?}}
+    (`body`: vLLM's own error body when it refused the request). `attempt` is random per run of the function:
+    if Globus Compute runs the task again (a lost worker, with max_retries_on_system_failure), the gateway
+    keeps the attempt that delivered first and answers the other 403, which stops it. The result is a summary
     {"status", "outcome": completed|failed|cancelled|relay_failed, "chunks", "events", "usage",
     "elapsed_ms", "error"?}.
     """
@@ -42,6 +44,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
     import json
     import os
     import queue
+    import secrets
     import socket
     import ssl
     import threading
@@ -88,7 +91,8 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
             return error if self.body is None else {**error, "body": self.body}
 
     class RelayGone(Exception):
-        """The gateway answered 403/404: the client left or the task token expired."""
+        """The gateway answered 403/404: the client left, the task token expired, or another attempt of the task
+        owns the stream."""
 
     class RelayFailed(Exception):
         """The relay kept failing (or refused the message) after all retries."""
@@ -266,6 +270,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
             self.timeout = float(settings.get("timeout", 30))
             self.verify_tls = bool(settings.get("verify_tls", True))
             self.seq = 0
+            self.attempt = secrets.token_hex(8)  # this run of the task (a retried run gets another)
             self.conn: http.client.HTTPConnection | None = None
 
         def send(self, message: dict[str, Any]) -> None:
@@ -273,7 +278,7 @@ def inference(request: "dict[str, Any]") -> "dict[str, Any]":
 
             A retried POST may have reached the gateway already; it drops the duplicate by `seq`.
             """
-            payload = json.dumps({"seq": self.seq, **message}, separators=(",", ":")).encode()
+            payload = json.dumps({"seq": self.seq, "attempt": self.attempt, **message}, separators=(",", ":")).encode()
             last = "not sent"
             for attempt in range(self.retries + 1):
                 if attempt:

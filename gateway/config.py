@@ -126,6 +126,23 @@ class GatewaySettings(BaseSettings):
     GLOBUS_COMPUTE_CLIENT_SECRET: SecretStr = SecretStr("")
     # How long an endpoint's status (online, workers) is trusted before it is fetched again.
     GLOBUS_COMPUTE_STATUS_CACHE_SECONDS: float = Field(default=30.0, ge=0, le=3600)
+    # The SDK Executor's submission pacing (docs/performance.md, "Globus Compute submission"): it sends the
+    # tasks waiting in its queue as one batch of at most GLOBUS_COMPUTE_BATCH_SIZE; once it has sent
+    # GLOBUS_COMPUTE_API_BURST_LIMIT batches smaller than that limit within GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS,
+    # it sleeps before the next one (up to window/limit, plus up to 1 s at random). The SDK's defaults (128, 4,
+    # 16 s) delay every request past the fourth in 16 s; the bounds are the SDK's own (it clamps to them).
+    GLOBUS_COMPUTE_BATCH_SIZE: int = Field(default=128, ge=1, le=1024)
+    GLOBUS_COMPUTE_API_BURST_LIMIT: int = Field(default=8, ge=1, le=8)
+    GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS: int = Field(default=1, ge=1, le=32)
+    # How often the SDK's result watcher hands the results it received to the waiting requests (the SDK's
+    # own 0.5 s adds 250 ms to a request on average); a poll costs a few microseconds of a thread.
+    GLOBUS_COMPUTE_RESULT_POLL_SECONDS: float = Field(default=0.02, ge=0.005, le=0.5)
+    # A task the endpoint lost (an endpoint restart, a lost broker message) never resolves. From this many
+    # seconds after submission, a waiting request checks the endpoint's status: if the endpoint went offline,
+    # or holds no task at all (its engine's outstanding_tasks is 0) while this one is unanswered, the task is
+    # lost: 502 `compute_task_lost` (503 `endpoint_offline`), and the SDK stops watching it. Longer than the
+    # endpoint's heartbeat (30 s), whose report the status is, plus a result's way back. 0: wait task_timeout.
+    GLOBUS_COMPUTE_LOST_TASK_SECONDS: float = Field(default=60.0, ge=0, le=86400)
 
     # The stream relay: compute functions on cluster nodes POST each stream's chunks back to the gateway.
     # The base URL they use, e.g. https://gateway.example.org. Empty: streams through compute backends fail.

@@ -155,6 +155,22 @@ class ErrorCode(StrEnum):
     UPSTREAM_STREAM_TRUNCATED = "upstream_stream_truncated", 502, "The model server ended the stream early."
     COMPUTE_TASK_FAILED = "compute_task_failed", 502, "The cluster could not run the request: retry."
     COMPUTE_BAD_RESULT = "compute_bad_result", 502, "The cluster returned an answer the gateway cannot read."
+    COMPUTE_RESULT_TOO_LARGE = (
+        "compute_result_too_large",
+        502,
+        "The answer exceeded the cluster endpoint's result limit (10 MiB): ask for less, or stream it.",
+    )
+    COMPUTE_WORKER_LOST = "compute_worker_lost", 502, "The cluster node running the request was lost: retry."
+    COMPUTE_TASK_LOST = (
+        "compute_task_lost",
+        502,
+        "The cluster's endpoint lost the request's task (e.g. it restarted): retry.",
+    )
+    COMPUTE_FUNCTION_NOT_ALLOWED = (
+        "compute_function_not_allowed",
+        502,
+        "The cluster's endpoint does not allow the gateway's function: tell the administrators.",
+    )
     BACKEND_MISCONFIGURED = (
         "backend_misconfigured",
         502,
@@ -180,6 +196,21 @@ class ErrorCode(StrEnum):
         "The cluster's Globus Compute endpoint is not connected: retry later, then tell the administrators.",
     )
     COMPUTE_UNAVAILABLE = "compute_unavailable", 503, "The gateway cannot reach Globus Compute: retry shortly."
+    ENDPOINT_BAD_STATE = (
+        "endpoint_bad_state",
+        503,
+        "The cluster's endpoint has failed and runs nothing until restarted: retry later, tell the administrators.",
+    )
+    ENDPOINT_STARTING = (
+        "endpoint_starting",
+        503,
+        "The cluster is starting a node for the model: retry after `Retry-After` seconds.",
+    )
+    ENDPOINT_NO_WORKERS = (
+        "endpoint_no_workers",
+        503,
+        "The cluster's endpoint has no workers and starts none on demand: retry later, tell the administrators.",
+    )
     CLUSTER_MAINTENANCE = (
         "cluster_maintenance",
         503,

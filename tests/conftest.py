@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,12 @@ def compute_service() -> Iterator[RunningCompute]:
     with start_compute_service(
         {COMPUTE_CLIENT_ID: COMPUTE_CLIENT_SECRET, SITE_CLIENT_ID: SITE_CLIENT_SECRET}
     ) as running:
+        # An endpoint without workers is answered 503 `endpoint_starting` (its block is still starting): the
+        # tests begin once the block's workers are up, as a live endpoint's would be.
+        deadline = time.monotonic() + 120
+        while running.service.engine.get_status_report().global_state["total_workers"] == 0:
+            assert time.monotonic() < deadline, "the engine's block did not start within 120 s"
+            time.sleep(0.1)
         yield running
 
 

@@ -38,6 +38,7 @@ PROCESS_FIXTURES = frozenset(
         "fake_url",  # tests/fakes/test_globus_fake.py: the fake Globus Auth as a subprocess
         "vllm",  # tests/compute_functions/test_inference.py: a fake model server subprocess
         "fake_vllm",  # the same server's URL
+        "paced_vllm",  # tests/resource_server/dispatch/test_relay_attempts.py: a slow-streaming fake vLLM
         "launcher",  # tests/endpoint_configs: runs the vLLM launch script with bash
         "wheel_files",  # tests/test_wheel.py: builds the wheel with pip
     }

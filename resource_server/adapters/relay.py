@@ -14,6 +14,11 @@ A message is parsed and checked once, by the relay route (`RelayMessage.parse`);
 
 Each task gets its own random token, valid only for that task's relay path, only until its stream ends
 (or `RELAY_MAX_STREAM_SECONDS`), compared in constant time and stored only as a SHA-256 digest.
+
+One attempt per task: the compute function tags its messages with an id of its own run (`attempt`). Globus
+Compute may run a task again after a worker or node is lost (`max_retries_on_system_failure`); the retried
+run numbers its messages from 0 again, and the hub refuses them (`Delivery.SUPERSEDED`) once another attempt
+has delivered, so two answers are never spliced into one stream. The first attempt to deliver is the one.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class Delivery(Enum):
     ACCEPTED = "accepted"
     GONE = "gone"  # the stream ended (or expired) since the token was checked
     FULL = "full"  # the waiting handler is this many messages behind: the function should back off
+    SUPERSEDED = "superseded"  # another attempt of the task is the stream's: this one must stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +71,15 @@ class RelayError:
 class RelayMessage:
     """One checked message of the compute function's relay protocol (see `compute_functions.inference`).
 
-    Exactly one of: `events` (complete SSE events, relayed verbatim), `done`, `error`.
+    Exactly one of: `events` (complete SSE events, relayed verbatim), `done`, `error`; `attempt` names the run
+    of the task that sent it (absent from functions registered before it existed: one anonymous attempt).
     """
 
     seq: int
     events: tuple[bytes, ...] = ()
     done: bool = False
     error: RelayError | None = None
+    attempt: str = ""
 
     @classmethod
     def parse(cls, body: bytes) -> RelayMessage:
@@ -85,19 +93,26 @@ class RelayMessage:
         seq = message.get("seq")
         if type(seq) is not int or seq < 0:
             raise InvalidRequest("The relay message needs a non-negative integer `seq`.", param="seq")
+        attempt = message.get("attempt", "")
+        if not isinstance(attempt, str) or len(attempt) > _MAX_ATTEMPT_CHARS:
+            raise InvalidRequest(
+                f"`attempt` must be a string of at most {_MAX_ATTEMPT_CHARS} characters.", param="attempt"
+            )
         kinds = [kind for kind in ("events", "done", "error") if kind in message]
-        if len(kinds) != 1 or len(message) != 2:
-            raise InvalidRequest("A relay message carries `seq` and exactly one of `events`, `done`, `error`.")
+        if len(kinds) != 1 or len(message) != 2 + ("attempt" in message):
+            raise InvalidRequest(
+                "A relay message carries `seq`, an optional `attempt` and exactly one of `events`, `done`, `error`."
+            )
         if kinds == ["events"]:
             events = message["events"]
             # Each event is relayed verbatim to the client, so each must be one complete SSE event.
             if not isinstance(events, list) or not events or not all(_is_event(event) for event in events):
                 raise InvalidRequest("`events` must be a list of complete SSE events.", param="events")
-            return cls(seq, events=tuple(event.encode() for event in events))
+            return cls(seq, events=tuple(event.encode() for event in events), attempt=attempt)
         if kinds == ["done"]:
             if message["done"] is not True:
                 raise InvalidRequest("`done` must be true.", param="done")
-            return cls(seq, done=True)
+            return cls(seq, done=True, attempt=attempt)
         error = message["error"]
         if not (
             isinstance(error, dict)
@@ -106,7 +121,11 @@ class RelayMessage:
             and isinstance(error.get("message"), str)
         ):
             raise InvalidRequest("`error` needs an integer `status`, a `code` and a `message`.", param="error")
-        return cls(seq, error=RelayError(error["status"], error["code"], error["message"], error.get("body")))
+        error = RelayError(error["status"], error["code"], error["message"], error.get("body"))
+        return cls(seq, error=error, attempt=attempt)
+
+
+_MAX_ATTEMPT_CHARS = 64
 
 
 def _is_event(event: object) -> bool:
@@ -160,6 +179,7 @@ class _Mailbox:
     # handed to the owner's loop with call_soon_threadsafe.
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     queue: asyncio.Queue[RelayMessage] = field(default_factory=asyncio.Queue)
+    attempt: str | None = None  # the attempt whose messages this stream takes: the first to deliver
 
     async def read(self, wait: float) -> list[RelayMessage]:
         if wait > 0 and self.queue.empty():
@@ -212,6 +232,11 @@ class InProcessRelayHub:
         mailbox = self._live(task_id)
         if mailbox is None:
             return Delivery.GONE
+        with self._lock:
+            if mailbox.attempt is None:
+                mailbox.attempt = message.attempt
+            elif mailbox.attempt != message.attempt:
+                return Delivery.SUPERSEDED
         if mailbox.queue.qsize() >= self.max_pending:
             return Delivery.FULL
         try:
@@ -247,47 +272,53 @@ def _store_errors() -> Iterator[None]:
         ) from None
 
 
-# Append only while the token exists and the reader is not too far behind; the stream expires with it.
-# ARGV: the backlog bound, then the entry's fields and values (`_fields`).
+# Append only while the token exists, from the task's first attempt to deliver, and while the reader is not
+# too far behind; the stream and the attempt expire with the token.
+# ARGV: the backlog bound, the message's attempt, then the entry's fields and values (`_fields`).
 _APPEND = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local ttl = math.max(redis.call('PTTL', KEYS[1]), 1)
+if redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ttl) == false and redis.call('GET', KEYS[3]) ~= ARGV[2] then
+  return 3
+end
 if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[1]) then return 2 end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-redis.call('PEXPIRE', KEYS[2], math.max(redis.call('PTTL', KEYS[1]), 1))
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[2], ttl)
 return 1
 """
-_APPEND_RESULTS = {0: Delivery.GONE, 1: Delivery.ACCEPTED, 2: Delivery.FULL}
+_APPEND_RESULTS = {0: Delivery.GONE, 1: Delivery.ACCEPTED, 2: Delivery.FULL, 3: Delivery.SUPERSEDED}
 
 
 def _fields(message: RelayMessage) -> list[bytes | int | str]:
-    """A checked message as a stream entry's fields: `s` seq, then `e` the events end to end with `n` their
-    lengths, or `d`, or the error's `es` status, `ec` code, `em` message and `eb` body (JSON, if any). Plain
-    fields, so a reader rebuilds the message without parsing JSON (but a refusal's body); lengths, because an
-    event may itself end in more newlines."""
+    """A checked message as a stream entry's fields: `s` seq, `a` attempt, then `e` the events end to end with
+    `n` their lengths, or `d`, or the error's `es` status, `ec` code, `em` message and `eb` body (JSON, if any).
+    Plain fields, so a reader rebuilds the message without parsing JSON (but a refusal's body); lengths,
+    because an event may itself end in more newlines."""
+    head: list[bytes | int | str] = ["s", message.seq, "a", message.attempt]
     if message.error is not None:
         error = message.error
-        fields: list[bytes | int | str] = ["s", message.seq, "es", error.status, "ec", error.code, "em", error.message]
+        fields = [*head, "es", error.status, "ec", error.code, "em", error.message]
         return fields if error.body is None else [*fields, "eb", orjson.dumps(error.body)]
     if message.done:
-        return ["s", message.seq, "d", 1]
+        return [*head, "d", 1]
     lengths = ",".join(str(len(event)) for event in message.events)
-    return ["s", message.seq, "e", b"".join(message.events), "n", lengths]
+    return [*head, "e", b"".join(message.events), "n", lengths]
 
 
 def _message(fields: dict[bytes, bytes]) -> RelayMessage:
     """The message `_fields` stored (it was checked before it was stored)."""
-    seq = int(fields[b"s"])
+    seq, attempt = int(fields[b"s"]), fields[b"a"].decode()
     if b"e" in fields:
         joined, events, start = fields[b"e"], [], 0
         for length in map(int, fields[b"n"].split(b",")):
             events.append(joined[start : start + length])
             start += length
-        return RelayMessage(seq, events=tuple(events))
+        return RelayMessage(seq, events=tuple(events), attempt=attempt)
     if b"d" in fields:
-        return RelayMessage(seq, done=True)
+        return RelayMessage(seq, done=True, attempt=attempt)
     body = orjson.loads(fields[b"eb"]) if b"eb" in fields else None
     error = RelayError(int(fields[b"es"]), fields[b"ec"].decode(), fields[b"em"].decode(), body)
-    return RelayMessage(seq, error=error)
+    return RelayMessage(seq, error=error, attempt=attempt)
 
 
 # redis-py's defaults do not fit the relay, so each is chosen here (redis-py 8: a 5 s socket timeout on every
@@ -319,6 +350,7 @@ class RedisRelayHub:
         gateway:relay:{<task_id>}:stream  the messages (one entry each, see `_fields`); expires with the token.
                                           Entries read are deleted in the next read's round trip, so the backlog
                                           that RELAY_MAX_PENDING_MESSAGES bounds includes the last batch read.
+        gateway:relay:{<task_id>}:attempt the attempt whose messages the stream takes; expires with the token.
 
     When Redis fails, each operation raises `ServiceUnavailable` (`relay_unavailable`) except a channel's
     `close`, which logs and leaves the keys to expire; connections are made afresh once Redis is back.
@@ -383,12 +415,13 @@ class RedisRelayHub:
         """For blocking reads of at most `read_slice` s."""
         return self._connection().reads
 
-    def keys(self, task_id: str) -> tuple[str, str]:
-        return f"{self.prefix}:{{{task_id}}}:token", f"{self.prefix}:{{{task_id}}}:stream"
+    def keys(self, task_id: str) -> tuple[str, str, str]:
+        key = f"{self.prefix}:{{{task_id}}}"
+        return f"{key}:token", f"{key}:stream", f"{key}:attempt"
 
     async def open(self, *, lifetime: float) -> RelayChannel:
         task_id, token = _new_task()
-        token_key, _ = self.keys(task_id)
+        token_key = self.keys(task_id)[0]
         with _store_errors():
             await self.client().set(token_key, _digest(token), px=max(int(lifetime * 1000), 1), nx=True)
         return _RedisChannel(task_id, token, self)
@@ -400,7 +433,7 @@ class RedisRelayHub:
 
     async def append(self, task_id: str, message: RelayMessage) -> Delivery:
         script = self._connection().append
-        args = [self.max_pending, *_fields(message)]
+        args = [self.max_pending, message.attempt, *_fields(message)]
         with _store_errors():
             result = await cast(Awaitable[int], script(keys=self.keys(task_id), args=args))
         return _APPEND_RESULTS[int(result)]

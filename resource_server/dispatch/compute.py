@@ -222,6 +222,10 @@ class ComputeBackend(ABC):
             task["stream"] = stream
         return task
 
+    def _outcome(self, future: Future[Any]) -> asyncio.Future[Any]:
+        """What a request awaits for its task: the task's result (a backend may also fail it sooner)."""
+        return settled(future)
+
     def task_failed(self, exc: BaseException) -> GatewayError:
         logger.warning("compute task on %s raised %s: %s", self.label, type(exc).__name__, str(exc)[:500])
         return UpstreamError(
@@ -256,7 +260,7 @@ class ComputeBackend(ABC):
         future = await self._submit(request, self._task(request))
         timeout = self.config.task_timeout
         try:
-            result = await asyncio.wait_for(settled(future), timeout)
+            result = await asyncio.wait_for(self._outcome(future), timeout)
         except TimeoutError:
             logger.warning("compute task for %s on %s timed out after %g s", request.request_id, self.label, timeout)
             raise UpstreamError(
@@ -276,7 +280,7 @@ class ComputeBackend(ABC):
             future = await self._submit(request, self._task(request, relay))
             stream = ComputeStream(
                 channel,
-                settled(future),
+                self._outcome(future),
                 self,
                 first_chunk=self.config.first_chunk_timeout or gateway.RELAY_FIRST_CHUNK_SECONDS,
                 idle=self.config.idle_timeout or gateway.RELAY_IDLE_SECONDS,

@@ -4,6 +4,18 @@ The function runs on a cluster node beside the vLLM server and calls it over loo
 SDK's `Executor`: one per (credentials, endpoint), shared by every Endpoint row that uses that pair, and
 never re-pointed at another endpoint. A request that times out only stops waiting: the executor and every
 other task on it carry on. The endpoint's status comes from the SDK, cached briefly, fetched in a thread.
+
+The status decides before a task is sent, so nothing is submitted into a void:
+- offline: 503 `endpoint_offline` at once;
+- online with no workers, and its engine cannot start any (scaling off, or `max_blocks` 0): 503
+  `endpoint_no_workers` at once;
+- online with no workers, and it can start a block (e.g. `min_blocks: 0`): one warm-up task per endpoint (a
+  health task, in flight at most once per gateway process) makes the engine start a block, and the request is
+  answered 503 `endpoint_starting` with Retry-After at once, without a task of its own that would outlive it.
+  A task that succeeded on the endpoint within `_RECENT_SUCCESS_SECONDS` outweighs a status that still says
+  no workers (the status is the endpoint's last heartbeat, up to 30 s old, then cached).
+While a request waits, a task the endpoint lost is detected from the status (see
+`GLOBUS_COMPUTE_LOST_TASK_SECONDS`), answered, and its future dropped from the SDK's result watcher.
 """
 
 from __future__ import annotations
@@ -28,7 +40,8 @@ from resource_server.adapters.relay import RelayHub
 from resource_server.dispatch.base import BackendHealth, UpstreamRequest
 from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, TaskExecutor, settled
 from resource_server.dispatch.fields import EnvVarName
-from resource_server.errors import ErrorCode, ServiceUnavailable, UpstreamError
+from resource_server.dispatch.globus_compute_failures import TaskLost, task_exception_error
+from resource_server.errors import ErrorCode, GatewayError, ServiceUnavailable, UpstreamError
 
 # globus-compute-sdk is about 20 MB of a worker's memory: it is imported only where it is used, which the
 # routing table does ahead of time, in a thread, for gateways that have a compute endpoint (see registry).
@@ -37,6 +50,11 @@ logger = logging.getLogger(__name__)
 
 # How long a request waits for a status fetch before going ahead without it (the fetch carries on).
 _STATUS_WAIT_SECONDS = 5.0
+# A task that succeeded this recently proves the endpoint has workers, whatever an older status says
+# (Parsl keeps an idle block for 2 minutes before scaling in).
+_RECENT_SUCCESS_SECONDS = 60.0
+# Retry-After of a request that found the endpoint starting a block (a node's start and model load: minutes).
+_STARTING_RETRY_AFTER = 60
 
 
 class ComputeCredentials(BaseModel):
@@ -139,12 +157,16 @@ def sdk_executor(endpoint_id: str, client: ComputeClient) -> TaskExecutor:
 
     from resource_server.dispatch.compute_serde import compute_serializer
 
+    gateway = settings.GATEWAY
     executor = Executor(
         endpoint_id=endpoint_id,
         client=client,  # type: ignore[arg-type]  # a globus_compute_sdk.Client, built by sdk_client()
         serializer=compute_serializer(),
         result_serializers=[DATA_STRATEGY],
         label=f"gateway:{endpoint_id}",
+        batch_size=gateway.GLOBUS_COMPUTE_BATCH_SIZE,
+        api_burst_limit=gateway.GLOBUS_COMPUTE_API_BURST_LIMIT,
+        api_burst_window_s=gateway.GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS,
     )
     # A new Executor joins the task group the process last submitted to (a class-wide default), even one of
     # another service account, which Globus refuses (403 TASK_GROUP_ACCESS_FORBIDDEN) and which would stop
@@ -159,21 +181,54 @@ class EndpointStatus:
     workers: int | None = None
     idle_workers: int | None = None
     detail: str = ""
+    outstanding_tasks: int | None = None  # tasks the endpoint's engine holds, queued or running
+    can_start: bool | None = None  # its engine may start a block (scaling on, max_blocks > 0); None: not said
+    fetched_at: float = 0.0  # time.monotonic() when the fetch began
 
 
-def _parse_status(raw: object) -> EndpointStatus:
-    """The SDK's `get_endpoint_status` document: {"status": "online", "details": {"total_workers", ...}}."""
+def _count(details: dict[str, Any], key: str) -> int | None:
+    value = details.get(key)
+    return value if type(value) is int else None
+
+
+def _parse_status(raw: object, *, fetched_at: float = 0.0) -> EndpointStatus:
+    """The SDK's `get_endpoint_status` document: {"status": "online", "details": <the engine's status report>},
+    whose details (globus-compute-endpoint 4.19, `GlobusComputeEngine.get_status_report`) include
+    total_workers, idle_workers, outstanding_tasks, scaling_enabled, min_blocks and max_blocks."""
     if not isinstance(raw, dict):
-        return EndpointStatus(None, detail="unreadable status")
+        return EndpointStatus(None, detail="unreadable status", fetched_at=fetched_at)
     details = raw.get("details")
     details = details if isinstance(details, dict) else {}
-    workers = details.get("total_workers") if type(details.get("total_workers")) is int else None
-    idle = details.get("idle_workers") if type(details.get("idle_workers")) is int else None
-    if raw.get("status") != "online":
-        return EndpointStatus(False, workers, idle, str(raw.get("status", "unknown")))
-    if not workers:
-        return EndpointStatus(True, workers, idle, "online; no workers yet: the next task waits for a node")
-    return EndpointStatus(True, workers, idle, f"online; {workers} workers ({idle if idle is not None else '?'} idle)")
+    workers, idle = _count(details, "total_workers"), _count(details, "idle_workers")
+    outstanding, max_blocks = _count(details, "outstanding_tasks"), _count(details, "max_blocks")
+    scaling = details.get("scaling_enabled")
+    can_start = None
+    if isinstance(scaling, bool) and max_blocks is not None:
+        can_start = scaling and max_blocks > 0
+    online = raw.get("status") == "online"
+    if not online:
+        detail = str(raw.get("status", "unknown"))
+    elif workers == 0 and can_start is False:
+        detail = "online; no workers, and it starts none on demand"
+    elif workers == 0:
+        detail = "online; no workers yet: a task makes it start a block"
+    else:
+        detail = f"online; {workers if workers is not None else '?'} workers ({idle if idle is not None else '?'} idle)"
+    return EndpointStatus(online, workers, idle, detail, outstanding, can_start, fetched_at)
+
+
+def task_lost(status: EndpointStatus) -> TaskLost | None:
+    """Whether a status fetched long enough after a task's submission says the endpoint lost the task.
+
+    The engine counts every task it holds, queued or running (`outstanding_tasks`): while this task is
+    unanswered, a connected endpoint that holds none has lost it (a task of another request keeps the count
+    above 0, so then the loss is only found once the endpoint is otherwise idle, or at `task_timeout`).
+    """
+    if status.online is False:
+        return TaskLost("the endpoint went offline", offline=True)
+    if status.online and status.outstanding_tasks == 0:
+        return TaskLost("the endpoint holds no task while this one is unanswered", offline=False)
+    return None
 
 
 class ComputeEndpoints:
@@ -185,6 +240,8 @@ class ComputeEndpoints:
         self._executors: dict[tuple[str, str, str], TaskExecutor] = {}
         self._statuses: dict[tuple[str, str, str], tuple[float, Future[EndpointStatus]]] = {}
         self._status_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="compute-status")
+        self._warm_ups: dict[tuple[str, str, str], tuple[float, Future[Any]]] = {}
+        self._last_success: dict[tuple[str, str, str], float] = {}
 
     def client(self, credentials: Credentials) -> ComputeClient:
         """The account's client (see `sdk_client`), made once."""
@@ -214,13 +271,82 @@ class ComputeEndpoints:
         # Building an executor starts its threads and may touch the network: never on the event loop.
         executor = await asyncio.to_thread(self._executor, credentials, endpoint_id)
         try:
-            return executor.submit_to_registered_function(function_id, args=(task,))
+            future = executor.submit_to_registered_function(function_id, args=(task,))
         except RuntimeError:
             # The SDK shuts an executor down itself when a submission fails; replace it, once.
             logger.warning("executor for Globus Compute endpoint %s had stopped; starting a new one", endpoint_id)
             self._discard(credentials, endpoint_id, executor)
-        executor = await asyncio.to_thread(self._executor, credentials, endpoint_id)
-        return executor.submit_to_registered_function(function_id, args=(task,))
+            executor = await asyncio.to_thread(self._executor, credentials, endpoint_id)
+            future = executor.submit_to_registered_function(function_id, args=(task,))
+        _pace_result_watcher(executor)
+        key = (*credentials.key, endpoint_id)
+        future.add_done_callback(lambda done: self._task_done(key, done))
+        return future
+
+    def _task_done(self, key: tuple[str, str, str], future: Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            with self._lock:
+                self._last_success[key] = time.monotonic()
+
+    def recently_ran(self, credentials: Credentials, endpoint_id: str) -> bool:
+        """Whether a task succeeded on the endpoint within `_RECENT_SUCCESS_SECONDS`: it has workers."""
+        with self._lock:
+            last = self._last_success.get((*credentials.key, endpoint_id))
+        return last is not None and time.monotonic() - last < _RECENT_SUCCESS_SECONDS
+
+    async def warm_up(
+        self, credentials: Credentials, endpoint_id: str, function_id: str, task: dict[str, Any], *, lifetime: float
+    ) -> bool:
+        """Send `task` to make the endpoint start a block, unless one sent within `lifetime` s is unanswered.
+
+        At most one warm-up per endpoint is in flight in this process; True if this call sent it.
+        """
+        key = (*credentials.key, endpoint_id)
+        now = time.monotonic()
+        with self._lock:
+            running = self._warm_ups.get(key)
+            if running is not None and not running[1].done() and now - running[0] < lifetime:
+                return False
+            placeholder: Future[Any] = Future()  # holds the slot while the task is submitted
+            self._warm_ups[key] = (now, placeholder)
+        try:
+            future = await self.submit(credentials, endpoint_id, function_id, task)
+        except Exception:
+            with self._lock:
+                del self._warm_ups[key]
+            raise
+        logger.info("Globus Compute endpoint %s has no workers: sent a task to start a block", endpoint_id)
+        with self._lock:
+            self._warm_ups[key] = (now, future)
+        # Its answer is not needed: its success is recorded like any task's (`recently_ran`).
+        future.add_done_callback(lambda done: self._warm_up_done(key, done))
+        return True
+
+    def _warm_up_done(self, key: tuple[str, str, str], future: Future[Any]) -> None:
+        with self._lock:
+            if self._warm_ups.get(key, (0.0, None))[1] is future:
+                del self._warm_ups[key]
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            logger.warning("warm-up task on Globus Compute endpoint %s failed: %s", key[2], type(exc).__name__)
+
+    def forget(self, future: Future[Any]) -> None:
+        """Stop the SDK waiting for a task the endpoint lost.
+
+        The SDK's result watcher (one per task group, shared by executors) keeps every open future by task id
+        until its result arrives, which for a lost task is never: drop it there, so lost tasks do not pile up
+        in memory. (The SDK has no public call for it; `_open_futures` and its lock are 4.19's.)
+        """
+        from globus_compute_sdk.sdk.executor import _RESULT_WATCHERS
+
+        task_id = getattr(future, "task_id", None)
+        if task_id is None:
+            return
+        for watcher in list(_RESULT_WATCHERS.values()):
+            with watcher._new_futures_lock:
+                if watcher._open_futures.get(task_id) is future:
+                    del watcher._open_futures[task_id]
+                    if not watcher._open_futures:
+                        watcher._open_futures_empty.set()
 
     async def status(self, credentials: Credentials, endpoint_id: str) -> EndpointStatus:
         """The endpoint's status, at most GLOBUS_COMPUTE_STATUS_CACHE_SECONDS old; one fetch at a time."""
@@ -230,20 +356,36 @@ class ComputeEndpoints:
         with self._lock:
             cached = self._statuses.get(key)
             if cached is None or (cached[1].done() and now - cached[0] >= ttl):
-                cached = (now, self._status_threads.submit(self._fetch_status, credentials, endpoint_id))
+                cached = (now, self._status_threads.submit(self._fetch_status, credentials, endpoint_id, now))
                 self._statuses[key] = cached
         try:
             return await asyncio.wait_for(settled(cached[1]), _STATUS_WAIT_SECONDS)
         except TimeoutError:
             return EndpointStatus(None, detail="status check still running")
 
-    def _fetch_status(self, credentials: Credentials, endpoint_id: str) -> EndpointStatus:
+    def _fetch_status(self, credentials: Credentials, endpoint_id: str, fetched_at: float) -> EndpointStatus:
         try:
             raw = self.client(credentials).get_endpoint_status(endpoint_id)
         except Exception as exc:
             logger.warning("status of Globus Compute endpoint %s unavailable: %s", endpoint_id, type(exc).__name__)
-            return EndpointStatus(None, detail=f"status unavailable ({type(exc).__name__})")
-        return _parse_status(raw)
+            return EndpointStatus(None, detail=f"status unavailable ({type(exc).__name__})", fetched_at=fetched_at)
+        return _parse_status(raw, fetched_at=fetched_at)
+
+
+def _pace_result_watcher(executor: TaskExecutor) -> None:
+    """Have the executor's result watcher hand results over within GLOBUS_COMPUTE_RESULT_POLL_SECONDS.
+
+    The SDK's watcher (one per task group, made by the executor after its first batch) receives each result
+    as it arrives but completes the futures only on its next poll, every 0.5 s by default: on average 250 ms
+    added to every request. The SDK offers no setting for it (4.19: `_ResultWatcher.poll_period_s`, re-read at
+    each poll); it is set here at each submission, so a watcher the SDK replaces gets it too.
+    """
+    from globus_compute_sdk.sdk.executor import _RESULT_WATCHERS
+
+    task_group_id = getattr(executor, "task_group_id", None)  # None until its first batch is sent
+    watcher = _RESULT_WATCHERS.get(task_group_id) if task_group_id is not None else None
+    if watcher is not None:
+        watcher.poll_period_s = settings.GATEWAY.GLOBUS_COMPUTE_RESULT_POLL_SECONDS
 
 
 class GlobusComputeBackend(ComputeBackend):
@@ -277,6 +419,8 @@ class GlobusComputeBackend(ComputeBackend):
             )
             offline.never_reached = True  # checked before submitting: no task was sent
             raise offline
+        if status.workers == 0 and not self._endpoints.recently_ran(self._credentials, self._endpoint_id):
+            raise await self._no_workers(request, status)
         try:
             return await self._endpoints.submit(self._credentials, self._endpoint_id, self._function_id, task)
         except Exception as exc:
@@ -286,6 +430,70 @@ class GlobusComputeBackend(ComputeBackend):
                 retry_after=10,
                 code=ErrorCode.COMPUTE_UNAVAILABLE,
             ) from None
+
+    async def _no_workers(self, request: UpstreamRequest, status: EndpointStatus) -> ServiceUnavailable:
+        """The answer for an endpoint without workers: starting one (after a warm-up task), or none to come."""
+        model = request.body.get("model")
+        if status.can_start is False:
+            refused = ServiceUnavailable(
+                f"The model `{model}` has no node running on its cluster, and the cluster's Globus Compute "
+                "endpoint does not start one on demand. Please retry later; if it persists, tell the gateway "
+                "administrators.",
+                retry_after=300,
+                code=ErrorCode.ENDPOINT_NO_WORKERS,
+            )
+        else:
+            warm_up = {"mode": "health", "vllm": self.config.vllm.model_dump()}
+            try:
+                await self._endpoints.warm_up(
+                    self._credentials, self._endpoint_id, self._function_id, warm_up, lifetime=self.config.task_timeout
+                )
+            except Exception as exc:
+                logger.warning("warm-up submission to %s failed: %s", self.label, type(exc).__name__)
+            refused = ServiceUnavailable(
+                f"The model `{model}` is starting: its cluster is bringing up a node for it, which takes a few "
+                f"minutes. Please retry after {_STARTING_RETRY_AFTER} s.",
+                retry_after=_STARTING_RETRY_AFTER,
+                code=ErrorCode.ENDPOINT_STARTING,
+            )
+        refused.never_reached = True  # no task of this request was sent: another endpoint may serve it
+        return refused
+
+    def _outcome(self, future: Future[Any]) -> asyncio.Future[Any]:
+        outcome = settled(future)
+        if settings.GATEWAY.GLOBUS_COMPUTE_LOST_TASK_SECONDS > 0:
+            watch = asyncio.ensure_future(self._watch_for_loss(future, outcome))
+            outcome.add_done_callback(lambda _: watch.cancel())
+        return outcome
+
+    async def _watch_for_loss(self, future: Future[Any], outcome: asyncio.Future[Any]) -> None:
+        """Fail `outcome` with `TaskLost` once a status fetched long enough after the service accepted the task
+        says the endpoint lost it. Until the SDK has sent it (the future has its task id), the task is not the
+        endpoint's to lose: the SDK's pacing or a slow service only delay it."""
+        gateway = settings.GATEWAY
+        grace = gateway.GLOBUS_COMPUTE_LOST_TASK_SECONDS
+        # The status is fetched anew once it is GLOBUS_COMPUTE_STATUS_CACHE_SECONDS old; look at least that often.
+        period = min(max(gateway.GLOBUS_COMPUTE_STATUS_CACHE_SECONDS, 0.2), 5.0)
+        accepted_at: float | None = None
+        while not outcome.done():
+            if accepted_at is None and getattr(future, "task_id", None) is not None:
+                accepted_at = time.monotonic()  # seen at most `period` late: later, never sooner
+            if accepted_at is not None and time.monotonic() - accepted_at >= grace:
+                status = await self._endpoints.status(self._credentials, self._endpoint_id)
+                lost = task_lost(status) if status.fetched_at - accepted_at >= grace else None
+                if lost is not None and not outcome.done():
+                    logger.warning("%s lost task %s: %s", self.label, getattr(future, "task_id", "?"), lost.reason)
+                    self._endpoints.forget(future)
+                    outcome.set_exception(lost)
+                    return
+            await asyncio.sleep(period)
+
+    def task_failed(self, exc: BaseException) -> GatewayError:
+        named = task_exception_error(exc, endpoint=self.label)
+        if named is None:
+            return super().task_failed(exc)
+        logger.warning("compute task on %s failed: %s: %s", self.label, named.code, str(exc)[-500:])
+        return named
 
     async def health(self) -> BackendHealth:
         status = await self._endpoints.status(self._credentials, self._endpoint_id)

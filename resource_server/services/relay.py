@@ -25,7 +25,8 @@ async def relay_deliver(
 ) -> None:
     """Accept one message for a waiting stream, or raise the error the compute function acts on.
 
-    403: unknown task, wrong or revoked token (the function stops); 413: too large; 400: malformed;
+    403: unknown task, wrong or revoked token, or another attempt of the task owns the stream (the function
+    stops); 413: too large; 400: malformed;
     429: the handler is far behind (the function retries with backoff).
     """
     scheme, _, token = authorization.partition(" ")
@@ -42,6 +43,12 @@ async def relay_deliver(
     delivery = await hub.append(task_id, RelayMessage.parse(body))
     if delivery is Delivery.GONE:
         raise PermissionDenied(_REFUSED, code=ErrorCode.RELAY_FORBIDDEN)
+    if delivery is Delivery.SUPERSEDED:
+        # A retried run of the task: the stream already carries another run's answer (the function stops).
+        raise PermissionDenied(
+            "Another attempt of this task is already streaming; this attempt must stop.",
+            code=ErrorCode.RELAY_FORBIDDEN,
+        )
     if delivery is Delivery.FULL:
         raise RateLimited(
             "The gateway is behind on this stream; retry shortly.", retry_after=1, code=ErrorCode.RELAY_FULL

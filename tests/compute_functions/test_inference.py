@@ -306,7 +306,8 @@ def test_stream_relays_every_event_in_order_then_done(vllm: dict[str, Any]) -> N
     events = relay.events()
     messages = relay.accepted
     assert [message["seq"] for message in messages] == list(range(len(messages)))
-    assert messages[-1] == {"seq": len(messages) - 1, "done": True}
+    attempt = messages[0]["attempt"]
+    assert messages[-1] == {"seq": len(messages) - 1, "attempt": attempt, "done": True}
     assert all(event.startswith("data: ") and event.endswith("\n\n") for event in events)
     assert events[-1] == "data: [DONE]\n\n"
     assert content_of(events[:-2]) == expected["choices"][0]["message"]["content"]
@@ -320,6 +321,21 @@ def test_stream_relays_every_event_in_order_then_done(vllm: dict[str, Any]) -> N
         "usage": summary["usage"],
         "elapsed_ms": 0,
     }
+
+
+def test_each_run_of_a_task_tags_its_relay_messages_with_its_own_attempt(vllm: dict[str, Any]) -> None:
+    # Globus Compute runs the same task again after a lost worker; the gateway tells the runs apart by this.
+    with relay_server() as relay:
+        task = stream_task(vllm, relay, chat(max_tokens=10))
+        inference(task)
+        first_run = len(relay.accepted)
+        inference(task)
+
+    first = {message["attempt"] for message in relay.accepted[:first_run]}
+    second = {message["attempt"] for message in relay.accepted[first_run:]}
+    assert len(first) == len(second) == 1
+    assert first != second
+    assert all(isinstance(attempt, str) and 0 < len(attempt) <= 64 for attempt in first | second)
 
 
 def test_relay_posts_carry_the_token_as_json_over_one_connection(vllm: dict[str, Any]) -> None:

@@ -89,7 +89,7 @@ def test_every_config_keeps_retries_off_and_says_why(site: str) -> None:
 
     assert "max_retries_on_system_failure" not in settings  # 0, the engine's default
     assert "Retries stay off" in comments
-    assert "spliced from two generations" in comments
+    assert "keeps one attempt per streamed task" in comments  # why a retry cannot splice two answers
     assert "Do not set max_retries_on_system_failure" in comments
 
 

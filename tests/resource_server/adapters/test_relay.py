@@ -137,19 +137,20 @@ async def test_redis_keys_expire_with_the_token_are_trimmed_as_read_and_go_on_cl
     hub = RedisRelayHub(REDIS_URL, max_pending=10)
     inspect = redis.Redis.from_url(REDIS_URL)
     channel = await hub.open(lifetime=30)
-    token_key, stream_key = hub.keys(channel.task_id)
+    token_key, stream_key, attempt_key = hub.keys(channel.task_id)
     await hub.append(channel.task_id, event("a", 0))
     await hub.append(channel.task_id, event("b", 1))
 
     assert 0 < inspect.pttl(token_key) <= 30_000
     assert 0 < inspect.pttl(stream_key) <= 30_000  # never outlives the token
+    assert 0 < inspect.pttl(attempt_key) <= 30_000
     assert inspect.get(token_key) != channel.token.encode()  # only a digest is stored
     assert await channel.read(1) == [event("a", 0), event("b", 1)]
     assert await channel.read(0) == []
     assert inspect.xlen(stream_key) == 0  # what was read is deleted
 
     await channel.close()
-    assert inspect.exists(token_key, stream_key) == 0
+    assert inspect.exists(token_key, stream_key, attempt_key) == 0
     inspect.close()
     await hub.aclose()
 
@@ -169,6 +170,27 @@ async def test_every_kind_of_message_is_read_as_it_was_appended(hub: RelayHub) -
     await channel.close()
 
 
+async def test_the_first_attempt_to_deliver_owns_the_stream_and_a_retried_run_is_superseded(hub: RelayHub) -> None:
+    channel = await hub.open(lifetime=30)
+    retried = RelayMessage(0, events=(b"data: other answer\n\n",), attempt="run-2")
+    first = [RelayMessage(n, events=(f"data: {n}\n\n".encode(),), attempt="run-1") for n in range(2)]
+
+    assert await hub.append(channel.task_id, first[0]) is Delivery.ACCEPTED
+    assert await hub.append(channel.task_id, retried) is Delivery.SUPERSEDED
+    assert await hub.append(channel.task_id, first[1]) is Delivery.ACCEPTED
+
+    assert await channel.read(1) == first
+    await channel.close()
+
+
+async def test_a_function_without_attempt_ids_is_one_anonymous_attempt(hub: RelayHub) -> None:
+    channel = await hub.open(lifetime=30)
+    assert await hub.append(channel.task_id, event("a", 0)) is Delivery.ACCEPTED
+    assert await hub.append(channel.task_id, event("b", 1)) is Delivery.ACCEPTED
+    assert await channel.read(1) == [event("a", 0), event("b", 1)]
+    await channel.close()
+
+
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
@@ -177,6 +199,10 @@ async def test_every_kind_of_message_is_read_as_it_was_appended(hub: RelayHub) -
             RelayMessage(0, events=(b"data: a\n\n", b"data: b\n\n")),
         ),
         (b'{"seq": 7, "done": true}', RelayMessage(7, done=True)),
+        (
+            b'{"seq": 2, "attempt": "5119af4c73f2012d", "done": true}',
+            RelayMessage(2, done=True, attempt="5119af4c73f2012d"),
+        ),
         (
             b'{"seq": 1, "error": {"status": 504, "code": "vllm_timeout", "message": "slow"}}',
             RelayMessage(1, error=RelayError(504, "vllm_timeout", "slow")),
@@ -196,6 +222,9 @@ def test_a_relay_message_is_parsed_into_its_typed_form(body: bytes, expected: Re
         (b'{"seq": 0, "done": false}', "done"),
         (b'{"seq": 0, "error": {"status": "500", "code": "x", "message": "y"}}', "error"),
         (b'{"seq": 0, "done": true, "events": []}', None),
+        (b'{"seq": 0, "attempt": 7, "done": true}', "attempt"),
+        (b'{"seq": 0, "attempt": "' + b"x" * 65 + b'", "done": true}', "attempt"),
+        (b'{"seq": 0, "attempt": "a", "done": true, "extra": 1}', None),
     ],
 )
 def test_a_malformed_relay_message_is_refused_with_what_is_wrong(body: bytes, param: str | None) -> None:

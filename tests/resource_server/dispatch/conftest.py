@@ -1,19 +1,26 @@
-"""Fixtures for the compute backends: a relay the compute functions can reach, and the gateway's account."""
+"""Fixtures for the compute backends: a relay the compute functions can reach, the gateway's account, and its
+Globus Compute clients and function over the session's service and engine."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import uvicorn
+from globus_compute_sdk import Executor
+from globus_compute_sdk.sdk.executor import _RESULT_WATCHERS
 from pydantic import SecretStr
 
+from compute_functions import inference
+from fakes.compute_service import RunningCompute
 from gateway.asgi import application
 from resource_server.adapters.relay import RedisRelayHub
 from resource_server.bootstrap import Runtime
+from resource_server.dispatch.globus_compute import ComputeEndpoints, Credentials
 from tests.conftest import COMPUTE_CLIENT_ID, COMPUTE_CLIENT_SECRET
 from tests.servers import free_port
 
@@ -54,3 +61,25 @@ async def _close_relay_connections(runtime: Runtime) -> AsyncIterator[None]:
     yield
     if isinstance(runtime.relay_hub, RedisRelayHub):
         await runtime.relay_hub.aclose()
+
+
+GATEWAY = Credentials(COMPUTE_CLIENT_ID, COMPUTE_CLIENT_SECRET)
+
+
+@pytest.fixture
+def endpoints(compute: RunningCompute) -> Iterator[ComputeEndpoints]:
+    """Fresh SDK clients, executors and status caches for each test, over the session's service and engine."""
+    fresh = ComputeEndpoints()
+    yield fresh
+    for executor in fresh._executors.values():
+        cast(concurrent.futures.Executor, executor).shutdown(wait=False, cancel_futures=True)
+        sdk_executor = cast(Executor, executor)
+        # A task a test lost is never answered; the SDK's exit waits for every watched future, so drop them.
+        watcher = _RESULT_WATCHERS.get(sdk_executor.task_group_id) if sdk_executor.task_group_id else None
+        for future in watcher.get_open_futures(sdk_executor).values() if watcher is not None else ():
+            fresh.forget(future)
+
+
+@pytest.fixture
+def function_id(endpoints: ComputeEndpoints) -> str:
+    return endpoints.client(GATEWAY).register_function(inference)
