@@ -24,11 +24,13 @@ for _variable in [name for name in os.environ if name.lower() in ("http_proxy", 
     del os.environ[_variable]
 
 
+MODEL_SERVER_ARGUMENTS = ("--model=demo-model", "--model=org/model.v1", "--model=group-model", "--max-model-len=512")
+
+
 @pytest.fixture(scope="session")
 def model_server() -> Iterator[str]:
     """One fake vLLM server for the session (its behaviour is chosen per request)."""
-    models = ("demo-model", "org/model.v1", "group-model")
-    with fake_model_server(*(f"--model={name}" for name in models), "--max-model-len", "512") as url:
+    with fake_model_server(*MODEL_SERVER_ARGUMENTS) as url:
         yield url
 
 

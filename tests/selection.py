@@ -92,6 +92,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         tier = tier_of(path, getattr(item, "originalname", item.name), fixtures, marked)
         if tier not in marked:
             item.add_marker(tier)
+    # Unit tests first, then each slower tier: the unit guard never sees a process that an earlier server test
+    # left running (the session's Globus Compute engine starts blocks from its own threads whenever it likes),
+    # and a broken unit test fails the run in seconds. The sort is stable: order within a tier is kept.
+    items.sort(key=lambda item: TIERS.index(next(m.name for m in item.iter_markers() if m.name in TIERS)))
 
 
 class Guard:

@@ -54,6 +54,13 @@ def test_every_test_in_this_session_has_exactly_one_tier(request: pytest.Fixture
         assert len(tiers) == 1, f"{item.nodeid} has tiers {sorted(tiers)}"
 
 
+def test_the_session_runs_its_tiers_in_order_unit_first(request: pytest.FixtureRequest) -> None:
+    order = [
+        TIERS.index(next(m.name for m in item.iter_markers() if m.name in TIERS)) for item in request.session.items
+    ]
+    assert order == sorted(order), "a slower tier's test runs before a faster tier's"
+
+
 @contextmanager
 def watching() -> Iterator[Guard]:
     """A guard of its own, started; the session's guard (which watches this unit test) looks away meanwhile."""

@@ -21,8 +21,16 @@ from gateway.asgi import application
 from resource_server.adapters.relay import RedisRelayHub
 from resource_server.bootstrap import Runtime
 from resource_server.dispatch.globus_compute import ComputeEndpoints, Credentials
-from tests.conftest import COMPUTE_CLIENT_ID, COMPUTE_CLIENT_SECRET
-from tests.servers import free_port
+from tests.conftest import COMPUTE_CLIENT_ID, COMPUTE_CLIENT_SECRET, MODEL_SERVER_ARGUMENTS
+from tests.servers import fake_model_server, free_port
+
+
+@pytest.fixture(scope="session")
+def model_server() -> Iterator[str]:
+    """A fake vLLM of these tests' own. A compute task outlives the request that stopped waiting for it (a
+    timeout, a lost task) and still reaches its model server later: here, never the one other tests count on."""
+    with fake_model_server(*MODEL_SERVER_ARGUMENTS) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
