@@ -1,18 +1,23 @@
 """The endpoint's real engine losing its worker pool mid-run, through the `globus_compute` backend.
 
-Kept apart from test_globus_compute.py and run after it: it kills the session engine's block, and the tasks
-Parsl still routes to the dead pool until it notices are lost."""
+An outage test, so in the last tier: it kills the session engine's block, and Parsl may still route tasks to
+the dead pool until it notices; no test that follows runs a compute task. Its model server is its own, since
+the task on the killed pool may still reach it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 import psutil
 import pytest
+from pydantic import SecretStr
 
 from compute_functions import inference
 from fakes.compute_service import RunningCompute
@@ -26,12 +31,27 @@ from resource_server.dispatch.globus_compute import (
 )
 from resource_server.errors import GatewayError
 from resource_server.routes import Route
-from tests.conftest import COMPUTE_CLIENT_ID, COMPUTE_CLIENT_SECRET
-
-pytestmark = pytest.mark.usefixtures("gateway_settings")
+from tests.conftest import COMPUTE_CLIENT_ID, COMPUTE_CLIENT_SECRET, MODEL_SERVER_ARGUMENTS
+from tests.servers import fake_model_server
 
 # The block is replaced within a minute here (LocalProvider, min_blocks 1); a generous bound.
 RECOVERY_SECONDS = 240
+
+
+@pytest.fixture
+def model_server() -> Iterator[str]:
+    with fake_model_server(*MODEL_SERVER_ARGUMENTS) as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def service_account(settings: Any) -> None:
+    settings.GATEWAY = settings.GATEWAY.model_copy(
+        update={
+            "GLOBUS_COMPUTE_CLIENT_ID": COMPUTE_CLIENT_ID,
+            "GLOBUS_COMPUTE_CLIENT_SECRET": SecretStr(COMPUTE_CLIENT_SECRET),
+        }
+    )
 
 
 def worker_pools(compute: RunningCompute) -> list[psutil.Process]:
