@@ -427,6 +427,16 @@ class RunningCompute:
     compute_url: str  # GLOBUS_SDK_SERVICE_URL_COMPUTE
     auth_url: str  # GLOBUS_SDK_SERVICE_URL_AUTH
     clients: dict[str, str]  # client id -> secret, the accounts Globus Auth knows
+    run_dir: Path  # the engine's run directory (its worker pools' command lines name it)
+
+    def wait_for_workers(self, timeout: float = 120.0) -> int:
+        """Wait until the engine's block has connected workers (a warm endpoint); returns how many."""
+        deadline = time.monotonic() + timeout
+        while not (workers := self.service.engine.get_status_report().global_state["total_workers"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the engine had no workers after {timeout:g} s")
+            time.sleep(0.2)
+        return int(workers)
 
     @property
     def environment(self) -> dict[str, str]:
@@ -439,11 +449,22 @@ class RunningCompute:
 def start_compute_service(clients: dict[str, str], *, amqp_url: str = AMQP_URL) -> Iterator[RunningCompute]:
     """Start the Globus Auth fake, this service and the real engine; stop them all on exit.
 
-    `clients` are the confidential clients (id -> secret) Globus Auth accepts. Yields a `RunningCompute`:
-    set its `environment` in the process that makes SDK clients, register the function with the real SDK
-    (or `python manage.py register_functions`), `service.add_endpoint()` for an endpoint id, and submit
-    with a real `Executor`. RabbitMQ must be running at `amqp_url`. The engine's block takes a few seconds
-    to come up; the first task waits for it.
+    `clients` are the confidential clients (id -> secret) Globus Auth accepts. RabbitMQ must be running at
+    `amqp_url`. Yields a `RunningCompute`; a benchmark driving the real `Executor` does, e.g.::
+
+        from compute_functions import inference
+        from resource_server.dispatch.globus_compute import Credentials, sdk_client, sdk_executor
+
+        with start_compute_service({client_id: secret}) as compute:
+            os.environ.update(compute.environment)  # before any SDK client is made
+            compute.wait_for_workers()  # the block takes 10-30 s to come up
+            endpoint_id = compute.service.add_endpoint()
+            client = sdk_client(Credentials(client_id, secret))  # or python manage.py register_functions
+            function_id = client.register_function(inference)
+            executor = sdk_executor(endpoint_id, client)  # or Executor(..., batch_size=..., api_burst_limit=...)
+            future = executor.submit_to_registered_function(function_id, args=(task,))
+
+    `compute.service` records every task (`tasks`, `stats`) and takes faults (`lose`, `status_gate`).
     """
     auth = FakeGlobus(FakeGlobusConfig(clients=clients))
     broker = Broker(amqp_url)
@@ -451,10 +472,10 @@ def start_compute_service(clients: dict[str, str], *, amqp_url: str = AMQP_URL) 
         engine = engine_from_local_config(Path(run_dir))
         try:
             service = ComputeService(
-                auth=auth, engine=engine, broker=broker, queue_prefix=f"gateway-tests.{uuid.uuid4().hex[:12]}."
+                auth=auth, engine=engine, broker=broker, queue_prefix=f"compute-stand-in.{uuid.uuid4().hex[:12]}."
             )
             with asgi.serve_in_thread(auth) as auth_url, asgi.serve_in_thread(service) as compute_url:
-                yield RunningCompute(service, auth, compute_url, auth_url, dict(clients))
+                yield RunningCompute(service, auth, compute_url, auth_url, dict(clients), Path(run_dir))
         finally:
             engine.shutdown()
             broker.close()
