@@ -53,6 +53,12 @@ def compute_service() -> Iterator[RunningCompute]:
             assert time.monotonic() < deadline, "the engine's block did not start within 120 s"
             time.sleep(0.1)
         yield running
+    # The SDK's exit hook waits for every executor's open futures; a task a test lost never resolves, and
+    # pytest would hang after its summary. Stop them without waiting: the service they talk to is gone.
+    from globus_compute_sdk.sdk.executor import _REGISTERED_EXECUTORS
+
+    for executor in list(_REGISTERED_EXECUTORS.values()):
+        executor.shutdown(wait=False, cancel_futures=True)
 
 
 @pytest.fixture
