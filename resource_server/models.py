@@ -42,6 +42,12 @@ class Cluster(AccessRules):
         default=False, help_text="While on, requests for this cluster's models get 503 with the message below."
     )
     maintenance_message = models.CharField(max_length=500, blank=True)
+    scheduler = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="How the gateway reads this cluster's batch jobs (a compute function on its login node); "
+        "empty: no scheduler. See the admin guide.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -71,6 +77,16 @@ class Endpoint(AccessRules):
         default=dict, help_text="Settings of the chosen backend; see the admin guide for each backend."
     )
     enabled = models.BooleanField(default=True)
+    preference = models.IntegerField(
+        default=0,
+        help_text="Among endpoints of one model in the same state and equally loaded, the higher is chosen first.",
+    )
+    scheduler_job_name = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="The name of the batch job that runs this endpoint's model server (PBS -N, Slurm --job-name), "
+        "as the service account submits it: its jobs tell whether the model is queued or starting.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -163,6 +179,9 @@ class RequestLog(models.Model):
     audio_seconds = models.PositiveIntegerField(
         null=True, blank=True, help_text="The audio's duration, for a transcription that was not streamed."
     )
+    gateway_route = models.CharField(
+        max_length=200, blank=True, help_text="The X-Gateway-Route answer header: where the request went, and why."
+    )
     latency_ms = models.FloatField()
     time_to_first_token_ms = models.FloatField(null=True, blank=True)
     request_body = models.JSONField(null=True, blank=True)
@@ -202,3 +221,59 @@ class ComputeFunction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} {self.function_uuid}"
+
+
+class MaintenanceWindow(models.Model):
+    """A planned outage of a cluster or of one endpoint: while it lasts, requests get 503 with its message."""
+
+    cluster = models.ForeignKey(
+        Cluster, on_delete=models.CASCADE, null=True, blank=True, related_name="maintenance_windows"
+    )
+    endpoint = models.ForeignKey(
+        Endpoint, on_delete=models.CASCADE, null=True, blank=True, related_name="maintenance_windows"
+    )
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField(null=True, blank=True, help_text="Empty: until an admin ends it.")
+    message = models.CharField(max_length=500, help_text="Shown to researchers, e.g. why and until when.")
+
+    class Meta:
+        ordering = ["-starts_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(cluster__isnull=False, endpoint__isnull=True)
+                | models.Q(cluster__isnull=True, endpoint__isnull=False),
+                name="maintenance_window_one_target",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(ends_at__isnull=True) | models.Q(ends_at__gt=models.F("starts_at")),
+                name="maintenance_window_ends_after_start",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.cluster or self.endpoint} from {self.starts_at:%Y-%m-%d %H:%M}"
+
+    def clean(self) -> None:
+        super().clean()
+        if (self.cluster_id is None) == (self.endpoint_id is None):
+            raise ValidationError("Choose a cluster or an endpoint (one of them).")
+        if self.ends_at is not None and self.ends_at <= self.starts_at:
+            raise ValidationError({"ends_at": "The window must end after it starts."})
+
+
+class EndpointStart(models.Model):
+    """One cold start of an endpoint's model: from its job starting to the model answering. The rolling median
+    of the last ones is the load time in the ETA a cold model's 503 gives."""
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="starts")
+    job_id = models.CharField(max_length=128, blank=True)
+    started_at = models.DateTimeField(help_text="When the job started (the scheduler's start time).")
+    live_at = models.DateTimeField(help_text="When the model first answered its health check.")
+    load_seconds = models.FloatField()
+
+    class Meta:
+        ordering = ["-live_at"]
+        indexes = [models.Index(fields=["endpoint", "-live_at"], name="endpointstart_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_id} loaded in {self.load_seconds:.0f} s"

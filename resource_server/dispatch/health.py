@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from resource_server.dispatch.base import Backend, BackendHealth
+from resource_server.status.base import UNPROBED, EndpointStatus, State
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,13 @@ class HealthProber:
     def is_down(self, endpoint_id: int) -> bool:
         """Whether the last probe found this endpoint down (unknown counts as up)."""
         return endpoint_id in self._down
+
+    def status(self, endpoint_id: int) -> EndpointStatus:
+        """The endpoint's state as far as its health check tells (live or offline; unknown before a probe)."""
+        health = self._states.get(endpoint_id)
+        if health is None:
+            return UNPROBED
+        return EndpointStatus(State.LIVE if health.ok else State.OFFLINE, since=health.since, detail=health.detail)
 
     def state(self, endpoint_id: int) -> HealthState | None:
         return self._states.get(endpoint_id)
