@@ -43,6 +43,8 @@ def endpoint_form(cluster: Cluster, config: str) -> dict[str, str]:
         "allowed_groups": "[]",
         "allowed_domains": "[]",
         "enabled": "on",
+        "preference": "0",
+        "scheduler_job_name": "",
     }
 
 
