@@ -48,18 +48,18 @@ class Runtime:
     users: UserPrincipals
     authenticators: Authenticators
     routing: RoutingCache
-    health: HealthProber
+    status: HealthProber
 
     def start(self) -> None:
         """At worker start-up, on the event loop: the usage writer (adopting journals left by stopped
         workers) and the health prober (its first probe one interval from now)."""
         self.usage_sink.start()
-        self.health.start()
+        self.status.start()
 
     async def stop(self, usage_seconds: float) -> None:
         """At shutdown, after the requests have ended: the prober, then the usage writer within
         `usage_seconds` (what it cannot write stays journaled for the next start)."""
-        await self.health.stop()
+        await self.status.stop()
         await asyncio.to_thread(self.usage_sink.stop, usage_seconds)
 
 
@@ -89,7 +89,7 @@ def bootstrap() -> Runtime:
         users=users,
         authenticators=Authenticators.standard(groups=group_memberships, users=users),
         routing=routing,
-        health=HealthProber(
+        status=HealthProber(
             backends=backend_pool,
             endpoints=enabled_endpoints,
             interval=interval,

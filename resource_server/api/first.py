@@ -56,7 +56,7 @@ ANONYMOUS = Principal(user_id=0, identity_id="", username="", auth_kind=AuthKind
 
 async def _listings(principal: Principal) -> list[ClusterListing]:
     parts = runtime()
-    return await cluster_list(routing=parts.routing, health=parts.health, principal=principal)
+    return await cluster_list(routing=parts.routing, status=parts.status, principal=principal)
 
 
 def _ok(description: str) -> dict[str, object]:

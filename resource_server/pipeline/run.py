@@ -45,7 +45,7 @@ class PipelineParts(Protocol):
     def routing(self) -> RoutingCache: ...
 
     @property
-    def health(self) -> HealthProber: ...
+    def status(self) -> HealthProber: ...
 
     @property
     def backend_pool(self) -> BackendPool: ...
@@ -98,7 +98,7 @@ async def inference_run(
             meter.record.model = model
         candidates = await endpoint_candidates(
             routing=parts.routing,
-            health=parts.health,
+            status=parts.status,
             principal=principal,
             model=model,
             cluster=cluster,

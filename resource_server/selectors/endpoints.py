@@ -262,7 +262,7 @@ def _routes_named(table: RoutingTable, model: str) -> list[EndpointRoute]:
 async def endpoint_candidates(
     *,
     routing: RoutingCache,
-    health: HealthProber,
+    status: HealthProber,
     principal: Principal,
     model: str,
     cluster: str | None = None,
@@ -300,8 +300,8 @@ async def endpoint_candidates(
             retry_after=300,
             code=ErrorCode.CLUSTER_MAINTENANCE,
         )
-    if len(candidates) > 1 and health.any_down:
-        candidates.sort(key=lambda route: health.is_down(route.id))
+    if len(candidates) > 1 and status.any_down:
+        candidates.sort(key=lambda route: status.is_down(route.id))
     return candidates
 
 
@@ -347,7 +347,7 @@ class ClusterListing:
     up: bool
 
 
-async def cluster_list(*, routing: RoutingCache, health: HealthProber, principal: Principal) -> list[ClusterListing]:
+async def cluster_list(*, routing: RoutingCache, status: HealthProber, principal: Principal) -> list[ClusterListing]:
     """The clusters the caller may use, by name, each with the models it may use there (FIRST's list-endpoints
     and status). A cluster is up when it is not under maintenance and, if it has endpoints the caller may use,
     the health prober did not find every one of them down (an endpoint it has not probed yet counts as up).
@@ -366,7 +366,7 @@ async def cluster_list(*, routing: RoutingCache, health: HealthProber, principal
         frameworks: dict[str, set[str]] = defaultdict(set)
         for route in routes:
             frameworks[route.framework].add(route.model)
-        all_down = bool(routes) and all(health.is_down(route.id) for route in routes)
+        all_down = bool(routes) and all(status.is_down(route.id) for route in routes)
         listings.append(
             ClusterListing(
                 name=name,

@@ -116,6 +116,7 @@ class UsageRecord:
     created_at: datetime = field(default_factory=timezone.now)
     model: str = ""
     endpoint_id: int | None = None
+    gateway_route: str = ""  # the X-Gateway-Route header: cluster, endpoint and why it was chosen
     streamed: bool = False
     status_code: int = 200
     error_code: str = ""

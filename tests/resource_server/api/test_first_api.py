@@ -109,7 +109,7 @@ async def test_a_cluster_whose_usable_endpoints_all_fail_their_health_check_is_d
     )
     runtime().routing.forget()
     await runtime().routing.table()
-    await runtime().health.probe()
+    await runtime().status.probe()
     assert await get("/status", seeded) == {"aurora": True, "polaris": False}
 
 

@@ -504,7 +504,7 @@ async def test_models_carry_the_model_card_of_their_server_once_probed(seeded: S
     before = orjson.loads((await AsyncClient().get(f"{BASE}/models", headers=seeded.auth)).content)["data"]
     assert before == [{"id": "demo-model", "object": "model", "created": before[0]["created"], "owned_by": "polaris"}]
 
-    await runtime().health.probe()
+    await runtime().status.probe()
     [card] = orjson.loads((await AsyncClient().get(f"{BASE}/models", headers=seeded.auth)).content)["data"]
 
     # The gateway's own fields (its cluster as owner, its registration time), beside vLLM's card fields.

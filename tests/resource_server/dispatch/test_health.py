@@ -67,7 +67,7 @@ def _prober(runtime: Runtime, *, interval: float = 3600, timeout: float = 2.0) -
 async def _candidates(runtime: Runtime, prober: HealthProber, seeded: Seeded) -> list[int]:
     user = seeded.user
     principal = Principal(user.pk, user.identity_id, user.username, AuthKind.API_KEY)
-    routes = await endpoint_candidates(routing=runtime.routing, health=prober, principal=principal, model="demo-model")
+    routes = await endpoint_candidates(routing=runtime.routing, status=prober, principal=principal, model="demo-model")
     return [route.id for route in routes]
 
 

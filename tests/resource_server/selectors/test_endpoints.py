@@ -52,7 +52,7 @@ async def test_a_table_past_its_lifetime_is_reloaded_before_it_is_used(
 
 def _route_parts(runtime: Runtime) -> dict[str, Any]:
     """What the route stage is handed from the runtime."""
-    return {"routing": runtime.routing, "health": runtime.health}
+    return {"routing": runtime.routing, "status": runtime.status}
 
 
 def _caller(seeded: Seeded, groups: frozenset[str] = frozenset()) -> Principal:
