@@ -81,6 +81,7 @@ class EndpointRoute:
     created: int
     maintenance_message: str | None
     rules: tuple[AccessRule, AccessRule]
+    job_name: str = ""  # the batch job that runs its model server (Endpoint.scheduler_job_name)
 
     def allows(self, principal: Principal) -> bool:
         return all(rule.allows(principal) for rule in self.rules)
@@ -129,6 +130,7 @@ def _load_table() -> RoutingTable:
                     _rule(cluster.allowed_groups, cluster.allowed_domains),
                     _rule(endpoint.allowed_groups, endpoint.allowed_domains),
                 ),
+                job_name=endpoint.scheduler_job_name,
             )
         )
     folded: dict[str, list[str]] = defaultdict(list)
