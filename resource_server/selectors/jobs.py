@@ -106,9 +106,7 @@ def cluster_jobs(
             routes = by_job_name.get(job.name)
             if routes:
                 answer[_BUCKET[job.state]].append(_job_info(job, routes, cluster, status))
-    if not reading.configured:
-        known = "unknown"
-    elif jobs is None:
+    if not reading.configured or jobs is None:
         known = "unknown"
     else:
         known = "stale" if reading.error else "known"
