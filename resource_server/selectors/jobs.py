@@ -106,10 +106,7 @@ def cluster_jobs(
             routes = by_job_name.get(job.name)
             if routes:
                 answer[_BUCKET[job.state]].append(_job_info(job, routes, cluster, status))
-    if not reading.configured or jobs is None:
-        known = "unknown"
-    else:
-        known = "stale" if reading.error else "known"
+    known = "unknown" if not reading.configured or jobs is None else "stale" if reading.error else "known"
     cluster_status: dict[str, Any] = {
         "jobs": known,
         "scheduler": jobs.scheduler if jobs is not None else None,
