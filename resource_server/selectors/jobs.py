@@ -103,9 +103,9 @@ def cluster_jobs(
     jobs = reading.jobs
     if jobs is not None:
         for job in jobs.jobs:
-            routes = by_job_name.get(job.name)
-            if routes:
-                answer[_BUCKET[job.state]].append(_job_info(job, routes, cluster, status))
+            runs = by_job_name.get(job.name)
+            if runs:
+                answer[_BUCKET[job.state]].append(_job_info(job, runs, cluster, status))
     known = "unknown" if not reading.configured or jobs is None else "stale" if reading.error else "known"
     cluster_status: dict[str, Any] = {
         "jobs": known,
