@@ -408,6 +408,16 @@ class RerankAnswer(BaseModel):
     usage: dict[str, Any] | None = None
 
 
+class ModelPlacement(BaseModel):
+    model_config = _ANSWER_CONFIG
+    cluster: str
+    framework: str
+    status: str = Field(examples=["queued"])
+    since: int | None = Field(description="When it entered that state (Unix time), when known.")
+    eta_seconds: int | None = Field(description="Seconds until it is expected to answer, when known.")
+    queue_position: int | None = Field(description="Its job's place in the cluster's queue, when queued.")
+
+
 class Model(BaseModel):
     model_config = _ANSWER_CONFIG
     id: str = Field(description="The name to send as `model`.", examples=["demo-model"])
@@ -419,6 +429,15 @@ class Model(BaseModel):
     )
     root: str | None = Field(default=None, description="What the server loaded (vLLM's `root`), once probed.")
     parent: str | None = Field(default=None, description="The base model of an adapter (vLLM's `parent`).")
+    status: str | None = Field(
+        default=None,
+        description="The model's best state over your endpoints: live, draining, unknown, starting, queued, offline "
+        "or maintenance (the user guide explains each).",
+        examples=["live"],
+    )
+    clusters: list[ModelPlacement] | None = Field(
+        default=None, description="Every cluster endpoint serving it to you, best first, with its state."
+    )
 
 
 class ModelList(BaseModel):

@@ -122,7 +122,9 @@ _MODELS_OK = json_response("The models, sorted by name.", schema_ref(ModelList))
 async def models(request: HttpRequest) -> dict[str, Any]:
     principal = request.auth  # type: ignore[attr-defined]
     parts = runtime()
-    return _models_response(await model_list(routing=parts.routing, principal=principal, cards=parts.status.model_card))
+    return _models_response(
+        await model_list(routing=parts.routing, principal=principal, cards=parts.status.model_card, status=parts.status)
+    )
 
 
 @router.get(
@@ -146,5 +148,6 @@ async def models_on_cluster(request: HttpRequest, cluster: ClusterName, framewor
             cluster=cluster,
             framework=framework,
             cards=parts.status.model_card,
+            status=parts.status,
         )
     )

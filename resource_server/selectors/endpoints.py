@@ -29,6 +29,7 @@ from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
 from resource_server.dispatch.health import HealthProber
 from resource_server.errors import ErrorCode, InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
 from resource_server.models import Cluster, Endpoint
+from resource_server.status.base import RANK, StatusView
 
 logger = logging.getLogger(__name__)
 
@@ -320,24 +321,49 @@ async def model_list(
     cluster: str | None = None,
     framework: str | None = None,
     cards: ModelCards | None = None,
+    status: StatusView | None = None,
 ) -> list[dict[str, object]]:
     """Models the caller may use, in OpenAI's list shape, one entry per model name.
 
     Each entry carries the model card its server last listed (`cards`: vLLM's max_model_len, root, parent,
-    permission...) from the first endpoint of the caller's that has one; the gateway's own fields win.
+    permission...) from the first endpoint of the caller's that has one; the gateway's own fields win. With
+    `status`, each entry also says the model's best state over the caller's endpoints (`status`) and each of
+    those endpoints' state (`clusters`, best first), as the route stage would order them.
     """
     table = await routing.table()
     framework = _framework_scope(table, cluster, framework)
     models: dict[str, dict[str, object]] = {}
+    usable: dict[str, list[EndpointRoute]] = defaultdict(list)
     for name, routes in table.by_model.items():
         for route in routes:
             if not (route.serves(cluster, framework) and route.allows(principal)):
                 continue
+            usable[name].append(route)
             card = cards(route.id, name) if cards is not None else None
             if name not in models or (card and len(models[name]) == len(_GATEWAY_CARD_FIELDS)):
                 ours = {"id": name, "object": "model", "created": route.created, "owned_by": route.cluster}
                 models[name] = {**(card or {}), **ours}
+    if status is not None:
+        for name, routes in usable.items():
+            models[name].update(_model_states(routes, status))
     return [models[name] for name in sorted(models)]
+
+
+def _model_states(routes: list[EndpointRoute], status: StatusView) -> dict[str, object]:
+    """A model's `status` (its best endpoint's state) and `clusters`: each endpoint's state, best first."""
+    states = sorted(((status.status(route.id), route) for route in routes), key=lambda pair: RANK[pair[0].state])
+    clusters = [
+        {
+            "cluster": route.cluster,
+            "framework": route.framework,
+            "status": state.state.value,
+            "since": int(state.since) if state.since else None,
+            "eta_seconds": None if state.eta_seconds is None else round(state.eta_seconds),
+            "queue_position": state.queue_position,
+        }
+        for state, route in states
+    ]
+    return {"status": states[0][0].state.value, "clusters": clusters}
 
 
 @dataclass(frozen=True, slots=True)

@@ -502,12 +502,25 @@ async def test_an_x_api_key_header_is_taken_as_the_bearer_credential(seeded: See
 
 async def test_models_carry_the_model_card_of_their_server_once_probed(seeded: Seeded) -> None:
     before = orjson.loads((await AsyncClient().get(f"{BASE}/models", headers=seeded.auth)).content)["data"]
-    assert before == [{"id": "demo-model", "object": "model", "created": before[0]["created"], "owned_by": "polaris"}]
+    unprobed = {"cluster": "polaris", "framework": "vllm", "status": "unknown", "since": None}
+    assert before == [
+        {
+            "id": "demo-model",
+            "object": "model",
+            "created": before[0]["created"],
+            "owned_by": "polaris",
+            "status": "unknown",
+            "clusters": [{**unprobed, "eta_seconds": None, "queue_position": None}],
+        }
+    ]
 
     await runtime().status.probe()
     [card] = orjson.loads((await AsyncClient().get(f"{BASE}/models", headers=seeded.auth)).content)["data"]
 
     # The gateway's own fields (its cluster as owner, its registration time), beside vLLM's card fields.
-    assert {key: card[key] for key in ("id", "object", "owned_by", "created")} == before[0]
+    assert {key: card[key] for key in ("id", "object", "owned_by", "created")} == {
+        key: before[0][key] for key in ("id", "object", "owned_by", "created")
+    }
     assert (card["max_model_len"], card["root"], card["parent"]) == (512, "demo-model", None)
+    assert card["status"] == "live" and card["clusters"][0]["status"] == "live", "the probe found it answering"
     assert card["permission"][0]["object"] == "model_permission"
