@@ -79,7 +79,7 @@ def test_valid_endpoint_is_saved(admin_client: Client) -> None:
 def test_access_rules_must_be_lists_of_strings(admin_client: Client) -> None:
     response = admin_client.post(
         "/admin/resource_server/cluster/add/",
-        {"name": "aurora", "allowed_groups": '"not-a-list"', "allowed_domains": "[]", "maintenance_message": ""},
+        {"name": "aurora", "allowed_groups": '"not-a-list"', "allowed_domains": "[]", "scheduler": "{}"},
     )
     assert "allowed_groups" in response.context["adminform"].form.errors
 
