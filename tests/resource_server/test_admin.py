@@ -45,6 +45,9 @@ def endpoint_form(cluster: Cluster, config: str) -> dict[str, str]:
         "enabled": "on",
         "preference": "0",
         "scheduler_job_name": "",
+        # Its maintenance windows (an inline): none.
+        "maintenance_windows-TOTAL_FORMS": "0",
+        "maintenance_windows-INITIAL_FORMS": "0",
     }
 
 
