@@ -20,7 +20,16 @@ from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from resource_server.models import ApiKey, Cluster, ComputeFunction, Endpoint, MaintenanceWindow, RequestLog, User
+from resource_server.models import (
+    ApiKey,
+    Cluster,
+    ComputeFunction,
+    Endpoint,
+    EndpointStart,
+    MaintenanceWindow,
+    RequestLog,
+    User,
+)
 from resource_server.services.api_keys import api_key_create, api_key_revoke
 from resource_server.status.shared import EndpointRecord, endpoint_records, jobs_record
 
@@ -398,6 +407,22 @@ class ComputeFunctionAdmin(admin.ModelAdmin[ComputeFunction]):
 
     list_display = ("name", "function_uuid", "client_id", "registered_at")
     search_fields = ("name", "function_uuid", "client_id")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(EndpointStart)
+class EndpointStartAdmin(admin.ModelAdmin[EndpointStart]):
+    """Read-only: the status board records each cold start (job start to first healthy answer); the median of an
+    endpoint's last 9 is the load time in its ETAs."""
+
+    list_display = ("endpoint", "job_id", "started_at", "live_at", "load_seconds")
+    list_filter = ("endpoint",)
+    list_select_related = ("endpoint",)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -153,7 +153,9 @@ def test_key_hash_and_prefix_are_never_form_fields(admin_client: Client) -> None
     assert whoami(Client(), secret) == "ada@anl.gov"
 
 
-@pytest.mark.parametrize("page", ["cluster", "endpoint", "user", "apikey", "requestlog"])
+@pytest.mark.parametrize(
+    "page", ["cluster", "endpoint", "user", "apikey", "requestlog", "maintenancewindow", "endpointstart"]
+)
 def test_changelists_render_with_filters(admin_client: Client, page: str) -> None:
     assert admin_client.get(f"/admin/resource_server/{page}/").status_code == 200
 
