@@ -58,10 +58,14 @@ class Runtime:
         self.status.start()
 
     async def stop(self, usage_seconds: float) -> None:
-        """At shutdown, after the requests have ended: the status board, then the usage writer within
-        `usage_seconds` (what it cannot write stays journaled for the next start)."""
+        """At shutdown, after the requests have ended: the status board, then together the usage writer within
+        `usage_seconds` (what it cannot write stays journaled for the next start) and the Globus Compute
+        executors, without waiting for tasks (the SDK's exit hook would wait forever for a lost one)."""
         await self.status.stop()
-        await asyncio.to_thread(self.usage_sink.stop, usage_seconds)
+        await asyncio.gather(
+            asyncio.to_thread(self.compute_endpoints.close),
+            asyncio.to_thread(self.usage_sink.stop, usage_seconds),
+        )
 
 
 def bootstrap() -> Runtime:

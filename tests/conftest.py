@@ -53,19 +53,6 @@ def compute_service() -> Iterator[RunningCompute]:
             assert time.monotonic() < deadline, "the engine's block did not start within 120 s"
             time.sleep(0.1)
         yield running
-    # The SDK's exit hook waits for every executor's open futures; a task a test lost never resolves, and
-    # pytest would hang after its summary. Stop them without waiting: the service they talk to is gone.
-    from globus_compute_sdk.sdk.executor import _REGISTERED_EXECUTORS, _RESULT_WATCHERS
-
-    for executor in list(_REGISTERED_EXECUTORS.values()):
-        executor.shutdown(wait=False, cancel_futures=True)
-    # A result watcher stops only once its open futures are done: cancel what no result will ever come for.
-    for watcher in list(_RESULT_WATCHERS.values()):
-        for future in list(watcher._open_futures.values()):
-            future.cancel()
-        watcher._open_futures.clear()
-        watcher._open_futures_empty.set()
-        watcher.shutdown(wait=False)
 
 
 @pytest.fixture
@@ -99,6 +86,7 @@ def runtime() -> Iterator[Runtime]:
     yield fresh
     fresh.usage_sink.flush(timeout=10)
     fresh.usage_sink.stop()
+    fresh.compute_endpoints.close()
     runtime_install(None)
 
 

@@ -57,6 +57,7 @@ TIER_OF_TEST = {
     "test_configs.py::test_launcher_is_valid_bash": "server",
     "test_backend_kinds.py::test_setting_up_django_loads_no_backend_sdk_or_relay": "server",
     "test_bootstrap.py::test_importing_every_product_module_builds_nothing_long_lived_and_starts_no_thread": "server",
+    "test_globus_compute_exit.py::test_a_process_holding_a_lost_task_exits_once_its_executors_are_closed": "server",
     "test_selection.py::test_no_test_under_e2e_or_integration_is_unit": "server",
     "test_admin.py::test_pause_ends_after_the_lockout_time": "slow",  # a 1 s lockout
     "test_globus.py::test_globus_errors_are_503_and_not_cached": "slow",  # the SDK's backoff between retries

@@ -16,11 +16,14 @@ The status decides before a task is sent, so nothing is submitted into a void:
   no workers (the status is the endpoint's last heartbeat, up to 30 s old, then cached).
 While a request waits, a task the endpoint lost is detected from the status (see
 `GLOBUS_COMPUTE_LOST_TASK_SECONDS`), answered, and its future dropped from the SDK's result watcher.
+At shutdown `ComputeEndpoints.close` stops the executors without waiting for their tasks, or the SDK's exit
+hook would wait forever for a lost one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
 import os
@@ -55,6 +58,9 @@ _STATUS_WAIT_SECONDS = 5.0
 _RECENT_SUCCESS_SECONDS = 60.0
 # Retry-After of a request that found the endpoint starting a block (a node's start and model load: minutes).
 _STARTING_RETRY_AFTER = 60
+# How long `close` lets executors finish the batch they are sending (one service call, or its pacing delay):
+# a task sent after its watcher was stopped would hold the process at exit.
+_CLOSE_SUBMISSION_WAIT_SECONDS = 5.0
 
 
 class ComputeCredentials(BaseModel):
@@ -85,6 +91,10 @@ class Credentials:
 
 class MissingCredentials(Exception):
     """A service account's id or secret is not in the environment; the message names the variable."""
+
+
+class ComputeEndpointsClosed(RuntimeError):
+    """A task was submitted after `ComputeEndpoints.close`: the process is shutting down."""
 
 
 def default_credentials() -> Credentials | None:
@@ -238,10 +248,12 @@ class ComputeEndpoints:
         self._lock = threading.Lock()
         self._clients: dict[tuple[str, str], ComputeClient] = {}
         self._executors: dict[tuple[str, str, str], TaskExecutor] = {}
+        self._replaced: list[TaskExecutor] = []  # stopped by the SDK, their result watchers maybe still waiting
         self._statuses: dict[tuple[str, str, str], tuple[float, Future[EndpointStatus]]] = {}
         self._status_threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="compute-status")
         self._warm_ups: dict[tuple[str, str, str], tuple[float, Future[Any]]] = {}
         self._last_success: dict[tuple[str, str, str], float] = {}
+        self._closed = False
 
     def client(self, credentials: Credentials) -> ComputeClient:
         """The account's client (see `sdk_client`), made once."""
@@ -255,6 +267,8 @@ class ComputeEndpoints:
         client = self.client(credentials)
         key = (*credentials.key, endpoint_id)
         with self._lock:
+            if self._closed:  # checked under the lock: no executor made now can escape `close`
+                raise ComputeEndpointsClosed("the gateway's Globus Compute executors are closed")
             executor = self._executors.get(key)
             if executor is None:
                 executor = self._executors[key] = sdk_executor(endpoint_id, client)
@@ -264,6 +278,7 @@ class ComputeEndpoints:
         with self._lock:
             if self._executors.get((*credentials.key, endpoint_id)) is executor:
                 del self._executors[(*credentials.key, endpoint_id)]
+                self._replaced.append(executor)
 
     async def submit(
         self, credentials: Credentials, endpoint_id: str, function_id: str, task: dict[str, Any]
@@ -348,12 +363,54 @@ class ComputeEndpoints:
                     if not watcher._open_futures:
                         watcher._open_futures_empty.set()
 
+    def close(self) -> None:
+        """Stop every executor made here and its result watcher, without waiting for any task's result, so
+        that the process can exit even while it holds a task the endpoint lost. Call it once no request
+        waits for a task (at shutdown); it blocks for at most `_CLOSE_SUBMISSION_WAIT_SECONDS`.
+
+        The SDK's exit hook (4.19, `executor.__atexit`) shuts down every executor and result watcher still
+        registered, waiting for their open futures; a lost task's future never completes, so the process
+        would never exit. Here each executor (those the SDK stopped after a failed submission too) stops with
+        its queued tasks cancelled, finishes the batch it is sending (its submitter thread, `_task_submitter`,
+        then hands the batch's futures to the watcher), and its watcher (`_RESULT_WATCHERS`, by task group)
+        cancels its open futures and stops at its next poll: the hook finds nothing left to wait for.
+
+        Closing is final: a later submission raises `ComputeEndpointsClosed` (an executor made afterwards
+        would hold the process again) and a status reads unknown.
+        """
+        with self._lock:
+            self._closed = True
+            made = [*self._executors.values(), *self._replaced]
+            self._executors.clear()
+            self._replaced.clear()
+        self._status_threads.shutdown(wait=False, cancel_futures=True)
+        if not made:
+            return  # the SDK need not even be imported
+        from globus_compute_sdk import Executor
+        from globus_compute_sdk.sdk.executor import _RESULT_WATCHERS
+
+        executors = [cast(Executor, executor) for executor in made]
+        for executor in executors:
+            # The SDK's Executor is a concurrent.futures.Executor, whose shutdown is typed (the SDK's is not).
+            cast(concurrent.futures.Executor, executor).shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + _CLOSE_SUBMISSION_WAIT_SECONDS
+        for executor in executors:
+            executor._task_submitter.join(max(0.0, deadline - time.monotonic()))
+            if executor._task_submitter.is_alive():
+                logger.warning("%r is still sending tasks; their results may hold the process at exit", executor)
+            task_group_id = executor.task_group_id  # None if it never sent a batch: then it has no watcher
+            watcher = _RESULT_WATCHERS.get(task_group_id) if task_group_id is not None else None
+            if watcher is not None:
+                watcher.shutdown(wait=False, cancel_futures=True)  # type: ignore[no-untyped-call]  # SDK 4.19 is untyped
+
     async def status(self, credentials: Credentials, endpoint_id: str) -> EndpointStatus:
         """The endpoint's status, at most GLOBUS_COMPUTE_STATUS_CACHE_SECONDS old; one fetch at a time."""
         key = (*credentials.key, endpoint_id)
         now = time.monotonic()
         ttl = settings.GATEWAY.GLOBUS_COMPUTE_STATUS_CACHE_SECONDS
         with self._lock:
+            if self._closed:
+                return EndpointStatus(None, detail="closed: the gateway is shutting down")
             cached = self._statuses.get(key)
             if cached is None or (cached[1].done() and now - cached[0] >= ttl):
                 cached = (now, self._status_threads.submit(self._fetch_status, credentials, endpoint_id, now))

@@ -74,11 +74,17 @@ def chat(**body: object) -> UpstreamRequest:
     )
 
 
+@pytest.fixture
+def endpoints() -> Iterator[ComputeEndpoints]:
+    fresh = ComputeEndpoints()
+    yield fresh
+    fresh.close()
+
+
 async def test_a_killed_worker_pool_is_replaced_and_the_endpoint_serves_again(
-    compute: RunningCompute, model_server: str
+    compute: RunningCompute, model_server: str, endpoints: ComputeEndpoints
 ) -> None:
     compute.wait_for_workers()
-    endpoints = ComputeEndpoints()
     function_id = endpoints.client(Credentials(COMPUTE_CLIENT_ID, COMPUTE_CLIENT_SECRET)).register_function(inference)
     url = urlsplit(model_server)
     config = {

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
+
+import pytest
 
 from resource_server import bootstrap as root
 from resource_server.bootstrap import Runtime, bootstrap
+from resource_server.dispatch.globus_compute import ComputeEndpointsClosed, Credentials
 from tests.servers import ROOT
 
 # Imports every product module in a fresh interpreter, then reports the threads running (by the module of
@@ -93,3 +97,13 @@ def test_without_a_lifespan_the_first_use_builds_one_runtime_for_the_process(run
         assert built is not runtime
     finally:
         root.runtime_install(runtime)
+
+
+async def test_stopping_closes_the_compute_executors() -> None:
+    stopped = bootstrap()
+    credentials = Credentials(str(uuid.uuid4()), "secret")
+
+    await stopped.stop(usage_seconds=1)
+
+    with pytest.raises(ComputeEndpointsClosed):
+        await stopped.compute_endpoints.submit(credentials, str(uuid.uuid4()), str(uuid.uuid4()), {})

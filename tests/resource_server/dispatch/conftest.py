@@ -3,16 +3,13 @@ Globus Compute clients and function over the session's service and engine."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import uvicorn
-from globus_compute_sdk import Executor
-from globus_compute_sdk.sdk.executor import _RESULT_WATCHERS
 from pydantic import SecretStr
 
 from compute_functions import inference
@@ -79,13 +76,7 @@ def endpoints(compute: RunningCompute) -> Iterator[ComputeEndpoints]:
     """Fresh SDK clients, executors and status caches for each test, over the session's service and engine."""
     fresh = ComputeEndpoints()
     yield fresh
-    for executor in fresh._executors.values():
-        cast(concurrent.futures.Executor, executor).shutdown(wait=False, cancel_futures=True)
-        sdk_executor = cast(Executor, executor)
-        # A task a test lost is never answered; the SDK's exit waits for every watched future, so drop them.
-        watcher = _RESULT_WATCHERS.get(sdk_executor.task_group_id) if sdk_executor.task_group_id else None
-        for future in watcher.get_open_futures(sdk_executor).values() if watcher is not None else ():
-            fresh.forget(future)
+    fresh.close()  # a task a test lost is never answered: stop waiting for it, or pytest could not exit
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ following the registration."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from io import StringIO
 from typing import Any
 
@@ -26,8 +27,10 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def endpoints(compute: RunningCompute) -> ComputeEndpoints:
-    return ComputeEndpoints()
+def endpoints(compute: RunningCompute) -> Iterator[ComputeEndpoints]:
+    fresh = ComputeEndpoints()
+    yield fresh
+    fresh.close()
 
 
 def registrations(compute: RunningCompute) -> int:
