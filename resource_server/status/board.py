@@ -156,6 +156,7 @@ class StatusBoard:
         self._turned_away: Counter[int] = Counter()  # not yet added to the shared count
         self._changed: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._polls: dict[str, asyncio.Task[None]] = {}  # cluster -> its scheduler poll under way
 
     # --- readers: never block, never touch the network ------------------------------------------------------
 
@@ -221,10 +222,12 @@ class StatusBoard:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        polls, self._polls = list(self._polls.values()), {}
+        for running in (task, *polls):
+            if running is not None:
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
 
     async def _run(self) -> None:
         try:
@@ -248,6 +251,9 @@ class StatusBoard:
             record = EndpointRecord.parse(found.get(endpoint_key(endpoint_id)))
             if record is not None and endpoint_id not in self._records:
                 self._records[endpoint_id] = record
+        for name, cluster in table.clusters.items():
+            if cluster.scheduler is not None:
+                await self._jobs.adopt(name)
         self._clusters = table.clusters
 
     async def probe(self) -> None:
@@ -256,9 +262,11 @@ class StatusBoard:
         table = await self._table()
         routes = {route.id: route for routes in table.by_model.values() for route in routes}
         schedulers = {name: cluster.scheduler for name, cluster in table.clusters.items() if cluster.scheduler}
+        polls = self._start_polls(schedulers)
         healths, _ = await asyncio.gather(
             asyncio.gather(*(self._probe_one(route) for route in routes.values())),
-            asyncio.gather(*(self._poll(name, config) for name, config in schedulers.items())),
+            # A slow scheduler does not hold the round up: a poll still running counts in the next one.
+            asyncio.wait(polls, timeout=self._timeout) if polls else asyncio.sleep(0),
         )
         self._clusters = table.clusters
         self._jobs.forget(set(schedulers))
@@ -306,6 +314,17 @@ class StatusBoard:
             return BackendHealth(False, f"no answer to the health check within {self._timeout:g} s")
         except Exception as exc:
             return BackendHealth(False, f"health check failed ({type(exc).__name__})")
+
+    def _start_polls(self, schedulers: dict[str, SchedulerConfig]) -> list[asyncio.Task[None]]:
+        """Each cluster's poll: the one under way, or a new one (which reads the shared record, and polls the
+        scheduler only when due and no other worker is at it)."""
+        for cluster in set(self._polls) - set(schedulers):
+            self._polls.pop(cluster).cancel()
+        for cluster, config in schedulers.items():
+            poll = self._polls.get(cluster)
+            if poll is None or poll.done():
+                self._polls[cluster] = asyncio.get_running_loop().create_task(self._poll(cluster, config))
+        return list(self._polls.values())
 
     async def _poll(self, cluster: str, config: SchedulerConfig) -> None:
         try:

@@ -215,6 +215,10 @@ class JobsPoller:
         """The cluster's jobs as last seen by this worker (its own poll, or another's read from the cache)."""
         return self._local.get(cluster)
 
+    async def adopt(self, cluster: str) -> None:
+        """Take the cluster's jobs as other workers last read them, without polling (a worker that just started)."""
+        await asyncio.to_thread(self._read_shared, cluster)
+
     def forget(self, keep: set[str]) -> None:
         for cluster in set(self._local) - keep:
             del self._local[cluster]

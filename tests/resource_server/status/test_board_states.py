@@ -274,6 +274,12 @@ async def test_the_scheduler_is_polled_once_per_period_across_workers(
     await first.probe()
     assert first.status(endpoint.pk).queue_position == 1, "and the first takes the second's"
 
+    started = _board(runtime, clock, local_executors)  # a worker that just started
+    await started.adopt()
+    adopted = started.jobs("polaris").jobs
+    assert adopted is not None and adopted.jobs[0].queue_position == 1
+    assert started.status(endpoint.pk).queue_position == 1
+
 
 async def test_jobs_that_cannot_be_read_are_unknown_never_an_empty_list(
     runtime: Runtime, clock: Clock, scheduler: Scheduler, local_executors: LocalExecutors
