@@ -162,6 +162,12 @@ class EndpointStatusColumns:
             return "-"
         return "unknown" if eta is None else f"about {_seconds(eta)}"
 
+    @admin.display(description="reported")
+    def state_reported(self, endpoint: Endpoint) -> str:
+        """When a worker last wrote it: an old date means no worker is checking it (the gateway is down?)."""
+        record = _record_of(endpoint)
+        return "-" if record is None else _when(record.updated_at)
+
     @admin.display(description="queue position")
     def state_queue_position(self, endpoint: Endpoint) -> str:
         record = _record_of(endpoint)
@@ -273,7 +279,7 @@ class ClusterAdmin(RoutingChangeMixin, admin.ModelAdmin[Cluster]):
         )
 
 
-_STATUS_FIELDS = ("state", "state_since", "state_detail", "state_eta", "state_queue_position")
+_STATUS_FIELDS = ("state", "state_since", "state_detail", "state_eta", "state_queue_position", "state_reported")
 
 
 @admin.register(Endpoint)
