@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 # The load time in an ETA is the median of this many of the endpoint's latest starts.
 LOAD_SAMPLES = 9
+# A worker that starts takes the shared records written within this many rounds.
+_ADOPT_ROUNDS = 3
 # A change into these states is a warning in the log; into the others, information.
 _WARNED = frozenset({State.OFFLINE})
 _HEALTHY = frozenset({State.LIVE, State.DRAINING})
@@ -243,13 +245,15 @@ class StatusBoard:
                 logger.warning("status round failed; keeping the last known states", exc_info=True)
 
     async def adopt(self) -> None:
-        """Take the shared states of the enabled endpoints, without probing (a worker that just started)."""
+        """Take the shared states of the enabled endpoints, without probing (a worker that just started). A record
+        no worker has written for a few rounds is left: no gateway was checking it, so it says nothing now."""
         table = await self._table()
         ids = [route.id for routes in table.by_model.values() for route in routes]
         found = await asyncio.to_thread(self._shared.get_many, [endpoint_key(endpoint_id) for endpoint_id in ids])
+        recent = self._clock() - _ADOPT_ROUNDS * max(self.interval, 1.0)
         for endpoint_id in ids:
             record = EndpointRecord.parse(found.get(endpoint_key(endpoint_id)))
-            if record is not None and endpoint_id not in self._records:
+            if record is not None and record.updated_at >= recent and endpoint_id not in self._records:
                 self._records[endpoint_id] = record
         for name, cluster in table.clusters.items():
             if cluster.scheduler is not None:

@@ -80,6 +80,10 @@ async def test_a_worker_that_starts_takes_the_states_the_others_share(
     started = build_board(runtime, table, store=store, clock=clock)
     await started.adopt()
     assert (started.status(7).state, started.status(7).since) == (State.LIVE, running.status(7).since)
+    clock.advance(3 * 3600 + 1)  # three rounds (an hour each here) with no worker writing it
+    late = build_board(runtime, table, store=store, clock=clock)
+    await late.adopt()
+    assert late.status(7) is UNPROBED, "a record no worker keeps up says nothing now"
     # The admin reads the same records.
     assert endpoint_records([7, 8], Shared(store))[7].state is State.LIVE
 
