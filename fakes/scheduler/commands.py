@@ -162,7 +162,8 @@ def _since(value: str) -> float:
 
 def _squeue(scenario: Scenario, arguments: list[str]) -> tuple[str, list[str], int]:
     _slurm_options("squeue", arguments, ["--json"])
-    output = slurm.sample(scenario, "squeue") or slurm.Render(scenario).squeue(["squeue", *arguments])
+    recorded = slurm.sample(scenario, "squeue")
+    output = recorded if recorded is not None else slurm.Render(scenario).squeue(["squeue", *arguments])
     return json.dumps(output, indent=2), [], 0
 
 
@@ -177,7 +178,7 @@ def _sacct(scenario: Scenario, arguments: list[str]) -> tuple[str, list[str], in
     else:
         jobs = [
             job
-            for job in recorded.get("jobs", [])
+            for job in (recorded.get("jobs", []) if isinstance(recorded, dict) else [])
             if (user is None or job.get("user") == user)
             and (not _end(job) or _end(job) >= since)  # still running or pending, or ended since
         ]
@@ -192,7 +193,8 @@ def _end(job: dict[str, Any]) -> float:
 
 def _sinfo(scenario: Scenario, arguments: list[str]) -> tuple[str, list[str], int]:
     _slurm_options("sinfo", arguments, ["--json"])
-    output = slurm.sample(scenario, "sinfo") or slurm.Render(scenario).sinfo(["sinfo", *arguments])
+    recorded = slurm.sample(scenario, "sinfo")
+    output = recorded if recorded is not None else slurm.Render(scenario).sinfo(["sinfo", *arguments])
     return json.dumps(output, indent=2), [], 0
 
 

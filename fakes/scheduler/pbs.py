@@ -49,6 +49,7 @@ def _common(job: FakeJob, scenario: Scenario, job_id: str) -> dict[str, Any]:
         "job_state": "Q",
         "queue": job.queue,
         "server": scenario.server,
+        "Account_Name": "inference" if job.user.startswith("svc") else "users",
         "Checkpoint": "u",
         "ctime": ctime(job.submitted_at),
         "Error_Path": f"{scenario.submit_host}:/home/{job.user}/{job.name}.e{number}",
@@ -79,8 +80,10 @@ def _common(job: FakeJob, scenario: Scenario, job_id: str) -> dict[str, Any]:
             "PBS_O_HOST": scenario.submit_host,
         },
         "etime": ctime(job.queued_at or job.submitted_at),
+        "umask": 22,
+        "eligible_time": "00:00:00",
         "Submit_arguments": f"-N {job.name} -q {job.queue} -l select={job.nodes} job.sh",
-        "project": "_pbs_project_default",
+        "project": "inference" if job.user.startswith("svc") else "users",
         "Submit_Host": scenario.submit_host,
     }
 
@@ -315,6 +318,7 @@ def _node(node: FakeNode, scenario: Scenario, running: dict[str, list[str]]) -> 
     attributes["sharing"] = "force_exclhost"
     attributes["license"] = "l"
     attributes["last_state_change_time"] = int(time.time()) - 600
+    attributes["last_used_time"] = int(time.time()) - 601
     return attributes
 
 

@@ -403,6 +403,7 @@ class Render:
                 "elapsed": int((ended or self.now) - started) if started else 0,
                 "eligible": int(job.submitted_at),
                 "end": int(ended or 0),
+                **({} if self.old else {"planned": wrapped(int(started - job.submitted_at) if started else None)}),
                 "start": int(started or 0),
                 "submission": int(job.submitted_at),
                 "suspended": 0,
@@ -430,6 +431,7 @@ class Render:
             "kill_request_user": "",
             "reservation": {"id": 0, "name": ""},
             "script": "",
+            **({} if self.old else self.standard_streams(job, job_id)),
             "state": {"current": self.state(words), "reason": reason},
             "steps": [],
             "submit_line": f"sbatch --job-name={job.name} --partition={job.queue} {job.name}.sbatch",
@@ -441,6 +443,17 @@ class Render:
             "user": job.user,
             "wckey": {"wckey": "", "flags": []},
             "working_directory": f"/home/{job.user}",
+        }
+
+    def standard_streams(self, job: FakeJob, job_id: int) -> dict[str, str]:
+        """The job's stdin, stdout, stderr paths as sacct prints them from v0.0.41 (24.05)."""
+        return {
+            "stdin_expanded": "/dev/null",
+            "stdout_expanded": f"/home/{job.user}/slurm-{job_id}.out",
+            "stderr_expanded": f"/home/{job.user}/slurm-{job_id}.out",
+            "stdout": f"/home/{job.user}/slurm-%j.out",
+            "stderr": f"/home/{job.user}/slurm-%j.out",
+            "stdin": "/dev/null",
         }
 
     def sacct(self, command: list[str], user: str | None, since: float) -> dict[str, Any]:
@@ -583,10 +596,10 @@ class Render:
         return {"sinfo": records, **self.envelope(command, "slurmctld")}
 
 
-def sample(scenario: Scenario, command: str) -> dict[str, Any] | None:
-    """The real-format file standing for a command's output, if the scenario names one."""
+def sample(scenario: Scenario, command: str) -> Any:
+    """The real-format file standing for a command's output, if the scenario names one (else None); printed
+    as it is, whatever it holds."""
     if command not in scenario.samples:
         return None
     with open(scenario.samples[command]) as file:
-        data: dict[str, Any] = json.load(file)
-    return data
+        return json.load(file)
