@@ -284,7 +284,7 @@ def scheduler_jobs(task: "dict[str, Any]") -> "dict[str, Any]":
         state = pbs_states.get(code, "other")  # S, U suspended; T, M moved or moving
         resources = mapping(raw.get("Resource_List"))
         walltime = pbs_duration(resources.get("walltime"))
-        ran = state in ("running", "exiting", "finished")
+        ran = state in ("running", "exiting", "finished") or code in ("S", "U")  # suspended on its nodes
         started = pbs_time(raw.get("stime")) if ran else None
         if state == "finished":
             ends = pbs_time(raw.get("obittime")) or pbs_time(raw.get("mtime"))

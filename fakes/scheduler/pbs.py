@@ -117,7 +117,8 @@ def _ran(attributes: dict[str, Any], code: str, run: FakeJob | FakeTask, walltim
         attributes["mtime"] = ctime(ended)
         attributes["Exit_status"] = run.exit_status if run.exit_status is not None else 0
         attributes["Stageout_status"] = 1
-        attributes["history_timestamp"] = int(ended)
+        if code == "F":  # a job's history record; a subjob's end is its parent's
+            attributes["history_timestamp"] = int(ended)
         attributes["comment"] += " and finished" if attributes["Exit_status"] == 0 else " and failed"
 
 

@@ -372,11 +372,13 @@ class Render:
         hosts = run.hosts if started else []
         cpus = CPUS_PER_NODE * job.nodes
         exit_code = self.accounting_exit_code(run.exit_status if state == "finished" else 0)
-        required: dict[str, Any] = {"CPUs": cpus, "memory_per_cpu": wrapped(MEMORY_PER_CPU)}
-        if self.old:
-            required = {"CPUs": cpus, "memory_per_cpu": wrapped(MEMORY_PER_CPU), "memory": MEMORY_PER_CPU}
-        else:
-            required["memory_per_node"] = wrapped(None)
+        required: dict[str, Any] = {
+            "CPUs": cpus,
+            "memory_per_cpu": wrapped(MEMORY_PER_CPU),
+            "memory_per_node": wrapped(None),
+        }
+        if self.old:  # and the raw value, its per-CPU flag (the top bit) making it negative (data_parser v0.0.39)
+            required["memory"] = MEMORY_PER_CPU - 2**63
         return {
             "account": "gateway" if job.user.startswith("svc") else "users",
             "comment": {"administrator": "", "job": "", "system": ""},
@@ -474,6 +476,8 @@ class Render:
                 end = record["time"]["end"]
                 if (end == 0 or end >= since) and record["time"]["submission"] <= self.now:
                     records.append(record)
+        if self.old:  # 23.02 prints the envelope first
+            return {**self.envelope(command, "slurmdbd"), "jobs": records}
         return {"jobs": records, **self.envelope(command, "slurmdbd")}
 
     # --- sinfo ------------------------------------------------------------------------------------------------
