@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,17 @@ class Scenario:
         index = self.jobs.index(self.job(job_id))
         self.jobs[index] = dataclasses.replace(self.jobs[index], **changes)
         return self.jobs[index]
+
+    def start(self, job_id: str, hosts: list[str], at: float | None = None) -> FakeJob:
+        """The scheduler starts a queued job on `hosts` (now, unless `at`)."""
+        started = time.time() if at is None else at
+        return self.update(job_id, state="running", started_at=started, estimated_start_at=None, hosts=hosts)
+
+    def finish(self, job_id: str, exit_status: int = 0, at: float | None = None) -> FakeJob:
+        """A job ends (now, unless `at`): it leaves the active listings for the finished ones."""
+        return self.update(
+            job_id, state="finished", ended_at=time.time() if at is None else at, exit_status=exit_status
+        )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

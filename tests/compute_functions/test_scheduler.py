@@ -857,8 +857,8 @@ def test_a_job_walks_from_queued_to_running_to_finished(
     assert (queued["submitted_at"], queued["walltime_seconds"], queued["nodes"]) == (now - 600, 7200, 2)
     assert (queued["started_at"], queued["hosts"], queued["ends_at"]) == (None, [], None)
 
-    scenario.update("900", state="running", started_at=now - 10, hosts=["x1"])
-    scenario.update("901", state="running", started_at=now, hosts=["x2", "x3"])
+    scenario.start("900", ["x1"], at=now - 10)
+    scenario.start("901", ["x2", "x3"], at=now)
     fake_scheduler.write(scenario)
     result = read(fake_scheduler, scheduler, user=SERVICE)
     [running] = result["jobs"]
@@ -867,7 +867,7 @@ def test_a_job_walks_from_queued_to_running_to_finished(
     assert (running["started_at"], running["hosts"], running["ends_at"]) == (now, ["x2", "x3"], now + 7200)
     assert result["free_nodes"] == 1
 
-    scenario.update("901", state="finished", ended_at=now + 60, exit_status=3)
+    scenario.finish("901", exit_status=3, at=now + 60)
     fake_scheduler.write(scenario)
     [finished] = read(fake_scheduler, scheduler, user=SERVICE)["jobs"]
 
