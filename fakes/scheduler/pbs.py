@@ -267,7 +267,9 @@ def parse_datetime(value: str) -> float:
     if not stamp.isdigit() or len(stamp) not in (8, 10, 12) or (seconds and not seconds.isdigit()):
         raise ValueError(value)
     now = time.localtime()
-    year = now.tm_year if len(stamp) == 8 else int(stamp[:-8]) + (2000 if len(stamp) == 10 else 0)
+    year = now.tm_year if len(stamp) == 8 else int(stamp[:-8])
+    if len(stamp) == 10:  # YY, as cvtdate() reads it: 69-99 the 1900s, 00-68 the 2000s
+        year += 1900 if year > 68 else 2000
     month, day, hour, minute = (int(stamp[-8:][i : i + 2]) for i in range(0, 8, 2))
     return time.mktime((year, month, day, hour, minute, int(seconds or 0), 0, 0, -1))
 
