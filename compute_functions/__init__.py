@@ -1,4 +1,5 @@
-"""Code that runs beside vLLM on cluster nodes, through Globus Compute or a local process pool.
+"""Code that runs on the clusters, through Globus Compute or a local process pool: `inference` beside vLLM on the
+compute nodes, `scheduler_jobs` on a login node (the batch scheduler's jobs).
 
 No Django and nothing beyond the standard library: the registered functions run on endpoints that
 have only Python and the Globus Compute endpoint installed.
@@ -11,8 +12,9 @@ endpoint configs in ``endpoint_configs/`` allow exactly these two (``allowed_ser
 """
 
 from compute_functions.inference import inference
+from compute_functions.scheduler import scheduler_jobs
 
 CODE_STRATEGY = "globus_compute_sdk.serialize.PureSourceTextInspect"
 DATA_STRATEGY = "globus_compute_sdk.serialize.JSONData"
 
-__all__ = ["CODE_STRATEGY", "DATA_STRATEGY", "inference"]
+__all__ = ["CODE_STRATEGY", "DATA_STRATEGY", "inference", "scheduler_jobs"]

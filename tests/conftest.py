@@ -4,12 +4,15 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.db import connection
 
 from fakes.compute_service import RunningCompute, start_compute_service
+from fakes.scheduler import COMMANDS_DIR, Scenario
+from fakes.scheduler.scenario import STATE_VARIABLE
 from resource_server.bootstrap import Runtime, bootstrap, runtime_install
 from resource_server.models import ApiKey, Cluster, Endpoint, User
 from resource_server.services.api_keys import api_key_create
@@ -61,6 +64,27 @@ def compute(compute_service: RunningCompute, monkeypatch: pytest.MonkeyPatch) ->
     for name, value in compute_service.environment.items():
         monkeypatch.setenv(name, value)
     return compute_service
+
+
+@dataclass
+class FakeScheduler:
+    """The fake PBS and Slurm commands (fakes/scheduler) and the scenario file they read."""
+
+    state_file: Path
+    commands_dir: Path = COMMANDS_DIR
+
+    def write(self, scenario: Scenario) -> Scenario:
+        scenario.write(self.state_file)
+        return scenario
+
+
+@pytest.fixture
+def fake_scheduler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeScheduler:
+    """A scenario file of this test's own, named in the environment the fake commands (run by the test or by
+    the function under test) inherit."""
+    state_file = tmp_path / "scheduler-state.json"
+    monkeypatch.setenv(STATE_VARIABLE, str(state_file))
+    return FakeScheduler(state_file)
 
 
 @pytest.fixture(scope="session", autouse=True)

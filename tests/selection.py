@@ -41,6 +41,7 @@ PROCESS_FIXTURES = frozenset(
         "paced_vllm",  # tests/resource_server/dispatch/test_relay_attempts.py: a slow-streaming fake vLLM
         "launcher",  # tests/endpoint_configs: runs the vLLM launch script with bash
         "wheel_files",  # tests/test_wheel.py: builds the wheel with pip
+        "fake_scheduler",  # tests/conftest.py: the fake qstat, squeue... (fakes/scheduler), run as processes
     }
 )
 

@@ -1,23 +1,28 @@
-"""Register the compute function with Globus Compute and keep `globus_compute` Endpoints pointing at it.
+"""Register the compute functions with Globus Compute and keep `globus_compute` Endpoints pointing at them.
+
+Two functions: `inference` (`compute_functions/inference.py`), which Endpoints run beside vLLM, and `scheduler`
+(`compute_functions/scheduler.py`), which a cluster's login-node endpoint runs to read its batch jobs.
 
 Functions belong to the account that registers them, so registration runs once per service account in
 use: the gateway's (GLOBUS_COMPUTE_CLIENT_ID) and each override in an Endpoint's backend config. The id
-is kept in `ComputeFunction`, with a digest of the code sent, so that a re-run registers again only when
-the function changed. Endpoints that ran the previous registration then follow to the new id; endpoints
-set by hand to another function id are left alone and reported.
+is kept in `ComputeFunction` (by the names below), with a digest of the code sent, so that a re-run registers
+again only when the function changed. Endpoints that ran the previous `inference` registration then follow to
+the new id; endpoints set by hand to another function id are left alone and reported.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import globus_sdk
 from django.utils import timezone
 from pydantic import ValidationError
 
-from compute_functions import inference
+from compute_functions import inference, scheduler_jobs
 from resource_server.dispatch.compute_serde import function_code
 from resource_server.dispatch.globus_compute import (
     ComputeEndpoints,
@@ -31,7 +36,9 @@ from resource_server.models import ComputeFunction, Endpoint
 
 logger = logging.getLogger(__name__)
 
-FUNCTION_NAME = "inference"
+# Registered under these names (ComputeFunction.name); Endpoints' backend configs name the `inference` one.
+FUNCTIONS: dict[str, Callable[..., Any]] = {"inference": inference, "scheduler": scheduler_jobs}
+ENDPOINT_FUNCTION = "inference"
 
 
 class RegistrationError(Exception):
@@ -40,8 +47,9 @@ class RegistrationError(Exception):
 
 @dataclass
 class Registration:
-    """What one run did for one service account."""
+    """What one run did for one function of one service account."""
 
+    function: str  # its name in FUNCTIONS
     client_id: str
     function_uuid: str
     outcome: str  # "registered" (first time), "re-registered" (the code changed, or forced), "unchanged"
@@ -77,37 +85,52 @@ def _accounts() -> dict[str, tuple[Credentials, list[tuple[Endpoint, GlobusCompu
 
 
 def compute_functions_register(*, endpoints: ComputeEndpoints, force: bool = False) -> list[Registration]:
-    """Register `compute_functions.inference` for every service account in use; report what changed."""
-    digest = hashlib.sha256(function_code(inference).encode()).hexdigest()
+    """Register each of `FUNCTIONS` for every service account in use; report what changed."""
     report = []
     for client_id, (credentials, served) in _accounts().items():
-        row = ComputeFunction.objects.filter(name=FUNCTION_NAME, client_id=client_id).first()
-        previous = str(row.function_uuid) if row is not None else None
-        if row is not None and row.source_sha256 == digest and not force:
-            registration = Registration(client_id, str(row.function_uuid), "unchanged", previous)
-        else:
-            try:
-                function_uuid = endpoints.client(credentials).register_function(inference)
-            except globus_sdk.GlobusError as exc:
-                raise RegistrationError(
-                    f"Globus Compute refused the registration for client {client_id}: {exc}"
-                ) from exc
-            ComputeFunction.objects.update_or_create(
-                name=FUNCTION_NAME,
-                client_id=client_id,
-                defaults={"function_uuid": function_uuid, "source_sha256": digest, "registered_at": timezone.now()},
-            )
-            outcome = "registered" if row is None else "re-registered"
-            registration = Registration(client_id, function_uuid, outcome, previous)
-        for endpoint, config in served:
-            current = str(config.function_id)
-            if current == registration.function_uuid:
-                continue
-            if current == previous:
-                endpoint.backend_config = {**endpoint.backend_config, "function_id": registration.function_uuid}
-                endpoint.save(update_fields=["backend_config", "updated_at"])
-                registration.followed.append(_endpoint_name(endpoint))
-            else:
-                registration.pinned.append((_endpoint_name(endpoint), current))
-        report.append(registration)
+        for name, function in FUNCTIONS.items():
+            registration = _register(name, function, client_id, credentials, endpoints=endpoints, force=force)
+            if name == ENDPOINT_FUNCTION:
+                _follow(registration, served)
+            report.append(registration)
     return report
+
+
+def _register(
+    name: str,
+    function: Callable[..., Any],
+    client_id: str,
+    credentials: Credentials,
+    *,
+    endpoints: ComputeEndpoints,
+    force: bool,
+) -> Registration:
+    digest = hashlib.sha256(function_code(function).encode()).hexdigest()
+    row = ComputeFunction.objects.filter(name=name, client_id=client_id).first()
+    previous = str(row.function_uuid) if row is not None else None
+    if row is not None and row.source_sha256 == digest and not force:
+        return Registration(name, client_id, str(row.function_uuid), "unchanged", previous)
+    try:
+        function_uuid = endpoints.client(credentials).register_function(function)
+    except globus_sdk.GlobusError as exc:
+        raise RegistrationError(f"Globus Compute refused the registration for client {client_id}: {exc}") from exc
+    ComputeFunction.objects.update_or_create(
+        name=name,
+        client_id=client_id,
+        defaults={"function_uuid": function_uuid, "source_sha256": digest, "registered_at": timezone.now()},
+    )
+    return Registration(name, client_id, function_uuid, "registered" if row is None else "re-registered", previous)
+
+
+def _follow(registration: Registration, served: list[tuple[Endpoint, GlobusComputeConfig]]) -> None:
+    """Move the Endpoints that ran the previous registration to the new one; report those set by hand."""
+    for endpoint, config in served:
+        current = str(config.function_id)
+        if current == registration.function_uuid:
+            continue
+        if current == registration.previous_uuid:
+            endpoint.backend_config = {**endpoint.backend_config, "function_id": registration.function_uuid}
+            endpoint.save(update_fields=["backend_config", "updated_at"])
+            registration.followed.append(_endpoint_name(endpoint))
+        else:
+            registration.pinned.append((_endpoint_name(endpoint), current))

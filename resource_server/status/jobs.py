@@ -35,13 +35,15 @@ class Job(BaseModel):
     array_index: int | None = None
     submitted_at: float | None = None  # epoch seconds
     started_at: float | None = None
-    estimated_start_at: float | None = None  # the scheduler's estimate, for a queued job (PBS estimated.start_time)
+    # The scheduler's estimate for a queued job (PBS estimated.start_time, a pending Slurm job's start_time);
+    # for a held one waiting for its begin time (PBS W, Slurm BeginTime), that time.
+    estimated_start_at: float | None = None
     walltime_seconds: int | None = None  # requested
-    ends_at: float | None = None  # started_at + walltime (or the scheduler's own end time)
+    ends_at: float | None = None  # started_at + walltime (or the scheduler's own end time); a finished job's end
     nodes: int | None = None
     hosts: list[str] = Field(default_factory=list)
     comment: str | None = None
-    exit_status: int | None = None
+    exit_status: int | None = None  # the scheduler's (PBS: 256 + signal when killed; Slurm: 128 + signal)
     queue_position: int | None = None  # 1-based among queued jobs of all users in the same queue
 
 

@@ -56,7 +56,7 @@ def client(transactional_db: None, gateway_url: str, compute_service: RunningCom
         check=False,
     )
     assert registered.returncode == 0, registered.stderr
-    function = ComputeFunction.objects.get(client_id=COMPUTE_CLIENT_ID)
+    function = ComputeFunction.objects.get(name="inference", client_id=COMPUTE_CLIENT_ID)
     url = urlsplit(model_server)
     endpoint = Endpoint(
         cluster=Cluster.objects.create(name="polaris"),

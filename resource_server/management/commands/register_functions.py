@@ -1,4 +1,4 @@
-"""python manage.py register_functions: register the compute function with Globus Compute (idempotent)."""
+"""python manage.py register_functions: register the compute functions with Globus Compute (idempotent)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from resource_server.services.compute_functions import RegistrationError, comput
 
 class Command(BaseCommand):
     help = (
-        "Register compute_functions.inference with Globus Compute for each service account in use "
-        "(GLOBUS_COMPUTE_CLIENT_ID and Endpoint overrides), and point globus_compute Endpoints at it. "
+        "Register the compute functions (inference; scheduler, for clusters' login-node endpoints) with Globus "
+        "Compute for each service account in use (GLOBUS_COMPUTE_CLIENT_ID and Endpoint overrides), and point "
+        "globus_compute Endpoints at the inference one. "
         "Re-running registers again only when the function changed."
     )
 
@@ -27,7 +28,10 @@ class Command(BaseCommand):
             raise CommandError(str(error)) from error
         changed = False
         for registration in report:
-            line = f"inference for client {registration.client_id}: {registration.outcome} {registration.function_uuid}"
+            line = (
+                f"{registration.function} for client {registration.client_id}: "
+                f"{registration.outcome} {registration.function_uuid}"
+            )
             if registration.outcome == "re-registered":
                 line += f" (was {registration.previous_uuid})"
             self.stdout.write(line)

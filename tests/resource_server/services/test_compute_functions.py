@@ -1,5 +1,5 @@
-"""Registering the compute function with Globus Compute (the real SDK, the stood-in service), and Endpoints
-following the registration."""
+"""Registering the compute functions with Globus Compute (the real SDK, the stood-in service), and Endpoints
+following the registration of `inference`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from fakes.compute_service import RunningCompute
 from resource_server.dispatch.globus_compute import ComputeEndpoints
 from resource_server.models import Cluster, ComputeFunction, Endpoint
-from resource_server.services.compute_functions import RegistrationError, compute_functions_register
+from resource_server.services.compute_functions import Registration, RegistrationError, compute_functions_register
 from tests.conftest import COMPUTE_CLIENT_ID as CLIENT_ID
 from tests.conftest import COMPUTE_CLIENT_SECRET as CLIENT_SECRET
 from tests.conftest import SITE_CLIENT_ID as SITE_ID
@@ -45,6 +45,12 @@ def service_account(settings: Any) -> Any:
     return settings
 
 
+def inference_of(report: list[Registration]) -> Registration:
+    """The inference function's registration, for an account that registered every function."""
+    [registration] = [registration for registration in report if registration.function == "inference"]
+    return registration
+
+
 def endpoint(model: str, function_id: str, **config: Any) -> Endpoint:
     cluster, _ = Cluster.objects.get_or_create(name="polaris")
     row = Endpoint(
@@ -59,26 +65,31 @@ def endpoint(model: str, function_id: str, **config: Any) -> Endpoint:
 
 
 @pytest.mark.usefixtures("service_account")
-def test_the_first_run_registers_the_function_as_source_text(
+def test_the_first_run_registers_each_function_as_source_text(
     compute: RunningCompute, endpoints: ComputeEndpoints
 ) -> None:
-    [registration] = compute_functions_register(endpoints=endpoints)
+    report = compute_functions_register(endpoints=endpoints)
 
-    assert (registration.client_id, registration.outcome) == (CLIENT_ID, "registered")
-    stored = compute.service.functions[registration.function_uuid]
-    assert (stored.owner, stored.name) == (CLIENT_ID, "inference")
-    assert ComputeSerializer.unpack_buffers(stored.code)[0][:IDENTIFIER_LENGTH] == PureSourceTextInspect.identifier
-    row = ComputeFunction.objects.get()
-    assert (row.name, row.client_id, str(row.function_uuid)) == ("inference", CLIENT_ID, registration.function_uuid)
+    assert [(r.function, r.client_id, r.outcome) for r in report] == [
+        ("inference", CLIENT_ID, "registered"),
+        ("scheduler", CLIENT_ID, "registered"),
+    ]
+    for registration, python_name in zip(report, ["inference", "scheduler_jobs"], strict=True):
+        stored = compute.service.functions[registration.function_uuid]
+        assert (stored.owner, stored.name) == (CLIENT_ID, python_name)
+        assert ComputeSerializer.unpack_buffers(stored.code)[0][:IDENTIFIER_LENGTH] == PureSourceTextInspect.identifier
+    rows = [(row.name, row.client_id, str(row.function_uuid)) for row in ComputeFunction.objects.order_by("name")]
+    assert rows == [(r.function, CLIENT_ID, r.function_uuid) for r in report]
 
 
 @pytest.mark.usefixtures("service_account")
 def test_running_again_changes_nothing(compute: RunningCompute, endpoints: ComputeEndpoints) -> None:
-    [first] = compute_functions_register(endpoints=endpoints)
+    first = inference_of(compute_functions_register(endpoints=endpoints))
     follower = endpoint("demo-model", first.function_uuid)
     before = registrations(compute)
 
-    [again] = compute_functions_register(endpoints=endpoints)
+    report = compute_functions_register(endpoints=endpoints)
+    again = inference_of(report)
 
     assert (again.outcome, again.function_uuid, again.followed, again.pinned) == (
         "unchanged",
@@ -86,6 +97,7 @@ def test_running_again_changes_nothing(compute: RunningCompute, endpoints: Compu
         [],
         [],
     )
+    assert {registration.outcome for registration in report} == {"unchanged"}
     assert registrations(compute) == before
     follower.refresh_from_db()
     assert follower.backend_config["function_id"] == first.function_uuid
@@ -95,13 +107,14 @@ def test_running_again_changes_nothing(compute: RunningCompute, endpoints: Compu
 def test_a_changed_function_is_registered_again_and_endpoints_on_the_old_one_follow(
     compute: RunningCompute, endpoints: ComputeEndpoints
 ) -> None:
-    [first] = compute_functions_register(endpoints=endpoints)
+    first = inference_of(compute_functions_register(endpoints=endpoints))
     follower = endpoint("demo-model", first.function_uuid)
     pinned_to = str(uuid.uuid4())
     pinned = endpoint("other-model", pinned_to)
-    ComputeFunction.objects.update(source_sha256="0" * 64)  # the code has changed since
+    ComputeFunction.objects.filter(name="inference").update(source_sha256="0" * 64)  # its code has changed since
 
-    [second] = compute_functions_register(endpoints=endpoints)
+    report = compute_functions_register(endpoints=endpoints)
+    second = inference_of(report)
 
     assert (second.outcome, second.previous_uuid) == ("re-registered", first.function_uuid)
     assert second.function_uuid != first.function_uuid
@@ -112,17 +125,19 @@ def test_a_changed_function_is_registered_again_and_endpoints_on_the_old_one_fol
     assert follower.backend_config["function_id"] == second.function_uuid
     assert follower.backend_config["vllm"] == {"port": 8001}  # the rest of the config is kept
     assert pinned.backend_config["function_id"] == pinned_to
-    assert str(ComputeFunction.objects.get().function_uuid) == second.function_uuid
+    assert str(ComputeFunction.objects.get(name="inference").function_uuid) == second.function_uuid
+    [scheduler] = [registration for registration in report if registration.function == "scheduler"]
+    assert (scheduler.outcome, scheduler.followed, scheduler.pinned) == ("unchanged", [], [])  # no Endpoint runs it
 
 
 @pytest.mark.usefixtures("service_account")
 def test_force_registers_an_unchanged_function_again(compute: RunningCompute, endpoints: ComputeEndpoints) -> None:
     compute_functions_register(endpoints=endpoints)
     before = registrations(compute)
-    [forced] = compute_functions_register(endpoints=endpoints, force=True)
+    forced = compute_functions_register(endpoints=endpoints, force=True)
 
-    assert forced.outcome == "re-registered"
-    assert registrations(compute) == before + 1
+    assert {registration.outcome for registration in forced} == {"re-registered"}
+    assert registrations(compute) == before + 2
 
 
 @pytest.mark.usefixtures("service_account")
@@ -136,12 +151,15 @@ def test_each_service_account_in_use_owns_its_registration(
         credentials={"client_id": SITE_ID, "client_secret_env": "SITE_COMPUTE_SECRET"},
     )
 
-    report = {registration.client_id: registration for registration in compute_functions_register(endpoints=endpoints)}
+    registered = compute_functions_register(endpoints=endpoints)
+    report = {
+        registration.client_id: registration for registration in registered if registration.function == "inference"
+    }
 
     assert set(report) == {CLIENT_ID, SITE_ID}
     assert compute.service.functions[report[SITE_ID].function_uuid].owner == SITE_ID
     assert report[SITE_ID].pinned == [("polaris/vllm/site-model", site_endpoint.backend_config["function_id"])]
-    assert ComputeFunction.objects.count() == 2
+    assert ComputeFunction.objects.count() == 4  # both functions, for each account
 
 
 def test_without_a_service_account_registration_says_what_to_set(endpoints: ComputeEndpoints) -> None:
