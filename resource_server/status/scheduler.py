@@ -95,12 +95,15 @@ class SchedulerConfig(BaseModel):
         return self
 
     def task(self) -> dict[str, Any]:
-        """The scheduler function's argument."""
+        """The scheduler function's argument (`compute_functions/scheduler.py`)."""
         return {
             "scheduler": self.kind,
             "user": self.user,
             "commands_dir": self.commands_dir,
             "finished_seconds": self.finished_seconds,
+            # A command that hangs (a scheduler server not answering) is killed on the node by then, rather
+            # than hold a worker of the login endpoint after the gateway stopped waiting.
+            "command_timeout": self.timeout_seconds,
         }
 
 

@@ -10,12 +10,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import uvicorn
 from django.core.cache.backends.locmem import LocMemCache
 
 from fakes.model_server import FakeServerConfig, create_app
+from fakes.scheduler.scenario import COMMANDS, COMMANDS_DIR, STATE_VARIABLE
 from resource_server.auth.base import AuthKind, Principal
 from resource_server.bootstrap import Runtime
 from resource_server.dispatch.direct import DirectConfig
@@ -148,3 +150,17 @@ def build_board(
         shared=store if isinstance(store, Shared) else Shared(store),
         clock=clock,
     )
+
+
+def scheduler_commands(state_file: Path, directory: Path) -> Path:
+    """A login node's commands directory: each fake scheduler command (fakes/scheduler) reading `state_file`.
+
+    The scheduler function runs them from wherever it runs (a process pool started before this test, an endpoint
+    engine's worker), whose environment does not name this test's scenario: each command here names it itself.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for command in COMMANDS:
+        script = directory / command
+        script.write_text(f"#!/bin/sh\n{STATE_VARIABLE}='{state_file}' exec '{COMMANDS_DIR / command}' \"$@\"\n")
+        script.chmod(0o755)
+    return directory

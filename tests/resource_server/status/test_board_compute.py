@@ -1,21 +1,22 @@
 """The status board over Globus Compute: the endpoint's status as its health (workers, outstanding tasks), a
 status service that cannot answer (the last reading holds, stale), and the cluster's jobs read by a function on
 the login node's endpoint, which, offline, leaves them unknown. Globus Compute's service is stood in before the
-real endpoint engine (`fakes.compute_service`); the function is the scheduler's stand-in (`fake_scheduler.py`)."""
+real endpoint engine (`fakes.compute_service`); its workers run the `scheduler` function over the fake Slurm
+commands (`fakes/scheduler`)."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.cache.backends.locmem import LocMemCache
 from pydantic import SecretStr
 
+from compute_functions.scheduler import scheduler_jobs
 from fakes.compute_service import RunningCompute
+from fakes.scheduler import FakeJob, Scenario
 from resource_server.bootstrap import Runtime
 from resource_server.dispatch.globus_compute import ComputeEndpoints, Credentials, GlobusComputeConfig
 from resource_server.dispatch.local import LocalExecutors
@@ -23,10 +24,10 @@ from resource_server.dispatch.registry import BackendParts, BackendPool
 from resource_server.selectors.endpoints import ClusterRoute, EndpointRoute, RoutingTable
 from resource_server.status.base import State
 from resource_server.status.board import StatusBoard
+from resource_server.status.jobs import JobState
 from resource_server.status.scheduler import SchedulerConfig
-from tests.conftest import COMPUTE_CLIENT_ID, COMPUTE_CLIENT_SECRET
-from tests.resource_server.status.conftest import OPEN, Clock, build_board
-from tests.resource_server.status.fake_scheduler import fake_scheduler_jobs
+from tests.conftest import COMPUTE_CLIENT_ID, COMPUTE_CLIENT_SECRET, FakeScheduler
+from tests.resource_server.status.conftest import OPEN, Clock, build_board, scheduler_commands
 
 GATEWAY = Credentials(COMPUTE_CLIENT_ID, COMPUTE_CLIENT_SECRET)
 
@@ -91,7 +92,7 @@ def _board(runtime: Runtime, table: Any, endpoints: ComputeEndpoints, clock: Clo
         clock=clock,
         compute_endpoints=endpoints,
         backends=BackendPool(parts),
-        timeout=10,
+        timeout=60,  # a round waits for the scheduler's reading: a task through the engine, three commands
     )
 
 
@@ -121,20 +122,23 @@ async def test_an_endpoint_with_workers_is_live_and_a_status_service_that_fails_
 
 
 async def test_jobs_are_read_through_the_login_nodes_endpoint_and_are_unknown_while_it_is_offline(
-    runtime: Runtime, compute: RunningCompute, endpoints: ComputeEndpoints, clock: Clock, tmp_path: Path
+    runtime: Runtime,
+    compute: RunningCompute,
+    endpoints: ComputeEndpoints,
+    clock: Clock,
+    fake_scheduler: FakeScheduler,
 ) -> None:
     login = compute.service.add_endpoint()
-    function_id = endpoints.client(GATEWAY).register_function(fake_scheduler_jobs)
-    jobs = {
-        "scheduler": "slurm",
-        "user": "svc",
-        "collected_at": clock.now,
-        "jobs": [
-            {"id": "88", "name": "gw-demo", "user": "svc", "queue": "gpu", "state": "queued"}
-            | {"scheduler_state": "PENDING", "queue_position": 2, "estimated_start_at": clock.now + 600}
-        ],
-    }
-    (tmp_path / "answer.json").write_text(json.dumps({"jobs": jobs}))
+    function_id = endpoints.client(GATEWAY).register_function(scheduler_jobs)
+    fake_scheduler.write(
+        Scenario(
+            jobs=[
+                FakeJob("88", "vllm-other", "alice", "gpu", clock.now - 900, priority=5000),
+                FakeJob("89", "gw-demo", "svc", "gpu", clock.now - 600, estimated_start_at=clock.now + 600),
+            ]
+        )
+    )
+    commands = scheduler_commands(fake_scheduler.state_file, fake_scheduler.state_file.parent / "slurm-bin")
     config = SchedulerConfig.model_validate(
         {
             "kind": "slurm",
@@ -142,7 +146,7 @@ async def test_jobs_are_read_through_the_login_nodes_endpoint_and_are_unknown_wh
             "endpoint_id": login,
             "function_id": function_id,
             "user": "svc",
-            "commands_dir": str(tmp_path),
+            "commands_dir": str(commands),
             "timeout_seconds": 60,
         }
     )
@@ -151,7 +155,7 @@ async def test_jobs_are_read_through_the_login_nodes_endpoint_and_are_unknown_wh
     await board.probe()
     reading = board.jobs("polaris")
     assert reading.error is None and reading.jobs is not None
-    assert [(job.id, job.queue_position) for job in reading.jobs.jobs] == [("88", 2)]
+    assert [(job.id, job.state, job.queue_position) for job in reading.jobs.jobs] == [("89", JobState.QUEUED, 2)]
 
     compute.service.endpoints[login].online = False
     clock.advance(61)
