@@ -71,6 +71,9 @@ class GatewaySettings(BaseSettings):
     # globus_compute: the endpoint's status; local: a health task). Endpoints found down are tried after the
     # others when a model has several; 0 turns the checks off.
     HEALTH_PROBE_SECONDS: float = Field(default=30.0, ge=0)
+    # A live endpoint whose batch job ends within this many seconds (its walltime) is `draining`: it still
+    # answers, but the route stage prefers another, and a new job should be on its way.
+    STATUS_DRAIN_SECONDS: float = Field(default=600.0, ge=0, le=86400)
     # How long a worker remembers that a key was refused (unknown, wrong secret, revoked, expired, owner
     # disabled), so a client retrying a bad key costs no query. New keys are never in it: nobody can
     # present a key before it exists.

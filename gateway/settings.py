@@ -103,6 +103,12 @@ if GATEWAY.REDIS_URL:
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": GATEWAY.REDIS_URL,
             "KEY_PREFIX": "gateway",
+            # redis-py waits for ever by default: a Redis that stops answering would hold the status board's
+            # rounds (and admin sign-ins) instead of failing them over to each worker's own view.
+            "OPTIONS": {
+                "socket_timeout": GATEWAY.RELAY_REDIS_TIMEOUT_SECONDS,
+                "socket_connect_timeout": GATEWAY.RELAY_REDIS_TIMEOUT_SECONDS,
+            },
         }
     }
 else:

@@ -75,3 +75,18 @@ def backend_config_errors(backend: str, config: object) -> list[str]:
     except ValidationError as exc:
         return [f"{'.'.join(str(part) for part in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()]
     return []
+
+
+# `Cluster.scheduler`'s model: found from its path like the backends' configs, so models load no backend.
+SCHEDULER_CONFIG_PATH = "resource_server.status.scheduler:SchedulerConfig"
+
+
+def scheduler_config_errors(config: object) -> list[str]:
+    """Human-readable problems with a Cluster's scheduler config, each naming the field (an empty object: none)."""
+    if config in (None, {}):
+        return []
+    try:
+        _config_model(SCHEDULER_CONFIG_PATH).model_validate(config)
+    except ValidationError as exc:
+        return [f"{'.'.join(str(part) for part in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()]
+    return []

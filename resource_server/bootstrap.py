@@ -24,15 +24,16 @@ from django.conf import settings
 from resource_server.adapters.relay import RelayHub, relay_hub_from_settings
 from resource_server.auth.globus import GroupMemberships
 from resource_server.dispatch.globus_compute import ComputeEndpoints
-from resource_server.dispatch.health import HealthProber
 from resource_server.dispatch.local import LocalExecutors
 from resource_server.dispatch.registry import BackendParts, BackendPool
-from resource_server.selectors.endpoints import EndpointRoute, RoutingCache
+from resource_server.selectors.endpoints import RoutingCache
 from resource_server.services.authentication import Authenticators
 from resource_server.services.usage import UsageSink, usage_sink_from_settings
 from resource_server.services.users import UserPrincipals
+from resource_server.status.board import StatusBoard
+from resource_server.status.scheduler import SchedulerReader
 
-# A health check that takes longer than this counts as failed (the prober never waits for it longer).
+# A health check that takes longer than this counts as failed (the status board never waits for it longer).
 HEALTH_PROBE_TIMEOUT_SECONDS = 5.0
 
 
@@ -48,16 +49,16 @@ class Runtime:
     users: UserPrincipals
     authenticators: Authenticators
     routing: RoutingCache
-    status: HealthProber
+    status: StatusBoard
 
     def start(self) -> None:
         """At worker start-up, on the event loop: the usage writer (adopting journals left by stopped
-        workers) and the health prober (its first probe one interval from now)."""
+        workers) and the status board (its first round one interval from now)."""
         self.usage_sink.start()
         self.status.start()
 
     async def stop(self, usage_seconds: float) -> None:
-        """At shutdown, after the requests have ended: the prober, then together the usage writer within
+        """At shutdown, after the requests have ended: the status board, then together the usage writer within
         `usage_seconds` (what it cannot write stays journaled for the next start) and the Globus Compute
         executors, without waiting for tasks (the SDK's exit hook would wait forever for a lost one)."""
         await self.status.stop()
@@ -72,16 +73,13 @@ def bootstrap() -> Runtime:
     gateway = settings.GATEWAY
     relay_hub = relay_hub_from_settings()
     compute_endpoints = ComputeEndpoints()
+    local_executors = LocalExecutors()
     backend_pool = BackendPool(
-        BackendParts(relay_hub=relay_hub, compute_endpoints=compute_endpoints, local_executors=LocalExecutors())
+        BackendParts(relay_hub=relay_hub, compute_endpoints=compute_endpoints, local_executors=local_executors)
     )
     group_memberships = GroupMemberships()
     users = UserPrincipals()
     routing = RoutingCache()
-
-    async def enabled_endpoints() -> list[EndpointRoute]:
-        table = await routing.table()
-        return [route for routes in table.by_model.values() for route in routes]
 
     interval = gateway.HEALTH_PROBE_SECONDS
     return Runtime(
@@ -93,11 +91,13 @@ def bootstrap() -> Runtime:
         users=users,
         authenticators=Authenticators.standard(groups=group_memberships, users=users),
         routing=routing,
-        status=HealthProber(
+        status=StatusBoard(
             backends=backend_pool,
-            endpoints=enabled_endpoints,
+            table=routing.table,
+            scheduler=SchedulerReader(compute_endpoints=compute_endpoints, local_executors=local_executors),
             interval=interval,
             timeout=min(HEALTH_PROBE_TIMEOUT_SECONDS, interval) if interval > 0 else HEALTH_PROBE_TIMEOUT_SECONDS,
+            drain_seconds=gateway.STATUS_DRAIN_SECONDS,
         ),
     )
 

@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
-from resource_server.backend_kinds import BACKEND_CHOICES, backend_config_errors
+from resource_server.backend_kinds import BACKEND_CHOICES, backend_config_errors, scheduler_config_errors
 
 
 def _string_list_validator(value: object) -> None:
@@ -38,10 +38,6 @@ class AccessRules(models.Model):
 class Cluster(AccessRules):
     name = models.SlugField(max_length=64, unique=True, help_text="Used in URLs: /resource_server/<name>/...")
     description = models.TextField(blank=True)
-    maintenance = models.BooleanField(
-        default=False, help_text="While on, requests for this cluster's models get 503 with the message below."
-    )
-    maintenance_message = models.CharField(max_length=500, blank=True)
     scheduler = models.JSONField(
         default=dict,
         blank=True,
@@ -56,6 +52,12 @@ class Cluster(AccessRules):
 
     def __str__(self) -> str:
         return self.name
+
+    def clean(self) -> None:
+        super().clean()
+        errors = scheduler_config_errors(self.scheduler)
+        if errors:
+            raise ValidationError({"scheduler": errors})
 
 
 class Framework(models.TextChoices):
@@ -255,7 +257,14 @@ class MaintenanceWindow(models.Model):
 
     def clean(self) -> None:
         super().clean()
-        if (self.cluster_id is None) == (self.endpoint_id is None):
+        # A target may be assigned unsaved: the admin's inline does so on the page that adds its cluster.
+        on_cluster = self.cluster_id is not None or (
+            MaintenanceWindow.cluster.is_cached(self) and self.cluster is not None
+        )
+        on_endpoint = self.endpoint_id is not None or (
+            MaintenanceWindow.endpoint.is_cached(self) and self.endpoint is not None
+        )
+        if on_cluster == on_endpoint:
             raise ValidationError("Choose a cluster or an endpoint (one of them).")
         if self.ends_at is not None and self.ends_at <= self.starts_at:
             raise ValidationError({"ends_at": "The window must end after it starts."})

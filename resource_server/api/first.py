@@ -89,10 +89,10 @@ async def list_endpoints(request: HttpRequest) -> ListEndpoints:
     operation_id="cluster_status",
     openapi_extra=documented(
         "FIRST's status: every cluster you may use (without a token, as in FIRST: every public cluster), "
-        "`true` while it is up. Up means not under maintenance "
-        "and, if it has models for you, not every one of their endpoints failing the gateway's health check "
-        "(an endpoint not checked yet counts as up). Whether a model's job is running or queued on the "
-        "cluster is not reported yet.",
+        "`true` while it is up. Up means no maintenance window is in force on it and, if it has models for "
+        "you, some of their endpoints is serving: `live`, `draining`, or `unknown` (not checked yet, or no "
+        "source can tell). A cluster whose models are only `starting`, `queued`, `offline` or in maintenance "
+        "is down; `GET /v1/models` says which state each is in.",
         *AUTHENTICATED,
         ok=_ok("Your clusters, by name."),
     ),

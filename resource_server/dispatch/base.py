@@ -42,11 +42,26 @@ class UpstreamRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ComputeFacts:
+    """What a Globus Compute endpoint's status says beyond online (its engine's report), for the status board:
+    an endpoint online with no workers but tasks outstanding has asked its scheduler for a block."""
+
+    online: bool | None  # None: the status could not be fetched
+    workers: int | None = None
+    outstanding_tasks: int | None = None  # tasks its engine holds, queued or running
+    can_start: bool | None = None  # its engine may start a block (scaling on, max_blocks > 0); None: not said
+
+
+@dataclass(frozen=True, slots=True)
 class BackendHealth:
-    ok: bool
+    ok: bool  # the model is expected to answer requests now
     detail: str
     # The model cards the server lists (vLLM's `GET /v1/models` items: max_model_len, root, parent...).
     models: tuple[dict[str, Any], ...] = ()
+    compute: ComputeFacts | None = None  # globus_compute: its endpoint's status
+    # False: the backend could not tell (e.g. Globus Compute's status service failed), which says nothing of
+    # the model: the status board keeps the last reading it had, marked stale, rather than call it down.
+    known: bool = True
 
 
 def model_cards(listing: object) -> tuple[dict[str, Any], ...]:

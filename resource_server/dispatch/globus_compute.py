@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from compute_functions import DATA_STRATEGY
 from resource_server.adapters.relay import RelayHub
-from resource_server.dispatch.base import BackendHealth, UpstreamRequest
+from resource_server.dispatch.base import BackendHealth, ComputeFacts, UpstreamRequest
 from resource_server.dispatch.compute import ComputeBackend, ComputeTaskConfig, TaskExecutor, settled
 from resource_server.dispatch.fields import EnvVarName
 from resource_server.dispatch.globus_compute_failures import TaskLost, task_exception_error
@@ -553,5 +553,13 @@ class GlobusComputeBackend(ComputeBackend):
         return named
 
     async def health(self) -> BackendHealth:
+        """Answers when the endpoint is online with workers (or ran a task just now, which proves it has them);
+        the facts say more: online, workers, outstanding tasks. A status that could not be fetched is unknown."""
         status = await self._endpoints.status(self._credentials, self._endpoint_id)
-        return BackendHealth(ok=status.online is True, detail=status.detail)
+        facts = ComputeFacts(status.online, status.workers, status.outstanding_tasks, status.can_start)
+        if status.online is None:
+            return BackendHealth(ok=False, detail=status.detail, compute=facts, known=False)
+        ok = status.online and (
+            status.workers != 0 or self._endpoints.recently_ran(self._credentials, self._endpoint_id)
+        )
+        return BackendHealth(ok=ok, detail=status.detail, compute=facts)

@@ -129,7 +129,8 @@ class LocalBackend(ComputeBackend):
         try:
             result = await asyncio.wait_for(settled(future), _HEALTH_WAIT_SECONDS)
         except Exception as exc:
-            return BackendHealth(ok=False, detail=type(exc).__name__)
+            # The pool did not run the check (busy, or a worker died): that says nothing of vLLM.
+            return BackendHealth(ok=False, detail=f"health task failed ({type(exc).__name__})", known=False)
         if not isinstance(result, dict):
             return BackendHealth(ok=False, detail="unreadable health result")
         models = ", ".join(str(name) for name in result.get("models") or [])

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Protocol
 
-from resource_server.dispatch.health import HealthProber
 from resource_server.dispatch.registry import BackendPool
 from resource_server.errors import ErrorCode, GatewayError
 from resource_server.pipeline.admit import admit
@@ -33,6 +32,7 @@ from resource_server.routes import ROUTES, Route
 from resource_server.selectors.endpoints import RoutingCache, endpoint_candidates, model_of_path
 from resource_server.services.authentication import Authenticators
 from resource_server.services.usage import UsageSink
+from resource_server.status.board import StatusBoard
 
 
 class PipelineParts(Protocol):
@@ -45,7 +45,7 @@ class PipelineParts(Protocol):
     def routing(self) -> RoutingCache: ...
 
     @property
-    def status(self) -> HealthProber: ...
+    def status(self) -> StatusBoard: ...
 
     @property
     def backend_pool(self) -> BackendPool: ...

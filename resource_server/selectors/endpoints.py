@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -21,15 +22,16 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError
+from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
 from resource_server.auth.base import Principal
 from resource_server.backend_kinds import BACKEND_KINDS
 from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
-from resource_server.dispatch.health import HealthProber
 from resource_server.errors import ErrorCode, InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
-from resource_server.models import Cluster, Endpoint
+from resource_server.models import Cluster, Endpoint, MaintenanceWindow
 from resource_server.status.base import RANK, StatusView
+from resource_server.status.scheduler import SchedulerConfig, scheduler_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +60,57 @@ class ClusterRoute:
     """A cluster as the routing table knows it (with or without enabled endpoints)."""
 
     name: str
-    maintenance_message: str | None
+    maintenance_message: str | None  # the message of the maintenance window in force when the table was read
     rule: AccessRule
+    maintenance_ends: float | None = None  # that window's end (wall clock); None: open-ended, or no window
+    scheduler: SchedulerConfig | None = None  # how its batch jobs are read (Cluster.scheduler); None: they are not
 
     def allows(self, principal: Principal) -> bool:
         return self.rule.allows(principal)
 
 
-def _maintenance_message(cluster: Cluster) -> str | None:
-    if not cluster.maintenance:
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A maintenance window in force: what researchers are told, and when it ends (None: until an admin ends it)."""
+
+    message: str
+    ends_at: float | None
+
+
+def _windows_in_force() -> tuple[dict[int, Window], dict[int, Window]]:
+    """The maintenance windows in force now, by cluster id and by endpoint id: of several on one target, the one
+    that ends last (an open-ended one first), since the target is back only when all have ended."""
+    now = timezone.now()
+    by_cluster: dict[int, Window] = {}
+    by_endpoint: dict[int, Window] = {}
+    for row in MaintenanceWindow.objects.filter(starts_at__lte=now).exclude(ends_at__lte=now):
+        window = Window(row.message, None if row.ends_at is None else row.ends_at.timestamp())
+        if row.cluster_id is not None:
+            by_cluster[row.cluster_id] = _later(by_cluster.get(row.cluster_id), window)
+        elif row.endpoint_id is not None:
+            by_endpoint[row.endpoint_id] = _later(by_endpoint.get(row.endpoint_id), window)
+    return by_cluster, by_endpoint
+
+
+def _later(one: Window | None, other: Window) -> Window:
+    if one is None:
+        return other
+    if one.ends_at is None or (other.ends_at is not None and one.ends_at >= other.ends_at):
+        return one
+    return other
+
+
+def _window_of(cluster: Window | None, endpoint: Window | None) -> Window | None:
+    """An endpoint's window: its own or its cluster's, whichever ends last."""
+    return endpoint if cluster is None else _later(endpoint, cluster)
+
+
+def _scheduler_of(cluster: Cluster) -> SchedulerConfig | None:
+    try:
+        return scheduler_config(cluster.scheduler)
+    except ValidationError:
+        logger.error("cluster %s has an invalid scheduler config; its jobs are not read", cluster.name)
         return None
-    return cluster.maintenance_message or "The cluster is under maintenance."
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +122,10 @@ class EndpointRoute:
     backend: str
     config: BaseModel
     created: int
-    maintenance_message: str | None
+    maintenance_message: str | None  # of the maintenance window in force (its own or its cluster's) at the read
     rules: tuple[AccessRule, AccessRule]
     job_name: str = ""  # the batch job that runs its model server (Endpoint.scheduler_job_name)
+    maintenance_ends: float | None = None  # that window's end (wall clock); None: open-ended, or no window
 
     def allows(self, principal: Principal) -> bool:
         return all(rule.allows(principal) for rule in self.rules)
@@ -106,6 +149,7 @@ class RoutingTable:
 
 def _load_table() -> RoutingTable:
     by_model: dict[str, list[EndpointRoute]] = defaultdict(list)
+    cluster_windows, endpoint_windows = _windows_in_force()
     for endpoint in Endpoint.objects.filter(enabled=True).select_related("cluster"):
         cluster = endpoint.cluster
         kind = BACKEND_KINDS.get(endpoint.backend)
@@ -117,6 +161,7 @@ def _load_table() -> RoutingTable:
             logger.error("endpoint %s has an invalid backend config; it is not served", endpoint.pk)
             continue
         kind.load_modules()  # here, in a thread, rather than on the event loop at its first request
+        window = _window_of(cluster_windows.get(cluster.pk), endpoint_windows.get(endpoint.pk))
         by_model[endpoint.model].append(
             EndpointRoute(
                 id=endpoint.pk,
@@ -126,7 +171,8 @@ def _load_table() -> RoutingTable:
                 backend=endpoint.backend,
                 config=config,
                 created=int(endpoint.created_at.timestamp()),
-                maintenance_message=_maintenance_message(cluster),
+                maintenance_message=None if window is None else window.message,
+                maintenance_ends=None if window is None else window.ends_at,
                 rules=(
                     _rule(cluster.allowed_groups, cluster.allowed_domains),
                     _rule(endpoint.allowed_groups, endpoint.allowed_domains),
@@ -140,8 +186,10 @@ def _load_table() -> RoutingTable:
     clusters = {
         cluster.name: ClusterRoute(
             name=cluster.name,
-            maintenance_message=_maintenance_message(cluster),
+            maintenance_message=None if (window := cluster_windows.get(cluster.pk)) is None else window.message,
             rule=_rule(cluster.allowed_groups, cluster.allowed_domains),
+            maintenance_ends=None if window is None else window.ends_at,
+            scheduler=_scheduler_of(cluster),
         )
         for cluster in Cluster.objects.all()
     }
@@ -265,7 +313,7 @@ def _routes_named(table: RoutingTable, model: str) -> list[EndpointRoute]:
 async def endpoint_candidates(
     *,
     routing: RoutingCache,
-    status: HealthProber,
+    status: StatusView,
     principal: Principal,
     model: str,
     cluster: str | None = None,
@@ -276,8 +324,9 @@ async def endpoint_candidates(
     `model` is the name as served, which differs from `model` when that matched it only by case.
 
     Each candidate is allowed to the caller and not under maintenance. The order is the registry's, except
-    that endpoints the health prober last found down go after the others (a stable sort). That ordering is
-    the seam the endpoint status (live, starting, queued, offline) will replace.
+    that endpoints whose status says they do not answer go after the others (a stable sort). When every one
+    is under maintenance: 503 with the window's message, Retry-After the seconds to the soonest end (300 for
+    an open-ended window).
     """
     table = await routing.table()
     scope = _framework_scope(table, cluster, framework)
@@ -300,16 +349,30 @@ async def endpoint_candidates(
     if not candidates:
         raise ServiceUnavailable(
             f"The model `{model}` is unavailable: {allowed[0].maintenance_message}",
-            retry_after=300,
+            retry_after=maintenance_retry_after(allowed, now=time.time()),
             code=ErrorCode.CLUSTER_MAINTENANCE,
         )
-    if len(candidates) > 1 and status.any_down:
-        candidates.sort(key=lambda route: status.is_down(route.id))
+    if len(candidates) > 1:
+        candidates.sort(key=lambda route: not status.status(route.id).serving)
     return candidates
 
 
+# Retry-After of a model whose every endpoint is in an open-ended maintenance window: when to look again.
+OPEN_ENDED_RETRY_AFTER = 300
+
+
+def maintenance_retry_after(routes: list[EndpointRoute], *, now: float) -> int:
+    """Seconds until the first of these endpoints' maintenance windows ends (300 for an open-ended one), >= 1."""
+    waits = [
+        OPEN_ENDED_RETRY_AFTER if route.maintenance_ends is None else math.ceil(route.maintenance_ends - now)
+        for route in routes
+        if route.maintenance_message is not None
+    ]
+    return max(1, min(waits, default=OPEN_ENDED_RETRY_AFTER))
+
+
 # The card fields that are the gateway's own: its name for the model, its registration time, and its cluster.
-# (endpoint id, model name) -> the model card its server lists, if known (HealthProber.model_card).
+# (endpoint id, model name) -> the model card its server lists, if known (StatusBoard.model_card).
 ModelCards = Callable[[int, str], dict[str, Any] | None]
 _GATEWAY_CARD_FIELDS = ("id", "object", "created", "owned_by")
 
@@ -375,10 +438,10 @@ class ClusterListing:
     up: bool
 
 
-async def cluster_list(*, routing: RoutingCache, status: HealthProber, principal: Principal) -> list[ClusterListing]:
+async def cluster_list(*, routing: RoutingCache, status: StatusView, principal: Principal) -> list[ClusterListing]:
     """The clusters the caller may use, by name, each with the models it may use there (FIRST's list-endpoints
     and status). A cluster is up when it is not under maintenance and, if it has endpoints the caller may use,
-    the health prober did not find every one of them down (an endpoint it has not probed yet counts as up).
+    some of them is serving: live, draining, or unknown (not checked yet, or no source can tell).
     """
     table = await routing.table()
     usable: dict[str, list[EndpointRoute]] = {
@@ -394,7 +457,7 @@ async def cluster_list(*, routing: RoutingCache, status: HealthProber, principal
         frameworks: dict[str, set[str]] = defaultdict(set)
         for route in routes:
             frameworks[route.framework].add(route.model)
-        all_down = bool(routes) and all(status.is_down(route.id) for route in routes)
+        all_down = bool(routes) and not any(status.status(route.id).serving for route in routes)
         listings.append(
             ClusterListing(
                 name=name,

@@ -45,6 +45,9 @@ def endpoint_form(cluster: Cluster, config: str) -> dict[str, str]:
         "enabled": "on",
         "preference": "0",
         "scheduler_job_name": "",
+        # Its maintenance windows (an inline): none.
+        "maintenance_windows-TOTAL_FORMS": "0",
+        "maintenance_windows-INITIAL_FORMS": "0",
     }
 
 
@@ -79,7 +82,7 @@ def test_valid_endpoint_is_saved(admin_client: Client) -> None:
 def test_access_rules_must_be_lists_of_strings(admin_client: Client) -> None:
     response = admin_client.post(
         "/admin/resource_server/cluster/add/",
-        {"name": "aurora", "allowed_groups": '"not-a-list"', "allowed_domains": "[]", "maintenance_message": ""},
+        {"name": "aurora", "allowed_groups": '"not-a-list"', "allowed_domains": "[]", "scheduler": "{}"},
     )
     assert "allowed_groups" in response.context["adminform"].form.errors
 
@@ -150,7 +153,9 @@ def test_key_hash_and_prefix_are_never_form_fields(admin_client: Client) -> None
     assert whoami(Client(), secret) == "ada@anl.gov"
 
 
-@pytest.mark.parametrize("page", ["cluster", "endpoint", "user", "apikey", "requestlog"])
+@pytest.mark.parametrize(
+    "page", ["cluster", "endpoint", "user", "apikey", "requestlog", "maintenancewindow", "endpointstart"]
+)
 def test_changelists_render_with_filters(admin_client: Client, page: str) -> None:
     assert admin_client.get(f"/admin/resource_server/{page}/").status_code == 200
 

@@ -36,17 +36,17 @@ from resource_server.auth.api_keys import ApiKeyAuthenticator
 from resource_server.auth.globus import GlobusAuthenticator, GroupMemberships
 from resource_server.bootstrap import Runtime
 from resource_server.dispatch.globus_compute import ComputeEndpoints
-from resource_server.dispatch.health import HealthProber
 from resource_server.dispatch.local import LocalComputeExecutor, LocalExecutors
 from resource_server.dispatch.registry import BackendPool
 from resource_server.selectors.endpoints import RoutingCache
 from resource_server.services.authentication import Authenticators
 from resource_server.services.usage import UsageSink
 from resource_server.services.users import UserPrincipals
+from resource_server.status.board import StatusBoard
 
 kinds = (
     Runtime, InProcessRelayHub, RedisRelayHub, ApiKeyAuthenticator, GlobusAuthenticator, GroupMemberships,
-    ComputeEndpoints, HealthProber, LocalComputeExecutor, LocalExecutors, BackendPool, RoutingCache,
+    ComputeEndpoints, StatusBoard, LocalComputeExecutor, LocalExecutors, BackendPool, RoutingCache,
     Authenticators, UsageSink, UserPrincipals,
 )
 found = sorted(

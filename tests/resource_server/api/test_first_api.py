@@ -9,10 +9,11 @@ import orjson
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient
+from django.utils import timezone
 
 from gateway.asgi import http_application
 from resource_server.bootstrap import runtime
-from resource_server.models import Cluster, Endpoint, Framework, RequestLog, User
+from resource_server.models import Cluster, Endpoint, Framework, MaintenanceWindow, RequestLog, User
 from resource_server.selectors.endpoints import ANY_FRAMEWORK
 from tests.conftest import Seeded
 from tests.gateway.test_asgi import call
@@ -94,7 +95,9 @@ async def test_status_is_each_usable_cluster_true_while_it_is_up(seeded: Seeded)
     await _clusters(seeded)
     assert await get("/status", seeded) == {"crux": True, "polaris": True}
 
-    await Cluster.objects.filter(name="crux").aupdate(maintenance=True)
+    await MaintenanceWindow.objects.acreate(
+        cluster=await Cluster.objects.aget(name="crux"), starts_at=timezone.now(), message="Upgrades."
+    )
     runtime().routing.forget()
     assert await get("/status", seeded) == {"crux": False, "polaris": True}
 
@@ -122,7 +125,8 @@ async def test_list_endpoints_needs_credentials() -> None:
 
 async def test_status_without_a_token_lists_the_public_clusters_as_first_does(seeded: Seeded) -> None:
     await Cluster.objects.acreate(name="private", description="", allowed_groups=["some-group"])
-    await Cluster.objects.acreate(name="open", description="", maintenance=True)
+    opened = await Cluster.objects.acreate(name="open", description="")
+    await MaintenanceWindow.objects.acreate(cluster=opened, starts_at=timezone.now(), message="Upgrades.")
     runtime().routing.forget()
     response = await AsyncClient().get("/resource_server/status")
     assert response.status_code == 200, response.content

@@ -15,7 +15,7 @@ from django.test import AsyncClient
 from django.utils import timezone
 
 from resource_server.bootstrap import runtime
-from resource_server.models import Cluster, Endpoint, RequestLog
+from resource_server.models import Cluster, Endpoint, MaintenanceWindow, RequestLog
 from tests.conftest import Seeded
 from tests.servers import fake_stats, free_port
 
@@ -424,14 +424,40 @@ async def test_first_paths_route_by_cluster_and_framework(seeded: Seeded) -> Non
     assert [item["id"] for item in orjson.loads(response.content)["data"]] == ["demo-model"]
 
 
-async def test_cluster_in_maintenance_gets_503_with_its_message(seeded: Seeded) -> None:
-    seeded.cluster.maintenance = True
-    seeded.cluster.maintenance_message = "Polaris is down for upgrades until Monday."
-    await seeded.cluster.asave()
+async def test_cluster_in_maintenance_gets_503_with_its_message_and_the_windows_end(seeded: Seeded) -> None:
+    ends = timezone.now() + timedelta(hours=2)
+    await MaintenanceWindow.objects.acreate(
+        cluster=seeded.cluster,
+        starts_at=timezone.now() - timedelta(minutes=1),
+        ends_at=ends,
+        message="Polaris is down for upgrades until Monday.",
+    )
     response = await post(f"{BASE}/chat/completions", CHAT, seeded)
     assert response.status_code == 503
+    assert error_of(response)["code"] == "cluster_maintenance"
     assert "until Monday" in error_of(response)["message"]
-    assert "Retry-After" in response.headers
+    assert 7000 < int(response.headers["Retry-After"]) <= 7200, "seconds to the window's end"
+
+
+async def test_an_open_ended_window_on_the_endpoint_says_retry_in_five_minutes(seeded: Seeded) -> None:
+    await MaintenanceWindow.objects.acreate(
+        endpoint=seeded.endpoint, starts_at=timezone.now() - timedelta(minutes=1), message="Reloading weights."
+    )
+    response = await post(f"{BASE}/chat/completions", CHAT, seeded)
+    assert (response.status_code, response.headers["Retry-After"]) == (503, "300")
+    assert "Reloading weights." in error_of(response)["message"]
+
+
+async def test_a_window_not_yet_started_or_already_ended_changes_nothing(seeded: Seeded) -> None:
+    now = timezone.now()
+    await MaintenanceWindow.objects.acreate(
+        cluster=seeded.cluster, starts_at=now + timedelta(hours=1), ends_at=now + timedelta(hours=2), message="Later."
+    )
+    await MaintenanceWindow.objects.acreate(
+        cluster=seeded.cluster, starts_at=now - timedelta(hours=2), ends_at=now - timedelta(hours=1), message="Past."
+    )
+    response = await post(f"{BASE}/chat/completions", CHAT, seeded)
+    assert response.status_code == 200, response.content
 
 
 async def test_unknown_route_and_wrong_method_use_the_envelope(seeded: Seeded) -> None:

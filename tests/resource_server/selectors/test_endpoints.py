@@ -6,11 +6,12 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.utils import timezone
 
 from resource_server.auth.base import AuthKind, Principal
 from resource_server.bootstrap import Runtime
 from resource_server.errors import GatewayError
-from resource_server.models import Cluster, Endpoint
+from resource_server.models import Cluster, Endpoint, MaintenanceWindow
 from resource_server.selectors.endpoints import endpoint_candidates
 from tests.conftest import Seeded
 
@@ -61,7 +62,9 @@ def _caller(seeded: Seeded, groups: frozenset[str] = frozenset()) -> Principal:
 
 
 async def _endpoint(cluster: str, *, maintenance: bool = False, groups: tuple[str, ...] = ()) -> Endpoint:
-    where = await Cluster.objects.acreate(name=cluster, maintenance=maintenance, allowed_groups=list(groups))
+    where = await Cluster.objects.acreate(name=cluster, allowed_groups=list(groups))
+    if maintenance:
+        await MaintenanceWindow.objects.acreate(cluster=where, starts_at=timezone.now(), message="Upgrades.")
     return await Endpoint.objects.acreate(
         cluster=where,
         framework="vllm",
@@ -107,7 +110,7 @@ async def test_the_route_stage_says_why_no_endpoint_may_serve(
     elif case == "no access":
         await Cluster.objects.filter(pk=seeded.cluster.pk).aupdate(allowed_groups=["admins"])
     elif case == "maintenance":
-        await Cluster.objects.filter(pk=seeded.cluster.pk).aupdate(maintenance=True)
+        await MaintenanceWindow.objects.acreate(cluster=seeded.cluster, starts_at=timezone.now(), message="Upgrades.")
     with pytest.raises(GatewayError) as refused:
         await endpoint_candidates(**route, principal=_caller(seeded), model=model, cluster=cluster)
     assert (refused.value.status, refused.value.code) == (status, code)

@@ -1,4 +1,5 @@
-"""The health prober: backend health asked in the background, and the route stage putting endpoints found down last."""
+"""The status board's health source: backend health asked in the background, never on the request path, and the
+route stage putting endpoints that do not answer after the others."""
 
 from __future__ import annotations
 
@@ -8,20 +9,24 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
 import orjson
 import pytest
+from django.core.cache.backends.locmem import LocMemCache
 
 from gateway.asgi import http_application
 from resource_server.auth.base import AuthKind, Principal
 from resource_server.bootstrap import Runtime
-from resource_server.dispatch.health import HealthProber
 from resource_server.models import Cluster, Endpoint
-from resource_server.selectors.endpoints import EndpointRoute, endpoint_candidates
+from resource_server.selectors.endpoints import endpoint_candidates
+from resource_server.status.base import UNPROBED, State
+from resource_server.status.board import StatusBoard
 from tests.conftest import Seeded
 from tests.gateway.test_asgi import CHAT, CHAT_PATH, call
+from tests.resource_server.status.conftest import Clock, build_board
 from tests.servers import free_port, running
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -54,17 +59,20 @@ async def _endpoint_before(base_url: str) -> Endpoint:
     )
 
 
-def _prober(runtime: Runtime, *, interval: float = 3600, timeout: float = 2.0) -> HealthProber:
-    """A prober over the runtime's backend pool and routing table, as bootstrap() builds it."""
+def _prober(runtime: Runtime, *, interval: float = 3600, timeout: float = 2.0) -> StatusBoard:
+    """A board over the runtime's backend pool and routing table, as bootstrap() builds it (with a cache of its
+    own: other tests' records of the same endpoint ids are not this test's)."""
+    return build_board(
+        runtime,
+        runtime.routing.table,
+        store=LocMemCache(f"health-{uuid.uuid4()}", {}),
+        clock=Clock(),
+        interval=interval,
+        timeout=timeout,
+    )
 
-    async def endpoints() -> list[EndpointRoute]:
-        table = await runtime.routing.table()
-        return [route for routes in table.by_model.values() for route in routes]
 
-    return HealthProber(backends=runtime.backend_pool, endpoints=endpoints, interval=interval, timeout=timeout)
-
-
-async def _candidates(runtime: Runtime, prober: HealthProber, seeded: Seeded) -> list[int]:
+async def _candidates(runtime: Runtime, prober: StatusBoard, seeded: Seeded) -> list[int]:
     user = seeded.user
     principal = Principal(user.pk, user.identity_id, user.username, AuthKind.API_KEY)
     routes = await endpoint_candidates(routing=runtime.routing, status=prober, principal=principal, model="demo-model")
@@ -74,30 +82,30 @@ async def _candidates(runtime: Runtime, prober: HealthProber, seeded: Seeded) ->
 async def test_a_server_that_stops_is_found_down_tried_last_and_logged_once(
     seeded: Seeded, runtime: Runtime, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="resource_server.dispatch.health")
+    caplog.set_level(logging.INFO, logger="resource_server.status.board")
     port = free_port()
     first = await _endpoint_before(f"http://127.0.0.1:{port}/v1")
     prober = _prober(runtime)
     with _model_server(port):
         await prober.probe()
-        state = prober.state(first.pk)
-        assert state is not None and state.ok, state
+        assert prober.status(first.pk).state is State.LIVE
         assert await _candidates(runtime, prober, seeded) == [first.pk, seeded.endpoint.pk]
+    first_seen = len(caplog.records)  # each endpoint seen live: one line each
 
     await prober.probe()
     await prober.probe()
-    down = prober.state(first.pk)
-    assert down is not None and not down.ok and down.detail
-    assert prober.is_down(first.pk) and not prober.is_down(seeded.endpoint.pk)
+    down = prober.status(first.pk)
+    assert down.state is State.OFFLINE and down.detail and not down.serving
+    assert prober.status(seeded.endpoint.pk).state is State.LIVE
     assert await _candidates(runtime, prober, seeded) == [seeded.endpoint.pk, first.pk]
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert [record.args[0] for record in warnings] == [first.pk]  # type: ignore[index]
 
     with _model_server(port):
         await prober.probe()
-        assert not prober.is_down(first.pk)
+        assert prober.status(first.pk).state is State.LIVE
         assert await _candidates(runtime, prober, seeded) == [first.pk, seeded.endpoint.pk]
-    ups = [record for record in caplog.records if record.levelno == logging.INFO]
+    ups = [record for record in caplog.records[first_seen:] if record.levelno == logging.INFO]
     assert [record.args[0] for record in ups] == [first.pk]  # type: ignore[index]
 
 
@@ -115,12 +123,12 @@ async def test_a_hanging_health_check_is_cut_by_its_timeout_and_never_holds_up_r
         )
         assert [answer.status for answer in answers] == [200, 200, 200]
         async with asyncio.timeout(10):
-            while prober.state(hanging.pk) is None:  # noqa: ASYNC110 (the prober has no event to wait on)
-                await asyncio.sleep(0.05)
+            while prober.status(hanging.pk) is UNPROBED:
+                await prober.wait_for_change(1)
     finally:
         await prober.stop()
-    state = prober.state(hanging.pk)
-    assert state is not None and not state.ok
+    state = prober.status(hanging.pk)
+    assert state.state is State.OFFLINE
     assert "within 0.5 s" in state.detail
     assert time.monotonic() - started < 10
 
@@ -131,20 +139,19 @@ async def test_the_first_probe_is_one_interval_after_start_and_zero_turns_probin
     off = _prober(runtime, interval=0)
     off.start()
     await asyncio.sleep(0.2)
-    assert off.state(seeded.endpoint.pk) is None
+    assert off.status(seeded.endpoint.pk) is UNPROBED
     await off.stop()
 
     prober = _prober(runtime, interval=0.3)
     prober.start()
     try:
-        assert prober.state(seeded.endpoint.pk) is None, "no probe at start"
+        assert prober.status(seeded.endpoint.pk) is UNPROBED, "no probe at start"
         async with asyncio.timeout(10):
-            while prober.state(seeded.endpoint.pk) is None:  # noqa: ASYNC110 (the prober has no event to wait on)
-                await asyncio.sleep(0.05)
+            while prober.status(seeded.endpoint.pk) is UNPROBED:
+                await prober.wait_for_change(1)
     finally:
         await prober.stop()
-    state = prober.state(seeded.endpoint.pk)
-    assert state is not None and state.ok
+    assert prober.status(seeded.endpoint.pk).state is State.LIVE
 
 
 async def test_one_candidate_stays_the_candidate_even_when_down(seeded: Seeded, runtime: Runtime) -> None:
@@ -152,5 +159,5 @@ async def test_one_candidate_stays_the_candidate_even_when_down(seeded: Seeded, 
     await seeded.endpoint.asave()
     prober = _prober(runtime)
     await prober.probe()
-    assert prober.is_down(seeded.endpoint.pk)
+    assert prober.status(seeded.endpoint.pk).state is State.OFFLINE
     assert await _candidates(runtime, prober, seeded) == [seeded.endpoint.pk]
