@@ -2,12 +2,15 @@
 
 `GET /resource_server/list-endpoints`: the clusters the caller may use, each with its base URL and, by
 framework, the models the caller may use there and the OpenAI routes. `GET /resource_server/status`: each of
-those clusters, true while it is up. Both are filtered by the routing table's access rules, as /v1/models is.
-As in FIRST, `/status` needs no token (monitoring scripts call it without one): it then lists the public
-clusters only, those with no access rule.
+those clusters, true while it is up. `GET /resource_server/{cluster}/jobs`: the cluster's batch jobs that
+run models the caller may use, in FIRST's buckets (selectors/jobs.py). All are filtered by the routing
+table's access rules, as /v1/models is. As in FIRST, `/status` needs no token (monitoring scripts call it
+without one): it then lists the public clusters only, those with no access rule.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from django.http import HttpRequest
 from ninja import Router, Schema
@@ -18,6 +21,7 @@ from resource_server.auth.base import AuthKind, Principal
 from resource_server.bootstrap import runtime
 from resource_server.routes import ROUTES
 from resource_server.selectors.endpoints import ClusterListing, cluster_list
+from resource_server.selectors.jobs import cluster_jobs_list
 
 router = Router(auth=bearer_auth, tags=["FIRST compatibility"])
 
@@ -102,3 +106,45 @@ async def status(request: HttpRequest) -> dict[str, bool]:
     caller = await runtime().authenticators.principal_from_authorization(authorization) if authorization else ANONYMOUS
     listings = await _listings(caller)
     return {listing.name: listing.up for listing in listings}
+
+
+class JobsByStatus(Schema):
+    """FIRST's jobs listing. Each job is FIRST's `JobInfo`: `Models`, `Framework`, `Cluster`, `Job ID`,
+    `Job State`, `Model Status`, `Host Name`, `Job Comments`, `Nodes Reserved`, `Walltime`, `Estimated Start
+    Time`, and the gateway's `Queue`, `Queue Position`, `Submitted`, `Started`, `Ends` (ISO 8601, UTC)."""
+
+    running: list[dict[str, Any]]
+    queued: list[dict[str, Any]]
+    stopped: list[dict[str, Any]]
+    others: list[dict[str, Any]]
+    private_batch_running: list[dict[str, Any]]
+    private_batch_queued: list[dict[str, Any]]
+    cluster_status: dict[str, Any]
+
+
+@router.get(
+    "/{cluster}/jobs",
+    response=JobsByStatus,
+    summary="A cluster's model jobs (FIRST's shape)",
+    operation_id="cluster_jobs",
+    openapi_extra=documented(
+        "FIRST's jobs listing: the cluster's batch jobs that run models you may use, as `running`, `queued`, "
+        "`stopped` and `others`, each with its model's state (`Model Status`: running, starting, stopping, "
+        "queued) and, for a queued job, its place in the queue and the scheduler's estimated start. "
+        "`cluster_status.jobs` says whether the lists are `known`, `stale` (the last reading failed; they are the "
+        "last known ones) or `unknown` (never read, or the cluster's scheduler is not read: empty lists then "
+        "mean nothing is known, not that nothing runs). The gateway reads the scheduler in the background; "
+        "this answer never waits for it.",
+        *AUTHENTICATED,
+        "404",
+        ok=_ok("The cluster's model jobs, by state."),
+    ),
+)
+async def jobs(request: HttpRequest, cluster: str) -> dict[str, Any]:
+    parts = runtime()
+    return await cluster_jobs_list(
+        routing=parts.routing,
+        status=parts.status,
+        principal=request.auth,  # type: ignore[attr-defined]
+        cluster=cluster,
+    )

@@ -13,13 +13,15 @@ cluster has no scheduler: the lists are empty because nothing is known, not beca
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from resource_server.auth.base import Principal
-from resource_server.selectors.endpoints import EndpointRoute, RoutingTable
+from resource_server.errors import ErrorCode, NotFound
+from resource_server.selectors.endpoints import EndpointRoute, RoutingCache, RoutingTable
 from resource_server.status.base import State, StatusView
 from resource_server.status.jobs import ClusterJobs, Job, JobState
 
@@ -51,6 +53,12 @@ class JobsReading:
     read_at: float | None = None  # wall clock of the last good reading
     error: str | None = None  # why the latest attempt failed, when it did
     configured: bool = True  # False: the cluster has no scheduler to read
+
+
+class JobsSource(StatusView, Protocol):
+    """The status board, as the jobs listing reads it: each endpoint's state and each cluster's jobs."""
+
+    def jobs(self, cluster_name: str) -> JobsReading: ...
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -120,3 +128,17 @@ def cluster_jobs(
         cluster_status["message"] = f"The cluster's scheduler could not be read: {reading.error}"
     answer["cluster_status"] = cluster_status
     return answer
+
+
+async def cluster_jobs_list(
+    *, routing: RoutingCache, status: JobsSource, principal: Principal, cluster: str
+) -> dict[str, Any]:
+    """FIRST's jobs listing of one cluster for the caller; 404 for a cluster that does not exist or that the
+    caller may not use (as FIRST: no hint that a cluster they may not use exists)."""
+    table = await routing.table()
+    known = table.clusters.get(cluster)
+    if known is None or not known.allows(principal):
+        raise NotFound(f"There is no cluster named {cluster!r} on this gateway.", code=ErrorCode.CLUSTER_NOT_FOUND)
+    return cluster_jobs(
+        table=table, cluster=cluster, principal=principal, reading=status.jobs(cluster), status=status, now=time.time()
+    )

@@ -3,6 +3,9 @@ model names in another case, through the full Django stack and, for the inferenc
 
 from __future__ import annotations
 
+import asyncio
+import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,7 +18,9 @@ from gateway.asgi import http_application
 from resource_server.bootstrap import runtime
 from resource_server.models import Cluster, Endpoint, Framework, MaintenanceWindow, RequestLog, User
 from resource_server.selectors.endpoints import ANY_FRAMEWORK
-from tests.conftest import Seeded
+from fakes.scheduler import FakeJob, Scenario
+from tests.conftest import FakeScheduler, Seeded
+from tests.resource_server.status.conftest import scheduler_commands
 from tests.gateway.test_asgi import call
 from tests.servers import free_port
 
@@ -219,3 +224,62 @@ async def test_names_that_differ_only_by_case_are_matched_exactly_or_named(seede
     assert "`Demo-Model`, `demo-model`" in body["error"]["message"]
     status, body = await post(door, "/resource_server/v1/chat/completions", CHAT, seeded)
     assert (status, body["model"]) == (200, "demo-model")
+
+
+async def test_jobs_lists_the_clusters_model_jobs_in_firsts_shape(
+    seeded: Seeded, fake_scheduler: FakeScheduler, tmp_path: Path
+) -> None:
+    """Read through the runtime's own status board: the scheduler function in the local pool, over fake PBS."""
+    commands = scheduler_commands(fake_scheduler.state_file, tmp_path / "bin")
+    now = time.time()
+    fake_scheduler.write(
+        Scenario(
+            server="polaris-pbs-01",
+            jobs=[
+                FakeJob(
+                    id="7001",
+                    name="gw-demo",
+                    user="svc",
+                    queue="demand",
+                    state="running",
+                    submitted_at=now - 90,
+                    started_at=now - 60,
+                ),
+                FakeJob(id="7002", name="gw-other", user="svc", queue="demand", state="queued", submitted_at=now),
+            ],
+        )
+    )
+    await Cluster.objects.filter(pk=seeded.cluster.pk).aupdate(
+        scheduler={"kind": "pbs", "backend": "local", "user": "svc", "commands_dir": str(commands)}
+    )
+    await Endpoint.objects.filter(pk=seeded.endpoint.pk).aupdate(scheduler_job_name="gw-demo")
+    runtime().routing.forget()
+    board = runtime().status
+    for _ in range(60):  # the first reading starts a process pool: a hang guard, not a timing assertion
+        await board.probe()
+        if board.jobs("polaris").jobs is not None:
+            break
+        await asyncio.sleep(0.5)
+
+    response = await AsyncClient().get("/resource_server/polaris/jobs", headers=seeded.auth)
+
+    assert response.status_code == 200
+    body = orjson.loads(response.content)
+    [job] = body["running"]
+    assert (job["Job ID"], job["Models"], job["Cluster"], job["Framework"]) == (
+        "7001.polaris-pbs-01",
+        "demo-model",
+        "polaris",
+        "vllm",
+    )
+    assert job["Model Status"] == "running", "its model answers the health check"
+    assert body["queued"] == [], "a job that runs no registered model is not listed"
+    assert body["cluster_status"]["jobs"] == "known" and body["cluster_status"]["scheduler"] == "pbs"
+
+
+async def test_jobs_of_a_cluster_without_a_scheduler_are_unknown_and_an_unknown_cluster_is_404(seeded: Seeded) -> None:
+    body = orjson.loads((await AsyncClient().get("/resource_server/polaris/jobs", headers=seeded.auth)).content)
+    assert body["cluster_status"]["jobs"] == "unknown" and body["running"] == []
+    missing = await AsyncClient().get("/resource_server/nowhere/jobs", headers=seeded.auth)
+    assert missing.status_code == 404 and orjson.loads(missing.content)["error"]["code"] == "cluster_not_found"
+    assert (await AsyncClient().get("/resource_server/polaris/jobs")).status_code == 401
