@@ -14,14 +14,14 @@ from asgiref.sync import sync_to_async
 from django.test import AsyncClient
 from django.utils import timezone
 
+from fakes.scheduler import FakeJob, Scenario
 from gateway.asgi import http_application
 from resource_server.bootstrap import runtime
 from resource_server.models import Cluster, Endpoint, Framework, MaintenanceWindow, RequestLog, User
 from resource_server.selectors.endpoints import ANY_FRAMEWORK
-from fakes.scheduler import FakeJob, Scenario
 from tests.conftest import FakeScheduler, Seeded
-from tests.resource_server.status.conftest import scheduler_commands
 from tests.gateway.test_asgi import call
+from tests.resource_server.status.conftest import scheduler_commands
 from tests.servers import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
