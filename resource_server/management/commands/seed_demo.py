@@ -3,6 +3,12 @@
 Two ways to one model server: `demo-model` on cluster `demo` over direct HTTP, and `demo-model-hpc` on
 cluster `local-hpc` through the `local` backend (the compute function in a local process pool, streams
 through the relay), the path a model on a Globus Compute endpoint takes.
+
+With `--second-model-url`, `demo-model` is served by a second cluster too (`demo-b`), so the route stage
+has two to choose from and fails over when one stops. With `--scheduler-commands`, cluster `demo-b` has its
+batch jobs read (PBS, through the scheduler function in a local process pool, running the commands found
+there) and serves `demo-model-big` from the batch job `demo-big`, at `--cold-model-url`: cold until a
+job starts a server there (`python -m fakes.demo_cold_start` walks it through queued, starting, live).
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ class Command(BaseCommand):
         parser.add_argument("--cluster", default="demo")
         parser.add_argument("--hpc-model", default="demo-model-hpc")
         parser.add_argument("--hpc-cluster", default="local-hpc")
+        parser.add_argument("--second-model-url", help="A second server of the model, on cluster demo-b.")
+        parser.add_argument("--scheduler-commands", help="Absolute directory of demo-b's qstat and pbsnodes.")
+        parser.add_argument("--cold-model-url", default="http://127.0.0.1:8003/v1")
+        parser.add_argument("--cold-model", default="demo-model-big")
 
     def handle(self, *args: Any, **options: Any) -> None:
         cluster, _ = Cluster.objects.update_or_create(
@@ -59,3 +69,39 @@ class Command(BaseCommand):
         self.stderr.write(
             f"{verb} endpoint {hpc_endpoint.model} on cluster {hpc_cluster.name} -> local compute function"
         )
+        if options["second_model_url"]:
+            self._second_cluster(options)
+
+    def _second_cluster(self, options: dict[str, Any]) -> None:
+        scheduler: dict[str, Any] = {}
+        if options["scheduler_commands"]:
+            scheduler = {
+                "kind": "pbs",
+                "backend": "local",
+                "user": "demo",
+                "commands_dir": options["scheduler_commands"],
+                "poll_seconds": 5,
+            }
+        cluster, _ = Cluster.objects.update_or_create(
+            name="demo-b",
+            defaults={"description": "A second demo cluster, whose batch jobs are read.", "scheduler": scheduler},
+        )
+        cluster.full_clean()
+        served = [(options["model"], options["second_model_url"], "")]
+        if scheduler:
+            served.append((options["cold_model"], options["cold_model_url"], "demo-big"))
+        for model, url, job_name in served:
+            endpoint, created = Endpoint.objects.update_or_create(
+                cluster=cluster,
+                framework=Framework.VLLM,
+                model=model,
+                defaults={
+                    "backend": "direct",
+                    "backend_config": {"base_url": url},
+                    "enabled": True,
+                    "scheduler_job_name": job_name,
+                },
+            )
+            endpoint.full_clean()
+            verb = "Created" if created else "Updated"
+            self.stderr.write(f"{verb} endpoint {model} on cluster {cluster.name} -> {url}")
