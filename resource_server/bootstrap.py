@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from resource_server.adapters.inflight import InFlight, in_flight_from_settings
 from resource_server.adapters.relay import RelayHub, relay_hub_from_settings
 from resource_server.auth.globus import GroupMemberships
 from resource_server.dispatch.globus_compute import ComputeEndpoints
@@ -49,17 +50,21 @@ class Runtime:
     authenticators: Authenticators
     routing: RoutingCache
     status: HealthProber
+    in_flight: InFlight
 
     def start(self) -> None:
         """At worker start-up, on the event loop: the usage writer (adopting journals left by stopped
-        workers) and the health prober (its first probe one interval from now)."""
+        workers), the health prober (its first probe one interval from now) and the sharing of in-flight
+        counts with the other workers (with Redis)."""
         self.usage_sink.start()
         self.status.start()
+        self.in_flight.start()
 
     async def stop(self, usage_seconds: float) -> None:
-        """At shutdown, after the requests have ended: the prober, then the usage writer within
-        `usage_seconds` (what it cannot write stays journaled for the next start)."""
+        """At shutdown, after the requests have ended: the prober and the in-flight sharing, then the usage
+        writer within `usage_seconds` (what it cannot write stays journaled for the next start)."""
         await self.status.stop()
+        await self.in_flight.stop()
         await asyncio.to_thread(self.usage_sink.stop, usage_seconds)
 
 
@@ -95,6 +100,7 @@ def bootstrap() -> Runtime:
             interval=interval,
             timeout=min(HEALTH_PROBE_TIMEOUT_SECONDS, interval) if interval > 0 else HEALTH_PROBE_TIMEOUT_SECONDS,
         ),
+        in_flight=in_flight_from_settings(),
     )
 
 

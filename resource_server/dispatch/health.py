@@ -3,7 +3,8 @@
 Every `interval` seconds it calls `Backend.health()` on each enabled endpoint's backend (from the backend
 pool, so the same instance and connections as requests), all at once and each cut at `timeout`, and keeps
 endpoint id -> `HealthState`. Never on the request path: the route stage only reads what it knows
-(`selectors/endpoints.py:endpoint_candidates` puts endpoints found down after the others).
+(`selectors/endpoints.py:endpoint_candidates`: an endpoint found down is `offline`, and is sent no request).
+Requests held for a cold model wait on `wait_for_change`; `turned_away` counts the ones answered 503 cold.
 
 This is the seam the endpoint status (live, starting, queued, offline; from backend health, Globus Compute
 endpoint status and the cluster's scheduler) will replace.
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -74,6 +76,9 @@ class HealthProber:
         self._timeout = timeout
         self._clock = clock
         self._states: dict[int, HealthState] = {}
+        self._statuses: dict[int, EndpointStatus] = {}  # what `status` answers, made once per change
+        self._waiters: set[asyncio.Future[None]] = set()  # requests held until a state changes
+        self._turned_away: Counter[int] = Counter()
         self._cards: dict[int, dict[str, dict[str, Any]]] = {}  # endpoint id -> model name -> its server's card
         self._down: set[int] = set()
         self._task: asyncio.Task[None] | None = None
@@ -88,10 +93,26 @@ class HealthProber:
 
     def status(self, endpoint_id: int) -> EndpointStatus:
         """The endpoint's state as far as its health check tells (live or offline; unknown before a probe)."""
-        health = self._states.get(endpoint_id)
-        if health is None:
-            return UNPROBED
-        return EndpointStatus(State.LIVE if health.ok else State.OFFLINE, since=health.since, detail=health.detail)
+        return self._statuses.get(endpoint_id, UNPROBED)
+
+    async def wait_for_change(self, timeout: float) -> None:  # noqa: ASYNC109 - the seam's signature (RouteStatus)
+        """Return when a probe changes an endpoint's state (or `timeout` seconds pass)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(waiter)
+
+    def turned_away(self, endpoint_id: int) -> None:
+        """Count a request answered 503 because this endpoint was cold."""
+        self._turned_away[endpoint_id] += 1
+
+    def turned_away_count(self, endpoint_id: int) -> int:
+        return self._turned_away[endpoint_id]
 
     def state(self, endpoint_id: int) -> HealthState | None:
         return self._states.get(endpoint_id)
@@ -127,6 +148,7 @@ class HealthProber:
         results = await asyncio.gather(*(self._probe_one(endpoint) for endpoint in targets.values()))
         for endpoint_id in set(self._states) - set(targets):  # disabled or removed since
             del self._states[endpoint_id]
+            self._statuses.pop(endpoint_id, None)
             self._cards.pop(endpoint_id, None)
             self._down.discard(endpoint_id)
         for endpoint_id, health in zip(targets, results, strict=True):
@@ -150,8 +172,14 @@ class HealthProber:
         if before is not None and before.ok == ok:
             if before.detail != detail:
                 self._states[endpoint_id] = HealthState(ok, detail, before.since)
+                self._statuses[endpoint_id] = _status_of(self._states[endpoint_id])
             return
-        self._states[endpoint_id] = HealthState(ok, detail, self._clock())
+        self._states[endpoint_id] = health = HealthState(ok, detail, self._clock())
+        self._statuses[endpoint_id] = _status_of(health)
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         if ok:
             self._down.discard(endpoint_id)
             if before is not None:
@@ -159,3 +187,8 @@ class HealthProber:
         else:
             self._down.add(endpoint_id)
             logger.warning("endpoint %s failed its health check: %s", endpoint_id, detail)
+
+
+def _status_of(health: HealthState) -> EndpointStatus:
+    """What a health check tells of the state: live or offline (since: on the prober's clock)."""
+    return EndpointStatus(State.LIVE if health.ok else State.OFFLINE, since=health.since, detail=health.detail)
