@@ -232,10 +232,12 @@ async def held_stream(
     meter: Meter,
     wishes: StreamWishes,
     model: str,
+    tried: bool = False,
 ) -> AsyncGenerator[bytes, None]:
     """A streamed request held for its model, as the events its client gets: a progress comment at once and at
     each look, then (a candidate serves) a comment naming the route and the model's events, or (the wait
     ended) an error event in OpenAI's envelope. The response's status is 200 already, whatever follows.
+    `tried`: the serving candidates have just refused it (as cold endpoints do); they are tried again after a look.
     """
     framing = descriptor.framing
     relaying = False
@@ -243,7 +245,7 @@ async def held_stream(
     tick = settings.GATEWAY.MAX_WAIT_PROGRESS_SECONDS
     try:
         while True:
-            if candidates.serving:
+            if candidates.serving and not tried:
                 try:
                     stream = await dispatch_stream(
                         backends=backends, candidates=candidates, request=upstream, meter=meter, held=True
@@ -251,6 +253,7 @@ async def held_stream(
                 except GatewayError as error:
                     if not holds_for(error) or hold.remaining <= 0:
                         raise
+                    tried = True
                 else:
                     yield _comment(f"x-gateway-route: {meter.record.gateway_route}")
                     relaying = True  # from here the relay records the outcome
@@ -266,8 +269,10 @@ async def held_stream(
                 shown, shown_at = line, now
                 yield line
             await hold.pause()
-            candidates = await reroute()
+            candidates, tried = await reroute(), False
     except GatewayError as error:
+        if relaying:
+            raise
         meter.finish(status=error.status, error_code=error.code)
         yield framing.error_event(error.body())
         if framing.done_event is not None:

@@ -183,6 +183,7 @@ async def inference_run(
                 meter=meter,
                 wishes=wishes,
                 model=served,
+                tried=candidates.serving > 0,
             )
             hold = None  # the held stream owns it now
             return StreamResult(events, meter.record.gateway_route)

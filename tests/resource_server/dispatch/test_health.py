@@ -67,8 +67,10 @@ def _prober(runtime: Runtime, *, interval: float = 3600, timeout: float = 2.0) -
 async def _candidates(runtime: Runtime, prober: HealthProber, seeded: Seeded) -> list[int]:
     user = seeded.user
     principal = Principal(user.pk, user.identity_id, user.username, AuthKind.API_KEY)
-    routes = await endpoint_candidates(routing=runtime.routing, status=prober, principal=principal, model="demo-model")
-    return [route.id for route in routes]
+    candidates = await endpoint_candidates(
+        routing=runtime.routing, status=prober, in_flight=runtime.in_flight, principal=principal, model="demo-model"
+    )
+    return [route.id for route in candidates.routes]
 
 
 async def test_a_server_that_stops_is_found_down_tried_last_and_logged_once(
