@@ -1,4 +1,5 @@
-"""The health prober: backend health asked in the background, and the route stage putting endpoints found down last."""
+"""The health prober: backend health asked in the background, the route stage putting endpoints found down last,
+and the requests held for a cold model woken by a change."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from resource_server.bootstrap import Runtime
 from resource_server.dispatch.health import HealthProber
 from resource_server.models import Cluster, Endpoint
 from resource_server.selectors.endpoints import EndpointRoute, endpoint_candidates
+from resource_server.status.base import State
 from tests.conftest import Seeded
 from tests.gateway.test_asgi import CHAT, CHAT_PATH, call
 from tests.servers import free_port, running
@@ -156,3 +158,30 @@ async def test_one_candidate_stays_the_candidate_even_when_down(seeded: Seeded, 
     await prober.probe()
     assert prober.is_down(seeded.endpoint.pk)
     assert await _candidates(runtime, prober, seeded) == [seeded.endpoint.pk]
+
+
+async def test_a_probe_that_changes_a_state_wakes_the_requests_waiting_for_one(
+    seeded: Seeded, runtime: Runtime
+) -> None:
+    prober = _prober(runtime)
+    waiting = asyncio.ensure_future(prober.wait_for_change(60))
+    await asyncio.sleep(0)
+    await prober.probe()  # not probed yet -> live: a change
+    async with asyncio.timeout(10):
+        await waiting
+
+    unchanged = asyncio.ensure_future(prober.wait_for_change(60))
+    await asyncio.sleep(0)
+    await prober.probe()  # live again: nothing changed
+    assert not unchanged.done()
+    unchanged.cancel()
+    assert prober.status(seeded.endpoint.pk).state is State.LIVE
+
+    await asyncio.wait_for(prober.wait_for_change(0.01), 10)  # with no change, it returns at its timeout
+
+
+def test_requests_turned_away_cold_are_counted_per_endpoint(runtime: Runtime) -> None:
+    prober = _prober(runtime)
+    prober.turned_away(7)
+    prober.turned_away(7)
+    assert (prober.turned_away_count(7), prober.turned_away_count(8)) == (2, 0)
