@@ -154,3 +154,18 @@ def test_a_held_stream_reaches_the_stock_client_as_the_models_events_once_it_is_
     for request_id in (raw_stream.headers["x-gateway-request-id"], stream.headers["x-gateway-request-id"]):
         row = usage_row(request_id=request_id)
         assert (row.status_code, row.streamed, row.gateway_route) == (200, True, served)
+
+
+def test_a_held_stream_whose_wait_ends_is_an_error_the_stock_client_raises(
+    transactional_db: None, probing_gateway: str
+) -> None:
+    seeded = seed(f"http://127.0.0.1:{free_port()}/v1", username="mary@anl.gov")  # nothing will listen there
+    _until_found_offline(probing_gateway, seeded)
+    stream = _client(probing_gateway, seeded.key).chat.completions.create(
+        model="demo-model", messages=HELLO, stream=True, extra_headers={"X-Gateway-Max-Wait": "0.5"}
+    )
+    with pytest.raises(openai.APIError) as ended:
+        list(stream)
+    assert isinstance(ended.value.body, dict)
+    assert (ended.value.body["code"], ended.value.body["status"]) == ("model_offline", "offline")
+    assert "did not answer within the 0.5 s you asked to wait" in ended.value.message

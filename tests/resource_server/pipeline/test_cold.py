@@ -22,6 +22,7 @@ from resource_server.bootstrap import Runtime, runtime
 from resource_server.models import Cluster, Endpoint, RequestLog
 from resource_server.status.base import State
 from tests.conftest import Seeded, seed
+from tests.gateway.test_asgi import assert_same_head, both
 from tests.resource_server.dispatch.test_health import _model_server
 from tests.servers import free_port
 from tests.status import ScriptedStatus, scripted_status
@@ -364,3 +365,11 @@ async def test_a_request_asked_to_wait_is_held_while_its_endpoint_refuses_connec
         assert answer.body.endswith(b"data: [DONE]\n\n") and b'"error"' not in answer.body
     else:
         assert answer.headers["x-gateway-route"] == route
+
+
+async def test_both_doors_answer_a_cold_model_alike(cold: Seeded, status: ScriptedStatus) -> None:
+    status.set(cold.endpoint.pk, State.QUEUED, queue_position=2, eta_seconds=90)
+    lean, django = await both(CHAT_PATH, orjson.dumps(CHAT), headers=cold.auth)
+    assert lean.status == 503
+    assert_same_head(lean, django)
+    assert lean.body == django.body
