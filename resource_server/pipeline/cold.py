@@ -77,10 +77,10 @@ def max_wait_parse(raw: str) -> float:
     return seconds
 
 
-def holds_for(error: GatewayError) -> bool:
+def holds_for(error: GatewayError, request: UpstreamRequest) -> bool:
     """Whether a request that asked to wait is held after its serving candidates refused it with `error`: they
     refused it as a cold endpoint does, unavailable before it ran (not a 404 route the model does not serve)."""
-    return fails_over(error) and error.status == 503
+    return fails_over(error, request) and error.status == 503
 
 
 def wake_cold(backends: BackendPool, candidates: Candidates) -> None:
@@ -251,7 +251,7 @@ async def held_stream(
                         backends=backends, candidates=candidates, request=upstream, meter=meter, held=True
                     )
                 except GatewayError as error:
-                    if not holds_for(error) or hold.remaining <= 0:
+                    if not holds_for(error, upstream) or hold.remaining <= 0:
                         raise
                     tried = True
                 else:

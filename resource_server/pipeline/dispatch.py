@@ -26,10 +26,13 @@ logger = logging.getLogger(__name__)
 Answer = TypeVar("Answer")
 
 
-def fails_over(error: GatewayError) -> bool:
+def fails_over(error: GatewayError, request: UpstreamRequest) -> bool:
     """Whether the next candidate may be tried after `error`: the request did not run (a connect failure, an
-    endpoint found offline or starting) or was refused whole (the model server's 503)."""
-    return error.never_reached or error.code == ErrorCode.UPSTREAM_UNAVAILABLE
+    endpoint found offline or starting) or was refused whole (the model server's 503). An audio upload goes to
+    the model server as the client sends it and cannot be sent twice: only one that never reached one may."""
+    if error.never_reached:
+        return True
+    return error.code == ErrorCode.UPSTREAM_UNAVAILABLE and request.form is None
 
 
 def dispatch_submit(
@@ -64,7 +67,7 @@ async def _first_taker(
         try:
             return await call(backends.get(endpoint.id, endpoint.backend, endpoint.config))
         except GatewayError as error:
-            if not fails_over(error):
+            if not fails_over(error, request):
                 raise
             meter.not_taken()
             if index == tries - 1:

@@ -167,7 +167,7 @@ async def inference_run(
                         stream_relay(stream, descriptor, meter, client=wishes), meter.record.gateway_route
                     )
                 except GatewayError as error:
-                    if not (wait and holds_for(error)):
+                    if not (wait and holds_for(error, upstream)):
                         raise
                     hold = Hold(wait=wait, status=parts.status)
             # Held: the answer starts now (200), with progress comments until a candidate serves.
@@ -199,7 +199,7 @@ async def inference_run(
                 break
             except GatewayError as error:
                 # Every serving candidate refused it as a cold endpoint does: wait on, if asked to and time is left.
-                if not (wait and holds_for(error)):
+                if not (wait and holds_for(error, upstream)):
                     raise
                 hold = hold or Hold(wait=wait, status=parts.status, client_gone=client_gone)
                 if hold.remaining <= 0:
