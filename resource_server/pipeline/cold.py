@@ -261,7 +261,7 @@ async def held_stream(
                         async for event in events:
                             yield event
                     return
-            elif hold.remaining <= 0:
+            elif not candidates.serving and hold.remaining <= 0:
                 raise cold_answer(candidates, model=model, status=status, meter=meter, waited=hold.wait)
             line = progress_comment(candidates.statuses[0])
             now = time.monotonic()
