@@ -284,9 +284,10 @@ _REASONS = {
     for state in State
     for why in (ONLY, BEST_STATE, LEAST_LOADED, PREFERRED, REGISTRY_ORDER)
 }
+_ONLY_REASONS = {state: _REASONS[state, ONLY] for state in State}  # the common case, by the state alone
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made for every request, and a frozen dataclass's __init__ costs 3x
 class Candidates:
     """The route stage's answer: the endpoints that may serve the model to the caller, best first, each with
     its status. The first `serving` of them are in a state that is sent requests (live, draining, unknown):
@@ -314,7 +315,7 @@ def candidates_ordered(routes: list[EndpointRoute], status: StatusView, in_fligh
     """`routes` (in the registry's order) best first: by state, then load, then preference, then that order."""
     if len(routes) == 1:
         only = status.status(routes[0].id)
-        return Candidates(routes, [only], 1 if only.serving else 0, _REASONS[only.state, ONLY])
+        return Candidates(routes, [only], 1 if only.serving else 0, _ONLY_REASONS[only.state])
     statuses = [status.status(route.id) for route in routes]
     keyed = sorted(
         (
