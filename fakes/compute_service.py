@@ -27,7 +27,7 @@ of worker processes), built from endpoint_configs/local/config.yaml by the endpo
 reach it as the endpoint's interchange hands them over (a packed `Task`: the registered code, then the
 submitted arguments), and its results (the 10 MiB result limit and errors included) are published as the
 interchange publishes them. Several endpoint ids may share the one engine, each with its own status and
-`allowed_functions`.
+`allowed_functions` (and whether its block is scaled in: no workers until a task comes).
 
 Fault hooks: `lose(request_id)` makes the task of that gateway request vanish (accepted, never run, never
 answered), as after an endpoint restart or a broker loss; clearing `status_gate` holds status answers back.
@@ -90,6 +90,8 @@ class Function:
 class Endpoint:
     online: bool = True
     allowed_functions: frozenset[str] | None = None  # None: any function
+    # Its block was scaled in (`min_blocks: 0`, idle): it reports no workers until a task makes it start one.
+    scaled_in: bool = False
 
 
 @dataclass
@@ -179,11 +181,13 @@ class ComputeService(asgi.App):
 
     # --- what tests and benchmarks arrange ------------------------------------------------------------
 
-    def add_endpoint(self, *, online: bool = True, allowed_functions: list[str] | None = None) -> str:
-        """A new endpoint id served by the engine."""
+    def add_endpoint(
+        self, *, online: bool = True, allowed_functions: list[str] | None = None, scaled_in: bool = False
+    ) -> str:
+        """A new endpoint id served by the engine (`scaled_in`: with no workers until its first task)."""
         endpoint_id = str(uuid.uuid4())
         allowed = None if allowed_functions is None else frozenset(allowed_functions)
-        self.endpoints[endpoint_id] = Endpoint(online=online, allowed_functions=allowed)
+        self.endpoints[endpoint_id] = Endpoint(online=online, allowed_functions=allowed, scaled_in=scaled_in)
         return endpoint_id
 
     def lose(self, request_id: str) -> None:
@@ -244,6 +248,13 @@ class ComputeService(asgi.App):
         if not endpoint.online:
             return {"status": "offline", "details": {}}
         report = self.engine.get_status_report().global_state
+        if endpoint.scaled_in:  # as the engine reports it with no block, scaling on
+            report = {**report, "managers": 0, "active_managers": 0, "total_workers": 0, "idle_workers": 0}
+            report |= {
+                "outstanding_tasks": 0,
+                "scaling_enabled": True,
+                "max_blocks": max(report.get("max_blocks", 1), 1),
+            }
         return {"status": "online", "details": {**report, "active": True}}
 
     def _submit(self, client_id: str, data: dict[str, Any], endpoint_id: str) -> dict[str, Any]:
@@ -284,6 +295,7 @@ class ComputeService(asgi.App):
                 for payload in payloads
             ]
         accepted = sum(len(task_ids) for task_ids in answer.values())
+        endpoint.scaled_in = False  # a task makes a scaled-in endpoint start a block, which runs it
         with self._lock:
             self.stats.submitted[endpoint_id] = self.stats.submitted.get(endpoint_id, 0) + accepted
         return {

@@ -74,6 +74,20 @@ class GatewaySettings(BaseSettings):
     # A live endpoint whose batch job ends within this many seconds (its walltime) is `draining`: it still
     # answers, but the route stage prefers another, and a new job should be on its way.
     STATUS_DRAIN_SECONDS: float = Field(default=600.0, ge=0, le=86400)
+    # Routing across clusters (docs/user-guide.md, "Routing and cold models"). Before the first byte reaches the
+    # client, a connect failure, a 503 or an endpoint found offline moves a request to the model's next
+    # endpoint; at most this many endpoints are tried for one request.
+    ROUTE_MAX_TRIES: int = Field(default=3, ge=1, le=20)
+    # With REDIS_URL: how often each worker publishes its requests in flight per endpoint and reads the other
+    # workers' (the route stage prefers the least loaded endpoint, reading that snapshot, never Redis itself).
+    # A worker's counts are dropped 3 periods after its last publication (a crashed worker). 0: every worker
+    # counts only its own requests.
+    ROUTE_LOAD_SHARE_SECONDS: float = Field(default=1.0, ge=0, le=60)
+    # X-Gateway-Max-Wait: the longest a client may ask the gateway to hold a request for a cold model.
+    MAX_WAIT_SECONDS: float = Field(default=900.0, ge=0, le=86400)
+    # How often a held request looks at its endpoints' states again besides each change, and how often a held
+    # stream gets a progress comment (`: status=queued position=3 eta=240`).
+    MAX_WAIT_PROGRESS_SECONDS: float = Field(default=5.0, gt=0, le=300)
     # How long a worker remembers that a key was refused (unknown, wrong secret, revoked, expired, owner
     # disabled), so a client retrying a bad key costs no query. New keys are never in it: nobody can
     # present a key before it exists.

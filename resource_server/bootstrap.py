@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
+from resource_server.adapters.inflight import InFlight, in_flight_from_settings
 from resource_server.adapters.relay import RelayHub, relay_hub_from_settings
 from resource_server.auth.globus import GroupMemberships
 from resource_server.dispatch.globus_compute import ComputeEndpoints
@@ -50,18 +51,22 @@ class Runtime:
     authenticators: Authenticators
     routing: RoutingCache
     status: StatusBoard
+    in_flight: InFlight
 
     def start(self) -> None:
         """At worker start-up, on the event loop: the usage writer (adopting journals left by stopped
-        workers) and the status board (its first round one interval from now)."""
+        workers), the status board (its first round one interval from now) and the sharing of in-flight
+        counts with the other workers (with Redis)."""
         self.usage_sink.start()
         self.status.start()
+        self.in_flight.start()
 
     async def stop(self, usage_seconds: float) -> None:
-        """At shutdown, after the requests have ended: the status board, then together the usage writer within
-        `usage_seconds` (what it cannot write stays journaled for the next start) and the Globus Compute
-        executors, without waiting for tasks (the SDK's exit hook would wait forever for a lost one)."""
+        """At shutdown, after the requests have ended: the status board and the in-flight sharing, then together
+        the usage writer within `usage_seconds` (what it cannot write stays journaled for the next start) and the
+        Globus Compute executors, without waiting for tasks (the SDK's exit hook would wait forever for a lost one)."""
         await self.status.stop()
+        await self.in_flight.stop()
         await asyncio.gather(
             asyncio.to_thread(self.compute_endpoints.close),
             asyncio.to_thread(self.usage_sink.stop, usage_seconds),
@@ -99,6 +104,7 @@ def bootstrap() -> Runtime:
             timeout=min(HEALTH_PROBE_TIMEOUT_SECONDS, interval) if interval > 0 else HEALTH_PROBE_TIMEOUT_SECONDS,
             drain_seconds=gateway.STATUS_DRAIN_SECONDS,
         ),
+        in_flight=in_flight_from_settings(),
     )
 
 

@@ -76,6 +76,11 @@ class ErrorCode(StrEnum):
         "(Usage records) the model server refused a prompt and `max_tokens` too long for the model's context.",
     )
     TOO_MANY_KEYS = "too_many_keys", 400, "You have as many active API keys as allowed: revoke one first."
+    INVALID_MAX_WAIT = (
+        "invalid_max_wait",
+        400,
+        "`X-Gateway-Max-Wait` is not a number of seconds from 0 to the gateway's limit (900 by default).",
+    )
     # 401
     MISSING_CREDENTIALS = (
         "missing_credentials",
@@ -214,7 +219,24 @@ class ErrorCode(StrEnum):
     CLUSTER_MAINTENANCE = (
         "cluster_maintenance",
         503,
-        "The model's cluster is in maintenance; the message says until when.",
+        "The model's cluster is in maintenance; the message says until when, `Retry-After` when it ends.",
+    )
+    # A cold model: no endpoint serving it answers now. The `error` object also carries `status`,
+    # `eta_seconds` and `queue_position` (see the user guide, "Cold models").
+    MODEL_STARTING = (
+        "model_starting",
+        503,
+        "The model's job runs and the model is loading: retry after `Retry-After` s (its expected start).",
+    )
+    MODEL_QUEUED = (
+        "model_queued",
+        503,
+        "The model's job waits in the cluster's queue (`queue_position`): retry after `Retry-After` s.",
+    )
+    MODEL_OFFLINE = (
+        "model_offline",
+        503,
+        "No job runs the model and its server does not answer: retry later, or send `X-Gateway-Max-Wait`.",
     )
     AUTH_UNAVAILABLE = "auth_unavailable", 503, "The gateway cannot check credentials right now: retry shortly."
     AUTH_BUSY = "auth_busy", 503, "The gateway is checking too many unfamiliar API keys at once: retry shortly."
@@ -345,6 +367,38 @@ class ServiceUnavailable(GatewayError):
 
     def __init__(self, message: str, *, retry_after: int, code: ErrorCode) -> None:
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+
+
+class ModelCold(ServiceUnavailable):
+    """No endpoint of the model serves it now: it is starting, queued, offline or in maintenance.
+
+    Beside OpenAI's fields the `error` object says the state and the numbers (`status`, `eta_seconds`,
+    `queue_position`; null when unknown), which clients that read only OpenAI's fields ignore.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: int,
+        code: ErrorCode,
+        state: str,
+        eta_seconds: int | None,
+        queue_position: int | None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after, code=code)
+        self.state = state
+        self.eta_seconds = eta_seconds
+        self.queue_position = queue_position
+
+    def envelope(self) -> dict[str, Any]:
+        envelope = super().envelope()
+        envelope["error"] |= {
+            "status": self.state,
+            "eta_seconds": self.eta_seconds,
+            "queue_position": self.queue_position,
+        }
+        return envelope
 
 
 class UpstreamError(GatewayError):

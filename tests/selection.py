@@ -60,6 +60,8 @@ TIER_OF_TEST = {
     "test_bootstrap.py::test_importing_every_product_module_builds_nothing_long_lived_and_starts_no_thread": "server",
     "test_globus_compute_exit.py::test_a_process_holding_a_lost_task_exits_once_its_executors_are_closed": "server",
     "test_selection.py::test_no_test_under_e2e_or_integration_is_unit": "server",
+    # Starts a fake model server where the held request's endpoint refused connections.
+    "test_cold.py::test_a_request_asked_to_wait_is_held_while_its_endpoint_refuses_connections": "server",
     "test_admin.py::test_pause_ends_after_the_lockout_time": "slow",  # a 1 s lockout
     "test_globus.py::test_globus_errors_are_503_and_not_cached": "slow",  # the SDK's backoff between retries
     # Real Redis (skipped without REDIS_URL, which `make test-fast` unsets), reads that outlast its 5 s timeout.

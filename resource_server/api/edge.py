@@ -17,6 +17,7 @@ from django.conf import settings
 from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 
 from resource_server.errors import ErrorCode, GatewayError, NotFound
+from resource_server.pipeline.respond import ROUTE_HEADER
 from resource_server.routes import ROUTES
 
 logger = logging.getLogger("resource_server.api")
@@ -123,11 +124,12 @@ def as_envelope(response: HttpResponseBase) -> HttpResponseBase:
     return shaped
 
 
-def stream_response(events: AsyncIterator[bytes]) -> StreamingHttpResponse:
+def stream_response(events: AsyncIterator[bytes], route: str) -> StreamingHttpResponse:
     (_, content_type), *others = SSE_HEADERS
     response = StreamingHttpResponse(events, content_type=content_type)
     for name, value in others:
         response[name] = value
+    response[ROUTE_HEADER] = route
     return response
 
 
@@ -148,8 +150,9 @@ def common_headers() -> list[tuple[bytes, bytes]]:
     return headers
 
 
-_JSON_RAW = ((b"Content-Type", JSON.encode()),)
+_JSON_RAW = (b"Content-Type", JSON.encode())
 _SSE_RAW = [(name.encode(), value.encode()) for name, value in SSE_HEADERS]
+_ROUTE_RAW = ROUTE_HEADER.encode()
 
 
 class AsgiAnswers:
@@ -171,14 +174,14 @@ class AsgiAnswers:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def send_json(self, send: Send, body: bytes, ids: RequestIds) -> None:
-        await self.send(send, 200, body, _JSON_RAW, ids)
+    async def send_json(self, send: Send, body: bytes, ids: RequestIds, route: str) -> None:
+        await self.send(send, 200, body, (_JSON_RAW, (_ROUTE_RAW, route.encode("latin1"))), ids)
 
     async def send_error(self, send: Send, error: GatewayError, ids: RequestIds) -> None:
         status, headers, body = rendered(error)
         raw = [(name.encode("latin1"), value.encode("latin1")) for name, value in headers]
         await self.send(send, status, body, raw, ids)
 
-    async def start_stream(self, send: Send, ids: RequestIds) -> None:
-        headers = [*_SSE_RAW, *self.after, *ids.raw_headers()]
+    async def start_stream(self, send: Send, ids: RequestIds, route: str) -> None:
+        headers = [*_SSE_RAW, (_ROUTE_RAW, route.encode("latin1")), *self.after, *ids.raw_headers()]
         await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -43,7 +43,7 @@ from resource_server.errors import GatewayError
 from resource_server.pipeline.parse import ClientGone
 from resource_server.pipeline.respond import JsonResult
 from resource_server.pipeline.run import inference_run
-from resource_server.routes import Route
+from resource_server.routes import ROUTES, Route
 from resource_server.services.relay import relay_deliver
 
 logger = logging.getLogger("resource_server.api")
@@ -61,7 +61,15 @@ REPRODUCED_MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 _WANTED_HEADERS = frozenset(
-    (b"host", b"authorization", b"x-api-key", b"content-length", b"content-type", b"x-request-id")
+    (
+        b"host",
+        b"authorization",
+        b"x-api-key",
+        b"content-length",
+        b"content-type",
+        b"x-request-id",
+        b"x-gateway-max-wait",
+    )
 )
 _MAX_CACHED_HOSTS = 64
 
@@ -148,9 +156,10 @@ class InferenceApp:
         receive: Receive,
         send: Send,
     ) -> None:
+        route = Route(match["route"])
         result = await inference_run(
             parts=runtime(),
-            route=Route(match["route"]),
+            route=route,
             authorization=credential_header(headers.get(b"authorization", ""), headers.get(b"x-api-key", "")),
             content_length=length if b"content-length" in headers else None,
             read_body=lambda limit: _read_body(receive, limit),
@@ -160,11 +169,15 @@ class InferenceApp:
             client_request_id=ids.client,
             cluster=match["cluster"],
             framework=match["framework"],
+            max_wait=headers.get(b"x-gateway-max-wait", ""),
+            # Once a JSON body is read, nothing else reads `receive`: a disconnect can be watched for there (a
+            # form's body is still being read on its way to the model server, so its disconnect is not).
+            client_gone=None if ROUTES[route].form else lambda: _wait_disconnect(receive),
         )
         if isinstance(result, JsonResult):
-            await self._answers.send_json(send, result.content, ids)
+            await self._answers.send_json(send, result.content, ids, result.route)
             return
-        await self._answers.start_stream(send, ids)
+        await self._answers.start_stream(send, ids, result.route)
         await _relay_until_disconnect(result.events, receive, send)
 
     async def _relay_message(

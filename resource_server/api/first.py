@@ -15,6 +15,7 @@ from typing import Any
 from django.http import HttpRequest
 from ninja import Router, Schema
 
+from resource_server.api.inference import ClusterName
 from resource_server.api.openapi import AUTHENTICATED, REQUEST_ID_HEADER, documented
 from resource_server.api.security import bearer_auth, request_authorization
 from resource_server.auth.base import AuthKind, Principal
@@ -140,7 +141,7 @@ class JobsByStatus(Schema):
         ok=_ok("The cluster's model jobs, by state."),
     ),
 )
-async def jobs(request: HttpRequest, cluster: str) -> dict[str, Any]:
+async def jobs(request: HttpRequest, cluster: ClusterName) -> dict[str, Any]:
     parts = runtime()
     return await cluster_jobs_list(
         routing=parts.routing,

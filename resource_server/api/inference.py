@@ -21,7 +21,7 @@ from resource_server.api.openapi import AUTHENTICATED, documented, inference_doc
 from resource_server.api.security import bearer_auth, request_authorization
 from resource_server.bootstrap import runtime
 from resource_server.errors import InvalidRequest
-from resource_server.pipeline.respond import JsonResult
+from resource_server.pipeline.respond import ROUTE_HEADER, JsonResult
 from resource_server.pipeline.run import inference_run
 from resource_server.routes import ROUTES, RouteDescriptor
 from resource_server.schemas import ModelList, schema_ref
@@ -60,10 +60,14 @@ async def _infer(
         client_request_id=request.client_request_id,  # type: ignore[attr-defined]
         cluster=cluster,
         framework=framework,
+        max_wait=request.headers.get("X-Gateway-Max-Wait", ""),
+        # Django's handler cancels the view when the client leaves: a held request then ends as a 499.
     )
     if isinstance(result, JsonResult):
-        return HttpResponse(result.content, content_type=JSON)
-    return stream_response(result.events)
+        response = HttpResponse(result.content, content_type=JSON)
+        response[ROUTE_HEADER] = result.route
+        return response
+    return stream_response(result.events, result.route)
 
 
 # FIRST's path parameters, with the values the docs page's "Try it out" fills in.

@@ -89,6 +89,11 @@ class Backend(Protocol):
 
     async def health(self) -> BackendHealth: ...
 
+    async def wake(self) -> None:
+        """Ask a cold endpoint to start its model, if the backend can (Globus Compute: a task that makes the
+        endpoint start a block); a no-op otherwise. Never raises: the cold path answers 503 either way."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

@@ -295,6 +295,10 @@ class ComputeBackend(ABC):
     @abstractmethod
     async def health(self) -> BackendHealth: ...
 
+    async def wake(self) -> None:
+        """A local pool starts its workers as tasks come; a backend with an endpoint to wake says how."""
+        return None
+
     async def aclose(self) -> None:
         """Executors are shared by every Endpoint that uses them, so a replaced backend leaves them running."""
         return None

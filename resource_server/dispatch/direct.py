@@ -248,6 +248,10 @@ class DirectBackend:
         cards = model_cards(json_or_none(response.content)) if ok else ()
         return BackendHealth(ok=ok, detail=f"HTTP {response.status}", models=cards)
 
+    async def wake(self) -> None:
+        """A model server reached directly is started by its admins, not by the gateway."""
+        return None
+
     async def aclose(self) -> None:
         pools = list(self._pools.values())
         self._pools.clear()

@@ -488,6 +488,24 @@ class GlobusComputeBackend(ComputeBackend):
                 code=ErrorCode.COMPUTE_UNAVAILABLE,
             ) from None
 
+    async def wake(self) -> None:
+        """A connected endpoint without workers that can start a block gets one warm-up task (as a request that
+        finds it so would send): the cold path's answer then also starts the model. Nothing else is sent."""
+        try:
+            status = await self._endpoints.status(self._credentials, self._endpoint_id)
+            cold = status.online and status.workers == 0 and status.can_start is not False
+            if cold and not self._endpoints.recently_ran(self._credentials, self._endpoint_id):
+                await self._warm_up()
+        except Exception as exc:
+            logger.warning("waking %s failed: %s", self.label, type(exc).__name__)
+
+    async def _warm_up(self) -> None:
+        """One warm-up task per endpoint in flight at a time (a health task: its block must start to run it)."""
+        warm_up = {"mode": "health", "vllm": self.config.vllm.model_dump()}
+        await self._endpoints.warm_up(
+            self._credentials, self._endpoint_id, self._function_id, warm_up, lifetime=self.config.task_timeout
+        )
+
     async def _no_workers(self, request: UpstreamRequest, status: EndpointStatus) -> ServiceUnavailable:
         """The answer for an endpoint without workers: starting one (after a warm-up task), or none to come."""
         model = request.body.get("model")
@@ -500,11 +518,8 @@ class GlobusComputeBackend(ComputeBackend):
                 code=ErrorCode.ENDPOINT_NO_WORKERS,
             )
         else:
-            warm_up = {"mode": "health", "vllm": self.config.vllm.model_dump()}
             try:
-                await self._endpoints.warm_up(
-                    self._credentials, self._endpoint_id, self._function_id, warm_up, lifetime=self.config.task_timeout
-                )
+                await self._warm_up()
             except Exception as exc:
                 logger.warning("warm-up submission to %s failed: %s", self.label, type(exc).__name__)
             refused = ServiceUnavailable(

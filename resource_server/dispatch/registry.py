@@ -22,6 +22,7 @@ from resource_server.dispatch.base import Backend
 from resource_server.dispatch.direct import DirectBackend, DirectConfig
 from resource_server.dispatch.globus_compute import ComputeEndpoints, GlobusComputeBackend, GlobusComputeConfig
 from resource_server.dispatch.local import LocalBackend, LocalConfig, LocalExecutors
+from resource_server.errors import GatewayError
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,7 @@ class BackendPool:
         # endpoint id -> (backend name, config as JSON, the config object last seen, the instance)
         self._live: dict[int, tuple[str, str, BaseModel, Backend]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._waking: set[asyncio.Task[None]] = set()
 
     def get(self, endpoint_id: int, backend: str, config: BaseModel) -> Backend:
         live = self._live.get(endpoint_id)
@@ -101,3 +103,13 @@ class BackendPool:
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
         return instance
+
+    def wake(self, endpoint_id: int, backend: str, config: BaseModel) -> None:
+        """Ask the endpoint to start its model (`Backend.wake`) in the background: a cold answer never waits."""
+        try:
+            instance = self.get(endpoint_id, backend, config)
+        except GatewayError:
+            return  # a misconfigured backend (logged where it was built) has nothing to wake
+        waking = asyncio.get_running_loop().create_task(instance.wake())
+        self._waking.add(waking)  # the loop holds tasks only weakly
+        waking.add_done_callback(self._waking.discard)

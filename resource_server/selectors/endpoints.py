@@ -1,5 +1,10 @@
 """Which endpoint serves a model for a caller, read from a routing table each worker keeps.
 
+The route stage (`endpoint_candidates`) orders a model's endpoints that the caller may use: by state (`RANK`:
+live, draining, unknown, starting, queued, offline, maintenance), then least loaded (requests in flight, as
+this gateway counts them: `adapters/inflight.py`), then the admin's `Endpoint.preference` (higher first),
+then the registry's order. It only reads what is kept in memory: the table, the states, the counts.
+
 The table is reloaded from the database at most every ROUTING_CACHE_SECONDS, so admin changes
 reach every worker within that time without a query on each request.
 
@@ -25,12 +30,13 @@ from django.db import DatabaseError
 from django.utils import timezone
 from pydantic import BaseModel, ValidationError
 
+from resource_server.adapters.inflight import InFlight
 from resource_server.auth.base import Principal
 from resource_server.backend_kinds import BACKEND_KINDS
 from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
 from resource_server.errors import ErrorCode, InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
 from resource_server.models import Cluster, Endpoint, MaintenanceWindow
-from resource_server.status.base import RANK, StatusView
+from resource_server.status.base import RANK, EndpointStatus, State, StatusView
 from resource_server.status.scheduler import SchedulerConfig, scheduler_config
 
 logger = logging.getLogger(__name__)
@@ -124,6 +130,8 @@ class EndpointRoute:
     created: int
     maintenance_message: str | None  # of the maintenance window in force (its own or its cluster's) at the read
     rules: tuple[AccessRule, AccessRule]
+    preference: int  # among endpoints in the same state and equally loaded, the higher goes first
+    header: str  # the start of its X-Gateway-Route answer header, "cluster=polaris; endpoint=17; reason="
     job_name: str = ""  # the batch job that runs its model server (Endpoint.scheduler_job_name)
     maintenance_ends: float | None = None  # that window's end (wall clock); None: open-ended, or no window
 
@@ -177,6 +185,8 @@ def _load_table() -> RoutingTable:
                     _rule(cluster.allowed_groups, cluster.allowed_domains),
                     _rule(endpoint.allowed_groups, endpoint.allowed_domains),
                 ),
+                preference=endpoint.preference,
+                header=f"cluster={cluster.name}; endpoint={endpoint.pk}; reason=",
                 job_name=endpoint.scheduler_job_name,
             )
         )
@@ -310,23 +320,93 @@ def _routes_named(table: RoutingTable, model: str) -> list[EndpointRoute]:
     return table.by_model[names[0]] if names else []
 
 
+# Why the first candidate beat the one after it (the X-Gateway-Route header's reason, after the state).
+ONLY = "only"  # the model has one endpoint the caller may use (on the path's cluster)
+BEST_STATE = "best_state"  # the others are in states further down RANK
+LEAST_LOADED = "least_loaded"  # as good a state, fewer requests in flight
+PREFERRED = "preferred"  # as good a state, as loaded, a higher Endpoint.preference
+REGISTRY_ORDER = "registry_order"  # equal in all that: the registry's order (model, then cluster name)
+HELD = "held"  # the request was held for a cold model (X-Gateway-Max-Wait)
+FAILOVER_FROM = "failover_from="  # + an endpoint id: that endpoint was tried first and did not take the request
+# "live,only", ...: made once, so the common header is one concatenation.
+_REASONS = {
+    (state, why): f"{state},{why}"
+    for state in State
+    for why in (ONLY, BEST_STATE, LEAST_LOADED, PREFERRED, REGISTRY_ORDER)
+}
+_ONLY_REASONS = {state: _REASONS[state, ONLY] for state in State}  # the common case, by the state alone
+
+
+@dataclass(slots=True)  # not frozen: made for every request, and a frozen dataclass's __init__ costs 3x
+class Candidates:
+    """The route stage's answer: the endpoints that may serve the model to the caller, best first, each with
+    its status. The first `serving` of them are in a state that is sent requests (live, draining, unknown):
+    the route stage's order puts them first. `reason` says why the first one beat the others."""
+
+    routes: list[EndpointRoute]
+    statuses: list[EndpointStatus]
+    serving: int
+    reason: str
+
+    def route_header(self, index: int = 0, *, held: bool = False) -> str:
+        """The X-Gateway-Route header of the request sent to `routes[index]` (after the ones before it failed to
+        take it): `cluster=polaris; endpoint=17; reason=live,least_loaded`."""
+        route = self.routes[index]
+        if index == 0 and not held:
+            return route.header + self.reason
+        tokens = [self.reason] if index == 0 else [self.statuses[index].state.value]
+        tokens += [f"{FAILOVER_FROM}{failed.id}" for failed in self.routes[:index]]
+        if held:
+            tokens.append(HELD)
+        return route.header + ",".join(tokens)
+
+
+def candidates_ordered(routes: list[EndpointRoute], status: StatusView, in_flight: InFlight) -> Candidates:
+    """`routes` (in the registry's order) best first: by state, then load, then preference, then that order."""
+    if len(routes) == 1:
+        only = status.status(routes[0].id)
+        return Candidates(routes, [only], 1 if only.serving else 0, _ONLY_REASONS[only.state])
+    statuses = [status.status(route.id) for route in routes]
+    keyed = sorted(
+        (
+            (RANK[state.state], in_flight.load(route.id), -route.preference, index)
+            for index, (route, state) in enumerate(zip(routes, statuses, strict=True))
+        )
+    )
+    first, second = keyed[0], keyed[1]
+    why = (
+        BEST_STATE
+        if first[0] < second[0]
+        else LEAST_LOADED
+        if first[1] < second[1]
+        else PREFERRED
+        if first[2] < second[2]
+        else REGISTRY_ORDER
+    )
+    ordered = [statuses[key[3]] for key in keyed]
+    return Candidates(
+        routes=[routes[key[3]] for key in keyed],
+        statuses=ordered,
+        serving=sum(1 for state in ordered if state.serving),
+        reason=_REASONS[ordered[0].state, why],
+    )
+
+
 async def endpoint_candidates(
     *,
     routing: RoutingCache,
     status: StatusView,
+    in_flight: InFlight,
     principal: Principal,
     model: str,
     cluster: str | None = None,
     framework: str | None = None,
-) -> list[EndpointRoute]:
-    """The route stage: the endpoints that may serve `model` to `principal`, best first, or the error that
-    explains why none may (no such model or cluster, no access, every one under maintenance). Each candidate's
-    `model` is the name as served, which differs from `model` when that matched it only by case.
-
-    Each candidate is allowed to the caller and not under maintenance. The order is the registry's, except
-    that endpoints whose status says they do not answer go after the others (a stable sort). When every one
-    is under maintenance: 503 with the window's message, Retry-After the seconds to the soonest end (300 for
-    an open-ended window).
+) -> Candidates:
+    """The route stage: the endpoints that may serve `model` to `principal`, best first (see the module's
+    docstring), or the error that explains why none may (no such model or cluster, no access, every one under
+    maintenance). Each candidate's `model` is the name as served, which differs from `model` when that matched
+    it only by case. Candidates in a state that is not sent requests (starting, queued, offline, maintenance)
+    come last; when every one is, the model is cold (the pipeline answers 503 or holds the request).
     """
     table = await routing.table()
     scope = _framework_scope(table, cluster, framework)
@@ -352,9 +432,7 @@ async def endpoint_candidates(
             retry_after=maintenance_retry_after(allowed, now=time.time()),
             code=ErrorCode.CLUSTER_MAINTENANCE,
         )
-    if len(candidates) > 1:
-        candidates.sort(key=lambda route: not status.status(route.id).serving)
-    return candidates
+    return candidates_ordered(candidates, status, in_flight)
 
 
 # Retry-After of a model whose every endpoint is in an open-ended maintenance window: when to look again.

@@ -53,3 +53,17 @@ class StatusView(Protocol):
     """What the route stage and the listings read: never blocks, never touches the network."""
 
     def status(self, endpoint_id: int) -> EndpointStatus: ...
+
+
+class RouteStatus(StatusView, Protocol):
+    """What the route stage needs besides each endpoint's status: to hold a request for a cold model until a
+    state changes, and to count the requests it turned away cold (an operations metric, per endpoint)."""
+
+    # A timeout of its own, not asyncio.timeout around it: a held request's wait is "a change or the next look".
+    async def wait_for_change(self, timeout: float) -> bool:  # noqa: ASYNC109 - see the line above
+        """Return when any endpoint's state changes (True), or after `timeout` seconds (False), whichever first."""
+        ...
+
+    def turned_away(self, endpoint_id: int) -> None:
+        """Count one request answered 503 because this endpoint (its model's best) was cold."""
+        ...

@@ -252,12 +252,15 @@ def test_a_timeout_in_one_request_does_not_disturb_ten_others_in_flight(hpc: Hpc
     slow_reply: dict[str, Any] = {"max_tokens": 12, "extra_body": {"fake_vllm": {"latency": 1.5}}}
     expected_stream, expected_reply = hpc.reference(max_tokens=30), hpc.reference(max_tokens=12)
 
+    # On the patient cluster's path: the generic one would spread them over both clusters (least loaded first).
     def streamed() -> str:
-        chunks = hpc.client().chat.completions.create(model="demo-model", messages=HELLO, stream=True, **slow_stream)
+        chunks = hpc.client("local-hpc").chat.completions.create(
+            model="demo-model", messages=HELLO, stream=True, **slow_stream
+        )
         return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
 
     def replied() -> str:
-        reply = hpc.client().chat.completions.create(model="demo-model", messages=HELLO, **slow_reply)
+        reply = hpc.client("local-hpc").chat.completions.create(model="demo-model", messages=HELLO, **slow_reply)
         return reply.choices[0].message.content or ""
 
     def stuck() -> openai.APIStatusError:

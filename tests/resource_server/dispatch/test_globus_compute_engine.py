@@ -97,3 +97,22 @@ async def test_the_result_watcher_hands_results_over_at_the_settings_pace(
     (executor,) = endpoints._executors.values()
     watcher = _RESULT_WATCHERS[executor.task_group_id]  # type: ignore[attr-defined]  # an SDK Executor
     assert watcher.poll_period_s == 0.02  # the SDK's own is 0.5 s
+
+
+async def test_waking_sends_a_scaled_in_endpoint_one_warm_up_task_and_others_nothing(
+    compute: RunningCompute, endpoints: ComputeEndpoints, model_server: str, function_id: str
+) -> None:
+    # The route stage's cold path wakes every cold candidate, each request: only a connected endpoint without
+    # workers gets a task (one, however many requests wake it), which makes it start a block.
+    scaled_in = compute.service.add_endpoint(scaled_in=True)
+    with_workers, offline = compute.service.add_endpoint(), compute.service.add_endpoint(online=False)
+    backends = {
+        endpoint_id: backend(endpoints, model_server, endpoint_id=endpoint_id, function_id=function_id)
+        for endpoint_id in (scaled_in, with_workers, offline)
+    }
+
+    await asyncio.gather(*(on_line.wake() for on_line in backends.values() for _ in range(3)))
+
+    await _eventually(lambda: endpoints.recently_ran(GATEWAY, scaled_in), "the warm-up task's answer")
+    submitted = compute.service.stats.submitted
+    assert (submitted.get(scaled_in), submitted.get(with_workers), submitted.get(offline)) == (1, None, None)

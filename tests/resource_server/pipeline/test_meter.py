@@ -61,7 +61,12 @@ class Upstream:
 def _meter(seeded: Seeded, request_id: str) -> tuple[Meter, Settled]:
     principal = Principal(seeded.user.pk, seeded.user.identity_id, seeded.user.username, AuthKind.API_KEY)
     meter = Meter(
-        sink=runtime().usage_sink, principal=principal, route=Route.CHAT, request_id=request_id, client_request_id=""
+        sink=runtime().usage_sink,
+        in_flight=runtime().in_flight,
+        principal=principal,
+        route=Route.CHAT,
+        request_id=request_id,
+        client_request_id="",
     )
     meter.reservation = settled = Settled()
     return meter, settled
@@ -84,7 +89,7 @@ async def test_the_admit_stage_admits_every_request_for_now(seeded: Seeded) -> N
 
 async def test_a_json_answer_leaves_one_row_with_its_usage_and_settles_once(seeded: Seeded) -> None:
     meter, settled = _meter(seeded, "meter-json-0001")
-    meter.dispatching(seeded.endpoint.pk)
+    meter.dispatching(seeded.endpoint.pk, "cluster=polaris; endpoint=1; reason=live,only")
     answer = orjson.dumps({"choices": [], "usage": USAGE})
     assert answer_json(answer, CHAT, meter).content == answer
     row = await _row("meter-json-0001")
@@ -92,14 +97,35 @@ async def test_a_json_answer_leaves_one_row_with_its_usage_and_settles_once(seed
     assert settled.records == [meter.record]
 
 
-async def test_a_failover_names_the_endpoint_tried_last(seeded: Seeded) -> None:
+async def test_a_failover_names_the_endpoint_tried_last_and_its_route(seeded: Seeded) -> None:
     meter, settled = _meter(seeded, "meter-fail-0001")
-    meter.dispatching(seeded.endpoint.pk + 100)
-    meter.dispatching(seeded.endpoint.pk)
+    first, last = seeded.endpoint.pk + 100, seeded.endpoint.pk
+    meter.dispatching(first, f"cluster=aurora; endpoint={first}; reason=live,least_loaded")
+    meter.not_taken()
+    failed_over = f"cluster=polaris; endpoint={last}; reason=live,failover_from={first}"
+    meter.dispatching(last, failed_over)
     meter.finish(status=503, error_code="upstream_unreachable")
     row = await _row("meter-fail-0001")
-    assert (row.status_code, row.error_code, row.endpoint_id) == (503, "upstream_unreachable", seeded.endpoint.pk)
+    assert (row.status_code, row.error_code, row.endpoint_id) == (503, "upstream_unreachable", last)
+    assert row.gateway_route == failed_over
     assert len(settled.records) == 1
+
+
+async def test_a_request_counts_in_flight_on_the_endpoint_it_is_at_until_it_ends(seeded: Seeded) -> None:
+    in_flight = runtime().in_flight
+    first, last = seeded.endpoint.pk + 100, seeded.endpoint.pk
+    one, _ = _meter(seeded, "meter-load-0001")
+    other, _ = _meter(seeded, "meter-load-0002")
+    one.dispatching(first, "route")
+    other.dispatching(first, "route")
+    assert (in_flight.load(first), in_flight.load(last)) == (2, 0)
+    one.not_taken()  # the first endpoint refused it before it ran: it goes on to the next
+    one.dispatching(last, "route")
+    assert (in_flight.load(first), in_flight.load(last)) == (1, 1)
+    one.finish(status=200)
+    other.finish(status=502, error_code="upstream_error")
+    assert (in_flight.load(first), in_flight.load(last)) == (0, 0)
+    assert in_flight.mine() == {}
 
 
 async def test_a_stream_hides_the_usage_chunk_not_asked_for_but_meters_it(seeded: Seeded) -> None:

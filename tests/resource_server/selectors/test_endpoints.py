@@ -53,7 +53,7 @@ async def test_a_table_past_its_lifetime_is_reloaded_before_it_is_used(
 
 def _route_parts(runtime: Runtime) -> dict[str, Any]:
     """What the route stage is handed from the runtime."""
-    return {"routing": runtime.routing, "status": runtime.status}
+    return {"routing": runtime.routing, "status": runtime.status, "in_flight": runtime.in_flight}
 
 
 def _caller(seeded: Seeded, groups: frozenset[str] = frozenset()) -> Principal:
@@ -82,13 +82,13 @@ async def test_the_route_stage_gives_every_allowed_endpoint_not_in_maintenance_i
     await _endpoint("crux", maintenance=True)
     await _endpoint("sophia", groups=("other-group",))
     candidates = await endpoint_candidates(**route, principal=_caller(seeded), model="demo-model")
-    assert [route.id for route in candidates] == [first.pk, seeded.endpoint.pk]
+    assert [route.id for route in candidates.routes] == [first.pk, seeded.endpoint.pk]
     on_polaris = await endpoint_candidates(**route, principal=_caller(seeded), model="demo-model", cluster="polaris")
-    assert [route.id for route in on_polaris] == [seeded.endpoint.pk]
+    assert [route.id for route in on_polaris.routes] == [seeded.endpoint.pk]
     with_group = await endpoint_candidates(
         **route, principal=_caller(seeded, frozenset({"other-group"})), model="demo-model"
     )
-    assert len(with_group) == 3
+    assert len(with_group.routes) == 3
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,7 @@ async def _named(model: str, cluster: str = "polaris") -> Endpoint:
 
 async def test_a_name_in_another_case_finds_the_one_model_it_folds_to(seeded: Seeded, runtime: Runtime) -> None:
     candidates = await endpoint_candidates(**_route_parts(runtime), principal=_caller(seeded), model="Demo-MODEL")
-    assert [(route.id, route.model) for route in candidates] == [(seeded.endpoint.pk, "demo-model")]
+    assert [(route.id, route.model) for route in candidates.routes] == [(seeded.endpoint.pk, "demo-model")]
     table = await runtime.routing.table()
     assert table.by_folded_name == {"demo-model": ("demo-model",)}, "the lookup is computed once, with the table"
 
@@ -134,9 +134,9 @@ async def test_an_exact_name_wins_over_names_that_differ_only_by_case(seeded: Se
     upper = await _named("Demo-Model")
     route = _route_parts(runtime)
     exact = await endpoint_candidates(**route, principal=_caller(seeded), model="Demo-Model")
-    assert [candidate.id for candidate in exact] == [upper.pk]
+    assert [candidate.id for candidate in exact.routes] == [upper.pk]
     exact = await endpoint_candidates(**route, principal=_caller(seeded), model="demo-model")
-    assert [candidate.id for candidate in exact] == [seeded.endpoint.pk]
+    assert [candidate.id for candidate in exact.routes] == [seeded.endpoint.pk]
     with pytest.raises(GatewayError) as ambiguous:
         await endpoint_candidates(**route, principal=_caller(seeded), model="DEMO-MODEL")
     assert (ambiguous.value.status, ambiguous.value.code, ambiguous.value.param) == (404, "model_not_found", "model")
@@ -158,8 +158,8 @@ async def test_the_api_framework_scope_is_every_framework_of_the_named_cluster(
     on_polaris = await endpoint_candidates(
         **route, principal=_caller(seeded), model="demo-model", cluster="polaris", framework="api"
     )
-    assert {candidate.id for candidate in on_polaris} == {seeded.endpoint.pk, on_sglang.pk}
+    assert {candidate.id for candidate in on_polaris.routes} == {seeded.endpoint.pk, on_sglang.pk}
     only_vllm = await endpoint_candidates(
         **route, principal=_caller(seeded), model="demo-model", cluster="polaris", framework="vllm"
     )
-    assert [candidate.id for candidate in only_vllm] == [seeded.endpoint.pk]
+    assert [candidate.id for candidate in only_vllm.routes] == [seeded.endpoint.pk]

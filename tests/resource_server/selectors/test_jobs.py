@@ -29,6 +29,8 @@ def _route(
         created=0,
         maintenance_message=None,
         rules=(OPEN, rule),
+        preference=0,
+        header=f"cluster={cluster}; endpoint={endpoint_id}; reason=",
         job_name=job_name,
     )
 

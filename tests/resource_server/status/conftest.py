@@ -105,6 +105,8 @@ def direct_route(
         created=0,
         maintenance_message=maintenance,
         rules=(OPEN, OPEN),
+        preference=0,
+        header=f"cluster={cluster}; endpoint={endpoint_id}; reason=",
         maintenance_ends=maintenance_ends,
     )
 

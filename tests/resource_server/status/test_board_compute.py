@@ -78,6 +78,8 @@ def _route(endpoint_id: str, *, job_name: str = "") -> EndpointRoute:
         created=0,
         maintenance_message=None,
         rules=(OPEN, OPEN),
+        preference=0,
+        header="cluster=polaris; endpoint=5; reason=",
         job_name=job_name,
     )
 

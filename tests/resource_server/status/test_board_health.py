@@ -75,8 +75,10 @@ def _prober(runtime: Runtime, *, interval: float = 3600, timeout: float = 2.0) -
 async def _candidates(runtime: Runtime, prober: StatusBoard, seeded: Seeded) -> list[int]:
     user = seeded.user
     principal = Principal(user.pk, user.identity_id, user.username, AuthKind.API_KEY)
-    routes = await endpoint_candidates(routing=runtime.routing, status=prober, principal=principal, model="demo-model")
-    return [route.id for route in routes]
+    candidates = await endpoint_candidates(
+        routing=runtime.routing, status=prober, in_flight=runtime.in_flight, principal=principal, model="demo-model"
+    )
+    return [route.id for route in candidates.routes]
 
 
 async def test_a_server_that_stops_is_found_down_tried_last_and_logged_once(
@@ -161,3 +163,23 @@ async def test_one_candidate_stays_the_candidate_even_when_down(seeded: Seeded, 
     await prober.probe()
     assert prober.status(seeded.endpoint.pk).state is State.OFFLINE
     assert await _candidates(runtime, prober, seeded) == [seeded.endpoint.pk]
+
+
+async def test_a_probe_that_changes_a_state_wakes_the_requests_waiting_for_one(
+    seeded: Seeded, runtime: Runtime
+) -> None:
+    prober = _prober(runtime)
+    waiting = asyncio.ensure_future(prober.wait_for_change(60))
+    await asyncio.sleep(0)
+    await prober.probe()  # not probed yet -> live: a change
+    async with asyncio.timeout(10):
+        await waiting
+
+    unchanged = asyncio.ensure_future(prober.wait_for_change(60))
+    await asyncio.sleep(0)
+    await prober.probe()  # live again: nothing changed
+    assert not unchanged.done()
+    unchanged.cancel()
+    assert prober.status(seeded.endpoint.pk).state is State.LIVE
+
+    await asyncio.wait_for(prober.wait_for_change(0.01), 10)  # with no change, it returns at its timeout
