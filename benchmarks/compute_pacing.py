@@ -154,18 +154,22 @@ def _measure(
         levels = []
         for rate in rates:
             # A fresh Executor per rate: the SDK's burst window starts empty, as on a gateway worker's start.
+            endpoints = ComputeEndpoints()
             parts = {
                 "service": compute.service,
-                "endpoints": ComputeEndpoints(),
+                "endpoints": endpoints,
                 "credentials": credentials,
                 "endpoint_id": endpoint_id,
                 "function_id": function_id,
                 "vllm": vllm,
             }
-            asyncio.run(_at_rate(parts, 1.0, WARM_UP_REQUESTS))  # the executor, its watcher and the engine warm
-            time.sleep(max(SDK_PACING["GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS"], 1))  # and the burst window empty
-            print(f"{pacing}: {rate:g} req/s for {seconds:g} s", file=sys.stderr, flush=True)
-            levels.append(asyncio.run(_at_rate(parts, rate, seconds)) | {"pacing": pacing})
+            try:
+                asyncio.run(_at_rate(parts, 1.0, WARM_UP_REQUESTS))  # the executor, its watcher and the engine warm
+                time.sleep(max(SDK_PACING["GLOBUS_COMPUTE_API_BURST_WINDOW_SECONDS"], 1))  # and the burst window empty
+                print(f"{pacing}: {rate:g} req/s for {seconds:g} s", file=sys.stderr, flush=True)
+                levels.append(asyncio.run(_at_rate(parts, rate, seconds)) | {"pacing": pacing})
+            finally:
+                endpoints.close()  # a task the engine lost must not hold the run at exit
         return levels
     finally:
         settings.GATEWAY = base
