@@ -334,6 +334,8 @@ class ComputeStream:
         self._seq = 0
         self._ready: list[bytes] = []
         self._ended = False
+        # An error relayed after events not yet given out: raised once they are (one read may bring both).
+        self._failure: GatewayError | None = None
 
     async def start(self) -> None:
         """Wait for the first message, so that a refusal (e.g. a prompt too long) is raised before streaming."""
@@ -345,6 +347,8 @@ class ComputeStream:
             events, self._ready = self._ready, []
             for event in events:
                 yield event
+            if self._failure is not None:
+                raise self._failure
             if self._ended:
                 return
             self._take(await self._receive(self._idle, first=False))
@@ -361,7 +365,14 @@ class ComputeStream:
             self._seq += 1
             if message.error is not None:
                 error = message.error
-                raise task_error(error.status, error.code, error.message, server=self._backend.label, body=error.body)
+                failure = task_error(
+                    error.status, error.code, error.message, server=self._backend.label, body=error.body
+                )
+                if not self._ready:
+                    raise failure
+                # Events came before it in the same read: the client gets them first, then the error.
+                self._failure, self._ended = failure, True
+                return
             if message.done:
                 self._ended = True
                 return
