@@ -6,12 +6,17 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from fakes.model_server import FakeServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,3 +116,31 @@ def server_database_url() -> str:
         return f"sqlite:///{config['NAME']}"
     password = f":{config['PASSWORD']}" if config["PASSWORD"] else ""
     return f"postgres://{config['USER']}{password}@{config['HOST']}:{config['PORT'] or 5432}/{config['NAME']}"
+
+
+@contextmanager
+def fake_model_server_in_thread(config: FakeServerConfig, *, port: int = 0) -> Iterator[str]:
+    """The fake model server under uvicorn in a thread of this process on `port` (0: a free one; a given port may
+    be served again after it stops); yields its base URL (without /v1)."""
+    import uvicorn  # here: most tests that import this module start no server in-process
+
+    from fakes.model_server import create_app
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    bound = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", access_log=False, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the fake model server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

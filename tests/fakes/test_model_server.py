@@ -11,16 +11,14 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from fakes.model_server import (
     CHAT_TOKENS_PER_MESSAGE,
@@ -29,11 +27,10 @@ from fakes.model_server import (
     FakeServerConfig,
     add_arguments,
     config_from_options,
-    create_app,
     main,
 )
 from tests.audio import wav_clip
-from tests.servers import ROOT
+from tests.servers import ROOT, fake_model_server_in_thread
 
 MODELS = ("demo-model", "other-model")
 SYSTEM = "You are terse"  # 3 words
@@ -42,26 +39,9 @@ CHAT = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUEST
 CHAT_PROMPT_TOKENS = 2 * CHAT_TOKENS_PER_MESSAGE + 3 + 5
 
 
-@contextmanager
-def serving(config: FakeServerConfig) -> Iterator[str]:
+def serving(config: FakeServerConfig) -> AbstractContextManager[str]:
     """Run the app under uvicorn in a thread on a free loopback port; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the fake model server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    return fake_model_server_in_thread(config)
 
 
 @pytest.fixture(scope="module")

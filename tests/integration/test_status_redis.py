@@ -21,8 +21,8 @@ from tests.resource_server.status.conftest import (
     direct_route,
     fake_vllm,
     fixed_table,
-    free_loopback_port,
 )
+from tests.servers import free_port
 
 pytestmark = pytest.mark.skipif(not os.environ.get("REDIS_URL"), reason="needs REDIS_URL pointing at Redis")
 
@@ -42,7 +42,7 @@ async def test_two_workers_on_one_redis_log_each_change_once_and_agree_on_since(
 ) -> None:
     caplog.set_level(logging.INFO, logger="resource_server.status.board")
     clock = Clock()
-    port = free_loopback_port()
+    port = free_port()
     table = fixed_table(direct_route(9, f"http://127.0.0.1:{port}/v1"))
     first, second = (build_board(runtime, table, store=on_redis, clock=clock) for _ in range(2))
 

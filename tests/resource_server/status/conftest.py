@@ -4,8 +4,6 @@ composition root builds them."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -13,10 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 from django.core.cache.backends.locmem import LocMemCache
 
-from fakes.model_server import FakeServerConfig, create_app
+from fakes.model_server import FakeServerConfig
 from fakes.scheduler.scenario import COMMANDS, COMMANDS_DIR, STATE_VARIABLE
 from resource_server.auth.base import AuthKind, Principal
 from resource_server.bootstrap import Runtime
@@ -28,6 +25,7 @@ from resource_server.selectors.endpoints import AccessRule, EndpointRoute, Routi
 from resource_server.status.board import StatusBoard
 from resource_server.status.scheduler import SchedulerFunction, SchedulerReader
 from resource_server.status.shared import Shared
+from tests.servers import fake_model_server_in_thread
 
 OPEN = AccessRule(frozenset(), frozenset())
 CALLER = Principal(1, "id-1", "ada@anl.gov", AuthKind.API_KEY)
@@ -57,33 +55,11 @@ def store() -> LocMemCache:
     return LocMemCache(f"status-test-{uuid.uuid4()}", {})
 
 
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextmanager
 def fake_vllm(port: int, *models: str) -> Iterator[str]:
     """The fake vLLM in a thread of this process on `port` (it can come back on the same port); yields /v1."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    config = FakeServerConfig(models=models or ("demo-model",))
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the fake model server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with fake_model_server_in_thread(FakeServerConfig(models=models or ("demo-model",)), port=port) as base:
+        yield f"{base}/v1"
 
 
 def direct_route(

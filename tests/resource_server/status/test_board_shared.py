@@ -19,8 +19,8 @@ from tests.resource_server.status.conftest import (
     direct_route,
     fake_vllm,
     fixed_table,
-    free_loopback_port,
 )
+from tests.servers import free_port
 
 BOARD_LOGGER = "resource_server.status.board"
 
@@ -33,7 +33,7 @@ async def test_two_workers_log_each_change_once_and_agree_on_since(
     runtime: Runtime, store: LocMemCache, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=BOARD_LOGGER)
-    port = free_loopback_port()
+    port = free_port()
     table = fixed_table(direct_route(7, f"http://127.0.0.1:{port}/v1"))
     first, second = (build_board(runtime, table, store=store, clock=clock) for _ in range(2))
     assert first.status(7) is UNPROBED
@@ -71,7 +71,7 @@ async def test_two_workers_log_each_change_once_and_agree_on_since(
 async def test_a_worker_that_starts_takes_the_states_the_others_share(
     runtime: Runtime, store: LocMemCache, clock: Clock
 ) -> None:
-    port = free_loopback_port()
+    port = free_port()
     table = fixed_table(direct_route(7, f"http://127.0.0.1:{port}/v1"))
     running = build_board(runtime, table, store=store, clock=clock)
     with fake_vllm(port):
@@ -91,7 +91,7 @@ async def test_a_worker_that_starts_takes_the_states_the_others_share(
 async def test_requests_turned_away_cold_are_counted_across_workers(
     runtime: Runtime, store: LocMemCache, clock: Clock
 ) -> None:
-    table = fixed_table(direct_route(7, f"http://127.0.0.1:{free_loopback_port()}/v1"))
+    table = fixed_table(direct_route(7, f"http://127.0.0.1:{free_port()}/v1"))
     first, second = (build_board(runtime, table, store=store, clock=clock) for _ in range(2))
     await first.probe()
     first.turned_away(7)
@@ -109,8 +109,8 @@ async def test_without_the_shared_cache_each_worker_keeps_its_own_view_and_says_
     runtime: Runtime, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    unreachable = RedisCache(f"redis://127.0.0.1:{free_loopback_port()}/0", {})  # nothing listens there
-    port = free_loopback_port()
+    unreachable = RedisCache(f"redis://127.0.0.1:{free_port()}/0", {})  # nothing listens there
+    port = free_port()
     table = fixed_table(direct_route(7, f"http://127.0.0.1:{port}/v1"))
     board = build_board(runtime, table, store=Shared(unreachable), clock=clock)
     with fake_vllm(port):
@@ -129,7 +129,7 @@ async def test_without_the_shared_cache_each_worker_keeps_its_own_view_and_says_
 async def test_wait_for_change_returns_when_a_state_changes_in_this_worker_else_at_its_timeout(
     runtime: Runtime, store: LocMemCache, clock: Clock
 ) -> None:
-    port = free_loopback_port()
+    port = free_port()
     board = build_board(runtime, fixed_table(direct_route(7, f"http://127.0.0.1:{port}/v1")), store=store, clock=clock)
     assert await board.wait_for_change(0.01) is False
 
@@ -147,7 +147,7 @@ async def test_wait_for_change_returns_when_a_state_changes_in_this_worker_else_
 async def test_a_window_in_the_routing_table_makes_it_maintenance_with_its_end(
     runtime: Runtime, store: LocMemCache, clock: Clock
 ) -> None:
-    port = free_loopback_port()
+    port = free_port()
     route = direct_route(7, f"http://127.0.0.1:{port}/v1", maintenance="Upgrades.", maintenance_ends=clock.now + 600)
     board = build_board(runtime, fixed_table(route), store=store, clock=clock)
     with fake_vllm(port):
@@ -162,7 +162,7 @@ async def test_a_window_in_the_routing_table_makes_it_maintenance_with_its_end(
 
 
 async def test_an_endpoint_gone_from_the_table_is_forgotten(runtime: Runtime, store: LocMemCache, clock: Clock) -> None:
-    port = free_loopback_port()
+    port = free_port()
     routes = [direct_route(7, f"http://127.0.0.1:{port}/v1"), direct_route(8, f"http://127.0.0.1:{port}/v1")]
     tables = [fixed_table(*routes), fixed_table(routes[0])]
 
