@@ -10,10 +10,10 @@ without one): it then lists the public clusters only, those with no access rule.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from django.http import HttpRequest
-from ninja import Router, Schema
+from ninja import Field, Query, Router, Schema
 
 from resource_server.api.inference import ClusterName
 from resource_server.api.openapi import AUTHENTICATED, REQUEST_ID_HEADER, documented
@@ -33,6 +33,10 @@ _ROUTE_PATHS = [f"/v1/{descriptor.path}" for descriptor in ROUTES.values()]
 class FrameworkSummary(Schema):
     models: list[str]
     endpoints: list[str]
+    status: dict[str, str] = Field(
+        description="Each model's state on this cluster: live, draining, unknown, starting, queued, offline or "
+        "maintenance (the gateway's field; FIRST has none)."
+    )
 
 
 class ClusterSummary(Schema):
@@ -48,7 +52,7 @@ def _summary(listing: ClusterListing) -> ClusterSummary:
     return ClusterSummary(
         base_url=f"/resource_server/{listing.name}",
         frameworks={
-            framework: FrameworkSummary(models=models, endpoints=_ROUTE_PATHS)
+            framework: FrameworkSummary(models=models, endpoints=_ROUTE_PATHS, status=listing.states[framework])
             for framework, models in listing.frameworks.items()
         },
     )
@@ -86,10 +90,22 @@ async def list_endpoints(request: HttpRequest) -> ListEndpoints:
     return ListEndpoints(clusters={listing.name: _summary(listing) for listing in listings})
 
 
+class ClusterState(Schema):
+    up: bool = Field(description="As without `detail`.")
+    maintenance: str | None = Field(description="The message of the maintenance window in force, if any.")
+    models: dict[str, dict[str, str]] = Field(description="By framework, each model's state on the cluster.")
+
+
+StatusDetail = Annotated[
+    bool,
+    Query(description="Each cluster as an object with its models' states, rather than true/false.", example=True),
+]
+
+
 @router.get(
     "/status",
     auth=None,
-    response=dict[str, bool],
+    response=dict[str, bool] | dict[str, ClusterState],
     summary="Which clusters are up (FIRST's shape)",
     operation_id="cluster_status",
     openapi_extra=documented(
@@ -97,15 +113,21 @@ async def list_endpoints(request: HttpRequest) -> ListEndpoints:
         "`true` while it is up. Up means no maintenance window is in force on it and, if it has models for "
         "you, some of their endpoints is serving: `live`, `draining`, or `unknown` (not checked yet, or no "
         "source can tell). A cluster whose models are only `starting`, `queued`, `offline` or in maintenance "
-        "is down; `GET /v1/models` says which state each is in.",
+        "is down. With `?detail=true` (the gateway's addition), each cluster is an object instead: `up`, the "
+        "maintenance message, and each model's state by framework.",
         *AUTHENTICATED,
         ok=_ok("Your clusters, by name."),
     ),
 )
-async def status(request: HttpRequest) -> dict[str, bool]:
+async def status(request: HttpRequest, detail: StatusDetail = False) -> dict[str, bool] | dict[str, ClusterState]:
     authorization = request_authorization(request)
     caller = await runtime().authenticators.principal_from_authorization(authorization) if authorization else ANONYMOUS
     listings = await _listings(caller)
+    if detail:
+        return {
+            listing.name: ClusterState(up=listing.up, maintenance=listing.maintenance_message, models=listing.states)
+            for listing in listings
+        }
     return {listing.name: listing.up for listing in listings}
 
 

@@ -514,6 +514,8 @@ class ClusterListing:
     name: str
     frameworks: dict[str, list[str]]  # framework -> model names, sorted
     up: bool
+    states: dict[str, dict[str, str]]  # framework -> model name -> its endpoint's state (status/base.py State)
+    maintenance_message: str | None  # the cluster's maintenance window in force, if any
 
 
 async def cluster_list(*, routing: RoutingCache, status: StatusView, principal: Principal) -> list[ClusterListing]:
@@ -533,14 +535,19 @@ async def cluster_list(*, routing: RoutingCache, status: StatusView, principal: 
     for name in sorted(usable):
         routes = usable[name]
         frameworks: dict[str, set[str]] = defaultdict(set)
+        states: dict[str, dict[str, str]] = defaultdict(dict)
         for route in routes:
             frameworks[route.framework].add(route.model)
+            states[route.framework][route.model] = status.status(route.id).state.value
         all_down = bool(routes) and not any(status.status(route.id).serving for route in routes)
+        maintenance = table.clusters[name].maintenance_message
         listings.append(
             ClusterListing(
                 name=name,
                 frameworks={framework: sorted(models) for framework, models in sorted(frameworks.items())},
-                up=table.clusters[name].maintenance_message is None and not all_down,
+                up=maintenance is None and not all_down,
+                states={framework: dict(sorted(models.items())) for framework, models in sorted(states.items())},
+                maintenance_message=maintenance,
             )
         )
     return listings

@@ -88,8 +88,12 @@ async def test_list_endpoints_has_firsts_shape_with_only_what_the_caller_may_use
             "polaris": {
                 "base_url": "/resource_server/polaris",
                 "frameworks": {
-                    "sglang": {"models": ["org/model.v1"], "endpoints": ROUTE_PATHS},
-                    "vllm": {"models": ["demo-model"], "endpoints": ROUTE_PATHS},
+                    "sglang": {
+                        "models": ["org/model.v1"],
+                        "endpoints": ROUTE_PATHS,
+                        "status": {"org/model.v1": "unknown"},
+                    },
+                    "vllm": {"models": ["demo-model"], "endpoints": ROUTE_PATHS, "status": {"demo-model": "unknown"}},
                 },
             },
         }
@@ -105,6 +109,9 @@ async def test_status_is_each_usable_cluster_true_while_it_is_up(seeded: Seeded)
     )
     runtime().routing.forget()
     assert await get("/status", seeded) == {"crux": False, "polaris": True}
+    detail = await get("/status?detail=true", seeded)
+    assert detail["crux"] == {"up": False, "maintenance": "Upgrades.", "models": {}}
+    assert detail["polaris"]["up"] is True and detail["polaris"]["models"]["vllm"] == {"demo-model": "unknown"}
 
 
 async def test_a_cluster_whose_usable_endpoints_all_fail_their_health_check_is_down(seeded: Seeded) -> None:
@@ -119,6 +126,9 @@ async def test_a_cluster_whose_usable_endpoints_all_fail_their_health_check_is_d
     await runtime().routing.table()
     await runtime().status.probe()
     assert await get("/status", seeded) == {"aurora": True, "polaris": False}
+    listed = (await get("/list-endpoints", seeded))["clusters"]
+    assert listed["polaris"]["frameworks"]["vllm"]["status"]["demo-model"] == "offline"
+    assert listed["aurora"]["frameworks"]["vllm"]["status"] == {"demo-model": "live"}
 
 
 async def test_list_endpoints_needs_credentials() -> None:
