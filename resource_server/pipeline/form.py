@@ -23,7 +23,7 @@ from typing import IO
 
 from django.conf import settings
 from python_multipart import MultipartParser
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import parse_options_header
 
 from resource_server.errors import ErrorCode, InvalidRequest, UpstreamError
@@ -71,19 +71,23 @@ class FormScanner:
         self.broken = False  # not readable as multipart: the rest goes on unread
         self._kept = 0
         self._part = _Part()
-        self._parser = MultipartParser(
-            boundary,
-            {
-                "on_part_begin": self._begin,
-                "on_header_field": self._header_field,
-                "on_header_value": self._header_value,
-                "on_header_end": self._header_end,
-                "on_headers_finished": self._headers_finished,
-                "on_part_data": self._data,
-                "on_part_end": self._end,
-                "on_end": self._form_end,
-            },
-        )
+        callbacks = {
+            "on_part_begin": self._begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._data,
+            "on_part_end": self._end,
+            "on_end": self._form_end,
+        }
+        self._parser: MultipartParser | None = None
+        try:
+            self._parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        except FormParserError:
+            # A boundary python-multipart refuses (over 256 bytes; RFC 2046 allows 70): not read by the
+            # gateway, passed on for the model server to judge, as any form the gateway cannot read.
+            self.broken = True
 
     @property
     def routable(self) -> bool:
@@ -91,7 +95,7 @@ class FormScanner:
         return self.model_before_file or self.ended or self.broken
 
     def feed(self, data: bytes) -> None:
-        if self.broken or self.ended:
+        if self.broken or self.ended or self._parser is None:
             return
         try:
             self._parser.write(data)

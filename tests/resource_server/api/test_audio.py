@@ -49,12 +49,18 @@ def silent_wav_pieces(seconds: int, rate: int = 16000) -> tuple[bytes, int]:
 
 
 async def send_form(
-    app: Any, auth: dict[str, str], pieces: Iterator[bytes], length: int, *, then_leave: bool = False
+    app: Any,
+    auth: dict[str, str],
+    pieces: Iterator[bytes],
+    length: int,
+    *,
+    then_leave: bool = False,
+    boundary: str = BOUNDARY,
 ) -> tuple[int, bytes]:
     """POST a form through an ASGI app as uvicorn delivers it: one message per piece, each made only when the
     app asks for it (so the test holds no more of the body than the app does); `then_leave`: the client
     disconnects after the pieces instead of ending the body."""
-    headers = {"host": "127.0.0.1:8000", "content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    headers = {"host": "127.0.0.1:8000", "content-type": f"multipart/form-data; boundary={boundary}"}
     headers |= {name.lower(): value for name, value in auth.items()} | {"content-length": str(length)}
     scope = {
         "type": "http",
@@ -167,6 +173,22 @@ async def test_a_form_without_a_model_on_the_generic_path_is_refused_with_400(se
     status, answer = await send_form(inference_app, seeded.auth, iter([body]), len(body))
     assert status == 400
     assert orjson.loads(answer)["error"]["code"] == "missing_required_parameter"
+
+
+async def test_a_form_whose_boundary_the_gateway_cannot_parse_is_a_400_not_a_500(seeded: Seeded) -> None:
+    """python-multipart refuses boundaries over 256 bytes (RFC 2046 allows 70): the gateway reads no field of
+    such a form, so on the generic path it cannot tell the model, and says so, in the envelope."""
+    long = "b" * 300
+    body = (
+        f'--{long}\r\nContent-Disposition: form-data; name="model"\r\n\r\ndemo-model\r\n'.encode()
+        + f'--{long}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'.encode()
+        + wav_clip(0.5)
+        + f"\r\n--{long}--\r\n".encode()
+    )
+    for app in (inference_app, django_application):
+        status, answer = await send_form(app, seeded.auth, iter([body]), len(body), boundary=long)
+        assert status == 400, answer
+        assert orjson.loads(answer)["error"]["code"] == "missing_required_parameter"
 
 
 async def test_a_client_that_leaves_mid_upload_is_recorded_as_499(seeded: Seeded) -> None:
