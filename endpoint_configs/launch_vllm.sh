@@ -148,11 +148,19 @@ plan_end() { # OWN_END_FILE
 
 # Runs in the background, one per server: starts it, waits until it serves, and restarts it when it dies.
 # A server that never served is not restarted: the launcher reports it and the block ends.
+# `kill ... || true`: the server may exit between the check and the kill, and under `set -e` a failed kill would
+# end the supervisor itself, leaving no state and no restart.
+stopped_by_launcher() { # run in supervise (bash scoping: its port, server and attempt)
+    kill "$server" 2>/dev/null || true
+    write_state "$port" failed "$attempt" "stopped: the block did not start"
+    exit 0
+}
+
 supervise() { # PORT COMMAND...
     local port=$1 attempt=0 delay=$backoff_s code server up served=0 load_deadline
     shift
     # The launcher stops supervisors only when the block's start failed.
-    trap 'kill "$server" 2>/dev/null; write_state "$port" failed "$attempt" "stopped: the block did not start"; exit 0' TERM
+    trap stopped_by_launcher TERM
     write_state "$port" starting 0 "loading"
     while true; do
         "$@" >>"$log_dir/vllm-$port.log" 2>&1 </dev/null &
@@ -162,7 +170,7 @@ supervise() { # PORT COMMAND...
         load_deadline=$((SECONDS + timeout_s))
         while alive "$server"; do
             if ! alive "$owner"; then
-                kill "$server" 2>/dev/null
+                kill "$server" 2>/dev/null || true
                 exit 0
             fi
             if ((up == 0)) && healthy "$port"; then
@@ -170,12 +178,13 @@ supervise() { # PORT COMMAND...
                 served=1
                 write_state "$port" serving "$attempt" "healthy"
             elif ((up == 0 && attempt > 0 && SECONDS >= load_deadline)); then
-                kill "$server" 2>/dev/null  # a restart that hangs counts as a failed attempt
+                kill "$server" 2>/dev/null || true  # a restart that hangs counts as a failed attempt
             fi
             sleep "$poll_s"
         done
         code=0
         wait "$server" || code=$?
+        trap 'exit 0' TERM  # the server has ended: a stop from here on must not overwrite the state written below
         if ((served == 0)); then
             # Never served: no restart, the launcher reports it and the block ends.
             write_state "$port" failed 0 "exited with status $code before it was healthy"
@@ -193,6 +202,7 @@ supervise() { # PORT COMMAND...
         echo "launch_vllm: the server for port $port exited ($code); restart $attempt of $max_restarts in ${delay}s" \
             >>"$log_dir/vllm-$port.log"
         owner_sleep "$delay" || exit 0
+        trap stopped_by_launcher TERM
         delay=$((delay * 2 > 300 ? 300 : delay * 2))
     done
 }
