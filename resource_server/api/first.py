@@ -116,6 +116,7 @@ StatusDetail = Annotated[
         "is down. With `?detail=true` (the gateway's addition), each cluster is an object instead: `up`, the "
         "maintenance message, and each model's state by framework.",
         *AUTHENTICATED,
+        "400",
         ok=_ok("Your clusters, by name."),
     ),
 )
