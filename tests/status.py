@@ -36,15 +36,17 @@ class ScriptedStatus:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def wait_for_change(self, timeout: float) -> None:  # noqa: ASYNC109 - the seam's signature
+    async def wait_for_change(self, timeout: float) -> bool:  # noqa: ASYNC109 - the seam's signature
+        """True when a state was set while waiting, False at the timeout: as the status board answers."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.add(waiter)
         self._waiting_changed.set()
         try:
             async with asyncio.timeout(timeout):
                 await waiter
+            return True
         except TimeoutError:
-            pass
+            return False
         finally:
             self._waiters.discard(waiter)
             self._waiting_changed.set()
