@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from resource_server.auth.base import AuthKind, Principal
-from resource_server.dispatch.direct import DirectConfig
 from resource_server.selectors.endpoints import AccessRule, EndpointRoute, RoutingTable
 from resource_server.selectors.jobs import JobsReading, cluster_jobs
-from resource_server.status.base import UNPROBED, EndpointStatus, State
+from resource_server.status.base import State
 from resource_server.status.jobs import ClusterJobs, Job, JobState
+from tests.resource_server.status.conftest import OPEN, direct_route
+from tests.status import ScriptedStatus
 
-OPEN = AccessRule(frozenset(), frozenset())
 GROUP_ONLY = AccessRule(frozenset({"group-a"}), frozenset())
 NOW = 1_800_000_000.0
 
@@ -19,34 +19,12 @@ NOW = 1_800_000_000.0
 def _route(
     endpoint_id: int, model: str, job_name: str, rule: AccessRule = OPEN, cluster: str = "polaris"
 ) -> EndpointRoute:
-    return EndpointRoute(
-        id=endpoint_id,
-        model=model,
-        framework="vllm",
-        cluster=cluster,
-        backend="direct",
-        config=DirectConfig(base_url="http://node:8000/v1"),
-        created=0,
-        maintenance_message=None,
-        rules=(OPEN, rule),
-        preference=0,
-        header=f"cluster={cluster}; endpoint={endpoint_id}; reason=",
-        job_name=job_name,
-    )
+    return direct_route(endpoint_id, "http://node:8000/v1", cluster=cluster, model=model, job_name=job_name, rule=rule)
 
 
 def _job(job_id: str, name: str, state: JobState, **fields: Any) -> Job:
     code = {"queued": "Q", "held": "H", "running": "R", "exiting": "E", "finished": "F", "other": "S"}[state]
     return Job(id=job_id, name=name, user="svc", queue="prod", state=state, scheduler_state=code, **fields)
-
-
-class Statuses:
-    def __init__(self, states: dict[int, State]) -> None:
-        self._states = states
-
-    def status(self, endpoint_id: int) -> EndpointStatus:
-        state = self._states.get(endpoint_id)
-        return UNPROBED if state is None else EndpointStatus(state, since=NOW - 60)
 
 
 def _table(*routes: EndpointRoute) -> RoutingTable:
@@ -80,9 +58,10 @@ JOBS = ClusterJobs(
 
 
 def _listing(principal: Principal, reading: JobsReading, states: dict[int, State] | None = None) -> dict[str, Any]:
-    return cluster_jobs(
-        table=TABLE, cluster="polaris", principal=principal, reading=reading, status=Statuses(states or {}), now=NOW
-    )
+    status = ScriptedStatus()
+    for endpoint_id, state in (states or {}).items():
+        status.set(endpoint_id, state)
+    return cluster_jobs(table=TABLE, cluster="polaris", principal=principal, reading=reading, status=status, now=NOW)
 
 
 def test_jobs_go_to_firsts_buckets_with_the_models_they_run() -> None:

@@ -70,7 +70,10 @@ def direct_route(
     model: str = "demo-model",
     maintenance: str | None = None,
     maintenance_ends: float | None = None,
+    job_name: str = "",
+    rule: AccessRule = OPEN,
 ) -> EndpointRoute:
+    """A direct endpoint's route as the routing table holds it; `rule`: the endpoint's own access rule."""
     return EndpointRoute(
         id=endpoint_id,
         model=model,
@@ -80,10 +83,11 @@ def direct_route(
         config=DirectConfig(base_url=base_url, connect_timeout=2, read_timeout=2),
         created=0,
         maintenance_message=maintenance,
-        rules=(OPEN, OPEN),
+        rules=(OPEN, rule),
         preference=0,
         header=f"cluster={cluster}; endpoint={endpoint_id}; reason=",
         maintenance_ends=maintenance_ends,
+        job_name=job_name,
     )
 
 
