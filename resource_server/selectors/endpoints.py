@@ -536,10 +536,13 @@ async def cluster_list(*, routing: RoutingCache, status: StatusView, principal: 
         routes = usable[name]
         frameworks: dict[str, set[str]] = defaultdict(set)
         states: dict[str, dict[str, str]] = defaultdict(dict)
+        serving = False
         for route in routes:
+            endpoint = status.status(route.id)
+            serving = serving or endpoint.serving
             frameworks[route.framework].add(route.model)
-            states[route.framework][route.model] = status.status(route.id).state.value
-        all_down = bool(routes) and not any(status.status(route.id).serving for route in routes)
+            states[route.framework][route.model] = endpoint.state.value
+        all_down = bool(routes) and not serving
         maintenance = table.clusters[name].maintenance_message
         listings.append(
             ClusterListing(
