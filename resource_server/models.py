@@ -83,6 +83,12 @@ class Endpoint(AccessRules):
         default=0,
         help_text="Among endpoints of one model in the same state and equally loaded, the higher is chosen first.",
     )
+    context_length = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="The model's context length in tokens (vLLM's --max-model-len). Token limits reserve this much for "
+        "a request that sets no max_tokens. Empty: the LIMITS_DEFAULT_CONTEXT_TOKENS setting.",
+    )
     scheduler_job_name = models.CharField(
         max_length=255,
         blank=True,
@@ -124,6 +130,10 @@ class User(models.Model):
     name = models.CharField(max_length=255, blank=True)
     identity_provider = models.CharField(max_length=255, blank=True)
     is_active = models.BooleanField(default=True)
+    limits_exempt = models.BooleanField(
+        default=False,
+        help_text="A service account: no limit or budget applies to its requests (their usage is still recorded).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -155,8 +165,114 @@ class ApiKey(models.Model):
         return f"{self.prefix}… ({self.name})"
 
 
+class Project(models.Model):
+    """A project with an allocation: the members of one Globus group, whose requests are charged to it."""
+
+    name = models.SlugField(
+        max_length=64,
+        unique=True,
+        help_text="How researchers name it: the OpenAI client's project= (the OpenAI-Project header) charges a "
+        "request to it.",
+    )
+    globus_group = models.UUIDField(unique=True, help_text="The Globus group whose members belong to the project.")
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Limit(models.Model):
+    """Limits and budgets for one scope (a user, an API key, a project, or every user), optionally narrowed to
+    one model or one endpoint. Every limit that applies to a request is checked: the tightest wins.
+
+    An empty field sets no limit of its kind. Counting: a user's and a key's limits count their own requests, a
+    project's every request charged to the project, and an `everyone` limit each user's requests separately (a
+    default for every user)."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, null=True, blank=True, related_name="limits")
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, null=True, blank=True, related_name="limits")
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, null=True, blank=True, related_name="limits")
+    everyone = models.BooleanField(default=False, help_text="Applies to every user, each counted separately.")
+    model = models.CharField(max_length=255, blank=True, help_text="Only requests for this model. Empty: all models.")
+    endpoint = models.ForeignKey(
+        Endpoint,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="limits",
+        help_text="Only requests routed first to this endpoint. Empty: all endpoints.",
+    )
+    concurrent = models.PositiveIntegerField(null=True, blank=True, help_text="Requests in flight at once.")
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveBigIntegerField(null=True, blank=True)
+    tokens_per_day = models.PositiveBigIntegerField(null=True, blank=True, help_text="Per UTC day.")
+    tokens_per_month = models.PositiveBigIntegerField(null=True, blank=True, help_text="Per UTC calendar month.")
+    allocation_tokens = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Tokens for the whole allocation period (its start and end below)."
+    )
+    allocation_starts = models.DateTimeField(null=True, blank=True)
+    allocation_ends = models.DateTimeField(null=True, blank=True)
+    note = models.CharField(max_length=255, blank=True, help_text="Why: an allocation award, a ticket number.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-everyone", "project__name", "user__username", "api_key__prefix", "model"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(user__isnull=False, api_key__isnull=True, project__isnull=True, everyone=False)
+                | models.Q(user__isnull=True, api_key__isnull=False, project__isnull=True, everyone=False)
+                | models.Q(user__isnull=True, api_key__isnull=True, project__isnull=False, everyone=False)
+                | models.Q(user__isnull=True, api_key__isnull=True, project__isnull=True, everyone=True),
+                name="limit_one_scope",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(model="") | models.Q(endpoint__isnull=True), name="limit_model_or_endpoint"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(allocation_tokens__isnull=True)
+                | models.Q(
+                    allocation_starts__isnull=False,
+                    allocation_ends__isnull=False,
+                    allocation_ends__gt=models.F("allocation_starts"),
+                ),
+                name="limit_allocation_has_period",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        scope = (
+            "everyone"
+            if self.everyone
+            else f"project {self.project}"
+            if self.project_id
+            else f"key {self.api_key}"
+            if self.api_key_id
+            else f"user {self.user}"
+        )
+        narrowed = f" on {self.model}" if self.model else f" on endpoint {self.endpoint}" if self.endpoint_id else ""
+        return scope + narrowed
+
+    def clean(self) -> None:
+        super().clean()
+        scopes = [self.user_id is not None, self.api_key_id is not None, self.project_id is not None, self.everyone]
+        if sum(scopes) != 1:
+            raise ValidationError("Choose one scope: a user, an API key, a project, or everyone.")
+        if self.model and self.endpoint_id is not None:
+            raise ValidationError({"endpoint": "Narrow the limit to a model or to an endpoint, not both."})
+        if self.allocation_tokens is not None:
+            if self.allocation_starts is None or self.allocation_ends is None:
+                raise ValidationError({"allocation_ends": "An allocation needs the start and end of its period."})
+            if self.allocation_ends <= self.allocation_starts:
+                raise ValidationError({"allocation_ends": "The allocation must end after it starts."})
+
+
 class RequestLog(models.Model):
-    """One row per inference request, success or error."""
+    """One row per inference request, success or error: an accounting record, never edited or deleted by hand
+    (`prune_usage` deletes rows older than the retention setting; the daily rollup keeps their totals)."""
 
     request_id = models.CharField(
         max_length=64, unique=True, help_text="The gateway's own id for the request (never the client's)."
@@ -169,6 +285,12 @@ class RequestLog(models.Model):
     )
     user = models.ForeignKey(User, on_delete=models.PROTECT, related_name="requests")
     api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="requests")
+    api_key_prefix = models.CharField(
+        max_length=32, blank=True, help_text="The key's visible prefix: kept when the key is deleted."
+    )
+    project = models.ForeignKey(
+        Project, on_delete=models.PROTECT, null=True, blank=True, related_name="requests", help_text="Charged to."
+    )
     endpoint = models.ForeignKey(Endpoint, on_delete=models.SET_NULL, null=True, blank=True, related_name="requests")
     model = models.CharField(max_length=255, blank=True, help_text="Model name as the caller sent it.")
     route = models.CharField(max_length=32)
@@ -196,6 +318,9 @@ class RequestLog(models.Model):
             models.Index(fields=["user", "created_at"], name="requestlog_user_time"),
             models.Index(fields=["model", "created_at"], name="requestlog_model_time"),
             models.Index(fields=["created_at"], name="requestlog_time"),
+            models.Index(fields=["api_key_prefix", "created_at"], name="requestlog_key_time"),
+            models.Index(fields=["endpoint", "created_at"], name="requestlog_endpoint_time"),
+            models.Index(fields=["project", "created_at"], name="requestlog_project_time"),
         ]
 
     def __str__(self) -> str:
@@ -286,3 +411,70 @@ class EndpointStart(models.Model):
 
     def __str__(self) -> str:
         return f"{self.endpoint_id} loaded in {self.load_seconds:.0f} s"
+
+
+class UsageDaily(models.Model):
+    """Usage per UTC day, user, project, key, model and endpoint: kept up to date as usage rows are inserted (in
+    the same transaction), so reports and budgets read these instead of the raw rows. Plain ids, 0 for none, so
+    that the row's key has no NULL and an insert can add to an existing row (ON CONFLICT ... DO UPDATE); the
+    totals outlive the raw rows and the users, keys and endpoints they name."""
+
+    day = models.DateField()
+    user_id = models.BigIntegerField()
+    project_id = models.BigIntegerField(default=0)
+    api_key_prefix = models.CharField(max_length=32, default="", blank=True)
+    model = models.CharField(max_length=255)
+    endpoint_id = models.BigIntegerField(default=0)
+    requests = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0, help_text="Answers with a status of 400 or above.")
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    total_tokens = models.BigIntegerField(default=0)
+    latency_ms_sum = models.FloatField(default=0)
+
+    class Meta:
+        verbose_name = "daily usage"
+        verbose_name_plural = "daily usage"
+        ordering = ["-day"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["day", "user_id", "project_id", "api_key_prefix", "model", "endpoint_id"],
+                name="usagedaily_one_row_per_key",
+            )
+        ]
+        indexes = [
+            models.Index(fields=["user_id", "day"], name="usagedaily_user_day"),
+            models.Index(fields=["project_id", "day"], name="usagedaily_project_day"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} user {self.user_id} {self.model}"
+
+
+class LimitCounter(models.Model):
+    """A limit's live counter when the gateway has no Redis: a token bucket's level or a budget's tokens used
+    (limits/store_db.py keeps them; with REDIS_URL they live in Redis)."""
+
+    key = models.CharField(max_length=400, primary_key=True)
+    value = models.FloatField(default=0)
+    stamp = models.FloatField(default=0, help_text="Bucket: when its level was computed (epoch seconds).")
+    expires_at = models.FloatField(default=0, help_text="Epoch seconds after which the counter is forgotten; 0: never.")
+
+    def __str__(self) -> str:
+        return f"{self.key} = {self.value}"
+
+
+class LimitLease(models.Model):
+    """One request in flight, holding a slot of a concurrency limit (no-Redis store); expires unless refreshed,
+    so a crashed worker's slots come back on their own."""
+
+    key = models.CharField(max_length=400)
+    reservation = models.CharField(max_length=64)
+    expires_at = models.FloatField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["key", "reservation"], name="limitlease_one_per_reservation")]
+        indexes = [models.Index(fields=["key", "expires_at"], name="limitlease_key_expiry")]
+
+    def __str__(self) -> str:
+        return f"{self.key} held by {self.reservation}"

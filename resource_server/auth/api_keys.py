@@ -216,6 +216,8 @@ class ApiKeyAuthenticator:
             auth_kind=AuthKind.API_KEY,
             groups=await self._owner_groups(key),
             api_key_id=key.pk,
+            api_key_prefix=key.prefix,
+            limits_exempt=key.owner.limits_exempt,
             name=key.owner.name,
             identity_provider=key.owner.identity_provider,
         )

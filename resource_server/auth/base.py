@@ -23,6 +23,8 @@ class Principal:
     auth_kind: AuthKind
     groups: frozenset[str] = field(default_factory=frozenset)
     api_key_id: int | None = None
+    api_key_prefix: str = ""  # the key's visible prefix (usage rows keep it after the key is deleted)
+    limits_exempt: bool = False  # a service account: no limit or budget applies (User.limits_exempt)
     # Shown by whoami (FIRST's fields), never used to decide anything.
     name: str = ""
     identity_provider: str = ""  # its display name if it has one, else its id (as `User.identity_provider`)

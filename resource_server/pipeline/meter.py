@@ -46,6 +46,7 @@ class Meter:
             client_request_id=client_request_id,
             user_id=principal.user_id,
             api_key_id=principal.api_key_id,
+            api_key_prefix=principal.api_key_prefix,
             route=route.value,
         )
 

@@ -111,6 +111,8 @@ class UsageRecord:
     user_id: int
     route: str
     api_key_id: int | None = None
+    api_key_prefix: str = ""
+    project_id: int | None = None  # the project the request is charged to (the admit stage decides)
     # The client's X-Request-ID when it sent a sane one: stored beside the key, not unique.
     client_request_id: str = ""
     created_at: datetime = field(default_factory=timezone.now)

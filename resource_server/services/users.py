@@ -50,11 +50,13 @@ class UserPrincipals:
 
     def __init__(self) -> None:
         # identity id -> user id, from the last successful upsert: what a database outage falls back on.
-        self._user_ids: LocalTTLCache[int] = LocalTTLCache()
+        self._users: LocalTTLCache[tuple[int, bool]] = LocalTTLCache()
 
     async def principal(self, identity: Identity) -> Principal:
+        user_id, limits_exempt = await self._user(identity)
         return Principal(
-            user_id=await self._user_id(identity),
+            user_id=user_id,
+            limits_exempt=limits_exempt,
             identity_id=identity.identity_id,
             username=identity.username,
             auth_kind=identity.auth_kind,
@@ -64,7 +66,8 @@ class UserPrincipals:
             identity_provider_id=identity.identity_provider_id,
         )
 
-    async def _user_id(self, identity: Identity) -> int:
+    async def _user(self, identity: Identity) -> tuple[int, bool]:
+        """The user's id and whether it is exempt from limits."""
         try:
             user = await db_run(
                 user_upsert,
@@ -74,14 +77,14 @@ class UserPrincipals:
                 identity_provider=identity.identity_provider,
             )
         except DatabaseError:
-            user_id = self._user_ids.get(identity.identity_id)
-            if user_id is None:
+            known = self._users.get(identity.identity_id)
+            if known is None:
                 raise ServiceUnavailable(
                     "The gateway cannot check credentials right now. Please retry shortly.",
                     retry_after=5,
                     code=ErrorCode.AUTH_UNAVAILABLE,
                 ) from None
             logger.warning("database unreachable; using the user this worker knew for a Globus identity")
-            return user_id
-        self._user_ids.set(identity.identity_id, user.pk, settings.GATEWAY.AUTH_OUTAGE_GRACE_SECONDS)
-        return user.pk
+            return known
+        self._users.set(identity.identity_id, (user.pk, user.limits_exempt), settings.GATEWAY.AUTH_OUTAGE_GRACE_SECONDS)
+        return user.pk, user.limits_exempt

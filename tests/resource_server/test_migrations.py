@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, date, datetime
 
 import pytest
 from django.db import connection
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 BEFORE = ("resource_server", "0006_scheduling")
 WINDOWS = ("resource_server", "0007_maintenance_windows")
+LIMITS = ("resource_server", "0008_limits_and_usage")
 
 
 def _migrate(target: tuple[str, str]) -> StateApps:
@@ -49,6 +51,7 @@ def test_a_clusters_maintenance_flag_becomes_an_open_ended_window_in_force_now(a
     }
     assert not any(field.name.startswith("maintenance") for field in Cluster._meta.concrete_fields)
     # The routing table, as the upgraded gateway reads it: the same clusters in maintenance, with the same words.
+    _migrate(LIMITS)
     clusters = _load_table().clusters
     assert {name: cluster.maintenance_message for name, cluster in clusters.items()} == {
         "aurora": None,
@@ -63,3 +66,27 @@ def test_a_clusters_maintenance_flag_becomes_an_open_ended_window_in_force_now(a
     }
     assert flags["polaris"] == (True, "Upgrades until Monday.")
     assert flags["aurora"] == (False, ""), "its old message is not kept: no window said anything"
+
+
+def test_past_usage_rows_keep_their_key_prefix_and_are_counted_in_the_daily_rollup(at_0006: StateApps) -> None:
+    apps = _migrate(WINDOWS)
+    User = apps.get_model("resource_server", "User")
+    Key = apps.get_model("resource_server", "ApiKey")
+    Log = apps.get_model("resource_server", "RequestLog")
+    user = User.objects.create(identity_id="i1", username="jdoe@anl.gov")
+    key = Key.objects.create(owner=user, name="k", prefix="igw_abc", secret_hash="x")
+    when = datetime(2026, 11, 3, 12, tzinfo=UTC)
+    common = {"user": user, "model": "m", "route": "chat", "latency_ms": 10.0, "created_at": when}
+    Log.objects.create(request_id="r1", api_key=key, status_code=200, prompt_tokens=5, total_tokens=12, **common)
+    Log.objects.create(request_id="r2", api_key=key, status_code=429, **common)
+    Log.objects.create(request_id="r3", status_code=200, total_tokens=3, **common)
+
+    apps = _migrate(LIMITS)
+
+    rows = apps.get_model("resource_server", "RequestLog").objects.order_by("request_id")
+    assert [row.api_key_prefix for row in rows] == ["igw_abc", "igw_abc", ""]
+    daily = {
+        row.api_key_prefix: (row.day, row.requests, row.errors, row.prompt_tokens, row.total_tokens, row.latency_ms_sum)
+        for row in apps.get_model("resource_server", "UsageDaily").objects.all()
+    }
+    assert daily == {"igw_abc": (date(2026, 11, 3), 2, 1, 5, 12, 20.0), "": (date(2026, 11, 3), 1, 0, 0, 3, 10.0)}

@@ -1,0 +1,83 @@
+"""The limiter's seam: the checks one request must pass, and the store that keeps their counters atomically.
+
+A request's applicable limits (limits/policy.py) become `Check`s. A `LimitStore` takes all of a request's checks
+in one atomic step: if every one passes, it reserves them all, else none (`reserve`). When the request ends, the
+reservation is settled with the tokens it really used (`settle`): what was reserved beyond that comes back, and
+its concurrency slots are released. Stores: Redis (a Lua script, one round trip; across workers and hosts) and
+the database (one transaction; without Redis). Both pass the same contract tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+
+class Kind(StrEnum):
+    # Slots held while the request is in flight (a lease per reservation that expires unless refreshed, so a
+    # crashed worker's slots come back within LIMITS_RESERVATION_TTL_SECONDS).
+    CONCURRENT = "concurrent"
+    # Token buckets of capacity `limit`, refilled at `limit` per `window` seconds: requests per minute (amount 1)
+    # and tokens per minute (amount: the worst case reserved; settled to the tokens used).
+    REQUESTS = "requests"
+    TOKENS = "tokens"
+    # Tokens used in a period (a day, a month, an allocation) that ends at `period_end`: used + amount <= limit.
+    BUDGET = "budget"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One limit as one request meets it."""
+
+    key: str  # the counter's name: scope, narrowing, kind and (budgets) period, e.g. "b:u12:m=llama:d20261130"
+    kind: Kind
+    limit: int
+    amount: int  # what this request takes: 1 (concurrent, requests) or tokens (tokens, budget)
+    window: float = 60.0  # REQUESTS, TOKENS: seconds to refill the whole bucket
+    period_end: float = 0.0  # BUDGET: epoch seconds at which the period ends (its counter can go then)
+    label: str = ""  # the limit in words, named in a refusal: "tokens per day for user jdoe@anl.gov"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckState:
+    """One check after the step (admitted or not): for the x-ratelimit-* headers and the usage route."""
+
+    remaining: int  # what is left of the limit (never below 0)
+    reset_seconds: float  # until the counter is back to its full limit (bucket full, period over, no slot held)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    admitted: bool
+    states: tuple[CheckState, ...]  # one per check, in the order given
+    refused: int = -1  # the index of the first check that did not pass
+    retry_after: float = 0.0  # refused: seconds until that check could pass (0: unknown, e.g. a slot)
+
+
+# Used tokens of a budget when its counter is missing (the store was emptied, or this period's first request):
+# read from the daily usage rollup, so a Redis restart does not give budgets back.
+BudgetSeed = Callable[[Check], Awaitable[int]]
+
+
+class LimitStore(Protocol):
+    async def reserve(self, reservation: str, checks: Sequence[Check], *, now: float) -> Verdict:
+        """Atomically: all checks pass and are reserved under `reservation`, or none is. Raise
+        `LimitStoreUnavailable` when the store cannot be reached within its timeout."""
+        ...
+
+    async def settle(self, reservation: str, checks: Sequence[Check], *, used_tokens: int, now: float) -> None:
+        """The request ended having used `used_tokens`: TOKENS and BUDGET counters move by (used - amount), its
+        CONCURRENT slots are released. Never raises (a lost settle only leaves a lease to expire)."""
+        ...
+
+    async def refresh(self, leases: Sequence[tuple[str, str]], *, now: float) -> None:
+        """Keep the (key, reservation) concurrency leases of requests still in flight from expiring."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class LimitStoreUnavailable(Exception):
+    """The store could not be reached (Redis or the database down, or slower than its timeout)."""
