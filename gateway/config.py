@@ -6,7 +6,7 @@ import os
 import secrets
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -88,6 +88,13 @@ class GatewaySettings(BaseSettings):
     # How often a held request looks at its endpoints' states again besides each change, and how often a held
     # stream gets a progress comment (`: status=queued position=3 eta=240`).
     MAX_WAIT_PROGRESS_SECONDS: float = Field(default=5.0, gt=0, le=300)
+    # Limits and budgets (docs/admin-guide.md, "Limits, budgets and allocations"). When the limits store (Redis,
+    # or the database without REDIS_URL) cannot be reached, a request under a budget is refused with 503
+    # (closed) or let through unmetered (open), and likewise a request under rate or concurrency limits.
+    LIMITS_BUDGETS_WHEN_STORE_DOWN: Literal["closed", "open"] = "closed"
+    LIMITS_RATES_WHEN_STORE_DOWN: Literal["closed", "open"] = "open"
+    # What token limits reserve for a request without max_tokens on an endpoint whose context length is not set.
+    LIMITS_DEFAULT_CONTEXT_TOKENS: int = Field(default=32768, ge=1)
     # How long a worker remembers that a key was refused (unknown, wrong secret, revoked, expired, owner
     # disabled), so a client retrying a bad key costs no query. New keys are never in it: nobody can
     # present a key before it exists.
