@@ -184,6 +184,13 @@ class GatewaySettings(BaseSettings):
     # blocking read allows beyond its block. Past it the stream ends with 503 `relay_unavailable`.
     RELAY_REDIS_TIMEOUT_SECONDS: float = Field(default=2.0, gt=0, le=60)
 
+    # Limits and budgets (docs/admin-guide.md). A request's concurrency slots are leases that its worker renews
+    # while the request runs; a crashed worker's slots come back this many seconds after its last renewal.
+    LIMITS_RESERVATION_TTL_SECONDS: float = Field(default=60.0, ge=5, le=3600)
+    # With REDIS_URL: longest wait for Redis to connect or answer a limit check. The check runs before every
+    # limited request, so a slow Redis must fail it fast (the fail-open/closed setting decides what then).
+    LIMITS_REDIS_TIMEOUT_SECONDS: float = Field(default=0.5, gt=0, le=10)
+
     @model_validator(mode="before")
     @classmethod
     def _csv_fields(cls, data: dict[str, object]) -> dict[str, object]:
