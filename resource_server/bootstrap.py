@@ -124,8 +124,13 @@ def limiter_from_settings() -> Limiter:
     async def seed(check: Check) -> int:
         return await db_run(budget_used, limiter.span(check.key))
 
-    url = settings.GATEWAY.REDIS_URL
-    store: LimitStore = RedisLimitStore(url, seed=seed) if url else DatabaseLimitStore(seed=seed)
+    gateway = settings.GATEWAY
+    ttl = gateway.LIMITS_RESERVATION_TTL_SECONDS
+    store: LimitStore = (
+        RedisLimitStore(gateway.REDIS_URL, seed=seed, ttl=ttl, timeout=gateway.LIMITS_REDIS_TIMEOUT_SECONDS)
+        if gateway.REDIS_URL
+        else DatabaseLimitStore(seed=seed, ttl=ttl)
+    )
     limiter = Limiter(store)
     return limiter
 

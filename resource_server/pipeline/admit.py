@@ -153,20 +153,20 @@ def _refusal(refusal: Refusal, headers: Headers) -> RateLimited:
     wait = max(refusal.retry_after, 0.0)
     hopeless = check.amount > check.limit  # bigger than the whole limit: waiting cannot help
     extra = dict(headers)
-    if check.kind is Kind.BUDGET:
+    if hopeless:
+        message = (
+            f"Request too large for the {check.label}: limit {check.limit}, requested {check.amount}. "
+            "Lower max_tokens (or shorten the prompt) so that it fits."
+        )
+        code, error_type = ErrorCode.RATE_LIMIT_EXCEEDED, "tokens" if check.kind is not Kind.CONCURRENT else "requests"
+        extra["x-should-retry"] = "false"  # waiting cannot help
+    elif check.kind is Kind.BUDGET:
         message = (
             f"You have used your {check.label}: limit {check.limit}, remaining {state.remaining}, this request "
             f"may use up to {check.amount}. It renews in {duration(wait)}; for more, ask the administrators."
         )
         code, error_type = ErrorCode.INSUFFICIENT_QUOTA, "insufficient_quota"
         extra["x-should-retry"] = "false"  # the OpenAI client would retry a 429 at once, to no avail
-    elif hopeless:
-        message = (
-            f"Request too large for the {check.label}: limit {check.limit}, requested {check.amount}. "
-            "Lower max_tokens (or the prompt) so that it fits."
-        )
-        code, error_type = ErrorCode.RATE_LIMIT_EXCEEDED, _kind_type(check)
-        extra["x-should-retry"] = "false"
     else:
         used = check.limit - state.remaining
         retry = f" Please try again in {duration(wait)}." if wait > 0 else " Please try again when one ends."
