@@ -5,7 +5,7 @@
     2 parse         pipeline/parse.py           the route's descriptor (routes.py): the few fields the gateway reads
     3 route         selectors/endpoints.py      candidate endpoints best first: by state, load, preference
       cold          pipeline/cold.py            none serving: 503 with state and ETA, or held (X-Gateway-Max-Wait)
-    4 admit         pipeline/admit.py           limits: reserve now, settle in the meter stage (no limits yet)
+    4 admit         pipeline/admit.py           limits and budgets: reserve now (limits/), settle in the meter stage
     5 dispatch      pipeline/dispatch.py        the best candidate's backend; the next one if it did not take it
     6 respond       pipeline/respond.py         JSON, or the SSE events relayed as they arrive
     7 meter         pipeline/meter.py           one usage row from the body on, whatever the outcome (499 included)
