@@ -159,7 +159,9 @@ def limit_set(
         scope.user.save(update_fields=["limits_exempt"])
 
     limit = (
+        # No ordering: the model's orders by related names, and PostgreSQL locks no row through an outer join.
         Limit.objects.select_for_update()
+        .order_by()
         .filter(
             user=scope.user,
             api_key=scope.api_key,
