@@ -342,6 +342,15 @@ class UserAdmin(admin.ModelAdmin[User]):
         return _limits_link("user", user.pk)
 
 
+class WideChangelist:
+    """A list of many columns: they fit a 1400 px window beside the filters only without the admin's navigation
+    sidebar (the breadcrumbs still lead back)."""
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        context = {"is_nav_sidebar_enabled": False, **(extra_context or {})}
+        return super().changelist_view(request, context)  # type: ignore[misc, no-any-return]
+
+
 # --- limits and budgets (services/limits.py sets the same rows from `python manage.py set_limit`)
 
 
@@ -433,7 +442,7 @@ def _number(value: int | None) -> str:
 
 
 @admin.register(Limit)
-class LimitAdmin(admin.ModelAdmin[Limit]):
+class LimitAdmin(WideChangelist, admin.ModelAdmin[Limit]):
     """Every limit that applies to a request is checked; the tightest wins (admin guide, "Limits, budgets and
     allocations")."""
 
@@ -448,7 +457,6 @@ class LimitAdmin(admin.ModelAdmin[Limit]):
         "per_month",
         "allocation",
         "note",
-        "updated_at",
     )
     list_display_links = ("scope",)
     list_filter = ("everyone", "project")
@@ -481,8 +489,8 @@ class LimitAdmin(admin.ModelAdmin[Limit]):
             "Allocation",
             {
                 "fields": ("allocation_tokens", "allocation_starts", "allocation_ends"),
-                "description": "Tokens for one period, in UTC: requests are refused once it is spent, and before it "
-                "starts or after it ends the allocation admits nothing.",
+                "description": "Tokens for one period (times in UTC): the requests made between its start and its "
+                "end count against it.",
             },
         ),
         (None, {"fields": ("note",)}),
@@ -708,23 +716,24 @@ def _milliseconds(value: float | None) -> str:
     """85 ms, 1.2 s, 14 s, 3.5 min: two significant figures or so, never 15 decimals."""
     if value is None:
         return "-"
+    # A no-break space: the number and its unit stay on one line.
     if value < 10:
-        return f"{value:.1f} ms"
+        return f"{value:.1f}\u00a0ms"
     if value < 1000:
-        return f"{value:.0f} ms"
+        return f"{value:.0f}\u00a0ms"
     if value < 10_000:
-        return f"{value / 1000:.1f} s"
+        return f"{value / 1000:.1f}\u00a0s"
     if value < 120_000:
-        return f"{value / 1000:.0f} s"
-    return f"{value / 60_000:.1f} min"
+        return f"{value / 1000:.0f}\u00a0s"
+    return f"{value / 60_000:.1f}\u00a0min"
 
 
 # The part of a long model name shown in the list (the whole name is its tooltip and on the row's page).
-MODEL_SHOWN = 30
+MODEL_SHOWN = 24
 
 
 @admin.register(RequestLog)
-class RequestLogAdmin(admin.ModelAdmin[RequestLog]):
+class RequestLogAdmin(WideChangelist, admin.ModelAdmin[RequestLog]):
     """Usage rows are accounting records: listed and shown, never added, changed or deleted here (`prune_usage`
     deletes rows past the retention, their totals kept in the daily rollup)."""
 
@@ -793,8 +802,10 @@ class RequestLogAdmin(admin.ModelAdmin[RequestLog]):
         return row.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
     @admin.display(description="user", ordering="user__username")
-    def username(self, row: RequestLog) -> str:
-        return row.user.username
+    def username(self, row: RequestLog) -> SafeString:
+        # A long address may wrap before its @, not widen the column.
+        name, at, domain = row.user.username.partition("@")
+        return format_html("{}<wbr>{}{}", name, at, domain)
 
     @admin.display(description="key")
     def key(self, row: RequestLog) -> str:
@@ -806,7 +817,10 @@ class RequestLogAdmin(admin.ModelAdmin[RequestLog]):
 
     @admin.display(description="model")
     def model_name(self, row: RequestLog) -> SafeString:
-        shown = row.model if len(row.model) <= MODEL_SHOWN else row.model[: MODEL_SHOWN - 1] + "…"
+        # Without its organisation (the filter and the tooltip name it in full): meta-llama/Llama-3.1-8B-Instruct
+        # reads Llama-3.1-8B-Instruct.
+        name = row.model.rsplit("/", 1)[-1] or row.model
+        shown = name if len(name) <= MODEL_SHOWN else name[: MODEL_SHOWN - 1] + "…"
         return format_html('<span title="{}">{}</span>', row.model, shown)
 
     @admin.display(description="cluster")
