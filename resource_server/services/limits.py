@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from resource_server.models import ApiKey, Endpoint, Limit, Project, User
 
@@ -206,5 +206,12 @@ def limit_set(
     if not changed:
         return LimitChange(limit, "unchanged", limit_describe(limit) + exemption)
     limit.full_clean()
-    limit.save()
+    try:
+        with transaction.atomic():
+            limit.save()
+    except IntegrityError:
+        # Another change created the same scope and narrowing's row after this one looked (the unique constraint).
+        raise ValidationError(
+            "The limit was changed at the same time by someone else: run the command again."
+        ) from None
     return LimitChange(limit, "created" if created else "updated", limit_describe(limit) + exemption)
