@@ -49,11 +49,19 @@ class LimitReservation:
         self.verdict = verdict
 
     def settle(self, used_tokens: int) -> None:
-        """Release and correct the reservation in the background (once); `settled()` waits for it."""
-        if self._settled is None:
+        """Release and correct the reservation in the background (once); `settled()` waits for it. Nothing to do
+        (no round trip) when it holds no slot and used exactly what it reserved (or reserved only requests)."""
+        if self._settled is not None:
+            return
+        if any(
+            check.kind is Kind.CONCURRENT or (check.kind is not Kind.REQUESTS and check.amount != used_tokens)
+            for check in self.checks
+        ):
             self._settled = self._limiter.settle_soon(self, used_tokens)
 
     async def settled(self) -> None:
+        """Wait for the settling, if any: the caller's next request, which may follow at once on another worker,
+        must find its slot free and its unused tokens back (or a budget near its end would refuse it wrongly)."""
         if self._settled is not None:
             await asyncio.shield(self._settled)
 

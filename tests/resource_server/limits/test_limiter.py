@@ -1,0 +1,29 @@
+"""The limiter's settling: a round trip to the store only when something changes."""
+
+from __future__ import annotations
+
+import pytest
+
+from resource_server.bootstrap import runtime
+from resource_server.limits.base import Check, Kind
+from resource_server.limits.limiter import LimitReservation
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def reserved(check: Check) -> LimitReservation:
+    reservation = await runtime().limiter.reserve([check], {})
+    assert isinstance(reservation, LimitReservation)
+    return reservation
+
+
+async def test_a_reservation_of_requests_only_or_used_as_reserved_is_not_settled() -> None:
+    requests_only = await reserved(Check("r:test-a", Kind.REQUESTS, 10, 1))
+    exact = await reserved(Check("t:test-b", Kind.TOKENS, 100, 30))
+    fewer = await reserved(Check("t:test-c", Kind.TOKENS, 100, 30))
+    slot = await reserved(Check("c:test-d", Kind.CONCURRENT, 1, 1))
+    for reservation, used in ((requests_only, 5), (exact, 30), (fewer, 12), (slot, 0)):
+        reservation.settle(used)
+        await reservation.settled()
+    assert [r._settled is not None for r in (requests_only, exact, fewer, slot)] == [False, False, True, True]
+    assert isinstance(await runtime().limiter.reserve([slot.checks[0]], {}), LimitReservation), "the slot is back"
