@@ -20,6 +20,7 @@ from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
+from resource_server.admin_usage import UsageDailyAdmin
 from resource_server.models import (
     ApiKey,
     Cluster,
@@ -28,6 +29,7 @@ from resource_server.models import (
     EndpointStart,
     MaintenanceWindow,
     RequestLog,
+    UsageDaily,
     User,
 )
 from resource_server.services.api_keys import api_key_create, api_key_revoke
@@ -435,3 +437,6 @@ class EndpointStartAdmin(admin.ModelAdmin[EndpointStart]):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+admin.site.register(UsageDaily, UsageDailyAdmin)

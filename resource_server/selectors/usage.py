@@ -122,6 +122,26 @@ def usage_list(*, where: UsageFilter, by: Sequence[Dimension], largest: int | No
     return [UsageLine(key, lines[key]) for key in sorted(lines, key=_sortable)]
 
 
+def usage_columns(by: Sequence[Dimension]) -> list[str]:
+    """The column names of a report's rows (`usage_row`): the dimensions, then the sums."""
+    return [*by, "requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "mean_latency_ms"]
+
+
+def usage_row(line: UsageLine) -> list[Any]:
+    """A line as a report's row, in the order of `usage_columns` (days as ISO dates, the mean latency rounded)."""
+    sums = line.sums
+    mean = sums.mean_latency_ms
+    return [
+        *(value.isoformat() if isinstance(value, date) else value for value in line.key),
+        sums.requests,
+        sums.errors,
+        sums.prompt_tokens,
+        sums.completion_tokens,
+        sums.total_tokens,
+        None if mean is None else round(mean, 1),
+    ]
+
+
 def _sortable(key: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(value.isoformat() if isinstance(value, date) else str(value) for value in key)
 
