@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Literal, get_args
 
 from django.db.models import QuerySet, Sum
@@ -57,14 +57,16 @@ class UsageSums:
         self.latency_ms_sum += other.latency_ms_sum
 
     @staticmethod
-    def of(row: dict[str, Any]) -> UsageSums:
+    def of(values: Sequence[Any]) -> UsageSums:
+        """From the sums in the order of `_SUMS` (None, for no rows, is 0)."""
+        requests, errors, prompt, completion, total, latency = values
         return UsageSums(
-            requests=int(row["requests"] or 0),
-            errors=int(row["errors"] or 0),
-            prompt_tokens=int(row["prompt_tokens"] or 0),
-            completion_tokens=int(row["completion_tokens"] or 0),
-            total_tokens=int(row["total_tokens"] or 0),
-            latency_ms_sum=float(row["latency_ms_sum"] or 0.0),
+            requests=requests or 0,
+            errors=errors or 0,
+            prompt_tokens=prompt or 0,
+            completion_tokens=completion or 0,
+            total_tokens=total or 0,
+            latency_ms_sum=latency or 0.0,
         )
 
 
@@ -102,20 +104,28 @@ def usage_list(*, where: UsageFilter, by: Sequence[Dimension], largest: int | No
     """Usage summed per group of `by` (none: one line, the totals), sorted by key; or, with `largest`, only the
     `largest` groups by total tokens, largest first."""
     columns = list(dict.fromkeys(_COLUMN[dimension] for dimension in by))
-    rows = where.rows().order_by().values(*columns).annotate(**{name: Sum(name) for name in _SUMS})
+    sums = {name: Sum(name) for name in _SUMS}
     merges = "cluster" in by  # clusters are known only once endpoints are named: merge, then cut
-    if largest is not None and not merges:
-        rows = rows.order_by("-total_tokens", *columns)[:largest]
-    fetched = list(rows) if columns else [where.rows().aggregate(**{name: Sum(name) for name in _SUMS})]
-    names = _Names.of(fetched, by)
+    if columns:
+        rows = where.rows().order_by().values(*columns).annotate(**sums).values_list(*columns, *_SUMS)
+        if largest is not None and not merges:
+            rows = rows.order_by("-total_tokens", *columns)[:largest]
+        fetched = list(rows)
+    else:
+        totals = where.rows().aggregate(**sums)
+        fetched = [tuple(totals[name] for name in _SUMS)]
+    at = {column: index for index, column in enumerate(columns)}
+    names = _Names.of(fetched, at, by)
+    places = [(dimension, at[_COLUMN[dimension]]) for dimension in by]
+    width = len(columns)
     lines: dict[tuple[Any, ...], UsageSums] = {}
     for row in fetched:
-        key = tuple(names.label(dimension, row[_COLUMN[dimension]]) for dimension in by)
-        sums = lines.get(key)
-        if sums is None:
-            lines[key] = UsageSums.of(row)
-        else:
-            sums.add(UsageSums.of(row))
+        key = tuple(names.label(dimension, row[index]) for dimension, index in places)
+        found = lines.get(key)
+        if found is None:
+            lines[key] = UsageSums.of(row[width:])
+        else:  # two endpoints of one cluster
+            found.add(UsageSums.of(row[width:]))
     if largest is not None:
         ordered = sorted(lines.items(), key=lambda item: (-item[1].total_tokens, _sortable(item[0])))
         return [UsageLine(key, sums) for key, sums in ordered[:largest]]
@@ -155,16 +165,17 @@ class _Names:
         self.endpoints: dict[int, tuple[str, str]] = {}  # id -> (cluster, "cluster/model (#id)")
 
     @staticmethod
-    def of(rows: list[dict[str, Any]], by: Sequence[Dimension]) -> _Names:
+    def of(rows: list[tuple[Any, ...]], at: dict[str, int], by: Sequence[Dimension]) -> _Names:
+        """The names of the ids in `rows`, whose column `name` is at `at[name]`."""
         names = _Names()
         if "user" in by:
-            ids = {row["user_id"] for row in rows}
+            ids = {row[at["user_id"]] for row in rows}
             names.users = dict(_chunked(User.objects.values_list("pk", "username"), ids))
         if "project" in by:
-            ids = {row["project_id"] for row in rows} - {0}
+            ids = {row[at["project_id"]] for row in rows} - {0}
             names.projects = dict(_chunked(Project.objects.values_list("pk", "name"), ids))
         if "cluster" in by or "endpoint" in by:
-            ids = {row["endpoint_id"] for row in rows} - {0}
+            ids = {row[at["endpoint_id"]] for row in rows} - {0}
             endpoints = Endpoint.objects.values_list("pk", "cluster__name", "model")
             names.endpoints = {
                 pk: (cluster, f"{cluster}/{model} (#{pk})") for pk, cluster, model in _chunked(endpoints, ids)
@@ -274,19 +285,23 @@ def usage_overview_get(*, where: UsageFilter) -> UsageOverview:
     known = dict.fromkeys(sorted(set(Endpoint.objects.values_list("model", flat=True))))
     if where.model is not None:
         known[where.model] = None
-    per_day = {line.key[0]: line.sums for line in usage_list(where=where, by=("day",))}
-    days = (where.until - where.since).days + 1
-    every_day = [where.since.fromordinal(where.since.toordinal() + offset) for offset in range(days)]
-    per_model = usage_list(where=where, by=("model",))
+    # Days and models from one pass over the period's rows: a few thousand lines, summed both ways here.
+    per_day: dict[date, UsageSums] = {}
+    per_model: dict[str, UsageSums] = {}
     totals = UsageSums()
-    for line in per_model:
+    for line in usage_list(where=where, by=("day", "model")):
+        day, model = line.key
+        per_day.setdefault(day, UsageSums()).add(line.sums)
+        per_model.setdefault(model, UsageSums()).add(line.sums)
         totals.add(line.sums)
+    days = (where.until - where.since).days + 1
+    every_day = [where.since + timedelta(days=offset) for offset in range(days)]
     return UsageOverview(
         where=where,
         per_day=[UsageLine((day,), per_day.get(day, UsageSums())) for day in every_day],
         top_users=usage_list(where=where, by=("user",), largest=TOP_USERS),
         per_project=usage_list(where=where, by=("project",)),
-        per_model=per_model,
+        per_model=[UsageLine((model,), sums) for model, sums in sorted(per_model.items())],
         totals=totals,
         projects=list(Project.objects.order_by("name").values_list("pk", "name")),
         models=sorted(known),
