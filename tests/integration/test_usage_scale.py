@@ -1,11 +1,11 @@
 """Usage reports stay fast with millions of request rows (PostgreSQL): they read the daily rollup, never the rows.
 
-Seeds USAGE_SCALE_ROWS request rows (default 1,000,000; the issue's 10,000,000 with USAGE_SCALE_ROWS=10000000,
-about 25 minutes on a busy 2-CPU machine, against 3 for the default) with generate_series, spread over a year: 300 users, each charged to one of 20 projects
-with one API key and using two of 12 endpoints (8 models, 3 clusters); and the daily rollup the usage writer
-would have kept for them (an INSERT ... SELECT ... GROUP BY of the same rows). Then times, and prints, the
-admin's usage page for each period, its CSV export, the user's `GET /v1/usage` and `manage.py usage_report`.
-It measures; it asserts what the answers say, never how long they took.
+Seeds USAGE_SCALE_ROWS request rows (default 1,000,000, about 3 minutes on a busy 2-CPU machine; the issue's
+10,000,000 with USAGE_SCALE_ROWS=10000000, about 25) with generate_series, in time order over a year: 300 users,
+each charged to one of 20 projects with one API key and using two of 12 endpoints (8 models, 3 clusters); and the
+daily rollup the usage writer would have kept for them (an INSERT ... SELECT ... GROUP BY of the same rows). Then
+times, and prints, the admin's usage page for each period, its CSV exports, the user's `GET /v1/usage` and
+`manage.py usage_report`. It measures; it asserts what the answers say, never how long they took.
 """
 
 from __future__ import annotations
