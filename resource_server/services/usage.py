@@ -32,6 +32,7 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -197,7 +198,7 @@ def _insert_rows(batch: list[UsageRecord]) -> None:
     of bulk_create (values are adapted as Django would, but only where it matters: times and JSON) and keeps
     each statement's text small enough for psycopg to parse once. A row whose request id is already stored is
     skipped (a journal replayed after its rows went in); `RETURNING` names the rows really inserted, and only
-    those are added to the rollup, with one statement.
+    those are added to the rollup (one upsert unless the batch has more than `_ROWS_PER_STATEMENT` of its keys).
     """
     connection = connections[router.db_for_write(RequestLog)]
     rows = []
@@ -213,21 +214,29 @@ def _insert_rows(batch: list[UsageRecord]) -> None:
             # One statement, its parameters sent in a pipeline; Django's wrapper has no `returning`.
             raw = cursor.cursor
             with connection.wrap_database_errors:
-                raw.executemany(_insert_sql(connection, 1), rows, returning=True)
+                raw.executemany(_insert_sql(1), rows, returning=True)
                 while True:
                     inserted.update(request_id for (request_id,) in raw.fetchall())
                     if not raw.nextset():
                         break
         else:
             # SQLite's executemany drops what RETURNING returns: many rows per statement instead.
-            per_statement = max(1, connection.ops.bulk_batch_size([column for column, _ in _INSERT_COLUMNS], rows))
-            for start in range(0, len(rows), per_statement):
-                chunk = rows[start : start + per_statement]
-                cursor.execute(_insert_sql(connection, len(chunk)), [value for row in chunk for value in row])
+            for chunk in _chunks(connection, rows, len(_INSERT_COLUMNS)):
+                cursor.execute(_insert_sql(len(chunk)), [value for row in chunk for value in row])
                 inserted.update(request_id for (request_id,) in cursor.fetchall())
         if inserted:
             rollup = _rollup_of(batch, inserted)
-            cursor.execute(_rollup_sql(connection, len(rollup)), [value for row in rollup for value in row])
+            for chunk in _chunks(connection, rollup, len(_ROLLUP_KEY) + len(_ROLLUP_SUMS)):
+                cursor.execute(_rollup_sql(len(chunk)), [value for row in chunk for value in row])
+
+
+def _chunks(connection: Any, rows: list[Any], width: int) -> Iterator[list[Any]]:
+    """`rows` in order, as many per statement as the database takes parameters (SQLite: 999 by Django's count),
+    and at most `_ROWS_PER_STATEMENT`, which keeps the cached statements few and short."""
+    limit = connection.features.max_query_params
+    per_statement = min(_ROWS_PER_STATEMENT, max(1, limit // width) if limit else _ROWS_PER_STATEMENT)
+    for start in range(0, len(rows), per_statement):
+        yield rows[start : start + per_statement]
 
 
 # Each column, and whether its value needs Django's adapting.
@@ -238,33 +247,38 @@ _INSERT_COLUMNS = tuple(
 )
 _ROLLUP_KEY = ("day", "user_id", "project_id", "api_key_prefix", "model", "endpoint_id")
 _ROLLUP_SUMS = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms_sum")
+_ROWS_PER_STATEMENT = 500
 
 
-@functools.cache
-def _insert_sql(connection: Any, rows: int) -> str:
-    quote = connection.ops.quote_name
-    names = ", ".join(quote(column.column) for column, _ in _INSERT_COLUMNS)
-    key = quote(RequestLog._meta.get_field("request_id").column)
+def _quote(name: str) -> str:
+    # As Django quotes them for PostgreSQL and SQLite alike: the statements need no connection, so one cache serves
+    # every thread's.
+    return f'"{name}"'
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(rows: int) -> str:
+    names = ", ".join(_quote(column.column) for column, _ in _INSERT_COLUMNS)
+    key = _quote(RequestLog._meta.get_field("request_id").column)
     row = f"({', '.join(['%s'] * len(_INSERT_COLUMNS))})"
     # Names come from the model and are quoted; every value is a parameter. SQLite (3.35+) and PostgreSQL
     # both take this ON CONFLICT and RETURNING.
     return (
-        f"INSERT INTO {quote(RequestLog._meta.db_table)} ({names}) "  # noqa: S608
+        f"INSERT INTO {_quote(RequestLog._meta.db_table)} ({names}) "  # noqa: S608
         f"VALUES {', '.join([row] * rows)} ON CONFLICT ({key}) DO NOTHING RETURNING {key}"
     )
 
 
-@functools.cache
-def _rollup_sql(connection: Any, rows: int) -> str:
-    quote = connection.ops.quote_name
-    table = quote(UsageDaily._meta.db_table)
+@functools.lru_cache(maxsize=64)
+def _rollup_sql(rows: int) -> str:
+    table = _quote(UsageDaily._meta.db_table)
     names = [*_ROLLUP_KEY, *_ROLLUP_SUMS]
     row = f"({', '.join(['%s'] * len(names))})"
-    adds = ", ".join(f"{quote(name)} = {table}.{quote(name)} + excluded.{quote(name)}" for name in _ROLLUP_SUMS)
+    adds = ", ".join(f"{_quote(name)} = {table}.{_quote(name)} + excluded.{_quote(name)}" for name in _ROLLUP_SUMS)
     return (
-        f"INSERT INTO {table} ({', '.join(quote(name) for name in names)}) "  # noqa: S608
+        f"INSERT INTO {table} ({', '.join(_quote(name) for name in names)}) "  # noqa: S608
         f"VALUES {', '.join([row] * rows)} "
-        f"ON CONFLICT ({', '.join(quote(name) for name in _ROLLUP_KEY)}) DO UPDATE SET {adds}"
+        f"ON CONFLICT ({', '.join(_quote(name) for name in _ROLLUP_KEY)}) DO UPDATE SET {adds}"
     )
 
 

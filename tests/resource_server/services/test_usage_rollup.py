@@ -178,6 +178,14 @@ def test_a_request_id_twice_in_one_batch_counts_once(world: dict[str, Any]) -> N
     assert UsageDaily.objects.get().total_tokens == record.total_tokens  # the row that went in: the first
 
 
+def test_a_batch_with_more_keys_than_one_statement_takes_is_counted_whole(world: dict[str, Any]) -> None:
+    batch = [_record(world["ada"], n, model=f"model-{n}") for n in range(1200)]  # 1,200 rollup keys
+    _insert(batch)
+    _insert(batch[:700])  # replayed: nothing added
+    assert _requests_counted() == 1200
+    assert _rollup() == _rows_summed()
+
+
 def test_the_day_is_the_utc_date_of_the_request(world: dict[str, Any]) -> None:
     chicago = timezone(timedelta(hours=-6))
     late = _record(world["ada"], created_at=datetime(2026, 11, 20, 21, 30, tzinfo=chicago))  # 03:30 UTC next day
