@@ -63,6 +63,9 @@ class GatewaySettings(BaseSettings):
     # Also how often the usage journal is synced to disk: a power cut loses at most this much of them
     # (a SIGKILL only the last 10 ms: records reach the journal file that fast).
     USAGE_FLUSH_SECONDS: float = Field(default=0.5, gt=0, le=60)
+    # Raw usage rows (RequestLog) older than this many days are deleted by `manage.py prune_usage`; the daily
+    # rollup (UsageDaily) that reports and budgets read keeps their totals for good. 0: keep them forever.
+    USAGE_RETENTION_DAYS: int = Field(default=400, ge=0, le=36_500)
 
     # How long a worker trusts what it read from the database before reading it again.
     ROUTING_CACHE_SECONDS: float = Field(default=5.0, ge=0)

@@ -27,6 +27,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
+from resource_server.admin_usage import UsageDailyAdmin
 from resource_server.models import (
     ApiKey,
     Cluster,
@@ -37,6 +38,7 @@ from resource_server.models import (
     MaintenanceWindow,
     Project,
     RequestLog,
+    UsageDaily,
     User,
 )
 from resource_server.routes import Route
@@ -882,3 +884,6 @@ class EndpointStartAdmin(admin.ModelAdmin[EndpointStart]):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+admin.site.register(UsageDaily, UsageDailyAdmin)
