@@ -7,7 +7,6 @@ import datetime as dt
 import re
 from typing import Annotated, Any, Literal
 
-from asgiref.sync import sync_to_async
 from django.http import HttpRequest
 from django.utils import timezone
 from ninja import Field, Query, Router, Schema
@@ -15,8 +14,11 @@ from ninja import Field, Query, Router, Schema
 from resource_server.api.openapi import AUTHENTICATED, REQUEST_ID_HEADER, documented
 from resource_server.api.security import bearer_auth
 from resource_server.auth.base import Principal
+from resource_server.bootstrap import runtime
+from resource_server.db import db_run
 from resource_server.errors import InvalidRequest
-from resource_server.selectors.usage import Budget, UsageLine, UsageSums, UserUsage, user_usage_get
+from resource_server.selectors.limits import Budget
+from resource_server.selectors.usage import UsageLine, UsageSums, UserUsage, user_usage_get
 
 router = Router(auth=bearer_auth, tags=["Account"])
 
@@ -55,7 +57,7 @@ class UsageModelOut(UsageTotalsOut):
 
 
 class BudgetOut(Schema):
-    limit: str = Field(description="`tokens_per_day`, `tokens_per_month` or `allocation`.")
+    limit: str = Field(description="`tokens_per_day`, `tokens_per_month` or `allocation_tokens`.")
     scope: str = Field(description="Whose budget: `user`, `key`, `project` or `everyone`.")
     scope_name: str = Field(description="The user's, API key's or project's name; empty for `everyone`.")
     model: str = Field(description="The model it is narrowed to; empty: every model.")
@@ -172,5 +174,6 @@ _DOC = documented(
 async def usage(request: HttpRequest, since: Since = None, until: Until = None, days: Days = None) -> UsageOut:
     first, last = usage_period(since, until, days, today=timezone.now().date())
     principal: Principal = request.auth  # type: ignore[attr-defined]
-    found = await sync_to_async(user_usage_get)(principal=principal, since=first, until=last)
+    rules = (await runtime().routing.table()).limits
+    found = await db_run(user_usage_get, principal=principal, since=first, until=last, rules=rules)
     return UsageOut.of(found)

@@ -34,8 +34,9 @@ def checks_validate(checks: Sequence[Check]) -> None:
             # Two checks on one counter would both be judged against its level before either took its amount.
             raise ValueError(f"two checks of one request share the counter {check.key!r}")
         keys.add(check.key)
-        if check.limit < 1 or check.amount < 0:
-            raise ValueError(f"limit check {check.key!r}: the limit must be >= 1 and the amount >= 0")
+        # A limit of 0 admits nothing that takes anything: an allocation outside its period.
+        if check.limit < 0 or check.amount < 0:
+            raise ValueError(f"limit check {check.key!r}: the limit and the amount must be >= 0")
         if check.kind in (Kind.REQUESTS, Kind.TOKENS) and not check.window > 0:
             raise ValueError(f"limit check {check.key!r}: a rate needs a window > 0")
 

@@ -110,6 +110,7 @@ class BudgetSpan:
     endpoint_id: int | None
     first_day: date
     last_day: date
+    field: str = ""  # the Limit field it comes from: tokens_per_day, tokens_per_month or allocation_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,13 +160,13 @@ def checks_for(
                     f"t:{base}", Kind.TOKENS, rule.tokens_per_minute, demand.tokens, label=f"tokens per minute{who}{on}"
                 )
             )
-        for limit, start, end, name, words in _periods(rule, moment):
+        for limit, start, end, name, words, field_name in _periods(rule, moment):
             key = f"b:{base}:{name}"
             checks.append(
                 Check(key, Kind.BUDGET, limit, demand.tokens, period_end=end.timestamp(), label=f"{words}{who}{on}")
             )
             spans[key] = BudgetSpan(
-                rule.scope, rule.scope_id, user_id, rule.model, rule.endpoint_id, start.date(), end.date()
+                rule.scope, rule.scope_id, user_id, rule.model, rule.endpoint_id, start.date(), end.date(), field_name
             )
     return _tightest_per_counter(checks), spans
 
@@ -197,21 +198,28 @@ def _who(rule: Rule, username: str) -> str:
             return f" for project {rule.scope_name}"
 
 
-def _periods(rule: Rule, moment: datetime) -> list[tuple[int, datetime, datetime, str, str]]:
-    """The budgets in force at `moment`: (limit, start, end, counter suffix, words)."""
+def _periods(rule: Rule, moment: datetime) -> list[tuple[int, datetime, datetime, str, str, str]]:
+    """The budgets in force at `moment`: (limit, start, end, counter suffix, words, the Limit's field)."""
     periods = []
     if rule.tokens_per_day is not None:
         day = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-        periods.append((rule.tokens_per_day, day, day + timedelta(days=1), f"d{day:%Y%m%d}", "tokens per day"))
+        periods.append(
+            (rule.tokens_per_day, day, day + timedelta(days=1), f"d{day:%Y%m%d}", "tokens per day", "tokens_per_day")
+        )
     if rule.tokens_per_month is not None:
         month = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         following = (month + timedelta(days=32)).replace(day=1)
-        periods.append((rule.tokens_per_month, month, following, f"m{month:%Y%m}", "tokens per month"))
+        periods.append(
+            (rule.tokens_per_month, month, following, f"m{month:%Y%m}", "tokens per month", "tokens_per_month")
+        )
     starts, ends = rule.allocation_starts, rule.allocation_ends
     if rule.allocation_tokens is not None and starts is not None and ends is not None:
         if moment < starts or moment >= ends:
             # Outside its allocation period a scope has no allocation: nothing to spend.
-            periods.append((0, moment, moment + timedelta(days=1), f"a{moment:%Y%m%d}-none", "allocation (none now)"))
+            words = f"allocation (its period is {starts:%Y-%m-%d %H:%M} to {ends:%Y-%m-%d %H:%M} UTC)"
+            periods.append(
+                (0, moment, moment + timedelta(days=1), f"a{moment:%Y%m%d}-none", words, "allocation_tokens")
+            )
         else:
             periods.append(
                 (
@@ -220,6 +228,7 @@ def _periods(rule: Rule, moment: datetime) -> list[tuple[int, datetime, datetime
                     ends,
                     f"a{starts:%Y%m%d%H%M}-{ends:%Y%m%d%H%M}",
                     "tokens of the allocation",
+                    "allocation_tokens",
                 )
             )
     return periods

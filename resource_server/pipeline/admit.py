@@ -151,7 +151,7 @@ def _refusal(refusal: Refusal, headers: Headers) -> RateLimited:
     check = refusal.check
     state = refusal.verdict.states[refusal.verdict.refused]
     wait = max(refusal.retry_after, 0.0)
-    hopeless = check.amount > check.limit  # bigger than the whole limit: waiting cannot help
+    hopeless = check.amount > check.limit > 0  # bigger than the whole limit: waiting cannot help
     extra = dict(headers)
     if hopeless:
         message = (
@@ -160,6 +160,10 @@ def _refusal(refusal: Refusal, headers: Headers) -> RateLimited:
         )
         code, error_type = ErrorCode.RATE_LIMIT_EXCEEDED, "tokens" if check.kind is not Kind.CONCURRENT else "requests"
         extra["x-should-retry"] = "false"  # waiting cannot help
+    elif check.kind is Kind.BUDGET and check.limit == 0:
+        message = f"You have no {check.label}: ask the administrators."
+        code, error_type = ErrorCode.INSUFFICIENT_QUOTA, "insufficient_quota"
+        extra["x-should-retry"] = "false"
     elif check.kind is Kind.BUDGET:
         message = (
             f"You have used your {check.label}: limit {check.limit}, remaining {state.remaining}, this request "

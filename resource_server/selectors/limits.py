@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from django.db.models import Sum
 
 from resource_server.auth.base import Principal
-from resource_server.limits.base import Kind
 from resource_server.limits.policy import BudgetSpan, Demand, LimitRules, ProjectRef, Rule, Scope, checks_for
 from resource_server.models import ApiKey, Limit, Project, UsageDaily
 
@@ -75,19 +74,25 @@ def _prefixes(key_id: int) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
-class BudgetLeft:
-    """One token budget that applies to a caller, as the usage route reports it."""
+class Budget:
+    """A token budget that applies to the caller, and what is left of it (the usage route reports them)."""
 
-    budget: str  # in words: "tokens per day for project climate on llama"
-    limit: int
+    limit: str  # which budget: tokens_per_day, tokens_per_month or allocation_tokens
+    scope: str  # whose: user, key, project or everyone
+    scope_name: str  # the user's, key's or project's name; empty for everyone
+    model: str  # the model it is narrowed to; empty: every model
+    tokens: int
     used: int
     remaining: int
-    renews_at: datetime
+    resets_at: datetime | None  # UTC: when a day's or month's budget starts again; None for an allocation
 
 
-def budgets_left(*, rules: LimitRules, principal: Principal, now: float) -> list[BudgetLeft]:
+_SCOPE_WORDS = {Scope.USER: "user", Scope.KEY: "key", Scope.PROJECT: "project", Scope.EVERYONE: "everyone"}
+
+
+def budgets_left(*, rules: LimitRules, principal: Principal, now: float) -> list[Budget]:
     """The caller's budgets (their own, their key's, every user's, and each of their projects'), with the tokens
-    used so far as the daily rollup counts them (a request still running is not in it)."""
+    used so far as the daily rollup counts them (a request still running is not in it yet)."""
     mine = [project.id for project in rules.projects if project.group in principal.groups]
     applicable = rules.rules_for(user_id=principal.user_id, key_id=principal.api_key_id, project_id=None)
     for project_id in mine:
@@ -104,16 +109,21 @@ def budgets_left(*, rules: LimitRules, principal: Principal, now: float) -> list
             now=now,
         )
         for check in checks:
-            if check.kind is not Kind.BUDGET:
+            span = spans.get(check.key)
+            if span is None:
                 continue
-            used = budget_used(spans[check.key])
+            used = budget_used(span)
+            allocation = span.field == "allocation_tokens"
             left.append(
-                BudgetLeft(
-                    budget=check.label,
-                    limit=check.limit,
+                Budget(
+                    limit=span.field,
+                    scope=_SCOPE_WORDS[rule.scope],
+                    scope_name="" if rule.scope is Scope.EVERYONE else rule.scope_name,
+                    model=rule.model,
+                    tokens=check.limit,
                     used=used,
                     remaining=max(check.limit - used, 0),
-                    renews_at=datetime.fromtimestamp(check.period_end, UTC),
+                    resets_at=None if allocation else datetime.fromtimestamp(check.period_end, UTC),
                 )
             )
     return left

@@ -8,15 +8,18 @@ days; a period's `until` is included.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any, Literal, get_args
 
 from django.db.models import QuerySet, Sum
 
 from resource_server.auth.base import Principal
+from resource_server.limits.policy import LimitRules
 from resource_server.models import Endpoint, Project, UsageDaily, User
+from resource_server.selectors.limits import Budget, budgets_left
 
 Dimension = Literal["day", "project", "user", "key", "model", "cluster", "endpoint"]
 DIMENSIONS: tuple[Dimension, ...] = get_args(Dimension)
@@ -213,20 +216,6 @@ def _chunked(rows: QuerySet[Any, tuple[Any, ...]], ids: Iterable[int]) -> list[t
 
 
 @dataclass(frozen=True, slots=True)
-class Budget:
-    """A token budget that applies to the caller, and what is left of it (filled by the limiter)."""
-
-    limit: str  # which budget: tokens_per_day, tokens_per_month or allocation
-    scope: str  # whose: user, key, project or everyone
-    scope_name: str  # the user's, key's or project's name; empty for everyone
-    model: str  # the model it is narrowed to; empty: every model
-    tokens: int
-    used: int
-    remaining: int
-    resets_at: datetime | None  # UTC; None for an allocation, which ends instead
-
-
-@dataclass(frozen=True, slots=True)
 class UserUsage:
     since: date
     until: date
@@ -237,11 +226,12 @@ class UserUsage:
     budgets: list[Budget] = field(default_factory=list)
 
 
-def user_usage_get(*, principal: Principal, since: date, until: date) -> UserUsage:
-    """The caller's own usage per UTC day and model over a period, with totals per model and overall.
+def user_usage_get(*, principal: Principal, since: date, until: date, rules: LimitRules) -> UserUsage:
+    """The caller's own usage per UTC day and model over a period, with totals per model and overall, and the
+    token budgets that apply to them (`rules`: the limits as the routing table holds them).
 
     Every request of the caller's user counts, whichever credential made it (Globus token or any of their API
-    keys). `budgets` is empty here: remaining budgets are the limiter's to report, not the rollup's.
+    keys).
     """
     where = UsageFilter(since=since, until=until, user_id=principal.user_id)
     days = usage_list(where=where, by=("day", "model"))
@@ -257,6 +247,7 @@ def user_usage_get(*, principal: Principal, since: date, until: date) -> UserUsa
         days=days,
         models=[UsageLine((model,), sums) for model, sums in sorted(models.items())],
         totals=totals,
+        budgets=budgets_left(rules=rules, principal=principal, now=time.time()),
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 from asgiref.sync import sync_to_async
+from django.test import AsyncClient
 
 from resource_server.bootstrap import runtime
 from resource_server.models import Limit, Project, RequestLog
@@ -129,3 +130,23 @@ async def test_a_request_is_charged_to_the_project_it_names_if_the_caller_is_a_m
     unknown = await chat(seeded, **{"OpenAI-Project": "proj_abc123"})
     assert unknown.status_code == 200, "a project the gateway does not know (OpenAI's) is ignored"
     assert [row.project_id for row in await rows()] == [None, None]
+
+
+async def test_the_usage_route_reports_the_budgets_that_apply_and_what_is_left(seeded: Seeded) -> None:
+    climate = await Project.objects.acreate(name="climate", globus_group=uuid.uuid4())
+    await Limit.objects.acreate(user=seeded.user, tokens_per_day=10_000)
+    await Limit.objects.acreate(everyone=True, model="demo-model", tokens_per_month=50_000)
+    await Limit.objects.acreate(project=climate, tokens_per_day=1)  # not a member: not reported
+    ok = await chat(seeded)
+    used = orjson.loads(ok.content)["usage"]["total_tokens"]
+    await rows()  # written, and so in the daily rollup
+    response = await AsyncClient().get(f"{BASE}/usage", headers=seeded.auth)
+    assert response.status_code == 200, response.content
+    budgets = sorted(orjson.loads(response.content)["budgets"], key=lambda budget: budget["limit"])
+    assert [
+        (b["limit"], b["scope"], b["scope_name"], b["model"], b["tokens"], b["used"], b["remaining"]) for b in budgets
+    ] == [
+        ("tokens_per_day", "user", "ada@anl.gov", "", 10_000, used, 10_000 - used),
+        ("tokens_per_month", "everyone", "", "demo-model", 50_000, used, 50_000 - used),
+    ]
+    assert budgets[0]["resets_at"].endswith("T00:00:00Z")

@@ -310,8 +310,13 @@ async def test_reserving_again_under_the_same_reservation_counts_once(store: Lim
 async def test_checks_that_no_store_can_count_are_a_programming_error(store: LimitStore) -> None:
     with pytest.raises(ValueError, match="share the counter"):
         await reserve(store, tokens(1), tokens(2))
-    with pytest.raises(ValueError, match="limit must be >= 1"):
-        await reserve(store, budget(1, limit=0))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        await reserve(store, budget(1, limit=-1))
+
+
+async def test_a_limit_of_zero_admits_nothing_that_takes_something(store: LimitStore) -> None:
+    refused = await reserve(store, budget(1, limit=0))
+    assert (refused.admitted, refused.states[0].remaining) == (False, 0)
 
 
 # --- across processes -----------------------------------------------------------------------------------------
