@@ -139,6 +139,7 @@ async def test_states_tell_what_is_left_of_every_check_and_when_it_is_whole_agai
 # --- concurrency ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 4,000 reserves: seconds of the database store's time, so not in `make test-fast`
 async def test_200_concurrent_reserves_against_a_concurrency_limit_admit_exactly_the_limit(store: LimitStore) -> None:
     for round_ in range(ROUNDS):
         check = slots(key=f"c{round_}", limit=7)
@@ -245,6 +246,7 @@ async def test_requests_settle_changes_nothing(store: LimitStore) -> None:
 # --- budgets --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 4,000 reserves: seconds of the database store's time, so not in `make test-fast`
 async def test_200_concurrent_reserves_against_a_budget_admit_exactly_as_many_as_fit(
     store: LimitStore, seeds: Seeds
 ) -> None:
