@@ -84,7 +84,8 @@ class DatabaseLimitStore:
                 return outcome
             budgets = [check for check in outcome if check.kind is Kind.BUDGET]
             used = await budgets_seed(self._seed, budgets)
-            await _db(_create, outcome, used, now, ttl=self.ttl)
+            seeds = {check.key: tokens for check, tokens in zip(budgets, used, strict=True)}
+            await _db(_create, outcome, seeds, now, ttl=self.ttl)
         raise LimitStoreUnavailable("limit counters vanished as soon as they were made")
 
     def _reserve(self, reservation: str, checks: Sequence[Check], now: float) -> Verdict | list[Check]:
@@ -198,15 +199,14 @@ def _commit_without_flush() -> None:
             cursor.execute("SET LOCAL synchronous_commit = off")
 
 
-def _create(checks: Sequence[Check], used: Sequence[int], now: float, *, ttl: float) -> None:
+def _create(checks: Sequence[Check], seeds: dict[str, int], now: float, *, ttl: float) -> None:
     """The counters of these checks, unless another request made them first: a bucket full, a budget at its
-    seed (`used`, in the order of the budgets among `checks`), a concurrency limit's row to lock."""
-    seeds = iter(used)
+    seed (`seeds`: used tokens by key), a concurrency limit's row to lock."""
     rows = []
     for check in sorted(checks, key=lambda check: check.key):
         if check.kind is Kind.BUDGET:
             expires_at = max(check.period_end + BUDGET_GRACE_SECONDS, now + 1)
-            rows.append(LimitCounter(key=check.key, value=next(seeds), expires_at=expires_at))
+            rows.append(LimitCounter(key=check.key, value=seeds[check.key], expires_at=expires_at))
         elif check.kind is Kind.CONCURRENT:
             rows.append(LimitCounter(key=check.key, expires_at=now + ttl))  # goes when a lease would have
         else:
@@ -248,7 +248,7 @@ def _settle(reservation: str, checks: Sequence[Check], used: int, now: float) ->
         # locked, in key order, as reserves lock: waiting for another's insert never holds a lock it needs.)
         buckets = [check for check in moved if check.kind is Kind.TOKENS]
         if buckets:
-            _create(buckets, [], now, ttl=0.0)
+            _create(buckets, {}, now, ttl=0.0)
         rows = LimitCounter.objects.select_for_update().filter(key__in=[check.key for check in moved]).order_by("key")
         found = {row.key: row for row in rows}
         changed = []

@@ -280,6 +280,14 @@ async def test_a_missing_budget_counter_starts_from_its_seed_not_from_zero(store
     assert seeds.asked == ["b"]  # the counter is kept from then on
 
 
+async def test_each_missing_budget_starts_from_its_own_seed(store: LimitStore, seeds: Seeds) -> None:
+    seeds.used.update({"day": 10, "month": 70})
+    verdict = await reserve(store, budget(20, key="month"), budget(20, key="day"), tokens(20))
+    assert verdict.admitted
+    assert [state.remaining for state in verdict.states] == [10, 70, 980]
+    assert sorted(seeds.asked) == ["day", "month"]
+
+
 # --- reservations -------------------------------------------------------------------------------------------
 
 
