@@ -8,11 +8,19 @@ Rows (resource_server.models):
     LimitLease(key, reservation)    a CONCURRENT slot held until `expires_at` unless refreshed
     LimitLease(key="", reservation) the reservation was taken and not yet settled (RESERVATION_MEMORY_SECONDS)
 
-A reserve locks the counter rows of all its checks before it reads them: on PostgreSQL it inserts the missing
-ones (INSERT ... ON CONFLICT DO NOTHING), then takes them with SELECT ... FOR UPDATE, both in key order, so two
-requests sharing counters queue on the first one rather than deadlock. On SQLite every transaction of the
-gateway starts with BEGIN IMMEDIATE (settings: transaction_mode), which holds the database's one write lock, so
-transactions run one at a time across processes and FOR UPDATE is not needed (Django leaves it out there).
+A reserve locks the counter rows of all its checks before it reads them: on PostgreSQL with SELECT ... FOR
+UPDATE in key order, so two requests sharing counters queue on the first one rather than deadlock. A counter
+that does not exist yet (a limit's first request, or one forgotten since) is made outside the transaction, with
+INSERT ... ON CONFLICT DO NOTHING (a budget's from its seed), and the reserve runs again: a transaction never
+waits for a row insert while holding locks, so the common path is a transaction of four statements. On SQLite
+every transaction of the gateway starts with BEGIN IMMEDIATE (settings: transaction_mode), which holds the
+database's one write lock, so transactions run one at a time across processes and FOR UPDATE is not needed
+(Django leaves it out there).
+
+On PostgreSQL these transactions commit without waiting for their WAL to reach the disk (synchronous_commit
+off, for them alone): a reserve then costs no disk flush. A PostgreSQL crash may lose the last fraction of a
+second of counter moves (never corrupts them): budgets are then briefly under-counted, rates briefly refilled;
+the usage rows, which are the record, are written with the usual guarantees.
 
 Each step runs in the worker's ORM thread (db_run): a worker's limit checks queue there one after another, and
 behind the other workers' holding the same counters. Times are the caller's clock (`now`), as in the Redis store.
@@ -26,7 +34,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import ParamSpec, TypeVar
 
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Count, Min, Q
 
 from resource_server.db import db_run
@@ -46,7 +54,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 _MARKER = ""  # LimitLease.key of a reservation's own row: no check has an empty key
-_BUCKETS = (Kind.REQUESTS, Kind.TOKENS)
+_MOVED = (Kind.TOKENS, Kind.BUDGET)  # what a settle moves by (used - amount)
 # Expired rows are deleted at most this often by each store, in batches of at most _TIDY_BATCH rows.
 _TIDY_SECONDS = 60.0
 _TIDY_BATCH = 1000
@@ -74,18 +82,24 @@ class DatabaseLimitStore:
                     self._tidy_after = now + _TIDY_SECONDS
                     await _db(_tidy, now)
                 return outcome
-            missing = [checks[index] for index in outcome]
-            used = await budgets_seed(self._seed, missing)
-            await _db(_plant, missing, used, now)
-        raise LimitStoreUnavailable("budget counters vanished as soon as they were seeded")
+            budgets = [check for check in outcome if check.kind is Kind.BUDGET]
+            used = await budgets_seed(self._seed, budgets)
+            seeds = {check.key: tokens for check, tokens in zip(budgets, used, strict=True)}
+            await _db(_create, outcome, seeds, now, ttl=self.ttl)
+        raise LimitStoreUnavailable("limit counters vanished as soon as they were made")
 
-    def _reserve(self, reservation: str, checks: Sequence[Check], now: float) -> Verdict | list[int]:
-        """The verdict, or the indexes of the budgets that have no counter (then nothing was changed)."""
+    def _reserve(self, reservation: str, checks: Sequence[Check], now: float) -> Verdict | list[Check]:
+        """The verdict, or the checks that have no counter yet (then nothing was changed)."""
         with transaction.atomic():
-            rows = _lock(checks, now, ttl=self.ttl)
-            missing = [i for i, check in enumerate(checks) if check.kind is Kind.BUDGET and check.key not in rows]
-            if missing:
-                return missing
+            _commit_without_flush()
+            rows = {
+                row.key: row
+                for row in LimitCounter.objects.select_for_update()
+                .filter(key__in=[check.key for check in checks])
+                .order_by("key")
+            }
+            if len(rows) < len(checks):
+                return [check for check in checks if check.key not in rows]
             slots = [check.key for check in checks if check.kind is Kind.CONCURRENT]
             held: dict[str, tuple[int, float]] = {
                 key: (count, first)
@@ -123,18 +137,16 @@ class DatabaseLimitStore:
                 leases = [LimitLease(key=_MARKER, reservation=reservation, expires_at=now + RESERVATION_MEMORY_SECONDS)]
                 changed = []
                 for index, check in enumerate(checks):
-                    row = rows.get(check.key)
+                    row = rows[check.key]
                     if check.kind is Kind.CONCURRENT:
                         leases.append(LimitLease(key=check.key, reservation=reservation, expires_at=now + self.ttl))
                         values[index] += 1
                         count, first = held.get(check.key, (0, math.inf))
                         held[check.key] = (count + 1, min(first, now + self.ttl))
                     elif check.kind is Kind.BUDGET:
-                        assert row is not None
                         row.value = values[index] = row.value + check.amount
                         changed.append(row)
                     else:
-                        assert row is not None
                         values[index] -= check.amount
                         _bucket_store(row, check, values[index], now)
                         changed.append(row)
@@ -180,31 +192,26 @@ async def _db(function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) ->
         raise LimitStoreUnavailable(f"the database failed: {type(exc).__name__}") from exc
 
 
-def _lock(checks: Sequence[Check], now: float, *, ttl: float) -> dict[str, LimitCounter]:
-    """The counter rows of these checks, locked until the transaction ends, the missing ones made first (but
-    budgets': they need a seed). A row deleted between the insert and the lock (it had expired) is made again."""
-    made = sorted((check for check in checks if check.kind is not Kind.BUDGET), key=lambda check: check.key)
-    for _attempt in range(3):
-        if made:
-            LimitCounter.objects.bulk_create(
-                [
-                    # A bucket starts full, so it may go at once; a lock row goes when a lease would have.
-                    LimitCounter(key=check.key, value=check.limit, stamp=now, expires_at=now)
-                    if check.kind in _BUCKETS
-                    else LimitCounter(key=check.key, expires_at=now + ttl)
-                    for check in made
-                ],
-                ignore_conflicts=True,
-            )
-        rows = {
-            row.key: row
-            for row in LimitCounter.objects.select_for_update()
-            .filter(key__in=[check.key for check in checks])
-            .order_by("key")
-        }
-        if all(check.key in rows for check in made):
-            return rows
-    raise LimitStoreUnavailable("limit counters vanished as soon as they were made")
+def _commit_without_flush() -> None:
+    """This transaction's commit does not wait for the disk (PostgreSQL; see the module's docstring)."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit = off")
+
+
+def _create(checks: Sequence[Check], seeds: dict[str, int], now: float, *, ttl: float) -> None:
+    """The counters of these checks, unless another request made them first: a bucket full, a budget at its
+    seed (`seeds`: used tokens by key), a concurrency limit's row to lock."""
+    rows = []
+    for check in sorted(checks, key=lambda check: check.key):
+        if check.kind is Kind.BUDGET:
+            expires_at = max(check.period_end + BUDGET_GRACE_SECONDS, now + 1)
+            rows.append(LimitCounter(key=check.key, value=seeds[check.key], expires_at=expires_at))
+        elif check.kind is Kind.CONCURRENT:
+            rows.append(LimitCounter(key=check.key, expires_at=now + ttl))  # goes when a lease would have
+        else:
+            rows.append(LimitCounter(key=check.key, value=check.limit, stamp=now, expires_at=now))  # full: may go
+    LimitCounter.objects.bulk_create(rows, ignore_conflicts=True)
 
 
 # The bucket arithmetic is the Redis script's, operation for operation, so that both stores round alike.
@@ -227,28 +234,26 @@ def _ms(seconds: float) -> float:
     return max(math.ceil(seconds * 1000), 0) / 1000
 
 
-def _plant(budgets: Sequence[Check], used: Sequence[int], now: float) -> None:
-    """Each budget's counter, unless another request planted it first (its seed was read as recently)."""
-    LimitCounter.objects.bulk_create(
-        [
-            LimitCounter(key=check.key, value=tokens, expires_at=max(check.period_end + BUDGET_GRACE_SECONDS, now + 1))
-            for check, tokens in zip(budgets, used, strict=True)
-        ],
-        ignore_conflicts=True,
-    )
-
-
 def _settle(reservation: str, checks: Sequence[Check], used: int, now: float) -> None:
     with transaction.atomic():
-        known = LimitLease.objects.filter(key=_MARKER, reservation=reservation, expires_at__gt=now).delete()[0] > 0
-        LimitLease.objects.filter(reservation=reservation).delete()
-        moved = [check for check in checks if check.kind in (Kind.TOKENS, Kind.BUDGET) and check.amount != used]
+        _commit_without_flush()
+        # Its slots, and the row that says it was reserved: none for a reservation refused, unknown or settled.
+        known = LimitLease.objects.filter(reservation=reservation).delete()[0] > 0
+        moved = sorted(
+            (check for check in checks if check.kind in _MOVED and check.amount != used), key=lambda check: check.key
+        )
         if not known or not moved:
             return
-        rows = _lock(moved, now, ttl=0.0)
+        # A bucket forgotten since it was full again is full: made so, then moved. (Inserted before any row is
+        # locked, in key order, as reserves lock: waiting for another's insert never holds a lock it needs.)
+        buckets = [check for check in moved if check.kind is Kind.TOKENS]
+        if buckets:
+            _create(buckets, {}, now, ttl=0.0)
+        rows = LimitCounter.objects.select_for_update().filter(key__in=[check.key for check in moved]).order_by("key")
+        found = {row.key: row for row in rows}
         changed = []
         for check in moved:
-            row = rows.get(check.key)
+            row = found.get(check.key)
             if row is None:
                 continue  # a budget whose counter went: its seed will read this request's usage instead
             if check.kind is Kind.BUDGET:

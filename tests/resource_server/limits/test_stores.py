@@ -139,6 +139,7 @@ async def test_states_tell_what_is_left_of_every_check_and_when_it_is_whole_agai
 # --- concurrency ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 4,000 reserves: seconds of the database store's time, so not in `make test-fast`
 async def test_200_concurrent_reserves_against_a_concurrency_limit_admit_exactly_the_limit(store: LimitStore) -> None:
     for round_ in range(ROUNDS):
         check = slots(key=f"c{round_}", limit=7)
@@ -245,6 +246,7 @@ async def test_requests_settle_changes_nothing(store: LimitStore) -> None:
 # --- budgets --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 4,000 reserves: seconds of the database store's time, so not in `make test-fast`
 async def test_200_concurrent_reserves_against_a_budget_admit_exactly_as_many_as_fit(
     store: LimitStore, seeds: Seeds
 ) -> None:
@@ -276,6 +278,14 @@ async def test_a_missing_budget_counter_starts_from_its_seed_not_from_zero(store
     assert seeds.asked == ["b"]
     assert (await reserve(store, budget(20))).admitted
     assert seeds.asked == ["b"]  # the counter is kept from then on
+
+
+async def test_each_missing_budget_starts_from_its_own_seed(store: LimitStore, seeds: Seeds) -> None:
+    seeds.used.update({"day": 10, "month": 70})
+    verdict = await reserve(store, budget(20, key="month"), budget(20, key="day"), tokens(20))
+    assert verdict.admitted
+    assert [state.remaining for state in verdict.states] == [10, 70, 980]
+    assert sorted(seeds.asked) == ["day", "month"]
 
 
 # --- reservations -------------------------------------------------------------------------------------------
