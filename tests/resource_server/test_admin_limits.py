@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
 
 import pytest
-from django.contrib.auth import get_user_model
 from django.test import Client
 
 from resource_server.models import Cluster, Endpoint, Limit, Project, User
@@ -14,14 +12,6 @@ from resource_server.models import Cluster, Endpoint, Limit, Project, User
 pytestmark = pytest.mark.django_db
 
 ADD = "/admin/resource_server/limit/add/"
-
-
-@pytest.fixture
-def admin_client(client: Client, settings: Any) -> Client:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    admin = get_user_model().objects.create_superuser("root", "root@example.org", "pw-long-enough-123")
-    client.force_login(admin)
-    return client
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.contrib.auth import get_user_model
 from django.test import Client
 from django.utils import timezone
 
@@ -18,14 +17,6 @@ from resource_server.services.api_keys import api_key_create
 pytestmark = pytest.mark.django_db
 
 CHANGELIST = "/admin/resource_server/requestlog/"
-
-
-@pytest.fixture
-def admin_client(client: Client, settings: Any) -> Client:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    admin = get_user_model().objects.create_superuser("root", "root@example.org", "pw-long-enough-123")
-    client.force_login(admin)
-    return client
 
 
 @pytest.fixture

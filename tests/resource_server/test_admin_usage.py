@@ -25,13 +25,6 @@ PAGE = "/admin/resource_server/usagedaily/"
 
 
 @pytest.fixture
-def admin_client(client: Client, settings: Any) -> Client:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    client.force_login(get_user_model().objects.create_superuser("root", "root@example.org", "pw-long-enough-123"))
-    return client
-
-
-@pytest.fixture
 def usage() -> dict[str, Any]:
     """Three users, two projects, two models on two endpoints of one cluster, over the last 40 days."""
     today = timezone.now().date()

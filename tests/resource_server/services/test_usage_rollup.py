@@ -6,7 +6,6 @@ replayed journals, refused rows, dead letters replayed, and request ids seen twi
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from django.db.models.functions import Coalesce, TruncDate
 
 from resource_server.models import Cluster, Endpoint, Project, RequestLog, UsageDaily, User
 from resource_server.services.usage import UsageRecord, UsageSink, _insert_rows, journal_line
+from tests.resource_server.services.conftest import usage_sink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -35,22 +35,6 @@ def world() -> dict[str, Any]:
             cluster=cluster, framework="vllm", model="m1", backend="direct", backend_config={"base_url": "http://x"}
         ),
     }
-
-
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[UsageSink]:
-    sink = _sink(tmp_path)
-    yield sink
-    sink.stop(timeout=10)
-
-
-def _sink(tmp_path: Path) -> UsageSink:
-    return UsageSink(
-        batch_size=50,
-        flush_seconds=0.05,
-        spool_dir=tmp_path / "usage-spool",
-        dead_letter_dir=tmp_path / "usage-dead-letter",
-    )
 
 
 def _record(user: User, n: int = 0, **fields: Any) -> UsageRecord:
@@ -225,7 +209,7 @@ def test_a_journal_replayed_by_the_next_start_is_counted_once(world: dict[str, A
     spool = tmp_path / "usage-spool"
     spool.mkdir()
     (spool / "usage-1234-1.jsonl").write_bytes(b"".join(journal_line(record) for record in [*written, *unwritten]))
-    sink = _sink(tmp_path)
+    sink = usage_sink(tmp_path)
     sink.start()
     try:
         assert sink.flush(timeout=20)
@@ -239,7 +223,7 @@ def test_a_journal_replayed_by_the_next_start_is_counted_once(world: dict[str, A
 def test_a_dead_letter_replayed_after_its_fix_is_counted_once(world: dict[str, Any], tmp_path: Path) -> None:
     missing = world["bob"].pk + 10_000
     orphan = _record(world["ada"], 2, user_id=missing)
-    first = _sink(tmp_path)
+    first = usage_sink(tmp_path)
     first.record(orphan)
     first.record(_record(world["ada"], 1))
     try:
@@ -250,7 +234,7 @@ def test_a_dead_letter_replayed_after_its_fix_is_counted_once(world: dict[str, A
     (letter,) = (tmp_path / "usage-dead-letter").glob("*.jsonl")
     User.objects.create(pk=missing, identity_id="id-restored", username="restored@anl.gov")  # the fix
     letter.rename(tmp_path / "usage-spool" / "usage-replay-1.jsonl")  # as the admin guide says
-    second = _sink(tmp_path)
+    second = usage_sink(tmp_path)
     second.start()
     try:
         assert second.flush(timeout=20)
