@@ -181,6 +181,9 @@ return 1
 # a Redis too slow for one try is not asked again while the request waits.
 _CONNECTIONS = 64
 
+# Every key of the store starts with this (the relay's and the cache's keys do not).
+KEY_PREFIX = "igw:limit:"
+
 
 @dataclass(frozen=True, slots=True)
 class _Scripts:
@@ -194,7 +197,7 @@ class RedisLimitStore:
     """`LimitStore` in Redis, shared by every worker and host. Any Redis error raises `LimitStoreUnavailable`
     (settle logs it instead: its leases expire and its tokens stay charged)."""
 
-    def __init__(self, url: str, *, seed: BudgetSeed, ttl: float, timeout: float, prefix: str = "igw:limit:") -> None:
+    def __init__(self, url: str, *, seed: BudgetSeed, ttl: float, timeout: float, prefix: str = KEY_PREFIX) -> None:
         self._url = url
         self._seed = seed
         self.ttl = ttl
