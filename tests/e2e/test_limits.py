@@ -300,7 +300,7 @@ def test_a_budget_settles_to_what_each_request_used(gateway: Gateway, endpoint: 
 
 
 def test_a_worker_killed_mid_request_gives_its_slot_back_when_its_lease_expires(
-    gateway: Gateway, endpoint: Endpoint, model_server: str, record_property: Any
+    gateway: Gateway, endpoint: Endpoint, model_server: str
 ) -> None:
     """Twenty users at once, each holding the one slot of their concurrency limit with a request that hangs at
     the model server, all on one worker, which is then killed. The other worker refuses each user at once (the
@@ -343,7 +343,7 @@ def test_a_worker_killed_mid_request_gives_its_slot_back_when_its_lease_expires(
         error = answer.json()["error"]
         assert error["code"] == "rate_limit_exceeded"
         assert error["message"].startswith("Rate limit reached for concurrent requests for user killed-")
-    record_property("slots_back_after_seconds", f"{min(back):.2f}-{max(back):.2f}")
+    assert len(back) == len(users)  # each user's slot came back (how soon: the seconds, not asserted)
 
 
 async def _client_on(url: str, worker: int, workers: set[int]) -> httpx.AsyncClient:
