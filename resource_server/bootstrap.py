@@ -62,11 +62,12 @@ class Runtime:
 
     def start(self) -> None:
         """At worker start-up, on the event loop: the usage writer (adopting journals left by stopped
-        workers), the status board (its first round one interval from now) and the sharing of in-flight
-        counts with the other workers (with Redis)."""
+        workers), the status board (its first round one interval from now), the sharing of in-flight
+        counts with the other workers (with Redis) and the limit store's connections."""
         self.usage_sink.start()
         self.status.start()
         self.in_flight.start()
+        self.limiter.start()
 
     async def stop(self, usage_seconds: float) -> None:
         """At shutdown, after the requests have ended: the status board and the in-flight sharing, then together

@@ -88,6 +88,11 @@ class LimitStore(Protocol):
         raises: a failed round is logged, and the next one (well within the TTL) tries again."""
         ...
 
+    async def warm(self) -> None:
+        """At worker start-up: open what the request path would otherwise open under load (Redis's connections,
+        whose connect is timed by the check's short timeout). Never raises."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

@@ -122,6 +122,12 @@ class Limiter:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def start(self) -> None:
+        """At worker start-up, on the event loop: the store opens its connections in the background."""
+        task = asyncio.get_running_loop().create_task(self.store.warm(), name="limit-store-warm")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def aclose(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()

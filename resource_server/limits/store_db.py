@@ -181,6 +181,9 @@ class DatabaseLimitStore:
         except LimitStoreUnavailable as exc:
             logger.warning("limit store (database) failed renewing %d leases: %s", len(leases), exc)
 
+    async def warm(self) -> None:
+        """Nothing to open: the connections are the ORM thread's."""
+
     async def aclose(self) -> None:
         """Nothing to close: the connections are the ORM thread's."""
 

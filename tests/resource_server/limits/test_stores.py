@@ -417,3 +417,39 @@ async def test_redis_out_of_reach_fails_reserve_within_the_timeout_and_the_store
     finally:
         await store.aclose()
         _redis_cleanup(prefix)
+
+
+# --- Redis connections opened ahead ---------------------------------------------------------------------------
+
+
+@needs_redis
+async def test_warming_opens_the_redis_pool_ahead_so_a_burst_waits_for_no_connect(seeds: Seeds) -> None:
+    """Opened by a burst instead, a busy worker's connects outlasted the timeout and rate limits failed open."""
+    prefix = f"test:limit:{uuid.uuid4().hex}:"
+    store = RedisLimitStore(REDIS_URL, seed=seeds, ttl=TTL, timeout=2.0, prefix=prefix)
+    try:
+        pool = store._connection().client.connection_pool
+        assert sum(count for count, _attributes in pool.get_connection_count()) == 0
+        await store.warm()
+        opened = sum(count for count, _attributes in pool.get_connection_count())
+        assert opened == pool.max_connections
+        verdicts = await asyncio.gather(*(reserve(store, slots(limit=7)) for _ in range(opened)))
+        assert [verdict.admitted for verdict in verdicts].count(True) == 7
+        assert sum(count for count, _attributes in pool.get_connection_count()) == opened, "no new connection"
+    finally:
+        await store.aclose()
+        _redis_cleanup(prefix)
+
+
+@needs_redis
+async def test_warming_with_redis_out_of_reach_logs_and_does_not_raise(
+    redis_proxy: TcpProxy, seeds: Seeds, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis_proxy.cut()
+    url = urlsplit(REDIS_URL)._replace(netloc=f"127.0.0.1:{redis_proxy.port}").geturl()
+    store = RedisLimitStore(url, seed=seeds, ttl=TTL, timeout=0.5, prefix=f"test:limit:{uuid.uuid4().hex}:")
+    try:
+        await asyncio.wait_for(store.warm(), 10)
+    finally:
+        await store.aclose()
+    assert "connections not opened ahead: Redis failed: ConnectionError" in caplog.text
