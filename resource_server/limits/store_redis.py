@@ -20,12 +20,14 @@ relative) follows Redis's clock, and it only forgets what is no longer needed.
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
 import logging
 import math
 import weakref
-from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from resource_server.limits.base import BudgetSeed, Check, CheckState, LimitStoreUnavailable, Verdict
 from resource_server.limits.counting import (
@@ -35,10 +37,6 @@ from resource_server.limits.counting import (
     budgets_seed,
     checks_validate,
 )
-
-if TYPE_CHECKING:
-    import redis.asyncio as redis
-    from redis.commands.core import AsyncScript
 
 logger = logging.getLogger(__name__)
 
@@ -172,25 +170,139 @@ end
 return 1
 """
 
-# redis-py's defaults do not fit a check made before every request (redis-py 8: a 5 s socket and connect timeout,
-# 10 retries with backoff around every command, 100 connections per pool and a new one made past that, no
-# health check). Each connect and each reply waits at most the store's timeout; a pool of _CONNECTIONS queues
-# requests for a free connection, for at most the timeout too. One retry, only after a connection error (a
-# connection Redis closed while idle, found out on use): reserve is idempotent per reservation, settle and
-# refresh too, so a script that ran before its connection broke is not counted twice. No retry after a timeout:
-# a Redis too slow for one try is not asked again while the request waits.
-_CONNECTIONS = 64
+# Why not redis-py's client: a check is made before every request and settled after it, and redis-py's asyncio
+# command path (its blocking pool's lock and condition, hooks, the retry wrapper, a timeout around each read and
+# write, arguments packed in Python) cost 370-440 us of CPU per script call on the benchmark machine, twice per
+# request; the same call through one pipelined connection, packed and parsed by hiredis (the parser redis-py
+# itself uses), cost 130-150 us (docs/performance.md, "Limits on the hot path"). So each event loop keeps one
+# connection to Redis: every request's commands are written on it at once and the replies, which Redis sends in
+# order, are handed back in order. Each connect and each reply waits at most the store's timeout; a timed-out
+# reply is still read, and dropped, when it comes, so the connection stays in step. A broken connection fails the
+# commands waiting on it and is made again by the next command. No retry: reserve is idempotent per reservation,
+# but a Redis too slow or gone for one try is not asked again while the request waits.
+
+
+class _Pipe:
+    """One connection to Redis, shared by every command of an event loop, replies matched to commands in order."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        import hiredis  # here: gateways without REDIS_URL never load it
+
+        self._hiredis = hiredis
+        self._target = urlsplit(url)
+        self._timeout = timeout
+        self._writer: asyncio.StreamWriter | None = None
+        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._connecting: asyncio.Task[None] | None = None
+
+    async def call(self, *args: str | int | float) -> Any:
+        """One command's reply; a Redis error reply raises `_RedisError`, a lost or slow Redis `OSError` /
+        `TimeoutError`."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            await self._connected()
+            writer = self._writer
+            assert writer is not None
+        reply = asyncio.get_running_loop().create_future()
+        self._waiting.append(reply)
+        writer.write(self._hiredis.pack_command(args))  # type: ignore[arg-type]  # its stub says a 1-tuple
+        return await asyncio.wait_for(reply, self._timeout)
+
+    async def _connected(self) -> None:
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
+        await asyncio.wait_for(asyncio.shield(self._connecting), self._timeout)
+
+    async def _connect(self) -> None:
+        target = self._target
+        reader, writer = await asyncio.open_connection(
+            target.hostname or "127.0.0.1", target.port or 6379, ssl=True if target.scheme == "rediss" else None
+        )
+        parser = self._hiredis.Reader(replyError=_RedisError)
+        handshake = []
+        if target.password:
+            handshake.append(
+                ("AUTH", unquote(target.username), unquote(target.password))
+                if target.username
+                else ("AUTH", unquote(target.password))
+            )
+        database = target.path.strip("/")
+        if database and database != "0":
+            handshake.append(("SELECT", database))
+        for command in handshake:
+            writer.write(self._hiredis.pack_command(command))  # type: ignore[arg-type]  # as above
+        for _ in handshake:
+            reply = False
+            while reply is False:
+                parser.feed(await reader.read(65536) or _eof())
+                reply = parser.gets()
+            if isinstance(reply, _RedisError):
+                writer.close()
+                raise reply
+        self._writer = writer
+        asyncio.get_running_loop().create_task(self._read(reader, writer, parser))
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, parser: Any) -> None:
+        waiting = self._waiting
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                parser.feed(data)
+                while (reply := parser.gets()) is not False:
+                    future = waiting.popleft()
+                    if not future.done():  # a caller that timed out has gone
+                        if isinstance(reply, _RedisError):
+                            future.set_exception(reply)
+                        else:
+                            future.set_result(reply)
+        except OSError:
+            pass
+        finally:
+            writer.close()
+            if self._writer is writer:
+                self._writer = None
+            while waiting:
+                future = waiting.popleft()
+                if not future.done():
+                    future.set_exception(ConnectionResetError("Redis closed the connection"))
+
+    async def aclose(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class _RedisError(Exception):
+    """An error reply from Redis (NOSCRIPT, WRONGTYPE, OOM, ...)."""
+
+
+def _eof() -> bytes:
+    raise ConnectionResetError("Redis closed the connection")
+
 
 # Every key of the store starts with this (the relay's and the cache's keys do not).
 KEY_PREFIX = "igw:limit:"
 
 
-@dataclass(frozen=True, slots=True)
-class _Scripts:
-    client: redis.Redis
-    reserve: AsyncScript
-    settle: AsyncScript
-    refresh: AsyncScript
+class _Script:
+    """A Lua script, run by its digest (EVALSHA), sent whole (EVAL) the first time a Redis does not know it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.digest = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def run(self, pipe: _Pipe, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
+        try:
+            return await pipe.call("EVALSHA", self.digest, len(keys), *keys, *args)
+        except _RedisError as error:
+            if not str(error).startswith("NOSCRIPT"):
+                raise
+            return await pipe.call("EVAL", self.source, len(keys), *keys, *args)
+
+
+_RESERVE_SCRIPT, _SETTLE_SCRIPT, _REFRESH_SCRIPT = _Script(_RESERVE), _Script(_SETTLE), _Script(_REFRESH)
 
 
 class RedisLimitStore:
@@ -203,36 +315,15 @@ class RedisLimitStore:
         self.ttl = ttl
         self.timeout = timeout
         self.prefix = prefix
-        # redis.asyncio connections belong to one event loop; tests and commands may run several.
-        self._scripts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Scripts] = weakref.WeakKeyDictionary()
+        # A connection belongs to one event loop; tests and commands may run several.
+        self._pipes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pipe] = weakref.WeakKeyDictionary()
 
-    def _connection(self) -> _Scripts:
+    def _pipe(self) -> _Pipe:
         loop = asyncio.get_running_loop()
-        scripts = self._scripts.get(loop)
-        if scripts is None:
-            scripts = self._scripts[loop] = self._connect()
-        return scripts
-
-    def _connect(self) -> _Scripts:
-        # Imported here: gateways without REDIS_URL never load the client.
-        from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-        from redis.exceptions import ConnectionError as RedisConnectionError
-
-        client = Redis.from_pool(
-            BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=_CONNECTIONS,
-                timeout=self.timeout,  # the wait for a free connection
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
-            )
-        )
-        return _Scripts(
-            client, client.register_script(_RESERVE), client.register_script(_SETTLE), client.register_script(_REFRESH)
-        )
+        pipe = self._pipes.get(loop)
+        if pipe is None:
+            pipe = self._pipes[loop] = _Pipe(self._url, self.timeout)
+        return pipe
 
     def counter_key(self, check: Check) -> str:
         return f"{self.prefix}c:{check.key}"
@@ -244,39 +335,35 @@ class RedisLimitStore:
         checks_validate(checks)
         if not checks:
             return Verdict(admitted=True, states=())
-        scripts = self._connection()
+        pipe = self._pipe()
         keys = [self.reservation_key(reservation), *map(self.counter_key, checks)]
         args: list[str | float] = [now, self.ttl, reservation, int(RESERVATION_MEMORY_SECONDS * 1000)]
         for check in checks:
             args += [check.kind.value, check.limit, check.amount, check.window, check.period_end]
         for _round in range(SEED_ROUNDS):
-            reply = await self._run(scripts.reserve, keys, args)
+            reply = await self._run(pipe, _RESERVE_SCRIPT, keys, args)
             if reply[0] != -1:
                 return _verdict(reply)
             missing = [checks[index] for index in reply[1:]]
             used = await budgets_seed(self._seed, missing)
-            await self._plant(scripts.client, missing, used, now)
+            await self._plant(pipe, missing, used, now)
         raise LimitStoreUnavailable("budget counters vanished as soon as they were seeded (is Redis evicting keys?)")
 
-    async def _plant(self, client: redis.Redis, budgets: Sequence[Check], used: Sequence[int], now: float) -> None:
+    async def _plant(self, pipe: _Pipe, budgets: Sequence[Check], used: Sequence[int], now: float) -> None:
         """Each budget's counter, unless another request planted it first (its seed was read as recently)."""
-        from redis.exceptions import RedisError
-
+        commands = []
+        for check, tokens in zip(budgets, used, strict=True):
+            lifetime = max(check.period_end + BUDGET_GRACE_SECONDS - now, 1.0)
+            commands.append(pipe.call("SET", self.counter_key(check), tokens, "NX", "PX", math.ceil(lifetime * 1000)))
         try:
-            async with client.pipeline(transaction=False) as pipe:
-                for check, tokens in zip(budgets, used, strict=True):
-                    lifetime = max(check.period_end + BUDGET_GRACE_SECONDS - now, 1.0)
-                    pipe.set(self.counter_key(check), tokens, nx=True, px=math.ceil(lifetime * 1000))
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
+            await asyncio.gather(*commands)
+        except (_RedisError, OSError, TimeoutError) as exc:
             raise _unavailable(exc) from None
 
-    async def _run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | float]) -> list[int]:
-        from redis.exceptions import RedisError
-
+    async def _run(self, pipe: _Pipe, script: _Script, keys: Sequence[str], args: Sequence[str | float]) -> Any:
         try:
-            return await cast(Awaitable[list[int]], script(keys=keys, args=args))
-        except (RedisError, OSError) as exc:
+            return await script.run(pipe, keys, args)
+        except (_RedisError, OSError, TimeoutError) as exc:
             raise _unavailable(exc) from None
 
     async def settle(self, reservation: str, checks: Sequence[Check], *, used_tokens: int, now: float) -> None:
@@ -287,7 +374,7 @@ class RedisLimitStore:
         for check in checks:
             args += [check.kind.value, check.limit, check.amount, check.window]
         try:
-            await self._run(self._connection().settle, keys, args)
+            await self._run(self._pipe(), _SETTLE_SCRIPT, keys, args)
         except LimitStoreUnavailable as exc:
             logger.warning("limit store (Redis) failed settling a reservation: %s", exc)
 
@@ -297,33 +384,25 @@ class RedisLimitStore:
         keys = [f"{self.prefix}c:{key}" for key, _reservation in leases]
         args: list[str | float] = [now, self.ttl, *(reservation for _key, reservation in leases)]
         try:
-            await self._run(self._connection().refresh, keys, args)
+            await self._run(self._pipe(), _REFRESH_SCRIPT, keys, args)
         except LimitStoreUnavailable as exc:
             logger.warning("limit store (Redis) failed renewing %d leases: %s", len(leases), exc)
 
     async def warm(self) -> None:
-        """Open the pool's connections now, while the worker is idle. Opened on the request path instead, by the
-        first burst of requests (up to _CONNECTIONS at once, each connect a few turns of a loop busy with that
-        burst), connects took longer than the store's timeout on a busy host, and the checks were decided as if
-        Redis were down: rate limits let through unmetered (issue 14's e2e test: 53 of 200 admitted past a
-        concurrency limit of 7)."""
-        client = self._connection().client
-        # As many pings at once as the pool holds connections: none is free before all have been asked for.
-        pings = await asyncio.gather(*(client.ping() for _ in range(_CONNECTIONS)), return_exceptions=True)
-        failed = [outcome for outcome in pings if isinstance(outcome, BaseException)]
-        if failed:
-            logger.warning(
-                "limit store (Redis): %d of %d connections not opened ahead: %s",
-                len(failed),
-                _CONNECTIONS,
-                _unavailable(failed[0]),
-            )
+        """Open the connection now, while the worker is idle: opened by the first burst of requests instead, on a
+        loop busy with that burst, the connect outlasted the store's timeout on a busy host and the checks were
+        decided as if Redis were down (rate limits let through unmetered: issue 14's e2e test saw 53 of 200
+        admitted past a concurrency limit of 7)."""
+        try:
+            await self._pipe().call("PING")
+        except (_RedisError, OSError, TimeoutError) as exc:
+            logger.warning("limit store (Redis): the connection was not opened ahead: %s", _unavailable(exc))
 
     async def aclose(self) -> None:
-        """Close this loop's connections (a server's loop lives as long as the process)."""
-        scripts = self._scripts.pop(asyncio.get_running_loop(), None)
-        if scripts is not None:
-            await scripts.client.aclose()
+        """Close this loop's connection (a server's loop lives as long as the process)."""
+        pipe = self._pipes.pop(asyncio.get_running_loop(), None)
+        if pipe is not None:
+            await pipe.aclose()
 
 
 def _verdict(reply: list[Any]) -> Verdict:

@@ -423,19 +423,18 @@ async def test_redis_out_of_reach_fails_reserve_within_the_timeout_and_the_store
 
 
 @needs_redis
-async def test_warming_opens_the_redis_pool_ahead_so_a_burst_waits_for_no_connect(seeds: Seeds) -> None:
+async def test_warming_opens_the_connection_ahead_and_a_burst_shares_it(seeds: Seeds) -> None:
     """Opened by a burst instead, a busy worker's connects outlasted the timeout and rate limits failed open."""
     prefix = f"test:limit:{uuid.uuid4().hex}:"
     store = RedisLimitStore(REDIS_URL, seed=seeds, ttl=TTL, timeout=2.0, prefix=prefix)
     try:
-        pool = store._connection().client.connection_pool
-        assert sum(count for count, _attributes in pool.get_connection_count()) == 0
+        assert store._pipe()._writer is None
         await store.warm()
-        opened = sum(count for count, _attributes in pool.get_connection_count())
-        assert opened == pool.max_connections
-        verdicts = await asyncio.gather(*(reserve(store, slots(limit=7)) for _ in range(opened)))
+        opened = store._pipe()._writer
+        assert opened is not None
+        verdicts = await asyncio.gather(*(reserve(store, slots(limit=7)) for _ in range(200)))
         assert [verdict.admitted for verdict in verdicts].count(True) == 7
-        assert sum(count for count, _attributes in pool.get_connection_count()) == opened, "no new connection"
+        assert store._pipe()._writer is opened, "every command of the burst went on the one connection"
     finally:
         await store.aclose()
         _redis_cleanup(prefix)
@@ -452,4 +451,4 @@ async def test_warming_with_redis_out_of_reach_logs_and_does_not_raise(
         await asyncio.wait_for(store.warm(), 10)
     finally:
         await store.aclose()
-    assert "connections not opened ahead: Redis failed: ConnectionError" in caplog.text
+    assert "the connection was not opened ahead: Redis failed:" in caplog.text
