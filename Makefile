@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help demo test test-fast lint format install clean bench bench-quick chaos real-vllm test-real-vllm
+.PHONY: help demo test test-fast lint format install clean bench bench-quick bench-limits chaos real-vllm test-real-vllm
 
 ## help: list these targets
 help:
@@ -63,6 +63,13 @@ bench: $(STAMP)
 ## bench-quick: S1, S2 at concurrency 64 and S4 at 32, in under 2 minutes; prints the table
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
+
+## bench-limits: S1 and S2 with a third side in the same rounds, gateway+limits (a key whose user has a limit of
+## every kind, none refusing), counted in the Redis at REDIS_URL; LIMITS_STORE=database counts them in the
+## gateway's SQLite instead. About 5 minutes; see docs/performance.md, "Limits on the hot path"
+LIMITS_STORE ?= redis
+bench-limits: $(STAMP)
+	$(BIN)/python -m benchmarks --only S1,S2 --limits $(LIMITS_STORE)
 
 ## chaos: faults under load (PostgreSQL and Redis cuts, worker SIGKILL, SIGTERM, model server kill), about
 ## 5 minutes; needs PostgreSQL and Redis (DATABASE_URL / REDIS_URL name the servers). See docs/reliability.md

@@ -1,8 +1,11 @@
 """python -m benchmarks [--quick] [--only S1,S4] [--rounds 5] [--source DIR] [--direct-only] [--label NAME]
+                     [--limits redis|database [--redis-url URL]]
 
 Starts the fake model server, the gateway as deployed (gunicorn + one uvicorn worker) and the load generator
 on 127.0.0.1, runs the scenarios direct and through the gateway in alternating rounds, then writes
-<out>/<label>.json and <out>/<label>.md and prints the Markdown table. See docs/performance.md.
+<out>/<label>.json and <out>/<label>.md and prints the Markdown table. With --limits, S1 and S2 also run a
+third side in the same rounds, the gateway with a key whose user has a limit of every kind, counted in Redis
+or in the gateway's database. See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -45,10 +49,44 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--label", help="name of the result files (default: bench-quick or bench, and the time)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--limits",
+        choices=("redis", "database"),
+        help="S1 and S2 also run a gateway+limits side, its limits counted in Redis (--redis-url) or in the "
+        "gateway's database (SQLite)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL", ""),
+        help="the Redis the gateway under test uses with --limits redis (default: $REDIS_URL)",
+    )
     options = parser.parse_args(argv)
     if options.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if options.limits == "redis" and not options.redis_url:
+        parser.error("--limits redis needs --redis-url (or REDIS_URL)")
     return options
+
+
+def _without_password(argument: str) -> str:
+    """A command-line argument as the report shows it: a URL's password (--redis-url) masked."""
+    try:
+        password = urlsplit(argument).password
+    except ValueError:
+        return argument
+    return argument.replace(f":{password}@", ":***@") if password else argument
+
+
+def _limits_env(options: argparse.Namespace) -> tuple[dict[str, str], str]:
+    """The gateway's environment for the limits store asked for, and the store in words for the report."""
+    if options.limits == "redis":
+        where = urlsplit(options.redis_url)
+        # The report names the server, never a password the URL may carry.
+        shown = f"{where.hostname}:{where.port or 6379}{where.path or '/0'}"
+        return {"REDIS_URL": options.redis_url}, f"counted in Redis at {shown} (REDIS_URL set for the gateway)"
+    if options.limits == "database":
+        return {}, "counted in the gateway's database (SQLite, no REDIS_URL)"
+    return {}, "off"
 
 
 def _guarded(name: str, run: Callable[[], Scenario]) -> Scenario:
@@ -79,19 +117,23 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(chosen) - set(ALL)
     if unknown:
         sys.exit(f"unknown scenarios: {', '.join(sorted(unknown))}; choose from {', '.join(ALL)}")
-    plan = Plan(rounds=options.rounds, quick=options.quick, only=frozenset(chosen))
+    plan = Plan(rounds=options.rounds, quick=options.quick, only=frozenset(chosen), limits=bool(options.limits))
+    gateway_env, limits = _limits_env(options)
     label = options.label or f"{'bench-quick' if options.quick else 'bench'}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     source = options.source.resolve()
     cold_per_round = 100 if options.quick else 200
     began = time.monotonic()
     run: dict[str, Any] = {
         "label": label,
-        "command": shlex.join(["python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(
+            ["python", "-m", "benchmarks", *map(_without_password, argv if argv is not None else sys.argv[1:])]
+        ),
         "started": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "source": str(source),
         "revision": source_revision(source),
         "rounds": plan.rounds,
         "endpoints": "direct only" if options.direct_only else "direct, and a local compute endpoint (not used)",
+        "limits": limits,
         "machine": machine(),
     }
     done: list[Scenario] = []
@@ -99,8 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         source,
         cold_keys=cold_per_round * plan.rounds if plan.wants("S1") else 0,
         max_streams=MAX_STREAMS,
-        gateway_env={},
+        gateway_env=gateway_env,
         direct_only=options.direct_only,
+        limits=plan.limits,
     ) as stack:
         run |= {"cores": stack.cores.describe(), "imported_from": stack.imported_from}
         log(f"gateway from {stack.imported_from}; {stack.cores.describe()}; warming up")

@@ -8,6 +8,7 @@ from typing import Any
 
 Summary = dict[str, Any]
 REFUSALS = {"429", "503"}
+LIMITS = "gateway+limits"  # scenarios.LIMITS: the side whose key has a limit of every kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,17 @@ def verdicts(run: dict[str, Any]) -> list[Verdict]:
             lambda v: v <= 80,
         ),
     ]
+    if s1 is not None and s1.get("limits"):
+        # Issue 14's target: with Redis on the same host. The database store is reported against it too.
+        result.append(
+            _check(
+                "S1 added latency p50 of limits (gateway+limits - gateway)",
+                "< 0.2 ms",
+                s1,
+                lambda s: s["limits"]["added_p50_ms"],
+                lambda v: v < 0.2,
+            )
+        )
     return result
 
 
@@ -284,6 +296,67 @@ def _rows(scenario: dict[str, Any]) -> list[list[str]]:
     return rows  # fmt: skip
 
 
+def _limits_rows(scenario: dict[str, Any]) -> list[list[str]]:
+    """gateway+limits against gateway, for the levels that ran that side (S1 warm key, S2)."""
+    rows: list[list[str]] = []
+    for level in scenario["levels"]:
+        s = level["summary"]
+        cost = s.get("limits")
+        if not cost:
+            continue
+        name = f"{scenario['id']} {level['label']}"
+        if scenario["id"] == "S2":
+            rows.append(
+                [
+                    name,
+                    "requests/s",
+                    _num(s["per_second"]["gateway"]),
+                    _num(s["per_second"][LIMITS]),
+                    _times(cost["throughput_ratio"]),
+                ]
+            )
+        rows += [
+            [
+                name,
+                "latency p50 (ms)",
+                _num(s["p50_ms"]["gateway"]),
+                _num(s["p50_ms"][LIMITS]),
+                _added(cost["added_p50_ms"]),
+            ],
+            [
+                name,
+                "latency p99 (ms)",
+                _num(s["p99_ms"]["gateway"]),
+                _num(s["p99_ms"][LIMITS]),
+                _added(cost["added_p99_ms"]),
+            ],
+            [
+                name,
+                "gateway CPU per request (us)",
+                _num(s["gateway_cpu_us_per_request"]),
+                _num(cost["cpu_us_per_request"]),
+                "-" if cost["added_cpu_us_per_request"] is None else f"{cost['added_cpu_us_per_request']:+.0f} us",
+            ],
+            [name, "errors and refusals", _counts(s["refusals"]["gateway"]), _counts(s["refusals"][LIMITS]), ""],
+        ]
+        if scenario["id"] == "S1":
+            rows.append(
+                [
+                    name,
+                    "added latency vs direct p50 / p99 (ms)",
+                    f"{_added(s['added_p50_ms'])} / {_added(s['added_p99_ms'])}",
+                    f"{_added(_plus(s['added_p50_ms'], cost['added_p50_ms']))} / "
+                    f"{_added(_plus(s['added_p99_ms'], cost['added_p99_ms']))}",
+                    "",
+                ]
+            )
+    return rows  # fmt: skip
+
+
+def _plus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a + b
+
+
 def _stalls(summary: Summary, side: str) -> str:
     bursts = summary.get("stall_bursts", {}).get(side)  # not in results from before bursts were counted
     where = f" in {bursts}" if bursts is not None else ""
@@ -327,6 +400,7 @@ def markdown(run: dict[str, Any]) -> str:
         f"after {_load(run['load_average_after'])}",
         f"- Pinning: {run['cores']}",
         f"- Endpoints registered: {run.get('endpoints', 'direct, and a local compute endpoint (not used)')}",
+        f"- Limits (the gateway+limits side of S1 and S2): {run.get('limits', 'off')}",
         f"- Packages: {packages}",
         "",
         "## Targets",
@@ -349,6 +423,15 @@ def markdown(run: dict[str, Any]) -> str:
         f"Gateway worker memory: idle {_mb(memory.get('idle_rss_kb'))} after warm-up, "
         f"{_mb(memory.get('end_rss_kb'))} at the end, peak {_mb(memory.get('peak_rss_kb'))} (VmHWM).",
     ]
+    limits = [row for scenario in run["scenarios"] for row in _limits_rows(scenario)]
+    if limits:
+        parts += [
+            "",
+            "## Limits on the hot path (medians over rounds; the change is gateway+limits against gateway, "
+            "round by round)",
+            "",
+            _table(["Scenario", "Metric", "Gateway", "Gateway+limits", "Limits on vs off"], limits),
+        ]
     failures = [f"- {s['id']} stopped early: {s['error']}" for s in run["scenarios"] if s.get("error")]
     if failures:
         parts += ["", "## Failures", "", *failures]

@@ -1,10 +1,12 @@
 """Scenarios S1-S8: each run direct (client -> model server) and through the gateway, alternating in rounds.
 
 A round runs both sides back to back, direct first in even rounds and gateway first in odd ones, so that
-drift in the machine's state weighs on both alike. A scenario's figures are medians over rounds of each
-round's figure (the median of round medians). Every job reports the CPU time of the gateway worker, the
-model server and the load generator in its window; `flags` says when the client core, not the gateway,
-was saturated.
+drift in the machine's state weighs on both alike. With `--limits`, S1 (warm key) and S2 have a third side,
+"gateway+limits": the same gateway, called with a key whose user has a limit of every kind, each set so high
+that none refuses. It runs last in even rounds and first in odd ones, so gateway and gateway+limits swap order
+every round too. A scenario's figures are medians over rounds of each round's figure (the median of round
+medians). Every job reports the CPU time of the gateway worker, the model server and the load generator in its
+window; `flags` says when the client core, not the gateway, was saturated.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 from benchmarks.stack import HPC_MODEL, HPC_WORKERS, MODEL, Stack
 
 SIDES = ("direct", "gateway")
+LIMITS = "gateway+limits"  # the gateway, with a key whose every request is reserved and settled (see stack.py)
 PROMPT = [{"role": "user", "content": "Hello there, tell me something about supercomputers."}]
 # A side whose CPU use reaches these shares of its window was (close to) saturated.
 SATURATED = 0.85
@@ -34,9 +37,15 @@ class Plan:
     rounds: int
     quick: bool
     only: frozenset[str]
+    limits: bool = False  # S1 (warm key) and S2 also run the gateway+limits side
 
     def wants(self, scenario: str) -> bool:
         return scenario in self.only
+
+    @property
+    def limit_sides(self) -> tuple[str, ...]:
+        """The sides of the scenarios that measure the cost of limits."""
+        return (*SIDES, LIMITS) if self.limits else SIDES
 
 
 @dataclass
@@ -67,13 +76,18 @@ def log(message: str) -> None:
 
 def _job(stack: Stack, side: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
     direct = side == "direct"
+    key = stack.warm_key
+    if side == LIMITS:
+        if stack.limits_key is None:
+            raise RuntimeError("the gateway+limits side needs a stack started with limits")
+        key = stack.limits_key
     return {
         "kind": "open" if "rate" in extra else "closed",
         "host": "127.0.0.1",
         "port": stack.fake_port if direct else stack.gateway_port,
         "path": "/v1/chat/completions" if direct else "/resource_server/v1/chat/completions",
         "body": body,
-        "authorizations": [f"Bearer {stack.warm_key}"],
+        "authorizations": [f"Bearer {key}"],
         "pids": stack.pids(),
         "rss_pid": stack.gateway_worker_pid,
         **extra,
@@ -90,10 +104,15 @@ def _maker(stack: Stack, body: dict[str, Any], **extra: Any) -> Callable[[str, i
 
 
 def _rounds(
-    stack: Stack, plan_rounds: int, level: Level, make_job: Callable[[str, int], dict[str, Any]], describe: str
+    stack: Stack,
+    plan_rounds: int,
+    level: Level,
+    make_job: Callable[[str, int], dict[str, Any]],
+    describe: str,
+    sides: tuple[str, ...] = SIDES,
 ) -> None:
     for index in range(plan_rounds):
-        order = SIDES if index % 2 == 0 else SIDES[::-1]
+        order = sides if index % 2 == 0 else sides[::-1]
         outcome: dict[str, dict[str, Any]] = {}
         for side in order:
             idle_rss_kb = stack.worker_memory_kb()  # the baseline of memory per open stream
@@ -103,9 +122,14 @@ def _rounds(
     level.flags = _flags(level)
 
 
+def _sides(level: Level) -> tuple[str, ...]:
+    """The sides a level ran, in the report's order (a round's dict is in the order they ran)."""
+    return tuple(side for side in (*SIDES, LIMITS) if level.rounds and side in level.rounds[0])
+
+
 def _progress(outcome: dict[str, dict[str, Any]], describe: str) -> str:
     parts = []
-    for side in SIDES:
+    for side in (side for side in (*SIDES, LIMITS) if side in outcome):
         result = outcome[side]
         if describe == "latency":
             latency = result["latency_ms"]
@@ -162,7 +186,10 @@ def _flags(level: Level) -> list[str]:
         "direct": "the direct figures are a floor for what the model server can do",
         "gateway": "the gateway was not the bottleneck",
     }
-    return [f"{text} ({share:.0%} of a core): {notes[text.split(':')[0]]}" for text, share in sorted(worst.items())]
+    return [
+        f"{text} ({share:.0%} of a core): {notes['direct' if text.startswith('direct:') else 'gateway']}"
+        for text, share in sorted(worst.items())
+    ]
 
 
 # --- summaries --------------------------------------------------------------------------------
@@ -184,22 +211,22 @@ def _each(level: Level, side: str, *path: str) -> list[Any]:
 
 
 def _side_median(level: Level, *path: str) -> dict[str, float | None]:
-    return {side: _median(_each(level, side, *path)) for side in SIDES}
+    return {side: _median(_each(level, side, *path)) for side in _sides(level)}
 
 
-def _added(level: Level, *path: str) -> float | None:
-    """Median over rounds of (gateway - direct) for one figure."""
+def _added(level: Level, *path: str, side: str = "gateway", base: str = "direct") -> float | None:
+    """Median over rounds of (side - base) for one figure: by default gateway - direct."""
     return _median(
         None if g is None or d is None else g - d
-        for g, d in zip(_each(level, "gateway", *path), _each(level, "direct", *path), strict=True)
+        for g, d in zip(_each(level, side, *path), _each(level, base, *path), strict=True)
     )
 
 
-def _ratio(level: Level, *path: str) -> float | None:
-    """Median over rounds of gateway / direct for one figure."""
+def _ratio(level: Level, *path: str, side: str = "gateway", base: str = "direct") -> float | None:
+    """Median over rounds of side / base for one figure: by default gateway / direct."""
     return _median(
         None if not d or g is None else g / d
-        for g, d in zip(_each(level, "gateway", *path), _each(level, "direct", *path), strict=True)
+        for g, d in zip(_each(level, side, *path), _each(level, base, *path), strict=True)
     )
 
 
@@ -216,14 +243,19 @@ def _refusals(level: Level, side: str) -> dict[str, int]:
     return counted
 
 
-def _cpu_per(level: Level, unit: str) -> float | None:
-    """Gateway CPU microseconds per completed request or per relayed event, median over rounds."""
+def _cpu_each(level: Level, unit: str, side: str = "gateway") -> list[float | None]:
+    """Gateway CPU microseconds per completed request or per relayed event of a gateway side, each round."""
     values = []
     for outcome in level.rounds:
-        result = outcome["gateway"]
+        result = outcome[side]
         count = result["events"] if unit == "event" else result["completed"]
         values.append(result["cpu_s"]["gateway"] * 1e6 / count if count else None)
-    return _median(values)
+    return values
+
+
+def _cpu_per(level: Level, unit: str, side: str = "gateway") -> float | None:
+    """Gateway CPU microseconds per completed request or per relayed event, median over rounds."""
+    return _median(_cpu_each(level, unit, side))
 
 
 def _utilisations(level: Level) -> dict[str, dict[str, float | None]]:
@@ -231,7 +263,24 @@ def _utilisations(level: Level) -> dict[str, dict[str, float | None]]:
         side: {
             name: _median(_utilisation(o[side])[name] for o in level.rounds) for name in ("gateway", "fake", "loadgen")
         }
-        for side in SIDES
+        for side in _sides(level)
+    }
+
+
+def _limits_cost(level: Level) -> dict[str, Any]:
+    """What limits added, gateway+limits against gateway in the same rounds (empty without that side)."""
+    if LIMITS not in _sides(level):
+        return {}
+    cpu = _median(
+        None if with_limits is None or without is None else with_limits - without
+        for with_limits, without in zip(_cpu_each(level, "request", LIMITS), _cpu_each(level, "request"), strict=True)
+    )
+    return {
+        "added_p50_ms": _added(level, "latency_ms", "p50", side=LIMITS, base="gateway"),
+        "added_p99_ms": _added(level, "latency_ms", "p99", side=LIMITS, base="gateway"),
+        "throughput_ratio": _ratio(level, "per_second", side=LIMITS, base="gateway"),
+        "cpu_us_per_request": _cpu_per(level, "request", LIMITS),
+        "added_cpu_us_per_request": cpu,
     }
 
 
@@ -242,8 +291,9 @@ def summarise_latency(level: Level) -> None:
         "added_p50_ms": _added(level, "latency_ms", "p50"),
         "added_p99_ms": _added(level, "latency_ms", "p99"),
         "gateway_cpu_us_per_request": _cpu_per(level, "request"),
-        "refusals": {side: _refusals(level, side) for side in SIDES},
+        "refusals": {side: _refusals(level, side) for side in _sides(level)},
         "utilisation": _utilisations(level),
+        "limits": _limits_cost(level),
     }
 
 
@@ -255,8 +305,9 @@ def summarise_throughput(level: Level) -> None:
         "p99_ms": _side_median(level, "latency_ms", "p99"),
         "p99_ratio": _ratio(level, "latency_ms", "p99"),
         "gateway_cpu_us_per_request": _cpu_per(level, "request"),
-        "refusals": {side: _refusals(level, side) for side in SIDES},
+        "refusals": {side: _refusals(level, side) for side in _sides(level)},
         "utilisation": _utilisations(level),
+        "limits": _limits_cost(level),
     }
 
 
@@ -343,6 +394,7 @@ def s1(stack: Stack, plan: Plan) -> Scenario:
         warm,
         _maker(stack, _chat(), concurrency=1, per_client=requests, warmup=warmup),
         "latency",
+        plan.limit_sides,
     )
     summarise_latency(warm)
     scenario.levels.append(warm)
@@ -375,6 +427,7 @@ def s2(stack: Stack, plan: Plan) -> Scenario:
             level,
             _maker(stack, _chat(), concurrency=concurrency, duration=duration, warmup=1.0),
             "throughput",
+            plan.limit_sides,
         )
         summarise_throughput(level)
         scenario.levels.append(level)
@@ -552,6 +605,6 @@ def s6(stack: Stack, plan: Plan, capacity: float) -> Scenario:
 
 def warm_up(stack: Stack) -> None:
     """A few hundred requests first, so that lazy imports and caches do not land in the first round."""
-    for side in SIDES:
+    for side in (*SIDES, LIMITS) if stack.limits_key else SIDES:
         stack.loadgen.run(_job(stack, side, _chat(), concurrency=4, per_client=100))
     time.sleep(1.0)

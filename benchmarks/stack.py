@@ -172,6 +172,22 @@ _DIRECT_ONLY = """
 from resource_server.models import Endpoint
 Endpoint.objects.exclude(backend="direct").delete()
 """
+# The gateway+limits side's user: a limit of every kind the S1/S2 requests meet (concurrency, both rates, and the
+# day's and month's budgets), each so high that no request of a run is refused, so every request pays for all
+# of them. The budgets are seeded from the daily rollup on their first request, as in production.
+_LIMITS_USER = "bench-limits@example.org"
+_GENEROUS_LIMIT = """
+from resource_server.models import Limit, User
+Limit.objects.create(
+    user=User.objects.get(username="{user}"),
+    concurrent=100_000,
+    requests_per_minute=2_000_000_000,
+    tokens_per_minute=10**15,
+    tokens_per_day=10**15,
+    tokens_per_month=10**15,
+    note="benchmark: every kind of check, none refuses",
+)
+"""
 # The endpoint must admit as many upstream connections as the benchmark opens streams.
 _WIDEN_POOL = """
 from resource_server.models import Endpoint
@@ -199,6 +215,7 @@ class Stack:
     loadgen: LoadGenerator
     imported_from: str
     direct_only: bool = False
+    limits_key: str | None = None  # the gateway+limits side's key (its user has a limit of every kind)
     notes: list[str] = field(default_factory=list)
 
     def pids(self) -> dict[str, int]:
@@ -249,13 +266,21 @@ class LoadGenerator:
 
 @contextmanager
 def started(
-    source: Path, *, cold_keys: int, max_streams: int, gateway_env: dict[str, str], direct_only: bool = False
+    source: Path,
+    *,
+    cold_keys: int,
+    max_streams: int,
+    gateway_env: dict[str, str],
+    direct_only: bool = False,
+    limits: bool = False,
 ) -> Iterator[Stack]:
     """Seed a fresh database, start the three processes, and stop them all on exit.
 
     The demo's seed registers a compute endpoint beside the direct one; the scenarios use only the direct
     one, but its registration makes the worker load globus-compute-sdk. `direct_only` drops it, to measure
-    a gateway that serves direct endpoints only.
+    a gateway that serves direct endpoints only. `limits` adds a second key, whose user has a limit of every
+    kind (`_GENEROUS_LIMIT`); the limits are counted in Redis when `gateway_env` sets REDIS_URL, else in the
+    gateway's database.
     """
     cores = Cores.detect()
     if cores.client is not None:
@@ -284,6 +309,10 @@ def started(
         if direct_only:
             _manage(source, env, "shell", "--no-imports", "-c", _DIRECT_ONLY)
         warm_key = _manage(source, env, "create_api_key", "--user", "bench@example.org", "--name", "bench").strip()
+        limits_key = None
+        if limits:
+            limits_key = _manage(source, env, "create_api_key", "--user", _LIMITS_USER, "--name", "bench").strip()
+            _manage(source, env, "shell", "--no-imports", "-c", _GENEROUS_LIMIT.format(user=_LIMITS_USER))
         cold = (
             _manage(source, env, "shell", "--no-imports", "-c", _MAKE_KEYS.format(count=cold_keys)).split()
             if cold_keys
@@ -349,6 +378,7 @@ def started(
             loadgen=LoadGenerator(loadgen_process),
             imported_from=imported_from,
             direct_only=direct_only,
+            limits_key=limits_key,
         )
 
 

@@ -6,7 +6,7 @@ import os
 import secrets
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -63,6 +63,9 @@ class GatewaySettings(BaseSettings):
     # Also how often the usage journal is synced to disk: a power cut loses at most this much of them
     # (a SIGKILL only the last 10 ms: records reach the journal file that fast).
     USAGE_FLUSH_SECONDS: float = Field(default=0.5, gt=0, le=60)
+    # Raw usage rows (RequestLog) older than this many days are deleted by `manage.py prune_usage`; the daily
+    # rollup (UsageDaily) that reports and budgets read keeps their totals for good. 0: keep them forever.
+    USAGE_RETENTION_DAYS: int = Field(default=400, ge=0, le=36_500)
 
     # How long a worker trusts what it read from the database before reading it again.
     ROUTING_CACHE_SECONDS: float = Field(default=5.0, ge=0)
@@ -88,6 +91,13 @@ class GatewaySettings(BaseSettings):
     # How often a held request looks at its endpoints' states again besides each change, and how often a held
     # stream gets a progress comment (`: status=queued position=3 eta=240`).
     MAX_WAIT_PROGRESS_SECONDS: float = Field(default=5.0, gt=0, le=300)
+    # Limits and budgets (docs/admin-guide.md, "Limits, budgets and allocations"). When the limits store (Redis,
+    # or the database without REDIS_URL) cannot be reached, a request under a budget is refused with 503
+    # (closed) or let through unmetered (open), and likewise a request under rate or concurrency limits.
+    LIMITS_BUDGETS_WHEN_STORE_DOWN: Literal["closed", "open"] = "closed"
+    LIMITS_RATES_WHEN_STORE_DOWN: Literal["closed", "open"] = "open"
+    # What token limits reserve for a request without max_tokens on an endpoint whose context length is not set.
+    LIMITS_DEFAULT_CONTEXT_TOKENS: int = Field(default=32768, ge=1)
     # How long a worker remembers that a key was refused (unknown, wrong secret, revoked, expired, owner
     # disabled), so a client retrying a bad key costs no query. New keys are never in it: nobody can
     # present a key before it exists.
@@ -176,6 +186,13 @@ class GatewaySettings(BaseSettings):
     # Longest wait for Redis (with REDIS_URL) to connect or answer a relay command, and the margin a stream's
     # blocking read allows beyond its block. Past it the stream ends with 503 `relay_unavailable`.
     RELAY_REDIS_TIMEOUT_SECONDS: float = Field(default=2.0, gt=0, le=60)
+
+    # Limits and budgets (docs/admin-guide.md). A request's concurrency slots are leases that its worker renews
+    # while the request runs; a crashed worker's slots come back this many seconds after its last renewal.
+    LIMITS_RESERVATION_TTL_SECONDS: float = Field(default=60.0, ge=5, le=3600)
+    # With REDIS_URL: longest wait for Redis to connect or answer a limit check. The check runs before every
+    # limited request, so a slow Redis must fail it fast (the fail-open/closed setting decides what then).
+    LIMITS_REDIS_TIMEOUT_SECONDS: float = Field(default=0.5, gt=0, le=10)
 
     @model_validator(mode="before")
     @classmethod

@@ -65,11 +65,27 @@ TEMPLATES = [
 ]
 
 
+# WAL: readers and the usage writer do not block each other; IMMEDIATE: writers queue, never deadlock, and the
+# database limit store's check-and-reserve holds the write lock from its first read (with the default DEFERRED, a
+# read-then-write transaction that another worker's write overtook failed at once: "database is locked").
+# synchronous=NORMAL, SQLite's advice for WAL: a commit survives the process crashing, and only a power loss may
+# undo the last ones; FULL flushed the disk at each commit (3-6 ms here), twice per limited request. Usage rows
+# are journaled with their own fsync before they are inserted, so they survive either way.
+_SQLITE_OPTIONS = {
+    "timeout": 20,
+    "transaction_mode": "IMMEDIATE",
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+}
+
+
 def _database() -> dict[str, Any]:
     if GATEWAY.DATABASE_URL:
         config: dict[str, Any] = dict(
             dj_database_url.parse(GATEWAY.DATABASE_URL, conn_max_age=60, conn_health_checks=True)
         )
+        if config["ENGINE"].endswith("sqlite3"):
+            # A SQLite file named by URL (the end-to-end tests' gateways, or an operator's) runs as the default one.
+            config["OPTIONS"] = {**_SQLITE_OPTIONS, **config.get("OPTIONS", {})}
         if config["ENGINE"].endswith("postgresql"):
             # libpq's own limits (options in DATABASE_URL win): without them a database host that stops
             # answering holds a worker's queries until TCP gives up, minutes to hours later (keepalives
@@ -89,8 +105,7 @@ def _database() -> dict[str, Any]:
         "NAME": GATEWAY.DATA_DIR / "gateway.sqlite3",
         # A file, not memory, so that end-to-end tests' server processes share the test database.
         "TEST": {"NAME": GATEWAY.DATA_DIR / "test.sqlite3"},
-        # WAL: readers and the usage writer do not block each other; IMMEDIATE: writers queue, never deadlock.
-        "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"},
+        "OPTIONS": _SQLITE_OPTIONS,
     }
 
 

@@ -2,35 +2,48 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
 from weakref import WeakKeyDictionary
 
+from django import forms
 from django.conf import settings
 from django.contrib import admin
 from django.contrib.admin.forms import AdminAuthenticationForm
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.db import connections
 from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
+from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
+from resource_server.admin_usage import UsageDailyAdmin
 from resource_server.models import (
     ApiKey,
     Cluster,
     ComputeFunction,
     Endpoint,
     EndpointStart,
+    Limit,
     MaintenanceWindow,
+    Project,
     RequestLog,
+    UsageDaily,
     User,
 )
+from resource_server.routes import Route
 from resource_server.services.api_keys import api_key_create, api_key_revoke
+from resource_server.services.limits import LIMIT_FIELDS, limit_describe
 from resource_server.status.shared import EndpointRecord, endpoint_records, jobs_record
 
 
@@ -284,7 +297,17 @@ _STATUS_FIELDS = ("state", "state_since", "state_detail", "state_eta", "state_qu
 
 @admin.register(Endpoint)
 class EndpointAdmin(EndpointStatusColumns, RoutingChangeMixin, admin.ModelAdmin[Endpoint]):
-    list_display = ("model", "cluster", "framework", "backend", "enabled", "state", "state_since", "updated_at")
+    list_display = (
+        "model",
+        "cluster",
+        "framework",
+        "backend",
+        "context_length",
+        "enabled",
+        "state",
+        "state_since",
+        "updated_at",
+    )
     list_filter = ("enabled", "cluster", "framework", "backend")
     search_fields = ("model",)
     list_select_related = ("cluster",)
@@ -312,9 +335,213 @@ class MaintenanceWindowAdmin(RoutingChangeMixin, admin.ModelAdmin[MaintenanceWin
 
 @admin.register(User)
 class UserAdmin(admin.ModelAdmin[User]):
-    list_display = ("username", "name", "identity_provider", "is_active", "created_at")
-    list_filter = ("is_active", "identity_provider")
+    list_display = ("username", "name", "identity_provider", "is_active", "limits_exempt", "limits", "created_at")
+    list_filter = ("is_active", "limits_exempt", "identity_provider")
     search_fields = ("username", "name", "identity_id")
+
+    @admin.display(description="limits")
+    def limits(self, user: User) -> SafeString:
+        return _limits_link("user", user.pk)
+
+
+class WideChangelist:
+    """A list of many columns: they fit a 1400 px window beside the filters only without the admin's navigation
+    sidebar (the breadcrumbs still lead back)."""
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        context = {"is_nav_sidebar_enabled": False, **(extra_context or {})}
+        return super().changelist_view(request, context)  # type: ignore[misc, no-any-return]
+
+
+# --- limits and budgets (services/limits.py sets the same rows from `python manage.py set_limit`)
+
+
+def _limits_link(scope: str, pk: int) -> SafeString:
+    return format_html(
+        '<a href="{}?{}__id__exact={}">limits</a>', reverse("admin:resource_server_limit_changelist"), scope, pk
+    )
+
+
+@admin.register(Project)
+class ProjectAdmin(admin.ModelAdmin[Project]):
+    list_display = ("name", "globus_group", "description", "limits", "created_at")
+    search_fields = ("name", "description")
+    fields = ("name", "globus_group", "description", "limits_in_words")
+    readonly_fields = ("limits_in_words",)
+
+    @admin.display(description="limits")
+    def limits(self, project: Project) -> SafeString:
+        return _limits_link("project", project.pk)
+
+    @admin.display(description="limits")
+    def limits_in_words(self, project: Project) -> SafeString | str:
+        if project.pk is None:
+            return "Save the project, then add its limits (Limits, Add limit)."
+        rows = format_html_join(
+            "",
+            '<li><a href="{}">{}</a></li>',
+            (
+                (reverse("admin:resource_server_limit_change", args=[limit.pk]), limit_describe(limit))
+                for limit in project.limits.select_related("endpoint")
+            ),
+        )
+        add = reverse("admin:resource_server_limit_add")
+        return format_html('<ul>{}</ul><a href="{}?project={}">Add a limit</a>', rows, add, project.pk)
+
+
+def _positive_or_empty(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise ValidationError("Enter 1 or more, or leave it empty for no limit of this kind.")
+    return value
+
+
+class LimitForm(forms.ModelForm[Limit]):
+    """Refuses a limit the gateway could not apply, naming the field: the model's own checks (one scope, a model
+    or an endpoint, an allocation with its period ending after it starts) and these."""
+
+    class Meta:
+        model = Limit
+        fields = (
+            "user",
+            "api_key",
+            "project",
+            "everyone",
+            "model",
+            "endpoint",
+            *LIMIT_FIELDS,
+            "allocation_starts",
+            "allocation_ends",
+            "note",
+        )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        chosen = [name for name in ("user", "api_key", "project", "everyone") if data.get(name)]
+        if len(chosen) > 1:
+            for name in chosen:
+                others = ", ".join(str(self.fields[other].label or other) for other in chosen if other != name)
+                self.add_error(name, f"Only one scope per limit; {others} is chosen too.")
+        for name in LIMIT_FIELDS:
+            if name in data:
+                try:
+                    _positive_or_empty(data[name])
+                except ValidationError as error:
+                    self.add_error(name, error)
+        if not any(data.get(name) is not None for name in LIMIT_FIELDS) and not self.errors:
+            raise ValidationError("Set at least one limit or budget (a limit with none limits nothing).")
+        if data.get("allocation_tokens") is None and (data.get("allocation_starts") or data.get("allocation_ends")):
+            self.add_error("allocation_tokens", "An allocation period needs its tokens (or clear the period).")
+        model = (data.get("model") or "").strip()
+        if model and not Endpoint.objects.filter(model=model).exists():
+            self.add_error(
+                "model", f"No endpoint serves the model {model!r}: register it first, or check the spelling."
+            )
+        return data
+
+
+def _number(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+@admin.register(Limit)
+class LimitAdmin(WideChangelist, admin.ModelAdmin[Limit]):
+    """Every limit that applies to a request is checked; the tightest wins (admin guide, "Limits, budgets and
+    allocations")."""
+
+    form = LimitForm
+    list_display = (
+        "scope",
+        "narrowing",
+        "concurrent_",
+        "rpm",
+        "tpm",
+        "per_day",
+        "per_month",
+        "allocation",
+        "note",
+    )
+    list_display_links = ("scope",)
+    list_filter = ("everyone", "project")
+    search_fields = ("user__username", "api_key__prefix", "project__name", "model", "note")
+    list_select_related = ("user", "api_key", "project", "endpoint__cluster")
+    autocomplete_fields = ("user", "api_key", "project")
+    fieldsets = (
+        (
+            "Scope: choose one",
+            {
+                "fields": ("user", "api_key", "project", "everyone"),
+                "description": "A user's or a key's limits count their own requests; a project's, every request "
+                "charged to it; everyone's, each user's requests separately (a default for every user).",
+            },
+        ),
+        (
+            "Narrowing (optional): a model or an endpoint",
+            {"fields": ("model", "endpoint"), "description": "Empty: the limit counts requests for every model."},
+        ),
+        (
+            "Rate limits",
+            {
+                "fields": ("concurrent", "requests_per_minute", "tokens_per_minute"),
+                "description": "Empty: no limit of that kind. Tokens are reserved at admission (prompt estimate plus "
+                "max_tokens, or the endpoint's context length) and settled to the real usage.",
+            },
+        ),
+        ("Budgets", {"fields": ("tokens_per_day", "tokens_per_month")}),
+        (
+            "Allocation",
+            {
+                "fields": ("allocation_tokens", "allocation_starts", "allocation_ends"),
+                "description": "Tokens for one period (times in UTC): the requests made between its start and its "
+                "end count against it.",
+            },
+        ),
+        (None, {"fields": ("note",)}),
+    )
+
+    @admin.display(description="scope")
+    def scope(self, limit: Limit) -> str:
+        if limit.everyone:
+            return "everyone (each user)"
+        if limit.project is not None:
+            return f"project {limit.project.name}"
+        if limit.api_key is not None:
+            return f"key {limit.api_key.prefix}"
+        return f"user {limit.user}"
+
+    @admin.display(description="narrowed to")
+    def narrowing(self, limit: Limit) -> str:
+        if limit.model:
+            return f"model {limit.model}"
+        if limit.endpoint is not None:
+            return f"endpoint #{limit.endpoint.pk} ({limit.endpoint.model} on {limit.endpoint.cluster.name})"
+        return "-"
+
+    @admin.display(description="concurrent", ordering="concurrent")
+    def concurrent_(self, limit: Limit) -> str:
+        return _number(limit.concurrent)
+
+    @admin.display(description="requests / min", ordering="requests_per_minute")
+    def rpm(self, limit: Limit) -> str:
+        return _number(limit.requests_per_minute)
+
+    @admin.display(description="tokens / min", ordering="tokens_per_minute")
+    def tpm(self, limit: Limit) -> str:
+        return _number(limit.tokens_per_minute)
+
+    @admin.display(description="tokens / day", ordering="tokens_per_day")
+    def per_day(self, limit: Limit) -> str:
+        return _number(limit.tokens_per_day)
+
+    @admin.display(description="tokens / month", ordering="tokens_per_month")
+    def per_month(self, limit: Limit) -> str:
+        return _number(limit.tokens_per_month)
+
+    @admin.display(description="allocation")
+    def allocation(self, limit: Limit) -> str:
+        if limit.allocation_tokens is None or limit.allocation_starts is None or limit.allocation_ends is None:
+            return "-"
+        period = f"{limit.allocation_starts:%Y-%m-%d} to {limit.allocation_ends:%Y-%m-%d}"
+        return f"{limit.allocation_tokens:,} ({period})"
 
 
 @admin.register(ApiKey)
@@ -378,33 +605,255 @@ class ApiKeyAdmin(admin.ModelAdmin[ApiKey]):
         self.message_user(request, f"Revoked {queryset.count()} key(s).")
 
 
+# --- usage rows: read-only accounting records, listed fast at millions of rows
+
+
+# Filtered lists whose planner estimate is above this are shown with the estimate, not counted: counting every
+# matching row of a large table reads them all (the unfiltered list at 300,000 rows took seconds).
+EXACT_COUNT_UP_TO = 10_000
+
+
+class EstimatedCountPaginator(Paginator[Any]):
+    """Counts exactly when few rows match; on PostgreSQL, past EXACT_COUNT_UP_TO, takes the planner's estimate
+    (its statistics, kept by autovacuum's ANALYZE), which costs a plan instead of a scan."""
+
+    @cached_property
+    def count(self) -> int:
+        queryset = self.object_list
+        if not isinstance(queryset, QuerySet) or connections[queryset.db].vendor != "postgresql":
+            return super().count
+        plan = json.loads(queryset.order_by().explain(format="json"))
+        estimate = int(plan[0]["Plan"]["Plan Rows"])
+        return estimate if estimate > EXACT_COUNT_UP_TO else super().count
+
+
+class ChoicesFilter(admin.SimpleListFilter):
+    """A filter whose choices are a fixed or small list (never the distinct values of the log, which takes a
+    scan of every row and makes each misspelling a permanent entry); an unknown value is refused."""
+
+    def choices_of(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return self.choices_of()
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if value is None:
+            return queryset
+        if value not in dict(self.lookup_choices):
+            raise IncorrectLookupParameters(f"{self.title}: no choice {value!r}")
+        return self.filtered(queryset, value)
+
+    def filtered(self, queryset: QuerySet[Any], value: str) -> QuerySet[Any]:
+        raise NotImplementedError
+
+
+class StatusClassFilter(ChoicesFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def choices_of(self) -> list[tuple[str, str]]:
+        return [("2", "2xx success"), ("4", "4xx refused"), ("5", "5xx failed")]
+
+    def filtered(self, queryset: QuerySet[Any], value: str) -> QuerySet[Any]:
+        low = int(value) * 100
+        return queryset.filter(status_code__gte=low, status_code__lt=low + 100)
+
+
+class RouteFilter(ChoicesFilter):
+    title = "route"
+    parameter_name = "route"
+
+    def choices_of(self) -> list[tuple[str, str]]:
+        return [(route.value, route.value) for route in Route]
+
+    def filtered(self, queryset: QuerySet[Any], value: str) -> QuerySet[Any]:
+        return queryset.filter(route=value)
+
+
+class ModelFilter(ChoicesFilter):
+    """The registered endpoints' models; the search box finds a model by any name, registered or not."""
+
+    title = "model"
+    parameter_name = "model"
+
+    def choices_of(self) -> list[tuple[str, str]]:
+        names = Endpoint.objects.order_by("model").values_list("model", flat=True).distinct()
+        return [(name, name) for name in names]
+
+    def filtered(self, queryset: QuerySet[Any], value: str) -> QuerySet[Any]:
+        return queryset.filter(model=value)
+
+
+class ClusterFilter(ChoicesFilter):
+    """By the endpoint's cluster, as its endpoints' ids: the log's endpoint index answers it, with no join."""
+
+    title = "cluster"
+    parameter_name = "cluster"
+
+    def choices_of(self) -> list[tuple[str, str]]:
+        return [(str(pk), name) for pk, name in Cluster.objects.values_list("pk", "name")]
+
+    def filtered(self, queryset: QuerySet[Any], value: str) -> QuerySet[Any]:
+        endpoints = list(Endpoint.objects.filter(cluster_id=int(value)).values_list("pk", flat=True))
+        return queryset.filter(endpoint_id__in=endpoints)
+
+
+class EndpointFilter(ChoicesFilter):
+    title = "endpoint"
+    parameter_name = "endpoint"
+
+    def choices_of(self) -> list[tuple[str, str]]:
+        return [
+            (str(endpoint.pk), f"{endpoint.model} on {endpoint.cluster.name} ({endpoint.framework}, #{endpoint.pk})")
+            for endpoint in Endpoint.objects.select_related("cluster")
+        ]
+
+    def filtered(self, queryset: QuerySet[Any], value: str) -> QuerySet[Any]:
+        return queryset.filter(endpoint_id=int(value))
+
+
+def _milliseconds(value: float | None) -> str:
+    """85 ms, 1.2 s, 14 s, 3.5 min: two significant figures or so, never 15 decimals."""
+    if value is None:
+        return "-"
+    # A no-break space: the number and its unit stay on one line.
+    if value < 10:
+        return f"{value:.1f}\u00a0ms"
+    if value < 1000:
+        return f"{value:.0f}\u00a0ms"
+    if value < 10_000:
+        return f"{value / 1000:.1f}\u00a0s"
+    if value < 120_000:
+        return f"{value / 1000:.0f}\u00a0s"
+    return f"{value / 60_000:.1f}\u00a0min"
+
+
+# The part of a long model name shown in the list (the whole name is its tooltip and on the row's page).
+MODEL_SHOWN = 24
+
+
 @admin.register(RequestLog)
-class RequestLogAdmin(admin.ModelAdmin[RequestLog]):
+class RequestLogAdmin(WideChangelist, admin.ModelAdmin[RequestLog]):
+    """Usage rows are accounting records: listed and shown, never added, changed or deleted here (`prune_usage`
+    deletes rows past the retention, their totals kept in the daily rollup)."""
+
     list_display = (
-        "created_at",
-        "user",
-        "model",
-        "route",
+        "time",
+        "username",
+        "key",
+        "project_name",
+        "model_name",
+        "cluster",
+        "endpoint_number",
+        "status",
+        "tokens",
+        "latency",
+        "ttft",
         "streamed",
-        "status_code",
-        "error_code",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "audio_seconds",
-        "latency_ms",
-        "time_to_first_token_ms",
     )
-    list_filter = ("status_code", "route", "streamed", "model", "created_at")
-    search_fields = ("request_id", "client_request_id", "user__username", "model")
-    date_hierarchy = "created_at"
-    list_select_related = ("user",)
+    list_display_links = ("time",)
+    list_filter = (
+        StatusClassFilter,
+        RouteFilter,
+        ModelFilter,
+        ClusterFilter,
+        EndpointFilter,
+        "project",
+        "streamed",
+        "created_at",
+    )
+    search_help_text = (
+        "An exact request id, client request id (X-Request-ID), key prefix or model name; or part of a username, "
+        "or of a registered model's name."
+    )
+    search_fields = ("request_id",)  # shows the search box; get_search_results says what it matches
+    list_select_related = ("user", "project", "endpoint__cluster")
+    show_full_result_count = False
+    paginator = EstimatedCountPaginator
+    list_per_page = 50
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[RequestLog], search_term: str
+    ) -> tuple[QuerySet[RequestLog], bool]:
+        """Equality on indexed columns only: a substring search would read every row of the log."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        match = Q(request_id=term) | Q(client_request_id=term) | Q(api_key_prefix=term) | Q(model=term)
+        users = list(User.objects.filter(username__icontains=term).values_list("pk", flat=True)[:100])
+        if users:
+            match |= Q(user_id__in=users)
+        models = list(Endpoint.objects.filter(model__icontains=term).values_list("model", flat=True).distinct())
+        if models:
+            match |= Q(model__in=models)
+        return queryset.filter(match), False
+
+    @admin.display(description="time (UTC)", ordering="created_at")
+    def time(self, row: RequestLog) -> str:
+        return row.created_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    @admin.display(description="user", ordering="user__username")
+    def username(self, row: RequestLog) -> SafeString:
+        # A long address may wrap before its @, not widen the column.
+        name, at, domain = row.user.username.partition("@")
+        return format_html("{}<wbr>{}{}", name, at, domain)
+
+    @admin.display(description="key")
+    def key(self, row: RequestLog) -> str:
+        return row.api_key_prefix or "-"
+
+    @admin.display(description="project")
+    def project_name(self, row: RequestLog) -> str:
+        return row.project.name if row.project is not None else "-"
+
+    @admin.display(description="model")
+    def model_name(self, row: RequestLog) -> SafeString:
+        # Without its organisation (the filter and the tooltip name it in full): meta-llama/Llama-3.1-8B-Instruct
+        # reads Llama-3.1-8B-Instruct.
+        name = row.model.rsplit("/", 1)[-1] or row.model
+        shown = name if len(name) <= MODEL_SHOWN else name[: MODEL_SHOWN - 1] + "…"
+        return format_html('<span title="{}">{}</span>', row.model, shown)
+
+    @admin.display(description="cluster")
+    def cluster(self, row: RequestLog) -> str:
+        return row.endpoint.cluster.name if row.endpoint is not None else "-"
+
+    @admin.display(description="endpoint")
+    def endpoint_number(self, row: RequestLog) -> str:
+        return f"#{row.endpoint_id} {row.endpoint.framework}" if row.endpoint is not None else "-"
+
+    @admin.display(description="status", ordering="status_code")
+    def status(self, row: RequestLog) -> SafeString:
+        return format_html('<span title="{}">{}</span>', row.error_code, row.status_code)
+
+    @admin.display(description="tokens in / out")
+    def tokens(self, row: RequestLog) -> str:
+        if row.audio_seconds is not None:
+            return f"{row.audio_seconds} s audio"
+        if row.prompt_tokens is None and row.completion_tokens is None:
+            return "-"
+        prompt = "-" if row.prompt_tokens is None else f"{row.prompt_tokens:,}"
+        completion = "-" if row.completion_tokens is None else f"{row.completion_tokens:,}"
+        return f"{prompt} / {completion}"
+
+    @admin.display(description="latency", ordering="latency_ms")
+    def latency(self, row: RequestLog) -> str:
+        return _milliseconds(row.latency_ms)
+
+    @admin.display(description="TTFT")
+    def ttft(self, row: RequestLog) -> str:
+        return _milliseconds(row.time_to_first_token_ms)
 
 
 @admin.register(ComputeFunction)
@@ -435,3 +884,6 @@ class EndpointStartAdmin(admin.ModelAdmin[EndpointStart]):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+admin.site.register(UsageDaily, UsageDailyAdmin)

@@ -24,10 +24,16 @@ from django.conf import settings
 from resource_server.adapters.inflight import InFlight, in_flight_from_settings
 from resource_server.adapters.relay import RelayHub, relay_hub_from_settings
 from resource_server.auth.globus import GroupMemberships
+from resource_server.db import db_run
 from resource_server.dispatch.globus_compute import ComputeEndpoints
 from resource_server.dispatch.local import LocalExecutors
 from resource_server.dispatch.registry import BackendParts, BackendPool
+from resource_server.limits.base import Check, LimitStore
+from resource_server.limits.limiter import Limiter
+from resource_server.limits.store_db import DatabaseLimitStore
+from resource_server.limits.store_redis import RedisLimitStore
 from resource_server.selectors.endpoints import RoutingCache
+from resource_server.selectors.limits import budget_used
 from resource_server.services.authentication import Authenticators
 from resource_server.services.usage import UsageSink, usage_sink_from_settings
 from resource_server.services.users import UserPrincipals
@@ -52,14 +58,16 @@ class Runtime:
     routing: RoutingCache
     status: StatusBoard
     in_flight: InFlight
+    limiter: Limiter
 
     def start(self) -> None:
         """At worker start-up, on the event loop: the usage writer (adopting journals left by stopped
-        workers), the status board (its first round one interval from now) and the sharing of in-flight
-        counts with the other workers (with Redis)."""
+        workers), the status board (its first round one interval from now), the sharing of in-flight
+        counts with the other workers (with Redis) and the limit store's connections."""
         self.usage_sink.start()
         self.status.start()
         self.in_flight.start()
+        self.limiter.start()
 
     async def stop(self, usage_seconds: float) -> None:
         """At shutdown, after the requests have ended: the status board and the in-flight sharing, then together
@@ -67,6 +75,7 @@ class Runtime:
         Globus Compute executors, without waiting for tasks (the SDK's exit hook would wait forever for a lost one)."""
         await self.status.stop()
         await self.in_flight.stop()
+        await self.limiter.aclose()
         await asyncio.gather(
             asyncio.to_thread(self.compute_endpoints.close),
             asyncio.to_thread(self.usage_sink.stop, usage_seconds),
@@ -105,7 +114,26 @@ def bootstrap() -> Runtime:
             drain_seconds=gateway.STATUS_DRAIN_SECONDS,
         ),
         in_flight=in_flight_from_settings(),
+        limiter=limiter_from_settings(),
     )
+
+
+def limiter_from_settings() -> Limiter:
+    """Limits counted in Redis with REDIS_URL (across workers and hosts), else in the database (across workers;
+    across hosts too when they share it). A budget counter the store lacks is read back from the daily rollup."""
+
+    async def seed(check: Check) -> int:
+        return await db_run(budget_used, limiter.span(check.key))
+
+    gateway = settings.GATEWAY
+    ttl = gateway.LIMITS_RESERVATION_TTL_SECONDS
+    store: LimitStore = (
+        RedisLimitStore(gateway.REDIS_URL, seed=seed, ttl=ttl, timeout=gateway.LIMITS_REDIS_TIMEOUT_SECONDS)
+        if gateway.REDIS_URL
+        else DatabaseLimitStore(seed=seed, ttl=ttl)
+    )
+    limiter = Limiter(store)
+    return limiter
 
 
 _current: Runtime | None = None

@@ -108,6 +108,11 @@ class ErrorCode(StrEnum):
         "Your login does not meet the gateway's Globus policies: log in again as the body's hints say.",
     )
     # 403
+    PROJECT_NOT_MEMBER = (
+        "project_not_member",
+        403,
+        "The OpenAI-Project header (the client's `project=`) names a project you are not a member of.",
+    )
     MODEL_ACCESS_DENIED = (
         "model_access_denied",
         403,
@@ -140,7 +145,16 @@ class ErrorCode(StrEnum):
     # 413
     REQUEST_TOO_LARGE = "request_too_large", 413, "The request body is larger than the gateway or model server accepts."
     # 429
-    RATE_LIMIT_EXCEEDED = "rate_limit_exceeded", 429, "The model server is rate limiting: wait and retry."
+    RATE_LIMIT_EXCEEDED = (
+        "rate_limit_exceeded",
+        429,
+        "A rate or concurrency limit (the message names it), or the model server's own: retry after `Retry-After`.",
+    )
+    INSUFFICIENT_QUOTA = (
+        "insufficient_quota",
+        429,
+        "A token budget or allocation is spent (the message names it and when it renews): ask the administrators.",
+    )
     RELAY_FULL = "relay_full", 429, "Relay route: the gateway is behind on this stream (the compute function retries)."
     # 500
     INTERNAL_ERROR = "internal_error", 500, "The gateway failed: report it with the `X-Gateway-Request-ID`."
@@ -184,6 +198,11 @@ class ErrorCode(StrEnum):
     RELAY_FAILED = "relay_failed", 502, "The cluster could not send the stream back to the gateway."
     RELAY_INCOMPLETE = "relay_incomplete", 502, "The stream from the cluster lost messages or ended early."
     # 503
+    LIMITS_UNAVAILABLE = (
+        "limits_unavailable",
+        503,
+        "The gateway cannot check your budget right now (its limits store is down): retry shortly.",
+    )
     UPSTREAM_UNREACHABLE = (
         "upstream_unreachable",
         503,
@@ -357,8 +376,18 @@ class RateLimited(GatewayError):
     status = 429
     error_type = "rate_limit_error"
 
-    def __init__(self, message: str, *, retry_after: int, code: ErrorCode) -> None:
-        super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: int,
+        code: ErrorCode,
+        error_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            message, code=code, headers={"Retry-After": str(retry_after), **(headers or {})}, error_type=error_type
+        )
 
 
 class ServiceUnavailable(GatewayError):

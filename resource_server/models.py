@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.core.exceptions import ValidationError
 from django.db import models
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from resource_server.backend_kinds import BACKEND_CHOICES, backend_config_errors, scheduler_config_errors
@@ -241,6 +242,18 @@ class Limit(models.Model):
                 ),
                 name="limit_allocation_has_period",
             ),
+            # One row per scope and narrowing, so that `set_limit` has one row to change and the admin refuses a
+            # second. Coalesce: a NULL would make every row with it distinct.
+            models.UniqueConstraint(
+                Coalesce("user", 0),
+                Coalesce("api_key", 0),
+                Coalesce("project", 0),
+                "everyone",
+                "model",
+                Coalesce("endpoint", 0),
+                name="limit_one_per_scope_and_narrowing",
+                violation_error_message="A limit for this scope and narrowing exists already: change that one.",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -321,6 +334,10 @@ class RequestLog(models.Model):
             models.Index(fields=["api_key_prefix", "created_at"], name="requestlog_key_time"),
             models.Index(fields=["endpoint", "created_at"], name="requestlog_endpoint_time"),
             models.Index(fields=["project", "created_at"], name="requestlog_project_time"),
+            # The admin's filters by status class and by route: rare values (5xx, audio) would otherwise be found
+            # by reading the rows newest first until a page is full.
+            models.Index(fields=["status_code", "created_at"], name="requestlog_status_time"),
+            models.Index(fields=["route", "created_at"], name="requestlog_route_time"),
         ]
 
     def __str__(self) -> str:

@@ -14,6 +14,7 @@ from fakes.compute_service import RunningCompute, start_compute_service
 from fakes.scheduler import COMMANDS_DIR, Scenario
 from fakes.scheduler.scenario import STATE_VARIABLE
 from resource_server.bootstrap import Runtime, bootstrap, runtime_install
+from resource_server.limits.store_redis import KEY_PREFIX as LIMIT_KEY_PREFIX
 from resource_server.models import ApiKey, Cluster, Endpoint, User
 from resource_server.services.api_keys import api_key_create
 from tests.servers import fake_model_server
@@ -25,6 +26,21 @@ pytest_plugins = ("tests.selection",)
 # gateway processes the tests start, which inherit this environment) anywhere else.
 for _variable in [name for name in os.environ if name.lower() in ("http_proxy", "https_proxy", "all_proxy")]:
     del os.environ[_variable]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Forget the limit counters an earlier run left in the tests' Redis. They are named by database ids, and a
+    fresh test database hands the same ids out again: this run's user 1 would find the last run's user 1's
+    requests and tokens still counted (a second run within a minute, or a day for budgets, failed)."""
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        return
+    import redis  # here: runs without REDIS_URL never load the client
+
+    with redis.Redis.from_url(url) as client:
+        stale = list(client.scan_iter(match=f"{LIMIT_KEY_PREFIX}*", count=1000))
+        for start in range(0, len(stale), 1000):
+            client.delete(*stale[start : start + 1000])
 
 
 MODEL_SERVER_ARGUMENTS = ("--model=demo-model", "--model=org/model.v1", "--model=group-model", "--max-model-len=512")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import httpx
+import psutil
 
 
 def worker_pids(url: str) -> set[int]:
@@ -36,3 +40,21 @@ def worker_pid(url: str) -> int:
     workers = worker_pids(url)
     assert len(workers) == 1, f"expected one gunicorn worker for {url}, found {workers}"
     return workers.pop()
+
+
+def worker_answering(response: httpx.Response, workers: Iterable[int]) -> int:
+    """Which of `workers` holds the server end of the connection `response` came on (still open: keep-alive)."""
+    client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+    worker = workers_by_client_port(workers).get(client_port)
+    assert worker is not None, f"no worker holds the connection from port {client_port}"
+    return worker
+
+
+def workers_by_client_port(workers: Iterable[int]) -> dict[int, int]:
+    """The worker holding each open connection, by the client's port."""
+    return {
+        conn.raddr.port: pid
+        for pid in workers
+        for conn in psutil.Process(pid).net_connections("tcp")
+        if conn.raddr and conn.status == psutil.CONN_ESTABLISHED
+    }

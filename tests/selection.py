@@ -51,6 +51,7 @@ TIER_OF_TEST = {
     "test_config.py::test_production_process_refuses_to_boot_on_sqlite": "server",
     "test_config.py::test_production_process_refuses_to_boot_with_debug_on": "server",
     "test_config.py::test_urls_switch_to_postgres_and_redis": "server",
+    "test_config.py::test_a_sqlite_url_gets_the_default_databases_options": "server",
     "test_model_server.py::test_module_entry_point_serves_the_given_models_behind_the_api_key": "server",
     "test_inference.py::test_api_key_from_the_named_variable_is_sent": "server",
     "test_local.py::test_pool_workers_end_with_a_gateway_killed_by_a_signal": "server",

@@ -25,8 +25,10 @@ class TcpProxy:
         # Guards the cut against a connection being accepted at that very moment: it must not survive.
         self._lock = threading.Lock()
         self._open = False
-        self._flowing = threading.Event()
+        self._flowing = threading.Event()  # what the client sends
         self._flowing.set()
+        self._replying = threading.Event()  # what the target answers
+        self._replying.set()
 
     def restore(self) -> None:
         listener = socket.create_server(("127.0.0.1", self.port))
@@ -36,7 +38,7 @@ class TcpProxy:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
-        self._flowing.set()  # pipe threads blocked in a stall wake up and find their sockets closed
+        self.resume()  # pipe threads blocked in a stall wake up and find their sockets closed
         with self._lock:
             self._open = False
             assert self._listener is not None
@@ -48,11 +50,15 @@ class TcpProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
-    def stall(self) -> None:
-        self._flowing.clear()
+    def stall(self, *, replies_only: bool = False) -> None:
+        """Hold what passes (or only the target's answers: it still gets and answers every request)."""
+        if not replies_only:
+            self._flowing.clear()
+        self._replying.clear()
 
     def resume(self) -> None:
         self._flowing.set()
+        self._replying.set()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -67,13 +73,13 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+            for source, sink, gate in ((client, upstream, self._flowing), (upstream, client, self._replying)):
+                threading.Thread(target=self._pipe, args=(source, sink, gate), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, gate: threading.Event) -> None:
         try:
             while data := source.recv(65536):
-                self._flowing.wait()
+                gate.wait()
                 sink.sendall(data)
         except OSError:
             pass

@@ -17,7 +17,7 @@ from django.conf import settings
 from django.http import HttpResponse, HttpResponseBase, StreamingHttpResponse
 
 from resource_server.errors import ErrorCode, GatewayError, NotFound
-from resource_server.pipeline.respond import ROUTE_HEADER
+from resource_server.pipeline.admit import Headers as AnswerHeaders
 from resource_server.routes import ROUTES
 
 logger = logging.getLogger("resource_server.api")
@@ -124,12 +124,11 @@ def as_envelope(response: HttpResponseBase) -> HttpResponseBase:
     return shaped
 
 
-def stream_response(events: AsyncIterator[bytes], route: str) -> StreamingHttpResponse:
+def stream_response(events: AsyncIterator[bytes], headers: AnswerHeaders) -> StreamingHttpResponse:
     (_, content_type), *others = SSE_HEADERS
     response = StreamingHttpResponse(events, content_type=content_type)
-    for name, value in others:
+    for name, value in (*others, *headers):
         response[name] = value
-    response[ROUTE_HEADER] = route
     return response
 
 
@@ -152,7 +151,10 @@ def common_headers() -> list[tuple[bytes, bytes]]:
 
 _JSON_RAW = (b"Content-Type", JSON.encode())
 _SSE_RAW = [(name.encode(), value.encode()) for name, value in SSE_HEADERS]
-_ROUTE_RAW = ROUTE_HEADER.encode()
+
+
+def _raw(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin1"), value.encode("latin1")) for name, value in headers]
 
 
 class AsgiAnswers:
@@ -174,14 +176,13 @@ class AsgiAnswers:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def send_json(self, send: Send, body: bytes, ids: RequestIds, route: str) -> None:
-        await self.send(send, 200, body, (_JSON_RAW, (_ROUTE_RAW, route.encode("latin1"))), ids)
+    async def send_json(self, send: Send, body: bytes, ids: RequestIds, headers: AnswerHeaders) -> None:
+        await self.send(send, 200, body, (_JSON_RAW, *_raw(headers)), ids)
 
     async def send_error(self, send: Send, error: GatewayError, ids: RequestIds) -> None:
         status, headers, body = rendered(error)
-        raw = [(name.encode("latin1"), value.encode("latin1")) for name, value in headers]
-        await self.send(send, status, body, raw, ids)
+        await self.send(send, status, body, _raw(headers), ids)
 
-    async def start_stream(self, send: Send, ids: RequestIds, route: str) -> None:
-        headers = [*_SSE_RAW, (_ROUTE_RAW, route.encode("latin1")), *self.after, *ids.raw_headers()]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+    async def start_stream(self, send: Send, ids: RequestIds, headers: AnswerHeaders) -> None:
+        raw = [*_SSE_RAW, *_raw(headers), *self.after, *ids.raw_headers()]
+        await send({"type": "http.response.start", "status": 200, "headers": raw})

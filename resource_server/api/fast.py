@@ -69,6 +69,7 @@ _WANTED_HEADERS = frozenset(
         b"content-type",
         b"x-request-id",
         b"x-gateway-max-wait",
+        b"openai-project",
     )
 )
 _MAX_CACHED_HOSTS = 64
@@ -170,14 +171,15 @@ class InferenceApp:
             cluster=match["cluster"],
             framework=match["framework"],
             max_wait=headers.get(b"x-gateway-max-wait", ""),
+            project=headers.get(b"openai-project", ""),
             # Once a JSON body is read, nothing else reads `receive`: a disconnect can be watched for there (a
             # form's body is still being read on its way to the model server, so its disconnect is not).
             client_gone=None if ROUTES[route].form else lambda: _wait_disconnect(receive),
         )
         if isinstance(result, JsonResult):
-            await self._answers.send_json(send, result.content, ids, result.route)
+            await self._answers.send_json(send, result.content, ids, result.headers)
             return
-        await self._answers.start_stream(send, ids, result.route)
+        await self._answers.start_stream(send, ids, result.headers)
         await _relay_until_disconnect(result.events, receive, send)
 
     async def _relay_message(

@@ -21,7 +21,7 @@ from resource_server.api.openapi import AUTHENTICATED, documented, inference_doc
 from resource_server.api.security import bearer_auth, request_authorization
 from resource_server.bootstrap import runtime
 from resource_server.errors import InvalidRequest
-from resource_server.pipeline.respond import ROUTE_HEADER, JsonResult
+from resource_server.pipeline.respond import JsonResult
 from resource_server.pipeline.run import inference_run
 from resource_server.routes import ROUTES, RouteDescriptor
 from resource_server.schemas import ModelList, schema_ref
@@ -61,13 +61,15 @@ async def _infer(
         cluster=cluster,
         framework=framework,
         max_wait=request.headers.get("X-Gateway-Max-Wait", ""),
+        project=request.headers.get("OpenAI-Project", ""),
         # Django's handler cancels the view when the client leaves: a held request then ends as a 499.
     )
     if isinstance(result, JsonResult):
         response = HttpResponse(result.content, content_type=JSON)
-        response[ROUTE_HEADER] = result.route
+        for name, value in result.headers:
+            response[name] = value
         return response
-    return stream_response(result.events, result.route)
+    return stream_response(result.events, result.headers)
 
 
 # FIRST's path parameters, with the values the docs page's "Try it out" fills in.

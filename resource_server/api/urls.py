@@ -11,7 +11,7 @@ from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 from ninja.openapi.schema import OpenAPISchema
 
-from resource_server.api import account, first, health, inference, relay
+from resource_server.api import account, first, health, inference, relay, usage
 from resource_server.api.edge import error_response, internal_error
 from resource_server.errors import AuthenticationFailed, ErrorCode, GatewayError, InvalidRequest
 from resource_server.pipeline.parse import body_too_large
@@ -43,6 +43,7 @@ api = GatewayAPI(
 api.add_router("", health.router)
 api.add_router("", inference.router)
 api.add_router("", account.router)
+api.add_router("", usage.router)
 api.add_router("", first.router)
 api.add_router("", relay.router)
 

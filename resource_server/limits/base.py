@@ -53,27 +53,44 @@ class Verdict:
     admitted: bool
     states: tuple[CheckState, ...]  # one per check, in the order given
     refused: int = -1  # the index of the first check that did not pass
-    retry_after: float = 0.0  # refused: seconds until that check could pass (0: unknown, e.g. a slot)
+    # Refused: seconds until that check could pass. 0: unknown (a concurrency slot: any request may end first),
+    # or never (the request alone takes more than the limit, `amount > limit`: the caller says so).
+    retry_after: float = 0.0
 
 
 # Used tokens of a budget when its counter is missing (the store was emptied, or this period's first request):
-# read from the daily usage rollup, so a Redis restart does not give budgets back.
+# read from the daily usage rollup, so a Redis restart does not give budgets back. Called outside any store
+# transaction; a DatabaseError it raises reaches the caller of `reserve` as `LimitStoreUnavailable`.
 BudgetSeed = Callable[[Check], Awaitable[int]]
 
 
 class LimitStore(Protocol):
     async def reserve(self, reservation: str, checks: Sequence[Check], *, now: float) -> Verdict:
         """Atomically: all checks pass and are reserved under `reservation`, or none is. Raise
-        `LimitStoreUnavailable` when the store cannot be reached within its timeout."""
+        `LimitStoreUnavailable` when the store cannot be reached within its timeout.
+
+        `reservation` is unique per request (it is remembered until settled, at most a day); reserving it again
+        is admitted without counting twice, so a call retried after a lost answer is safe. The checks' keys are
+        distinct, limits >= 1 (ValueError otherwise). `now` (epoch seconds) is the caller's clock, used for every
+        time the stores compare, so that both stores agree, and tests can move time."""
         ...
 
     async def settle(self, reservation: str, checks: Sequence[Check], *, used_tokens: int, now: float) -> None:
         """The request ended having used `used_tokens`: TOKENS and BUDGET counters move by (used - amount), its
-        CONCURRENT slots are released. Never raises (a lost settle only leaves a lease to expire)."""
+        CONCURRENT slots are released. Never raises (a lost settle only leaves a lease to expire). Pass the
+        checks given to `reserve`. Settling a reservation that was not taken (refused, unknown, settled already)
+        releases nothing it does not hold and moves no tokens."""
         ...
 
     async def refresh(self, leases: Sequence[tuple[str, str]], *, now: float) -> None:
-        """Keep the (key, reservation) concurrency leases of requests still in flight from expiring."""
+        """Keep the (key, reservation) concurrency leases of requests still in flight from expiring, for another
+        LIMITS_RESERVATION_TTL_SECONDS from `now`; a lease already expired stays so (its slot may be taken). Never
+        raises: a failed round is logged, and the next one (well within the TTL) tries again."""
+        ...
+
+    async def warm(self) -> None:
+        """At worker start-up: open what the request path would otherwise open under load (Redis's connections,
+        whose connect is timed by the check's short timeout). Never raises."""
         ...
 
     async def aclose(self) -> None: ...

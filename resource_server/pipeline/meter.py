@@ -14,10 +14,14 @@ from django.conf import settings
 
 from resource_server.adapters.inflight import InFlight
 from resource_server.auth.base import Principal
-from resource_server.pipeline.admit import UNLIMITED
+from resource_server.pipeline.admit import UNLIMITED, Headers
 from resource_server.pipeline.parse import ParsedRequest
 from resource_server.routes import Route
 from resource_server.services.usage import UsageRecord, UsageSink
+
+# Where the route stage sent the request, and why (`cluster=polaris; endpoint=17; reason=live,least_loaded`): on
+# every answer from the route stage on, JSON, stream or error, and in the usage record.
+ROUTE_HEADER = "X-Gateway-Route"
 
 
 class Meter:
@@ -87,6 +91,10 @@ class Meter:
         endpoint, without going to it (yet)."""
         self.record.endpoint_id = endpoint_id
         self.record.gateway_route = gateway_route
+
+    def answer_headers(self) -> Headers:
+        """The headers every answer from the route stage on carries: where it went, and the caller's rate limits."""
+        return ((ROUTE_HEADER, self.record.gateway_route), *self.reservation.headers)
 
     def first_event(self) -> None:
         if self.record.time_to_first_token_ms is None:

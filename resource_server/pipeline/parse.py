@@ -52,6 +52,7 @@ class ParsedRequest:
     continuous_usage: bool  # ... and for usage on every chunk (vLLM's continuous_usage_stats)
     n: int  # at least 1: the model server refuses fewer
     max_tokens: int | None
+    size: int = 0  # the body's bytes (a form's: 0), for the estimate of its prompt's tokens that limits reserve
     form: FormUpload | None = None  # a multipart body (audio), streamed on as it arrives; `body` has its fields
 
 
@@ -93,6 +94,7 @@ def request_parse(descriptor: RouteDescriptor, raw: bytes) -> ParsedRequest:
         continuous_usage=continuous_usage,
         n=n if n is not None and n >= 1 else 1,
         max_tokens=_first_present(body, fields.max_tokens),
+        size=len(raw),
     )
 
 

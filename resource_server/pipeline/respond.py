@@ -16,6 +16,7 @@ from django.conf import settings
 
 from resource_server.dispatch.base import UpstreamStream, json_or_none
 from resource_server.errors import ErrorCode, GatewayError
+from resource_server.pipeline.admit import Headers
 from resource_server.pipeline.meter import Meter
 from resource_server.pipeline.parse import ParsedRequest
 from resource_server.routes import RouteDescriptor, UsageReader
@@ -24,22 +25,17 @@ from resource_server.services.usage import UsageRecord
 logger = logging.getLogger(__name__)
 
 
-# Where the route stage sent the request, and why (`cluster=polaris; endpoint=17; reason=live,least_loaded`): on
-# every answer from the route stage on, JSON, stream or error, and in the usage record.
-ROUTE_HEADER = "X-Gateway-Route"
-
-
 # Not frozen: made for every request, and a frozen dataclass's __init__ costs 3x.
 @dataclass(slots=True)
 class JsonResult:
     content: bytes
-    route: str  # the X-Gateway-Route answer header
+    headers: Headers  # X-Gateway-Route, and the x-ratelimit-* headers of the caller's limits (Meter.answer_headers)
 
 
 @dataclass(slots=True)
 class StreamResult:
     events: AsyncGenerator[bytes, None]
-    route: str  # the X-Gateway-Route answer header (a held stream's: its best candidate when the answer starts)
+    headers: Headers  # as JsonResult's (a held stream's route: its best candidate when the answer starts)
 
 
 def answer_json(content: bytes, descriptor: RouteDescriptor, meter: Meter) -> JsonResult:
@@ -49,7 +45,7 @@ def answer_json(content: bytes, descriptor: RouteDescriptor, meter: Meter) -> Js
     if settings.GATEWAY.LOG_REQUEST_BODIES:
         meter.record.response_body = reply
     meter.finish(status=200)
-    return JsonResult(content, meter.record.gateway_route)
+    return JsonResult(content, meter.answer_headers())
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@
     2 parse         pipeline/parse.py           the route's descriptor (routes.py): the few fields the gateway reads
     3 route         selectors/endpoints.py      candidate endpoints best first: by state, load, preference
       cold          pipeline/cold.py            none serving: 503 with state and ETA, or held (X-Gateway-Max-Wait)
-    4 admit         pipeline/admit.py           limits: reserve now, settle in the meter stage (no limits yet)
+    4 admit         pipeline/admit.py           limits and budgets: reserve now (limits/), settle in the meter stage
     5 dispatch      pipeline/dispatch.py        the best candidate's backend; the next one if it did not take it
     6 respond       pipeline/respond.py         JSON, or the SSE events relayed as they arrive
     7 meter         pipeline/meter.py           one usage row from the body on, whatever the outcome (499 included)
@@ -25,6 +25,7 @@ from typing import Protocol
 from resource_server.adapters.inflight import InFlight
 from resource_server.dispatch.registry import BackendPool
 from resource_server.errors import ErrorCode, GatewayError
+from resource_server.limits.limiter import Limiter
 from resource_server.pipeline.admit import admit
 from resource_server.pipeline.cold import (
     ClientGoneWaiter,
@@ -41,7 +42,6 @@ from resource_server.pipeline.form import FormUpload, form_parse, form_read
 from resource_server.pipeline.meter import Meter
 from resource_server.pipeline.parse import BodyReader, ClientGone, body_read, request_parse, upstream_request
 from resource_server.pipeline.respond import (
-    ROUTE_HEADER,
     JsonResult,
     StreamResult,
     StreamWishes,
@@ -76,6 +76,9 @@ class PipelineParts(Protocol):
     @property
     def usage_sink(self) -> UsageSink: ...
 
+    @property
+    def limiter(self) -> Limiter: ...
+
 
 async def inference_run(
     *,
@@ -91,16 +94,17 @@ async def inference_run(
     cluster: str | None = None,
     framework: str | None = None,
     max_wait: str = "",
+    project: str = "",
     client_gone: ClientGoneWaiter | None = None,
 ) -> JsonResult | StreamResult:
     """Answer one OpenAI request; from its body on, every outcome leaves exactly one usage record.
 
     A JSON body is read whole (`read_body`); a form (the audio routes) only up to the fields the gateway
     reads, the rest being read from `body_chunks` as it goes on to the model server (pipeline/form.py).
-    `max_wait` is the X-Gateway-Max-Wait header; `client_gone`, if the door can tell, returns when the client
-    leaves (a request held for a cold model is then let go as a 499).
-    Every answer from the route stage on carries the X-Gateway-Route header (the result's `route`, an
-    error's headers), which the usage record keeps.
+    `max_wait` is the X-Gateway-Max-Wait header; `project` the OpenAI-Project header; `client_gone`, if the
+    door can tell, returns when the client leaves (a request held for a cold model is then let go as a 499).
+    Every answer from the route stage on carries the X-Gateway-Route header, which the usage record keeps, and
+    from the admit stage on the caller's x-ratelimit-* headers (the result's `headers`, an error's headers).
     """
     principal = await parts.authenticators.principal_from_authorization(authorization)
     descriptor = ROUTES[route]
@@ -154,7 +158,16 @@ async def inference_run(
             hold = Hold(wait=wait, status=parts.status, client_gone=None if request.stream else client_gone)
             if not request.stream:
                 candidates = await _until_serving(hold, candidates, reroute, parts, meter, served)
-        meter.reservation = await admit(principal=principal, request=request, candidates=candidates.routes)
+        meter.reservation = await admit(
+            limiter=parts.limiter,
+            rules=parts.routing.current.limits,
+            principal=principal,
+            descriptor=descriptor,
+            request=request,
+            candidates=candidates.routes,
+            project=project,
+            record=meter.record,
+        )
         upstream = upstream_request(descriptor, request, request_id, model=chosen)
         if request.stream:
             wishes = StreamWishes.of(request)
@@ -163,9 +176,7 @@ async def inference_run(
                     stream = await dispatch_stream(
                         backends=parts.backend_pool, candidates=candidates, request=upstream, meter=meter
                     )
-                    return StreamResult(
-                        stream_relay(stream, descriptor, meter, client=wishes), meter.record.gateway_route
-                    )
+                    return StreamResult(stream_relay(stream, descriptor, meter, client=wishes), meter.answer_headers())
                 except GatewayError as error:
                     if not (wait and holds_for(error, upstream)):
                         raise
@@ -186,7 +197,7 @@ async def inference_run(
                 tried=candidates.serving > 0,
             )
             hold = None  # the held stream owns it now
-            return StreamResult(events, meter.record.gateway_route)
+            return StreamResult(events, meter.answer_headers())
         while True:
             try:
                 content = await dispatch_submit(
@@ -208,8 +219,9 @@ async def inference_run(
                 candidates = await _until_serving(hold, await reroute(), reroute, parts, meter, served)
     except GatewayError as error:
         if meter.record.gateway_route:
-            error.headers = {**error.headers, ROUTE_HEADER: meter.record.gateway_route}
+            error.headers = {**dict(meter.answer_headers()), **error.headers}
         meter.finish(status=error.status, error_code=error.code)
+        await meter.reservation.settled()
         raise
     except (ClientGone, asyncio.CancelledError):
         # The client left: while its upload went on to the model server, or while it was held for a cold model
@@ -224,7 +236,9 @@ async def inference_run(
             form.close()
         if hold is not None:
             hold.close()
-    return answer_json(content, descriptor, meter)
+    answer = answer_json(content, descriptor, meter)
+    await meter.reservation.settled()  # so that the caller's next request finds its slot and tokens back
+    return answer
 
 
 async def _until_serving(

@@ -35,7 +35,9 @@ from resource_server.auth.base import Principal
 from resource_server.backend_kinds import BACKEND_KINDS
 from resource_server.db import DATABASE_PATIENCE_SECONDS, db_run
 from resource_server.errors import ErrorCode, InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
+from resource_server.limits.policy import LimitRules
 from resource_server.models import Cluster, Endpoint, MaintenanceWindow
+from resource_server.selectors.limits import limit_rules_load
 from resource_server.status.base import RANK, EndpointStatus, State, StatusView
 from resource_server.status.scheduler import SchedulerConfig, scheduler_config
 
@@ -134,6 +136,7 @@ class EndpointRoute:
     header: str  # the start of its X-Gateway-Route answer header, "cluster=polaris; endpoint=17; reason="
     job_name: str = ""  # the batch job that runs its model server (Endpoint.scheduler_job_name)
     maintenance_ends: float | None = None  # that window's end (wall clock); None: open-ended, or no window
+    context_length: int | None = None  # Endpoint.context_length: what token limits reserve without max_tokens
 
     def allows(self, principal: Principal) -> bool:
         return all(rule.allows(principal) for rule in self.rules)
@@ -150,6 +153,7 @@ class RoutingTable:
     # only by case): the case-insensitive lookup, computed once per table rather than by a scan per request.
     by_folded_name: dict[str, tuple[str, ...]] = field(default_factory=dict)
     clusters: dict[str, ClusterRoute] = field(default_factory=dict)
+    limits: LimitRules = field(default_factory=LimitRules)  # read with the endpoints: one reload, one lifetime
     loaded_at: float = float("-inf")  # when it counts as loaded, for its lifetime; moved on by failed reloads
     read_at: float = float("-inf")  # when the database last answered
     failing: bool = False  # the last reload failed: requests use this table and never wait for a reload
@@ -188,6 +192,7 @@ def _load_table() -> RoutingTable:
                 preference=endpoint.preference,
                 header=f"cluster={cluster.name}; endpoint={endpoint.pk}; reason=",
                 job_name=endpoint.scheduler_job_name,
+                context_length=endpoint.context_length,
             )
         )
     folded: dict[str, list[str]] = defaultdict(list)
@@ -208,6 +213,7 @@ def _load_table() -> RoutingTable:
         by_model=dict(by_model),
         by_folded_name={key: tuple(names) for key, names in folded.items()},
         clusters=clusters,
+        limits=limit_rules_load(),
         loaded_at=now,
         read_at=now,
     )

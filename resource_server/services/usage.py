@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import queue
@@ -31,6 +32,7 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,7 +55,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from resource_server.models import ApiKey, RequestLog
+from resource_server.models import ApiKey, RequestLog, UsageDaily
 
 logger = logging.getLogger(__name__)
 
@@ -190,33 +192,126 @@ def record_from_line(line: bytes) -> UsageRecord:
 
 
 def _insert_rows(batch: list[UsageRecord]) -> None:
-    """One INSERT for many rows, skipping the per-row model and compiler work of bulk_create.
+    """Insert the rows and add them to the daily rollup (`UsageDaily`), in the caller's transaction.
 
-    The writer shares the worker's GIL with the event loop: bulk_create spent ~100 us per row in Python,
-    this a few. Values are adapted as Django would, but only where it matters (times and JSON). A row
-    whose request id is already stored is skipped: a journal replayed after its rows went in.
+    The writer shares the worker's GIL with the event loop, so this skips the per-row model and compiler work
+    of bulk_create (values are adapted as Django would, but only where it matters: times and JSON) and keeps
+    each statement's text small enough for psycopg to parse once. A row whose request id is already stored is
+    skipped (a journal replayed after its rows went in); `RETURNING` names the rows really inserted, and only
+    those are added to the rollup (one upsert unless the batch has more than `_ROWS_PER_STATEMENT` of its keys).
     """
     connection = connections[router.db_for_write(RequestLog)]
-    columns = [column for column in RequestLog._meta.concrete_fields if not column.primary_key]
-    adapt = [isinstance(column, models.DateTimeField | models.JSONField) for column in columns]
-    quote = connection.ops.quote_name
-    names = ", ".join(quote(column.column) for column in columns)
-    key = quote(RequestLog._meta.get_field("request_id").column)
-    # Names come from the model and are quoted; every value is a parameter. SQLite (3.24+) and
-    # PostgreSQL both take this ON CONFLICT clause.
-    sql = (
-        f"INSERT INTO {quote(RequestLog._meta.db_table)} ({names}) "  # noqa: S608
-        f"VALUES ({', '.join(['%s'] * len(columns))}) ON CONFLICT ({key}) DO NOTHING"
-    )
     rows = []
     for record in batch:
         row = []
-        for column, needs_adapting in zip(columns, adapt, strict=True):
+        for column, needs_adapting in _INSERT_COLUMNS:
             value = getattr(record, column.attname)
             row.append(column.get_db_prep_save(value, connection) if needs_adapting and value is not None else value)
         rows.append(row)
+    inserted: set[str] = set()
     with connection.cursor() as cursor:
-        cursor.executemany(sql, rows)
+        if connection.vendor == "postgresql":
+            # One statement, its parameters sent in a pipeline; Django's wrapper has no `returning`.
+            raw = cursor.cursor
+            with connection.wrap_database_errors:
+                raw.executemany(_insert_sql(1), rows, returning=True)
+                while True:
+                    inserted.update(request_id for (request_id,) in raw.fetchall())
+                    if not raw.nextset():
+                        break
+        else:
+            # SQLite's executemany drops what RETURNING returns: many rows per statement instead.
+            for chunk in _chunks(connection, rows, len(_INSERT_COLUMNS)):
+                cursor.execute(_insert_sql(len(chunk)), [value for row in chunk for value in row])
+                inserted.update(request_id for (request_id,) in cursor.fetchall())
+        if inserted:
+            rollup = _rollup_of(batch, inserted)
+            for chunk in _chunks(connection, rollup, len(_ROLLUP_KEY) + len(_ROLLUP_SUMS)):
+                cursor.execute(_rollup_sql(len(chunk)), [value for row in chunk for value in row])
+
+
+def _chunks(connection: Any, rows: list[Any], width: int) -> Iterator[list[Any]]:
+    """`rows` in order, as many per statement as the database takes parameters (SQLite: 999 by Django's count),
+    and at most `_ROWS_PER_STATEMENT`, which keeps the cached statements few and short."""
+    limit = connection.features.max_query_params
+    per_statement = min(_ROWS_PER_STATEMENT, max(1, limit // width) if limit else _ROWS_PER_STATEMENT)
+    for start in range(0, len(rows), per_statement):
+        yield rows[start : start + per_statement]
+
+
+# Each column, and whether its value needs Django's adapting.
+_INSERT_COLUMNS = tuple(
+    (column, isinstance(column, models.DateTimeField | models.JSONField))
+    for column in RequestLog._meta.concrete_fields
+    if not column.primary_key
+)
+_ROLLUP_KEY = ("day", "user_id", "project_id", "api_key_prefix", "model", "endpoint_id")
+_ROLLUP_SUMS = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms_sum")
+_ROWS_PER_STATEMENT = 500
+
+
+def _quote(name: str) -> str:
+    # As Django quotes them for PostgreSQL and SQLite alike: the statements need no connection, so one cache serves
+    # every thread's.
+    return f'"{name}"'
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(rows: int) -> str:
+    names = ", ".join(_quote(column.column) for column, _ in _INSERT_COLUMNS)
+    key = _quote(RequestLog._meta.get_field("request_id").column)
+    row = f"({', '.join(['%s'] * len(_INSERT_COLUMNS))})"
+    # Names come from the model and are quoted; every value is a parameter. SQLite (3.35+) and PostgreSQL
+    # both take this ON CONFLICT and RETURNING.
+    return (
+        f"INSERT INTO {_quote(RequestLog._meta.db_table)} ({names}) "  # noqa: S608
+        f"VALUES {', '.join([row] * rows)} ON CONFLICT ({key}) DO NOTHING RETURNING {key}"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _rollup_sql(rows: int) -> str:
+    table = _quote(UsageDaily._meta.db_table)
+    names = [*_ROLLUP_KEY, *_ROLLUP_SUMS]
+    row = f"({', '.join(['%s'] * len(names))})"
+    adds = ", ".join(f"{_quote(name)} = {table}.{_quote(name)} + excluded.{_quote(name)}" for name in _ROLLUP_SUMS)
+    return (
+        f"INSERT INTO {table} ({', '.join(_quote(name) for name in names)}) "  # noqa: S608
+        f"VALUES {', '.join([row] * rows)} "
+        f"ON CONFLICT ({', '.join(_quote(name) for name in _ROLLUP_KEY)}) DO UPDATE SET {adds}"
+    )
+
+
+def _rollup_of(batch: list[UsageRecord], inserted: set[str]) -> list[tuple[Any, ...]]:
+    """The batch's inserted rows summed per rollup key (day first), sorted: concurrent writers then lock the
+    rollup rows they share in the same order and cannot deadlock on them."""
+    sums: dict[tuple[Any, ...], list[Any]] = {}
+    left = set(inserted)
+    for record in batch:
+        # A request id twice in one batch (a journal replayed beside the live records) went in once: the first.
+        if record.request_id not in left:
+            continue
+        left.discard(record.request_id)
+        created = record.created_at
+        day = (created if created.tzinfo is UTC or created.tzinfo is None else created.astimezone(UTC)).date()
+        key = (
+            day,
+            record.user_id,
+            record.project_id or 0,
+            record.api_key_prefix,
+            record.model,
+            record.endpoint_id or 0,
+        )
+        row = sums.get(key)
+        if row is None:
+            row = sums[key] = [0, 0, 0, 0, 0, 0.0]
+        row[0] += 1
+        row[1] += record.status_code >= 400
+        row[2] += record.prompt_tokens or 0
+        row[3] += record.completion_tokens or 0
+        row[4] += record.total_tokens or 0
+        row[5] += record.latency_ms
+    return [(*key, *sums[key]) for key in sorted(sums)]
 
 
 def _describe(error: BaseException) -> str:

@@ -14,8 +14,9 @@ from tests.servers import gateway_server, server_database_url
 
 
 @contextmanager
-def e2e_gateway(tmp_path_factory: Any, **env: str) -> Iterator[str]:
-    """The gateway as deployed, on the tests' database; `env` adds or overrides settings. Yields its URL."""
+def e2e_gateway(tmp_path_factory: Any, *, workers: int = 1, **env: str) -> Iterator[str]:
+    """The gateway as deployed (`workers` gunicorn workers), on the tests' database; `env` adds or overrides
+    settings. Yields its URL."""
     defaults = {
         "DATABASE_URL": server_database_url(),
         "DATA_DIR": str(tmp_path_factory.mktemp("gateway")),
@@ -24,7 +25,7 @@ def e2e_gateway(tmp_path_factory: Any, **env: str) -> Iterator[str]:
         "ROUTING_CACHE_SECONDS": "0",
         "API_KEY_CACHE_SECONDS": "0",
     }
-    with gateway_server(defaults | env) as url:
+    with gateway_server(defaults | env, workers=workers) as url:
         yield url
 
 

@@ -88,6 +88,21 @@ def test_production_process_refuses_to_boot_with_debug_on(tmp_path) -> None:
     assert "DEBUG must be off" in result.stderr
 
 
+def test_a_sqlite_url_gets_the_default_databases_options(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Writers queue from their transaction's start (IMMEDIATE), as the database limit store needs across workers."""
+    code = "from django.conf import settings;print(settings.DATABASES['default']['OPTIONS']['transaction_mode'])"
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'gateway.sqlite3'}",
+        "DATA_DIR": str(tmp_path),
+        "DJANGO_SETTINGS_MODULE": "gateway.settings",
+        "PATH": "/usr/bin:/bin",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup();" + code], env=env, capture_output=True, text=True
+    )
+    assert result.stdout.split() == ["IMMEDIATE"], result.stderr
+
+
 def test_urls_switch_to_postgres_and_redis(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     code = (
         "from django.conf import settings;"

@@ -194,6 +194,10 @@ def test_every_admin_page_works_under_the_csp(client: Client) -> None:
         urls += [f"/admin/resource_server/{model}/{obj.pk}/change/", f"/admin/resource_server/{model}/{obj.pk}/delete/"]
     urls += ["/admin/resource_server/requestlog/", "/admin/resource_server/computefunction/", "/admin/auth/user/"]
     urls += ["/admin/resource_server/endpoint/?enabled__exact=1", "/admin/resource_server/apikey/?q=ada"]
+    for model in ("limit", "project"):
+        urls += [f"/admin/resource_server/{model}/", f"/admin/resource_server/{model}/add/"]
+    urls += ["/admin/resource_server/requestlog/?status=4&q=ada"]
+    urls += ["/admin/resource_server/usagedaily/", "/admin/resource_server/usagedaily/?days=365"]
     for url in urls:
         response = client.get(url)
         assert response.status_code == 200, url

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 from django.db import connection
 
@@ -22,7 +21,7 @@ from resource_server.models import Endpoint
 from resource_server.services.api_keys import api_key_create
 from tests.conftest import seed
 from tests.integration.conftest import CHAT, chat, gateway_env, wait_for_rows
-from tests.proc import worker_pids
+from tests.proc import worker_answering, worker_pids
 from tests.servers import fake_globus_server, gateway_server
 from tests.tcp_proxy import TcpProxy
 
@@ -61,15 +60,6 @@ def test_usage_left_at_shutdown_is_spooled_and_replayed_by_the_next_start(
     assert not list((tmp_path / "usage-spool").iterdir())
 
 
-def _answered_by(response: httpx.Response, workers: set[int]) -> int:
-    """The worker holding the server end of the connection `response` came on (still open: keep-alive)."""
-    client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
-    for pid in workers:
-        if any(conn.raddr and conn.raddr.port == client_port for conn in psutil.Process(pid).net_connections("tcp")):
-            return pid
-    raise AssertionError(f"no worker holds the connection from port {client_port}")
-
-
 def _until_every_worker_answered(
     url: str, workers: set[int], auth: dict[str, str], body: dict[str, object], deadline: float
 ) -> dict[int, list[httpx.Response]]:
@@ -80,7 +70,7 @@ def _until_every_worker_answered(
     ):
         with httpx.Client(timeout=20) as client:
             response = client.post(f"{url}/resource_server/v1/chat/completions", json=body, headers=auth)
-            answers[_answered_by(response, workers)].append(response)
+            answers[worker_answering(response, workers)].append(response)
     return answers
 
 

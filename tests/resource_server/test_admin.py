@@ -25,14 +25,6 @@ from resource_server.services.api_keys import api_key_create
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def admin_client(client: Client, settings: Any) -> Client:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # as `staff`: 0.25 s per test
-    admin = get_user_model().objects.create_superuser("root", "root@example.org", "pw-long-enough-123")
-    client.force_login(admin)
-    return client
-
-
 def endpoint_form(cluster: Cluster, config: str) -> dict[str, str]:
     return {
         "cluster": str(cluster.pk),

@@ -6,10 +6,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
 
 import pytest
-from django.contrib.auth import get_user_model
 from django.core.cache import cache
 from django.test import Client
 from django.utils import timezone
@@ -23,14 +21,6 @@ from resource_server.status.shared import EndpointRecord, JobsRecord, Shared, en
 pytestmark = pytest.mark.django_db
 
 LOCAL_SCHEDULER = {"kind": "pbs", "backend": "local", "user": "svc", "commands_dir": "/opt/pbs/bin"}
-
-
-@pytest.fixture
-def admin_client(client: Client, settings: Any) -> Client:
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    admin = get_user_model().objects.create_superuser("root", "root@example.org", "pw-long-enough-123")
-    client.force_login(admin)
-    return client
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -19,26 +19,11 @@ from django.db import connection
 from resource_server.models import RequestLog, User
 from resource_server.services.usage import DeadLetter, UsageJournal, UsageRecord, UsageSink, journal_line
 from tests.conftest import Seeded
+from tests.resource_server.services.conftest import usage_sink
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 MEGABYTE = 1024 * 1024
-
-
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[UsageSink]:
-    sink = _sink(tmp_path)
-    yield sink
-    sink.stop(timeout=10)
-
-
-def _sink(tmp_path: Path) -> UsageSink:
-    return UsageSink(
-        batch_size=50,
-        flush_seconds=0.05,
-        spool_dir=tmp_path / "usage-spool",
-        dead_letter_dir=tmp_path / "usage-dead-letter",
-    )
 
 
 def _record(seeded: Seeded, **fields: object) -> UsageRecord:
@@ -139,7 +124,7 @@ def test_a_journal_left_by_a_stopped_worker_is_replayed_and_its_refused_rows_set
     torn = journal_line(_record(seeded))[:40]  # the worker was killed mid-write
     journal = b"".join([journal_line(already), journal_line(good), journal_line(orphan), nul_line, torn])
     (spool / "usage-1234-1.jsonl").write_bytes(journal)
-    sink = _sink(tmp_path)
+    sink = usage_sink(tmp_path)
     sink.record(already)  # inserted before the journal is replayed: must not be written twice
     try:
         assert sink.flush(timeout=20)
@@ -153,7 +138,7 @@ def test_a_journal_left_by_a_stopped_worker_is_replayed_and_its_refused_rows_set
 
 
 def test_a_live_workers_journal_is_not_adopted_by_another(seeded: Seeded, tmp_path: Path) -> None:
-    sink = _sink(tmp_path)
+    sink = usage_sink(tmp_path)
     sink.record(_record(seeded))
     assert sink.flush(timeout=20)
     try:
@@ -173,7 +158,7 @@ def test_a_dead_letter_file_moved_into_the_spool_is_replayed_once_its_cause_is_f
 ) -> None:
     missing_user = seeded.user.pk + 10_000
     orphan = _record(seeded, user_id=missing_user, model="demo-model")
-    first = _sink(tmp_path)
+    first = usage_sink(tmp_path)
     first.record(orphan)
     try:
         assert first.flush(timeout=20)
@@ -182,7 +167,7 @@ def test_a_dead_letter_file_moved_into_the_spool_is_replayed_once_its_cause_is_f
     (letter,) = (tmp_path / "usage-dead-letter").glob("*.jsonl")
     User.objects.create(pk=missing_user, identity_id="id-restored", username="restored@anl.gov")  # the fix
     letter.rename(tmp_path / "usage-spool" / "usage-replay-1.jsonl")  # as the admin guide says
-    second = _sink(tmp_path)
+    second = usage_sink(tmp_path)
     second.start()
     try:
         assert second.flush(timeout=20)
@@ -210,7 +195,7 @@ def test_the_journal_is_emptied_once_its_records_are_settled(tmp_path: Path) -> 
 
 
 def test_a_record_handed_over_after_stop_is_journaled_for_the_next_start(seeded: Seeded, tmp_path: Path) -> None:
-    sink = _sink(tmp_path)
+    sink = usage_sink(tmp_path)
     sink.start()
     sink.stop(timeout=10)
     late = _record(seeded)  # a stream cancelled at shutdown finishes after the writer stopped
@@ -254,7 +239,7 @@ def _wait_for_journal(tmp_path: Path, request_id: str, timeout: float = 5.0) -> 
 def test_open_marks_are_dropped_as_records_arrive_and_leave_nothing_at_a_clean_stop(
     seeded: Seeded, tmp_path: Path
 ) -> None:
-    sink = _sink(tmp_path)
+    sink = usage_sink(tmp_path)
     marks = tmp_path / "usage-spool"
     try:
         records = [_record(seeded, model="demo-model", request_body={"prompt": "x" * 200}) for _ in range(2000)]
