@@ -12,6 +12,7 @@ from asgiref.sync import sync_to_async
 from resource_server.auth.base import AuthKind, Principal
 from resource_server.bootstrap import runtime
 from resource_server.errors import ErrorCode, UpstreamError
+from resource_server.limits.policy import LimitRules
 from resource_server.models import RequestLog
 from resource_server.pipeline.admit import UNLIMITED, admit
 from resource_server.pipeline.meter import Meter
@@ -33,11 +34,16 @@ EVERY_CHUNK = StreamWishes(include_usage=True, continuous_usage=True)
 class Settled:
     """A reservation that remembers what it was settled with."""
 
+    headers = ()
+
     def __init__(self) -> None:
         self.records: list[UsageRecord] = []
 
     def settle(self, record: UsageRecord) -> None:
         self.records.append(record)
+
+    async def settled(self) -> None:
+        return None
 
 
 class Upstream:
@@ -81,10 +87,22 @@ def _event(chunk: dict[str, object]) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-async def test_the_admit_stage_admits_every_request_for_now(seeded: Seeded) -> None:
+async def test_the_admit_stage_reserves_nothing_when_no_limit_applies(seeded: Seeded) -> None:
     request = request_parse(CHAT, b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
     principal = Principal(seeded.user.pk, seeded.user.identity_id, seeded.user.username, AuthKind.API_KEY)
-    assert await admit(principal=principal, request=request, candidates=[]) is UNLIMITED
+    meter, _ = _meter(seeded, "meter-admit-0001")
+    reservation = await admit(
+        limiter=runtime().limiter,
+        rules=LimitRules(),
+        principal=principal,
+        descriptor=CHAT,
+        request=request,
+        candidates=[],
+        project="",
+        record=meter.record,
+    )
+    assert reservation is UNLIMITED
+    assert (reservation.headers, meter.record.project_id) == ((), None)
 
 
 async def test_a_json_answer_leaves_one_row_with_its_usage_and_settles_once(seeded: Seeded) -> None:
