@@ -32,8 +32,7 @@ class Refusal:
     """A check the request did not pass."""
 
     check: Check
-    retry_after: float
-    verdict: Verdict
+    verdict: Verdict  # its retry_after: seconds until that check could pass
 
 
 class LimitReservation:
@@ -102,7 +101,7 @@ class Limiter:
                 raise
             return None
         if not verdict.admitted:
-            return Refusal(checks[verdict.refused], verdict.retry_after, verdict)
+            return Refusal(checks[verdict.refused], verdict)
         leases = [check.key for check in checks if check.kind is Kind.CONCURRENT]
         if leases:
             self._leases[reservation_id] = leases

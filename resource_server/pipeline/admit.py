@@ -150,7 +150,7 @@ async def admit(
 def _refusal(refusal: Refusal, headers: Headers) -> RateLimited:
     check = refusal.check
     state = refusal.verdict.states[refusal.verdict.refused]
-    wait = max(refusal.retry_after, 0.0)
+    wait = max(refusal.verdict.retry_after, 0.0)
     hopeless = check.amount > check.limit > 0  # bigger than the whole limit: waiting cannot help
     extra = dict(headers)
     if hopeless:
