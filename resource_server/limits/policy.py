@@ -111,6 +111,7 @@ class BudgetSpan:
     first_day: date
     last_day: date
     field: str = ""  # the Limit field it comes from: tokens_per_day, tokens_per_month or allocation_tokens
+    key_prefix: str = ""  # the key scope's key, as usage rows name it (the rule's scope_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +167,15 @@ def checks_for(
                 Check(key, Kind.BUDGET, limit, demand.tokens, period_end=end.timestamp(), label=f"{words}{who}{on}")
             )
             spans[key] = BudgetSpan(
-                rule.scope, rule.scope_id, user_id, rule.model, rule.endpoint_id, start.date(), end.date(), field_name
+                rule.scope,
+                rule.scope_id,
+                user_id,
+                rule.model,
+                rule.endpoint_id,
+                start.date(),
+                end.date(),
+                field_name,
+                key_prefix=rule.scope_name if rule.scope is Scope.KEY else "",
             )
     return _tightest_per_counter(checks), spans
 

@@ -9,7 +9,7 @@ from django.db.models import Sum
 
 from resource_server.auth.base import Principal
 from resource_server.limits.policy import BudgetSpan, Demand, LimitRules, ProjectRef, Rule, Scope, checks_for
-from resource_server.models import ApiKey, Limit, Project, UsageDaily
+from resource_server.models import Limit, Project, UsageDaily
 
 
 def limit_rules_load() -> LimitRules:
@@ -59,7 +59,7 @@ def budget_used(span: BudgetSpan) -> int:
         case Scope.USER | Scope.EVERYONE:
             rows = rows.filter(user_id=span.user_id)
         case Scope.KEY:
-            rows = rows.filter(api_key_prefix__in=_prefixes(span.scope_id))
+            rows = rows.filter(api_key_prefix=span.key_prefix)
         case Scope.PROJECT:
             rows = rows.filter(project_id=span.scope_id)
     if span.model:
@@ -67,10 +67,6 @@ def budget_used(span: BudgetSpan) -> int:
     if span.endpoint_id is not None:
         rows = rows.filter(endpoint_id=span.endpoint_id)
     return int(rows.aggregate(used=Sum("total_tokens"))["used"] or 0)
-
-
-def _prefixes(key_id: int) -> list[str]:
-    return list(ApiKey.objects.filter(pk=key_id).values_list("prefix", flat=True))
 
 
 @dataclass(frozen=True, slots=True)

@@ -135,6 +135,7 @@ async def test_a_request_is_charged_to_the_project_it_names_if_the_caller_is_a_m
 async def test_the_usage_route_reports_the_budgets_that_apply_and_what_is_left(seeded: Seeded) -> None:
     climate = await Project.objects.acreate(name="climate", globus_group=uuid.uuid4())
     await Limit.objects.acreate(user=seeded.user, tokens_per_day=10_000)
+    await Limit.objects.acreate(api_key=seeded.api_key, tokens_per_day=20_000)
     await Limit.objects.acreate(everyone=True, model="demo-model", tokens_per_month=50_000)
     await Limit.objects.acreate(project=climate, tokens_per_day=1)  # not a member: not reported
     ok = await chat(seeded)
@@ -142,11 +143,12 @@ async def test_the_usage_route_reports_the_budgets_that_apply_and_what_is_left(s
     await rows()  # written, and so in the daily rollup
     response = await AsyncClient().get(f"{BASE}/usage", headers=seeded.auth)
     assert response.status_code == 200, response.content
-    budgets = sorted(orjson.loads(response.content)["budgets"], key=lambda budget: budget["limit"])
+    budgets = sorted(orjson.loads(response.content)["budgets"], key=lambda budget: (budget["limit"], budget["tokens"]))
     assert [
         (b["limit"], b["scope"], b["scope_name"], b["model"], b["tokens"], b["used"], b["remaining"]) for b in budgets
     ] == [
         ("tokens_per_day", "user", "ada@anl.gov", "", 10_000, used, 10_000 - used),
+        ("tokens_per_day", "key", seeded.api_key.prefix, "", 20_000, used, 20_000 - used),
         ("tokens_per_month", "everyone", "", "demo-model", 50_000, used, 50_000 - used),
     ]
     assert budgets[0]["resets_at"].endswith("T00:00:00Z")
