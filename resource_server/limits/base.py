@@ -9,6 +9,7 @@ the database (one transaction; without Redis). Both pass the same contract tests
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -75,11 +76,15 @@ class LimitStore(Protocol):
         time the stores compare, so that both stores agree, and tests can move time."""
         ...
 
-    async def settle(self, reservation: str, checks: Sequence[Check], *, used_tokens: int, now: float) -> None:
+    def settle(
+        self, reservation: str, checks: Sequence[Check], *, used_tokens: int, now: float
+    ) -> asyncio.Future[None]:
         """The request ended having used `used_tokens`: TOKENS and BUDGET counters move by (used - amount), its
-        CONCURRENT slots are released. Never raises (a lost settle only leaves a lease to expire). Pass the
-        checks given to `reserve`. Settling a reservation that was not taken (refused, unknown, settled already)
-        releases nothing it does not hold and moves no tokens."""
+        CONCURRENT slots are released. Started at once (on the running event loop); the awaitable it returns is
+        done when every later `reserve`, of this worker or any other, will see the settle (Redis: once written
+        on the connection; the database: once committed), and never raises (a lost settle only leaves a lease
+        to expire). Pass the checks given to `reserve`. Settling a reservation that was not taken (refused,
+        unknown, settled already) releases nothing it does not hold and moves no tokens."""
         ...
 
     async def refresh(self, leases: Sequence[tuple[str, str]], *, now: float) -> None:

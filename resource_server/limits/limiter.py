@@ -42,26 +42,28 @@ class LimitReservation:
 
     def __init__(self, limiter: Limiter, reservation_id: str, checks: Sequence[Check], verdict: Verdict) -> None:
         self._limiter = limiter
-        self._settled: asyncio.Task[None] | None = None
+        self._settled: asyncio.Future[None] | None = None
         self.id = reservation_id
         self.checks = checks
         self.verdict = verdict
 
     def settle(self, used_tokens: int) -> None:
-        """Release and correct the reservation in the background (once); `settled()` waits for it. Nothing to do
-        (no round trip) when it holds no slot and used exactly what it reserved (or reserved only requests)."""
+        """Release and correct the reservation (once), started now; `settled()` waits until later requests see
+        it. Nothing to do (no round trip) when it holds no slot and used exactly what it reserved (or reserved
+        only requests)."""
         if self._settled is not None:
             return
         if any(
             check.kind is Kind.CONCURRENT or (check.kind is not Kind.REQUESTS and check.amount != used_tokens)
             for check in self.checks
         ):
-            self._settled = self._limiter.settle_soon(self, used_tokens)
+            self._settled = self._limiter.settle_now(self, used_tokens)
 
     async def settled(self) -> None:
-        """Wait for the settling, if any: the caller's next request, which may follow at once on another worker,
-        must find its slot free and its unused tokens back (or a budget near its end would refuse it wrongly)."""
-        if self._settled is not None:
+        """Wait until the settle is seen by later requests: the caller's next request, which may follow at once
+        on another worker, must find its slot free and its unused tokens back (or a budget near its end would
+        refuse it wrongly). With Redis that is as soon as it is written; with the database, once committed."""
+        if self._settled is not None and not self._settled.done():
             await asyncio.shield(self._settled)
 
 
@@ -72,6 +74,7 @@ class Limiter:
         self._leases: dict[str, list[str]] = {}  # reservation -> its concurrency keys, while in flight
         self._refresher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Future[None]] = set()  # settles not done yet, waited for by aclose
         self._logged_at = float("-inf")
         self._spans: dict[str, BudgetSpan] = {}
 
@@ -108,18 +111,17 @@ class Limiter:
             self._keep_refreshing()
         return LimitReservation(self, reservation_id, checks, verdict)
 
-    def settle_soon(self, reservation: LimitReservation, used_tokens: int) -> asyncio.Task[None] | None:
+    def settle_now(self, reservation: LimitReservation, used_tokens: int) -> asyncio.Future[None] | None:
         self._leases.pop(reservation.id, None)
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:  # no loop (a request finished outside one): its leases lapse after the TTL
             return None
-        task = loop.create_task(
-            self.store.settle(reservation.id, reservation.checks, used_tokens=used_tokens, now=time.time())
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        settling = self.store.settle(reservation.id, reservation.checks, used_tokens=used_tokens, now=time.time())
+        if not settling.done():
+            self._settling.add(settling)
+            settling.add_done_callback(self._settling.discard)
+        return settling
 
     def start(self) -> None:
         """At worker start-up, on the event loop: the store opens its connections in the background."""
@@ -130,8 +132,8 @@ class Limiter:
     async def aclose(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=2)
+        if self._tasks or self._settling:
+            await asyncio.wait({*self._tasks, *self._settling}, timeout=2)
         await self.store.aclose()
 
     def _keep_refreshing(self) -> None:

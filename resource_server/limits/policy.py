@@ -16,6 +16,10 @@ from enum import StrEnum
 
 from resource_server.limits.base import Check, Kind
 
+# Checks kept per caller and route (see LimitRules.checks); past this many, the cache starts again.
+_PLANS_KEPT = 10_000
+_TAKES_TOKENS = (Kind.TOKENS, Kind.BUDGET)
+
 # A prompt's tokens, estimated from the body's size before the model server has counted them: about four bytes
 # a token for English text; the reservation is settled to the real count when the request ends.
 BYTES_PER_TOKEN = 4
@@ -66,6 +70,10 @@ class LimitRules:
     by_project: dict[int, list[Rule]] = field(default_factory=dict)
     everyone: list[Rule] = field(default_factory=list)
     projects: list[ProjectRef] = field(default_factory=list)  # by name
+    # (user, username, key, project, model, endpoint) -> its checks, until the next period boundary
+    _plans: dict[tuple[int, str, int | None, int | None, str, int], CheckPlan] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def project_for(self, groups: frozenset[str], asked: str) -> ProjectRef | None:
         """The project a request is charged to: the one named by the OpenAI-Project header if the caller belongs
@@ -91,6 +99,71 @@ class LimitRules:
         if project_id is not None:
             rules += self.by_project.get(project_id, ())
         return rules
+
+    def plan(
+        self,
+        *,
+        user_id: int,
+        username: str,
+        key_id: int | None,
+        project_id: int | None,
+        model: str,
+        endpoint_id: int,
+        now: float,
+    ) -> CheckPlan:
+        """The checks of this caller's rules that apply to the request (`checks_for`), but for each request's demand.
+        They do not change from one request to the next (which rules apply, their counters, labels and periods),
+        so they are worked out once per caller and route and kept until the next boundary of a period (midnight
+        UTC, an allocation's start or end). These rules are replaced as a whole when the limits are reloaded, and
+        the kept plans with them."""
+        plan_key = (user_id, username, key_id, project_id, model, endpoint_id)
+        plan = self._plans.get(plan_key)
+        if plan is None or now >= plan.until:
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            rules = self.rules_for(user_id=user_id, key_id=key_id, project_id=project_id)
+            checks, spans = checks_for(
+                rules,
+                user_id=user_id,
+                username=username,
+                model=model,
+                endpoint_id=endpoint_id,
+                demand=Demand(0),
+                now=now,
+            )
+            plan = self._plans[plan_key] = CheckPlan(tuple(checks), spans, _next_boundary(rules, now))
+        return plan
+
+
+@dataclass(frozen=True, slots=True)
+class CheckPlan:
+    """A caller's checks on one route, good until `until` (epoch seconds), their token amounts left to each
+    request's demand."""
+
+    templates: tuple[Check, ...]
+    spans: dict[str, BudgetSpan]
+    until: float
+
+    def checks(self, demand: Demand) -> list[Check]:
+        tokens = demand.tokens
+        return [
+            Check(check.key, check.kind, check.limit, tokens, check.window, check.period_end, check.label)
+            if check.kind in _TAKES_TOKENS
+            else check
+            for check in self.templates
+        ]
+
+
+def _next_boundary(rules: list[Rule], now: float) -> float:
+    """When the checks of `rules` next change by themselves: the next midnight UTC (a day's or a month's budget
+    starts), or an allocation's start or end if sooner."""
+    moment = datetime.fromtimestamp(now, UTC)
+    boundary = moment.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    for rule in rules:
+        for edge in (rule.allocation_starts, rule.allocation_ends):
+            if edge is not None and moment < edge < boundary:
+                boundary = edge
+    return boundary.timestamp()
 
 
 class ProjectRefused(Exception):

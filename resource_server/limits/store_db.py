@@ -29,6 +29,7 @@ Rows past their expiry are deleted now and then (`_tidy`), never while a reserve
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -169,7 +170,13 @@ class DatabaseLimitStore:
             return Verdict(admitted=True, states=tuple(states))
         return Verdict(admitted=False, states=tuple(states), refused=refused, retry_after=_ms(retry))
 
-    async def settle(self, reservation: str, checks: Sequence[Check], *, used_tokens: int, now: float) -> None:
+    def settle(
+        self, reservation: str, checks: Sequence[Check], *, used_tokens: int, now: float
+    ) -> asyncio.Future[None]:
+        """Done once its transaction has committed."""
+        return asyncio.get_running_loop().create_task(self._settle(reservation, checks, used_tokens, now))
+
+    async def _settle(self, reservation: str, checks: Sequence[Check], used_tokens: int, now: float) -> None:
         try:
             await _db(_settle, reservation, checks, used_tokens, now)
         except LimitStoreUnavailable as exc:

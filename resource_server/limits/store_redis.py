@@ -3,7 +3,7 @@
 Keys (all under one prefix, apart from the relay's `gateway:relay:` and the cache's `gateway:` keys):
 
     <prefix>c:<check key>     CONCURRENT: a sorted set, member a reservation, score its lease's expiry
-                              REQUESTS, TOKENS: a hash, `l` the bucket's level, `t` when it was computed
+                              REQUESTS, TOKENS: a string, "<the bucket's level> <when it was computed>"
                               BUDGET: a string, the tokens used in the period
     <prefix>r:<reservation>   the reservation was taken and not yet settled (see RESERVATION_MEMORY_SECONDS)
 
@@ -26,10 +26,10 @@ import logging
 import math
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
-from resource_server.limits.base import BudgetSeed, Check, CheckState, LimitStoreUnavailable, Verdict
+from resource_server.limits.base import BudgetSeed, Check, CheckState, Kind, LimitStoreUnavailable, Verdict
 from resource_server.limits.counting import (
     BUDGET_GRACE_SECONDS,
     RESERVATION_MEMORY_SECONDS,
@@ -41,68 +41,70 @@ from resource_server.limits.counting import (
 logger = logging.getLogger(__name__)
 
 # KEYS[1]: the reservation's key; KEYS[1 + i]: check i's counter.
-# ARGV: now, lease TTL (s), reservation, reservation memory (ms), then per check: kind, limit, amount, window,
-# period end.
+# ARGV: now, lease TTL (s), reservation, reservation memory (ms), then per check: kind, limit, amount, and its
+# window (s; requests and tokens), its period's end (budget) or 0 (concurrent).
 # Returns {-1, i, ...} when the budgets i (0-based) have no counter (nothing was changed: seed them and call
 # again); else {admitted 1 or 0, refused check (0-based, -1 if none), retry-after (ms), then per check its
 # remaining and its reset (ms)}. A reservation already taken (a retried call) is admitted again without
 # counting twice. Integers only: Redis truncates Lua numbers, so times are whole milliseconds rounded up.
+# Its cost is Redis's per call and per number parsed (each about half a microsecond): a bucket is one string,
+# "level stamp", read and written whole; expired leases are not removed here but by the refresh script.
 _RESERVE = """
 local now, ttl, rid = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local n = #KEYS - 1
-local kind, limit, amount, rate, period_end = {}, {}, {}, {}, {}
+local kind, limit, amount, extra, value = {}, {}, {}, {}, {}
 local missing = {-1}
 for i = 1, n do
-  local a = 4 + (i - 1) * 5
+  local a = 4 * i
   kind[i], limit[i], amount[i] = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  rate[i], period_end[i] = limit[i] / tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  if kind[i] == 'budget' and redis.call('EXISTS', KEYS[i + 1]) == 0 then missing[#missing + 1] = i - 1 end
+  if kind[i] ~= 'concurrent' then extra[i] = tonumber(ARGV[a + 4]) end
+  if kind[i] == 'budget' then
+    value[i] = redis.call('GET', KEYS[i + 1])
+    if value[i] then value[i] = tonumber(value[i]) else missing[#missing + 1] = i - 1 end
+  end
 end
 if #missing > 1 then return missing end
 
-local held = redis.call('EXISTS', KEYS[1]) == 1
-local value = {}
+local held = not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[4])
 local refused, retry = -1, 0
 for i = 1, n do
   local key, fits = KEYS[i + 1], true
   if kind[i] == 'concurrent' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    value[i] = redis.call('ZCARD', key)
+    value[i] = redis.call('ZCOUNT', key, '(' .. ARGV[1], '+inf')
     fits = value[i] + amount[i] <= limit[i]
   elseif kind[i] == 'budget' then
-    value[i] = tonumber(redis.call('GET', key))
     fits = value[i] + amount[i] <= limit[i]
-    if not fits and refused < 0 and amount[i] <= limit[i] then retry = period_end[i] - now end
+    if not fits and refused < 0 and amount[i] <= limit[i] then retry = extra[i] - now end
   else
-    local stored = redis.call('HMGET', key, 'l', 't')
+    local rate, stored = limit[i] / extra[i], redis.call('GET', key)
     value[i] = limit[i]
-    if stored[1] then
-      value[i] = math.min(limit[i], tonumber(stored[1]) + math.max(now - tonumber(stored[2]), 0) * rate[i])
+    if stored then
+      local level, stamp = string.match(stored, '(%S+) (%S+)')
+      value[i] = math.min(limit[i], tonumber(level) + math.max(now - tonumber(stamp), 0) * rate)
     end
     fits = value[i] >= amount[i]
-    if not fits and refused < 0 and amount[i] <= limit[i] then retry = (amount[i] - value[i]) / rate[i] end
+    if not fits and refused < 0 and amount[i] <= limit[i] then retry = (amount[i] - value[i]) / rate end
   end
   if not fits and refused < 0 then refused = i - 1 end
 end
 local admitted = held or refused < 0
-if admitted then refused, retry = -1, 0 end
+if admitted then refused, retry = -1, 0 else redis.call('DEL', KEYS[1]) end
 
 if admitted and not held then
   for i = 1, n do
     local key = KEYS[i + 1]
     if kind[i] == 'concurrent' then
       redis.call('ZADD', key, now + ttl, rid)
-      if redis.call('PTTL', key) < ttl * 1000 then redis.call('PEXPIRE', key, math.ceil(ttl * 1000)) end
+      redis.call('PEXPIRE', key, math.ceil(ttl * 1000))
       value[i] = value[i] + 1
     elseif kind[i] == 'budget' then
       value[i] = redis.call('INCRBY', key, amount[i])
     else
       value[i] = value[i] - amount[i]
-      redis.call('HSET', key, 'l', string.format('%.17g', value[i]), 't', ARGV[1])
-      redis.call('PEXPIRE', key, math.max(math.ceil((limit[i] - value[i]) / rate[i] * 1000), 1))
+      local refill = math.max(math.ceil((limit[i] - value[i]) * extra[i] / limit[i] * 1000), 1)
+      redis.call('SET', key, string.format('%.17g %s', value[i], ARGV[1]), 'PX', refill)
     end
   end
-  redis.call('SET', KEYS[1], '1', 'PX', ARGV[4])
 end
 
 local out = {admitted and 1 or 0, refused, math.ceil(retry * 1000)}
@@ -111,13 +113,13 @@ for i = 1, n do
   if kind[i] == 'concurrent' then
     remaining = limit[i] - value[i]
     if remaining <= 0 then
-      local first = redis.call('ZRANGE', KEYS[i + 1], 0, 0, 'WITHSCORES')
+      local first = redis.call('ZRANGEBYSCORE', KEYS[i + 1], '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
       if first[2] then reset = tonumber(first[2]) - now end
     end
   elseif kind[i] == 'budget' then
-    remaining, reset = limit[i] - value[i], period_end[i] - now
+    remaining, reset = limit[i] - value[i], extra[i] - now
   else
-    remaining, reset = math.floor(value[i]), (limit[i] - value[i]) / rate[i]
+    remaining, reset = math.floor(value[i]), (limit[i] - value[i]) * extra[i] / limit[i]
   end
   out[#out + 1] = math.max(remaining, 0)
   out[#out + 1] = math.max(math.ceil(reset * 1000), 0)
@@ -132,24 +134,28 @@ _SETTLE = """
 local now, used, rid = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local known = redis.call('DEL', KEYS[1]) == 1
 for i = 1, #KEYS - 1 do
-  local a = 3 + (i - 1) * 4
-  local key, kind, limit, amount = KEYS[i + 1], ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local a = 4 * i
+  local key, kind = KEYS[i + 1], ARGV[a]
   if kind == 'concurrent' then
     redis.call('ZREM', key, rid)
-  elseif known and kind == 'budget' and used ~= amount then
-    if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, used - amount) end
-  elseif known and kind == 'tokens' and used ~= amount then
-    local window = tonumber(ARGV[a + 4])
-    local rate = limit / window
-    local stored = redis.call('HMGET', key, 'l', 't')
-    local level = limit
-    if stored[1] then level = math.min(limit, tonumber(stored[1]) + math.max(now - tonumber(stored[2]), 0) * rate) end
-    level = math.min(limit, level + amount - used)
-    if level < limit then
-      redis.call('HSET', key, 'l', string.format('%.17g', level), 't', ARGV[1])
-      redis.call('PEXPIRE', key, math.max(math.ceil((limit - level) / rate * 1000), 1))
-    else
-      redis.call('DEL', key)
+  elseif known and (kind == 'budget' or kind == 'tokens') then
+    local amount = tonumber(ARGV[a + 2])
+    if used ~= amount and kind == 'budget' then
+      if redis.call('EXISTS', key) == 1 then redis.call('INCRBY', key, used - amount) end
+    elseif used ~= amount then
+      local limit, window = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 3])
+      local stored, level = redis.call('GET', key), limit
+      if stored then
+        local was, stamp = string.match(stored, '(%S+) (%S+)')
+        level = math.min(limit, tonumber(was) + math.max(now - tonumber(stamp), 0) * limit / window)
+      end
+      level = math.min(limit, level + amount - used)
+      if level < limit then
+        local refill = math.max(math.ceil((limit - level) * window / limit * 1000), 1)
+        redis.call('SET', key, string.format('%.17g %s', level, ARGV[1]), 'PX', refill)
+      else
+        redis.call('DEL', key)
+      end
     end
   end
 end
@@ -157,14 +163,15 @@ return 1
 """
 
 # KEYS: lease counters; ARGV: now, lease TTL (s), then each lease's reservation. Only live leases are renewed:
-# an expired one may have had its slot taken already.
+# an expired one may have had its slot taken already. Expired leases (a crashed worker's) are removed here, off
+# the request path (reserve counts only the live ones).
 _REFRESH = """
 local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 for i = 1, #KEYS do
-  local expiry = redis.call('ZSCORE', KEYS[i], ARGV[i + 2])
-  if expiry and tonumber(expiry) > now then
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  if redis.call('ZSCORE', KEYS[i], ARGV[i + 2]) then
     redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 2])
-    if redis.call('PTTL', KEYS[i]) < ttl * 1000 then redis.call('PEXPIRE', KEYS[i], math.ceil(ttl * 1000)) end
+    redis.call('PEXPIRE', KEYS[i], math.ceil(ttl * 1000))
   end
 end
 return 1
@@ -173,53 +180,142 @@ return 1
 # Why not redis-py's client: a check is made before every request and settled after it, and redis-py's asyncio
 # command path (its blocking pool's lock and condition, hooks, the retry wrapper, a timeout around each read and
 # write, arguments packed in Python) cost 370-440 us of CPU per script call on the benchmark machine, twice per
-# request; the same call through one pipelined connection, packed and parsed by hiredis (the parser redis-py
-# itself uses), cost 130-150 us (docs/performance.md, "Limits on the hot path"). So each event loop keeps one
-# connection to Redis: every request's commands are written on it at once and the replies, which Redis sends in
-# order, are handed back in order. Each connect and each reply waits at most the store's timeout; a timed-out
-# reply is still read, and dropped, when it comes, so the connection stays in step. A broken connection fails the
-# commands waiting on it and is made again by the next command. No retry: reserve is idempotent per reservation,
-# but a Redis too slow or gone for one try is not asked again while the request waits.
+# request (docs/performance.md, "Limits on the hot path"). So each event loop keeps one connection to Redis, a
+# protocol fed by the loop itself: every request's commands are written on it at once, packed by hiredis, and the
+# replies, which Redis sends in order, are parsed by hiredis (the parser redis-py itself uses) and handed back in
+# order. A connect waits at most the store's timeout, and so does each reply: a timed-out reply is still read,
+# and dropped, when it comes, so the connection stays in step. A broken connection fails the commands waiting on
+# it and is made again by the next command. No retry: reserve is idempotent per reservation, but a Redis too slow
+# or gone for one try is not asked again while the request waits.
+
+
+class _RedisError(Exception):
+    """An error reply from Redis (NOSCRIPT, WRONGTYPE, OOM, ...)."""
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection to Redis: commands written in order, replies handed to their futures in order."""
+
+    def __init__(self, hiredis: Any, timeout: float) -> None:
+        self._pack = hiredis.pack_command
+        self._parser = hiredis.Reader(replyError=_RedisError)
+        self._timeout = timeout
+        self._transport: asyncio.Transport | None = None
+        # Futures of the commands sent and not yet answered, oldest first, with their deadlines (loop time).
+        self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    @property
+    def open(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    def send(self, args: Sequence[str | int | float]) -> asyncio.Future[Any]:
+        """Write one command now; the future of its reply (a Redis error reply: `_RedisError`; no reply within
+        the timeout: `TimeoutError`; the connection lost: `ConnectionResetError`)."""
+        transport = self._transport
+        assert transport is not None
+        loop = asyncio.get_running_loop()
+        reply = loop.create_future()
+        deadline = loop.time() + self._timeout
+        self._waiting.append((reply, deadline))
+        transport.write(self._pack(tuple(args)))
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(deadline, self._expire)
+        return reply
+
+    def _expire(self) -> None:
+        """Fail the replies that are late (one timer per connection, set for the oldest one waiting)."""
+        self._watchdog = None
+        now = asyncio.get_running_loop().time()
+        for reply, deadline in self._waiting:
+            if deadline > now:
+                self._watchdog = asyncio.get_running_loop().call_at(deadline, self._expire)
+                return
+            if not reply.done():
+                reply.set_exception(TimeoutError("Redis did not answer in time"))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        parser, waiting = self._parser, self._waiting
+        parser.feed(data)
+        try:
+            while (reply := parser.gets()) is not False:
+                future = waiting.popleft()[0]
+                if future.done():  # its caller timed out and has gone
+                    continue
+                if isinstance(reply, _RedisError):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+        except Exception:  # hiredis.ProtocolError, or a reply nobody asked for: the stream is out of step
+            assert self._transport is not None
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        while self._waiting:
+            reply = self._waiting.popleft()[0]
+            if not reply.done():
+                reply.set_exception(ConnectionResetError("Redis closed the connection"))
+
+    async def drained(self) -> None:
+        """Every reply waited for has come, or timed out."""
+        if self._waiting:
+            await asyncio.wait([self._waiting[-1][0]])
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
 
 class _Pipe:
-    """One connection to Redis, shared by every command of an event loop, replies matched to commands in order."""
+    """The connection of one event loop to Redis, made again when lost. Each new connection first authenticates,
+    selects the URL's database and loads the store's scripts, so that a script sent by its digest is known."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, scripts: Sequence[_Script]) -> None:
         import hiredis  # here: gateways without REDIS_URL never load it
 
         self._hiredis = hiredis
         self._target = urlsplit(url)
         self._timeout = timeout
-        self._writer: asyncio.StreamWriter | None = None
-        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._connecting: asyncio.Task[None] | None = None
+        self._scripts = scripts
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+
+    def send_now(self, *args: str | int | float) -> asyncio.Future[Any] | None:
+        """Write one command at once if the connection is open: the future of its reply; else None."""
+        connection = self._connection
+        if connection is None or not connection.open:
+            return None
+        return connection.send(args)
 
     async def call(self, *args: str | int | float) -> Any:
         """One command's reply; a Redis error reply raises `_RedisError`, a lost or slow Redis `OSError` /
         `TimeoutError`."""
-        writer = self._writer
-        if writer is None or writer.is_closing():
-            await self._connected()
-            writer = self._writer
-            assert writer is not None
-        reply = asyncio.get_running_loop().create_future()
-        self._waiting.append(reply)
-        writer.write(self._hiredis.pack_command(args))  # type: ignore[arg-type]  # its stub says a 1-tuple
-        return await asyncio.wait_for(reply, self._timeout)
+        reply = self.send_now(*args)
+        if reply is None:
+            reply = (await self._connected()).send(args)
+        return await reply
 
-    async def _connected(self) -> None:
+    async def _connected(self) -> _Connection:
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
-        await asyncio.wait_for(asyncio.shield(self._connecting), self._timeout)
+        return await asyncio.wait_for(asyncio.shield(self._connecting), self._timeout)
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> _Connection:
         target = self._target
-        reader, writer = await asyncio.open_connection(
-            target.hostname or "127.0.0.1", target.port or 6379, ssl=True if target.scheme == "rediss" else None
+        _transport, connection = await asyncio.get_running_loop().create_connection(
+            lambda: _Connection(self._hiredis, self._timeout),
+            target.hostname or "127.0.0.1",
+            target.port or 6379,
+            ssl=True if target.scheme == "rediss" else None,
         )
-        parser = self._hiredis.Reader(replyError=_RedisError)
-        handshake = []
+        handshake: list[tuple[str, ...]] = []
         if target.password:
             handshake.append(
                 ("AUTH", unquote(target.username), unquote(target.password))
@@ -229,65 +325,26 @@ class _Pipe:
         database = target.path.strip("/")
         if database and database != "0":
             handshake.append(("SELECT", database))
-        for command in handshake:
-            writer.write(self._hiredis.pack_command(command))  # type: ignore[arg-type]  # as above
-        for _ in handshake:
-            reply = False
-            while reply is False:
-                parser.feed(await reader.read(65536) or _eof())
-                reply = parser.gets()
-            if isinstance(reply, _RedisError):
-                writer.close()
-                raise reply
-        self._writer = writer
-        asyncio.get_running_loop().create_task(self._read(reader, writer, parser))
-
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, parser: Any) -> None:
-        waiting = self._waiting
+        handshake += [("SCRIPT", "LOAD", script.source) for script in self._scripts]
         try:
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    break
-                parser.feed(data)
-                while (reply := parser.gets()) is not False:
-                    future = waiting.popleft()
-                    if not future.done():  # a caller that timed out has gone
-                        if isinstance(reply, _RedisError):
-                            future.set_exception(reply)
-                        else:
-                            future.set_result(reply)
-        except OSError:
-            pass
-        finally:
-            writer.close()
-            if self._writer is writer:
-                self._writer = None
-            while waiting:
-                future = waiting.popleft()
-                if not future.done():
-                    future.set_exception(ConnectionResetError("Redis closed the connection"))
+            await asyncio.gather(*(connection.send(command) for command in handshake))
+        except BaseException:
+            connection.close()
+            raise
+        self._connection = connection
+        return connection
 
     async def aclose(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
-class _RedisError(Exception):
-    """An error reply from Redis (NOSCRIPT, WRONGTYPE, OOM, ...)."""
-
-
-def _eof() -> bytes:
-    raise ConnectionResetError("Redis closed the connection")
-
-
-# Every key of the store starts with this (the relay's and the cache's keys do not).
-KEY_PREFIX = "igw:limit:"
+        """Close the connection once the replies on their way (settles sent without waiting) have come."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.drained()
+            connection.close()
 
 
 class _Script:
-    """A Lua script, run by its digest (EVALSHA), sent whole (EVAL) the first time a Redis does not know it."""
+    """A Lua script, run by its digest (EVALSHA), sent whole (EVAL) when Redis does not know it (its scripts were
+    flushed since the connection loaded them)."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -297,12 +354,20 @@ class _Script:
         try:
             return await pipe.call("EVALSHA", self.digest, len(keys), *keys, *args)
         except _RedisError as error:
-            if not str(error).startswith("NOSCRIPT"):
+            if not _unknown_script(error):
                 raise
             return await pipe.call("EVAL", self.source, len(keys), *keys, *args)
 
 
+def _unknown_script(error: BaseException) -> bool:
+    return isinstance(error, _RedisError) and str(error).startswith("NOSCRIPT")
+
+
+# Every key of the store starts with this (the relay's and the cache's keys do not).
+KEY_PREFIX = "igw:limit:"
+
 _RESERVE_SCRIPT, _SETTLE_SCRIPT, _REFRESH_SCRIPT = _Script(_RESERVE), _Script(_SETTLE), _Script(_REFRESH)
+_SCRIPTS = (_RESERVE_SCRIPT, _SETTLE_SCRIPT, _REFRESH_SCRIPT)
 
 
 class RedisLimitStore:
@@ -317,12 +382,13 @@ class RedisLimitStore:
         self.prefix = prefix
         # A connection belongs to one event loop; tests and commands may run several.
         self._pipes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pipe] = weakref.WeakKeyDictionary()
+        self._background: set[asyncio.Task[None]] = set()  # settles sent again whole (EVAL)
 
     def _pipe(self) -> _Pipe:
         loop = asyncio.get_running_loop()
         pipe = self._pipes.get(loop)
         if pipe is None:
-            pipe = self._pipes[loop] = _Pipe(self._url, self.timeout)
+            pipe = self._pipes[loop] = _Pipe(self._url, self.timeout, _SCRIPTS)
         return pipe
 
     def counter_key(self, check: Check) -> str:
@@ -339,7 +405,8 @@ class RedisLimitStore:
         keys = [self.reservation_key(reservation), *map(self.counter_key, checks)]
         args: list[str | float] = [now, self.ttl, reservation, int(RESERVATION_MEMORY_SECONDS * 1000)]
         for check in checks:
-            args += [check.kind.value, check.limit, check.amount, check.window, check.period_end]
+            extra = check.period_end if check.kind is Kind.BUDGET else check.window
+            args += [check.kind.value, check.limit, check.amount, 0 if check.kind is Kind.CONCURRENT else extra]
         for _round in range(SEED_ROUNDS):
             reply = await self._run(pipe, _RESERVE_SCRIPT, keys, args)
             if reply[0] != -1:
@@ -366,15 +433,43 @@ class RedisLimitStore:
         except (_RedisError, OSError, TimeoutError) as exc:
             raise _unavailable(exc) from None
 
-    async def settle(self, reservation: str, checks: Sequence[Check], *, used_tokens: int, now: float) -> None:
+    def settle(
+        self, reservation: str, checks: Sequence[Check], *, used_tokens: int, now: float
+    ) -> asyncio.Future[None]:
+        """Written on the loop's connection at once when it is open, and then done: Redis runs a connection's
+        commands in order, and any later command of another connection reaches it after this one, so the
+        caller's next request sees the settle whichever worker or host reserves it. Its reply is checked in
+        the background."""
+        loop = asyncio.get_running_loop()
         if not checks:
-            return
+            return _done(loop)
         keys = [self.reservation_key(reservation), *map(self.counter_key, checks)]
         args: list[str | float] = [now, used_tokens, reservation]
         for check in checks:
             args += [check.kind.value, check.limit, check.amount, check.window]
+        pipe = self._pipe()
+        reply = pipe.send_now("EVALSHA", _SETTLE_SCRIPT.digest, len(keys), *keys, *args)
+        if reply is None:  # not connected yet (or any more): connect, then settle
+            return loop.create_task(self._settle(pipe, keys, args))
+        reply.add_done_callback(lambda answered: self._settle_answered(answered, pipe, keys, args))
+        return _done(loop)
+
+    def _settle_answered(
+        self, reply: asyncio.Future[Any], pipe: _Pipe, keys: Sequence[str], args: Sequence[str | float]
+    ) -> None:
+        error = reply.exception()
+        if error is None:
+            return
+        if _unknown_script(error):  # Redis's scripts were flushed: send it whole
+            task = asyncio.get_running_loop().create_task(self._settle(pipe, keys, args))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        else:
+            logger.warning("limit store (Redis) failed settling a reservation: %s", _unavailable(error))
+
+    async def _settle(self, pipe: _Pipe, keys: Sequence[str], args: Sequence[str | float]) -> None:
         try:
-            await self._run(self._pipe(), _SETTLE_SCRIPT, keys, args)
+            await self._run(pipe, _SETTLE_SCRIPT, keys, args)
         except LimitStoreUnavailable as exc:
             logger.warning("limit store (Redis) failed settling a reservation: %s", exc)
 
@@ -400,9 +495,17 @@ class RedisLimitStore:
 
     async def aclose(self) -> None:
         """Close this loop's connection (a server's loop lives as long as the process)."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=self.timeout * 2)
         pipe = self._pipes.pop(asyncio.get_running_loop(), None)
         if pipe is not None:
             await pipe.aclose()
+
+
+def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    done = loop.create_future()
+    done.set_result(None)
+    return done
 
 
 def _verdict(reply: list[Any]) -> Verdict:

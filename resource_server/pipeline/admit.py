@@ -26,7 +26,7 @@ from resource_server.auth.base import Principal
 from resource_server.errors import ErrorCode, PermissionDenied, RateLimited, ServiceUnavailable
 from resource_server.limits.base import Check, CheckState, Kind, LimitStoreUnavailable
 from resource_server.limits.limiter import Limiter, LimitReservation, Refusal
-from resource_server.limits.policy import LimitRules, ProjectRefused, checks_for, demand_of
+from resource_server.limits.policy import Demand, LimitRules, ProjectRefused, demand_of
 from resource_server.pipeline.parse import ParsedRequest
 from resource_server.routes import RouteDescriptor
 from resource_server.selectors.endpoints import EndpointRoute
@@ -106,33 +106,21 @@ async def admit(
     record.project_id = None if charged is None else charged.id
     if principal.limits_exempt:
         return UNLIMITED
-    applicable = rules.rules_for(
-        user_id=principal.user_id, key_id=principal.api_key_id, project_id=None if charged is None else charged.id
-    )
-    if not applicable:
-        return UNLIMITED
     first = candidates[0]
-    context = max(route.context_length or settings.GATEWAY.LIMITS_DEFAULT_CONTEXT_TOKENS for route in candidates)
-    demand = demand_of(
-        body_size=request.size,
-        max_tokens=request.max_tokens,
-        n=request.n,
-        generates=bool(descriptor.fields.max_tokens),
-        context_length=context,
-    )
-    checks, spans = checks_for(
-        applicable,
+    plan = rules.plan(
         user_id=principal.user_id,
         username=principal.username,
+        key_id=principal.api_key_id,
+        project_id=None if charged is None else charged.id,
         model=first.model,
         endpoint_id=first.id,
-        demand=demand,
         now=time.time(),
     )
-    if not checks:
+    if not plan.templates:
         return UNLIMITED
+    checks = plan.checks(_demand(descriptor, request, candidates))
     try:
-        outcome = await limiter.reserve(checks, spans)
+        outcome = await limiter.reserve(checks, plan.spans)
     except LimitStoreUnavailable:
         raise ServiceUnavailable(
             "The gateway cannot check your limits and budgets right now. Please retry shortly.",
@@ -145,6 +133,17 @@ async def admit(
     if isinstance(outcome, Refusal):
         raise _refusal(outcome, headers)
     return _Held(outcome, headers)
+
+
+def _demand(descriptor: RouteDescriptor, request: ParsedRequest, candidates: Sequence[EndpointRoute]) -> Demand:
+    default = settings.GATEWAY.LIMITS_DEFAULT_CONTEXT_TOKENS
+    return demand_of(
+        body_size=request.size,
+        max_tokens=request.max_tokens,
+        n=request.n,
+        generates=bool(descriptor.fields.max_tokens),
+        context_length=max(route.context_length or default for route in candidates),
+    )
 
 
 def _refusal(refusal: Refusal, headers: Headers) -> RateLimited:

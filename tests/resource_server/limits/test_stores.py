@@ -431,13 +431,13 @@ async def test_warming_opens_the_connection_ahead_and_a_burst_shares_it(seeds: S
     prefix = f"test:limit:{uuid.uuid4().hex}:"
     store = RedisLimitStore(REDIS_URL, seed=seeds, ttl=TTL, timeout=2.0, prefix=prefix)
     try:
-        assert store._pipe()._writer is None
+        assert store._pipe()._connection is None
         await store.warm()
-        opened = store._pipe()._writer
+        opened = store._pipe()._connection
         assert opened is not None
         verdicts = await asyncio.gather(*(reserve(store, slots(limit=7)) for _ in range(200)))
         assert [verdict.admitted for verdict in verdicts].count(True) == 7
-        assert store._pipe()._writer is opened, "every command of the burst went on the one connection"
+        assert store._pipe()._connection is opened, "every command of the burst went on the one connection"
     finally:
         await store.aclose()
         _redis_cleanup(prefix)
