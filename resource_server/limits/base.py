@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class Kind(StrEnum):
@@ -28,9 +27,8 @@ class Kind(StrEnum):
     BUDGET = "budget"
 
 
-@dataclass(frozen=True, slots=True)
-class Check:
-    """One limit as one request meets it."""
+class Check(NamedTuple):
+    """One limit as one request meets it (a tuple: made for every request, so cheap to make)."""
 
     key: str  # the counter's name: scope, narrowing, kind and (budgets) period, e.g. "b:u12:m=llama:d20261130"
     kind: Kind
@@ -41,16 +39,14 @@ class Check:
     label: str = ""  # the limit in words, named in a refusal: "tokens per day for user jdoe@anl.gov"
 
 
-@dataclass(frozen=True, slots=True)
-class CheckState:
+class CheckState(NamedTuple):
     """One check after the step (admitted or not): for the x-ratelimit-* headers and the usage route."""
 
     remaining: int  # what is left of the limit (never below 0)
     reset_seconds: float  # until the counter is back to its full limit (bucket full, period over, no slot held)
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     admitted: bool
     states: tuple[CheckState, ...]  # one per check, in the order given
     refused: int = -1  # the index of the first check that did not pass

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,7 +86,7 @@ class Limiter:
         """Reserve every check, or say which one refused. None: the store is down and the setting lets the
         request through unmetered. Raises LimitStoreUnavailable when the store is down and the setting says
         closed for one of the checks' kinds."""
-        reservation_id = uuid.uuid4().hex
+        reservation_id = os.urandom(16).hex()  # unique; uuid4() costs ten times more
         if spans:
             if len(self._spans) > _SPANS_KEPT:
                 self._spans.clear()

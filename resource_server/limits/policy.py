@@ -75,6 +75,11 @@ class LimitRules:
         default_factory=dict, repr=False, compare=False
     )
 
+    @property
+    def empty(self) -> bool:
+        """No limit at all (projects may still be set, to charge requests to)."""
+        return not (self.by_user or self.by_key or self.by_project or self.everyone)
+
     def project_for(self, groups: frozenset[str], asked: str) -> ProjectRef | None:
         """The project a request is charged to: the one named by the OpenAI-Project header if the caller belongs
         to it, else the caller's first project by name; None if the caller is in none.

@@ -403,10 +403,11 @@ class RedisLimitStore:
             return Verdict(admitted=True, states=())
         pipe = self._pipe()
         keys = [self.reservation_key(reservation), *map(self.counter_key, checks)]
-        args: list[str | float] = [now, self.ttl, reservation, int(RESERVATION_MEMORY_SECONDS * 1000)]
+        args: list[str | float] = [f"{now:.6f}", _whole(self.ttl), reservation, _RESERVATION_MEMORY_MS]
         for check in checks:
-            extra = check.period_end if check.kind is Kind.BUDGET else check.window
-            args += [check.kind.value, check.limit, check.amount, 0 if check.kind is Kind.CONCURRENT else extra]
+            kind = check.kind
+            extra = 0 if kind is Kind.CONCURRENT else _whole(check.period_end if kind is Kind.BUDGET else check.window)
+            args += (kind.value, check.limit, check.amount, extra)
         for _round in range(SEED_ROUNDS):
             reply = await self._run(pipe, _RESERVE_SCRIPT, keys, args)
             if reply[0] != -1:
@@ -444,9 +445,9 @@ class RedisLimitStore:
         if not checks:
             return _done(loop)
         keys = [self.reservation_key(reservation), *map(self.counter_key, checks)]
-        args: list[str | float] = [now, used_tokens, reservation]
+        args: list[str | float] = [f"{now:.6f}", used_tokens, reservation]
         for check in checks:
-            args += [check.kind.value, check.limit, check.amount, check.window]
+            args += (check.kind.value, check.limit, check.amount, _whole(check.window))
         pipe = self._pipe()
         reply = pipe.send_now("EVALSHA", _SETTLE_SCRIPT.digest, len(keys), *keys, *args)
         if reply is None:  # not connected yet (or any more): connect, then settle
@@ -502,6 +503,15 @@ class RedisLimitStore:
             await pipe.aclose()
 
 
+_RESERVATION_MEMORY_MS = int(RESERVATION_MEMORY_SECONDS * 1000)
+
+
+def _whole(number: float) -> int | float:
+    """A whole number as an int: hiredis writes a float through repr(), several times slower."""
+    whole = int(number)
+    return whole if whole == number else number
+
+
 def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
     done = loop.create_future()
     done.set_result(None)
@@ -509,11 +519,10 @@ def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
 
 
 def _verdict(reply: list[Any]) -> Verdict:
-    states = tuple(
-        CheckState(remaining=int(reply[index]), reset_seconds=reply[index + 1] / 1000)
-        for index in range(3, len(reply), 2)
-    )
-    return Verdict(admitted=reply[0] == 1, states=states, refused=int(reply[1]), retry_after=reply[2] / 1000)
+    """The reserve script's reply: admitted, refused, retry-after (ms), then each check's remaining and reset (ms)."""
+    pairs = iter(reply[3:])
+    states = tuple(CheckState(remaining, reset / 1000) for remaining, reset in zip(pairs, pairs, strict=True))
+    return Verdict(reply[0] == 1, states, reply[1], reply[2] / 1000)
 
 
 def _unavailable(exc: BaseException) -> LimitStoreUnavailable:

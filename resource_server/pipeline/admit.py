@@ -104,7 +104,7 @@ async def admit(
             code=ErrorCode.PROJECT_NOT_MEMBER,
         ) from None
     record.project_id = None if charged is None else charged.id
-    if principal.limits_exempt:
+    if principal.limits_exempt or rules.empty:
         return UNLIMITED
     first = candidates[0]
     plan = rules.plan(
