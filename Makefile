@@ -65,8 +65,8 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick
 
 ## bench-limits: S1 and S2 with a third side in the same rounds, gateway+limits (a key whose user has a limit of
-## every kind, none refusing), counted in the Redis at REDIS_URL; LIMITS_STORE=database counts them in the
-## gateway's SQLite instead. About 5 minutes; see docs/performance.md, "Limits on the hot path"
+## every kind, none refusing), counted in a Redis the harness starts on the client core (redis-server from PATH);
+## LIMITS_STORE=database counts them in the gateway's SQLite instead. About 5 minutes; see docs/performance.md, "Limits on the hot path"
 LIMITS_STORE ?= redis
 bench-limits: $(STAMP)
 	$(BIN)/python -m benchmarks --only S1,S2 --limits $(LIMITS_STORE)

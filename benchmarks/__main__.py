@@ -14,11 +14,13 @@ import argparse
 import functools
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +31,7 @@ import orjson
 
 from benchmarks import report, scenarios
 from benchmarks.scenarios import Plan, Scenario, log
-from benchmarks.stack import REPO, Stack, machine, source_revision, started
+from benchmarks.stack import REPO, Stack, machine, redis_server, source_revision, started
 
 ALL = ("S1", "S2", "S3", "S4", "S5", "S7", "S8", "S6")  # S6 last: overload should disturb nothing after it
 QUICK = ("S1", "S2", "S4")  # at concurrency 64 and 32 only: see scenarios.s2 and s4
@@ -57,14 +59,16 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--redis-url",
-        default=os.environ.get("REDIS_URL", ""),
-        help="the Redis the gateway under test uses with --limits redis (default: $REDIS_URL)",
+        default="",
+        help="the Redis the gateway under test uses with --limits redis (default: one the harness starts, "
+        "redis-server from PATH, pinned to the client core)",
     )
     options = parser.parse_args(argv)
+    options.argv = argv if argv is not None else sys.argv[1:]
     if options.rounds < 1:
         parser.error("--rounds must be at least 1")
-    if options.limits == "redis" and not options.redis_url:
-        parser.error("--limits redis needs --redis-url (or REDIS_URL)")
+    if options.limits == "redis" and not options.redis_url and shutil.which("redis-server") is None:
+        parser.error("--limits redis needs --redis-url, or redis-server on PATH")
     return options
 
 
@@ -83,7 +87,8 @@ def _limits_env(options: argparse.Namespace) -> tuple[dict[str, str], str]:
         where = urlsplit(options.redis_url)
         # The report names the server, never a password the URL may carry.
         shown = f"{where.hostname}:{where.port or 6379}{where.path or '/0'}"
-        return {"REDIS_URL": options.redis_url}, f"counted in Redis at {shown} (REDIS_URL set for the gateway)"
+        whose = "the harness's own redis-server, on the client core" if options.own_redis else "given by --redis-url"
+        return {"REDIS_URL": options.redis_url}, f"counted in Redis at {shown}, {whose} (REDIS_URL set for the gateway)"
     if options.limits == "database":
         return {}, "counted in the gateway's database (SQLite, no REDIS_URL)"
     return {}, "off"
@@ -118,6 +123,14 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"unknown scenarios: {', '.join(sorted(unknown))}; choose from {', '.join(ALL)}")
     plan = Plan(rounds=options.rounds, quick=options.quick, only=frozenset(chosen), limits=bool(options.limits))
+    with ExitStack() as own:
+        options.own_redis = options.limits == "redis" and not options.redis_url
+        if options.own_redis:
+            options.redis_url = own.enter_context(redis_server())
+        _run(options, plan, chosen)
+
+
+def _run(options: argparse.Namespace, plan: Plan, chosen: list[str] | tuple[str, ...]) -> None:
     gateway_env, limits = _limits_env(options)
     label = options.label or f"{'bench-quick' if options.quick else 'bench'}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     source = options.source.resolve()
@@ -125,9 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     began = time.monotonic()
     run: dict[str, Any] = {
         "label": label,
-        "command": shlex.join(
-            ["python", "-m", "benchmarks", *map(_without_password, argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": shlex.join(["python", "-m", "benchmarks", *map(_without_password, options.argv)]),
         "started": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "source": str(source),
         "revision": source_revision(source),

@@ -146,6 +146,32 @@ def _process(
                     os.killpg(process.pid, signal.SIGKILL)
 
 
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A Redis of the harness's own (`redis-server` from PATH) on a free port, keeping nothing on disk, pinned to
+    the client core like the model server: the limits' counters then cost the gateway's core only what the
+    gateway itself does, as with a Redis on other cores or another host. Yields its URL."""
+    cores = Cores.detect()
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-redis-"))
+    log = workdir / "redis.log"
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with _process(args, cwd=workdir, env={}, cpus=cores.client, log=log) as process:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; see {log}:\n{log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+
+
 def _manage(source: Path, env: dict[str, str], *args: str) -> str:
     """Run `python manage.py ...` of the gateway under test; return its stdout."""
     done = subprocess.run(  # noqa: S603 (our own interpreter and manage.py, no shell)

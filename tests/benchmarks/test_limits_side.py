@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import asdict
 from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis
 
 from benchmarks import report
 from benchmarks.scenarios import LIMITS, SIDES, Level, Plan, Scenario, summarise_latency, summarise_throughput
+from benchmarks.stack import Cores, redis_server
 
 
 def result(
@@ -110,3 +117,20 @@ def run_of(scenarios: list[Scenario]) -> dict[str, Any]:
         "memory": {},
         "scenarios": [asdict(scenario) for scenario in scenarios],
     }
+
+
+@pytest.mark.server
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+def test_the_harness_redis_answers_on_the_client_core_and_is_gone_after() -> None:
+    with redis_server() as url:
+        port = urlsplit(url).port
+        assert port is not None
+        client = redis.Redis.from_url(url)
+        assert client.ping()
+        pid = client.info("server")["process_id"]
+        cores = Cores.detect()
+        if cores.client is not None:
+            assert os.sched_getaffinity(pid) == cores.client
+        client.close()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
