@@ -72,15 +72,18 @@ class LimitStore(Protocol):
         time the stores compare, so that both stores agree, and tests can move time."""
         ...
 
+    # True: a settle is sent to the store before `settle` returns, so requests reserved after it see it without
+    # waiting for its reply; False: only once the future `settle` returns is done.
+    settles_in_order: bool
+
     def settle(
         self, reservation: str, checks: Sequence[Check], *, used_tokens: int, now: float
     ) -> asyncio.Future[None]:
         """The request ended having used `used_tokens`: TOKENS and BUDGET counters move by (used - amount), its
-        CONCURRENT slots are released. Started at once (on the running event loop); the awaitable it returns is
-        done when every later `reserve`, of this worker or any other, will see the settle (Redis: once written
-        on the connection; the database: once committed), and never raises (a lost settle only leaves a lease
-        to expire). Pass the checks given to `reserve`. Settling a reservation that was not taken (refused,
-        unknown, settled already) releases nothing it does not hold and moves no tokens."""
+        CONCURRENT slots are released. Started at once (on the running event loop); the future it returns is
+        done when the store has applied it, and never fails (a lost settle only leaves a lease to expire). Pass
+        the checks given to `reserve`. Settling a reservation that was not taken (refused, unknown, settled
+        already) releases nothing it does not hold and moves no tokens."""
         ...
 
     async def refresh(self, leases: Sequence[tuple[str, str]], *, now: float) -> None:

@@ -38,7 +38,7 @@ class Refusal:
 class LimitReservation:
     """What one admitted request holds, until settled with what it used."""
 
-    __slots__ = ("_limiter", "_settled", "checks", "id", "verdict")
+    __slots__ = ("_limiter", "_settled", "checks", "id", "tight", "verdict")
 
     def __init__(self, limiter: Limiter, reservation_id: str, checks: Sequence[Check], verdict: Verdict) -> None:
         self._limiter = limiter
@@ -46,6 +46,8 @@ class LimitReservation:
         self.id = reservation_id
         self.checks = checks
         self.verdict = verdict
+        # The same request again would not fit now: whether this one's settle is applied decides the next one.
+        self.tight = any(state.remaining < check.amount for check, state in zip(checks, verdict.states, strict=True))
 
     def settle(self, used_tokens: int) -> None:
         """Release and correct the reservation (once), started now; `settled()` waits until later requests see
@@ -60,11 +62,15 @@ class LimitReservation:
             self._settled = self._limiter.settle_now(self, used_tokens)
 
     async def settled(self) -> None:
-        """Wait until the settle is seen by later requests: the caller's next request, which may follow at once
-        on another worker, must find its slot free and its unused tokens back (or a budget near its end would
-        refuse it wrongly). With Redis that is as soon as it is written; with the database, once committed."""
-        if self._settled is not None and not self._settled.done():
-            await asyncio.shield(self._settled)
+        """Wait until the caller's next request, which may follow at once on another worker, will see the settle:
+        its slot free and its unused tokens back (or a budget near its end would refuse it wrongly). With Redis
+        the settle is sent before this returns, and its reply is waited for only when the reservation was tight;
+        with the database, until it has committed."""
+        settling = self._settled
+        if settling is None or settling.done():
+            return
+        if self.tight or not self._limiter.store.settles_in_order:
+            await asyncio.shield(settling)
 
 
 class Limiter:

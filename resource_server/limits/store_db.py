@@ -67,6 +67,8 @@ class DatabaseLimitStore:
     """`LimitStore` in the gateway's database. Database errors raise `LimitStoreUnavailable` (settle and refresh
     log them instead)."""
 
+    settles_in_order = False  # a settle runs in the ORM thread: seen by others once committed
+
     def __init__(self, *, seed: BudgetSeed, ttl: float) -> None:
         self._seed = seed
         self.ttl = ttl

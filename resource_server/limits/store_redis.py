@@ -374,6 +374,12 @@ class RedisLimitStore:
     """`LimitStore` in Redis, shared by every worker and host. Any Redis error raises `LimitStoreUnavailable`
     (settle logs it instead: its leases expire and its tokens stay charged)."""
 
+    # A settle is written on the worker's one connection before `settle` returns: Redis runs that connection's
+    # commands in order, so this worker's later reserves see it, and another worker's reserve, sent after the
+    # caller has had its answer, all but always reaches Redis after it (loopback and networks do not promise
+    # order between two connections, so a reservation that a stale counter would refuse still waits).
+    settles_in_order = True
+
     def __init__(self, url: str, *, seed: BudgetSeed, ttl: float, timeout: float, prefix: str = KEY_PREFIX) -> None:
         self._url = url
         self._seed = seed
@@ -382,7 +388,6 @@ class RedisLimitStore:
         self.prefix = prefix
         # A connection belongs to one event loop; tests and commands may run several.
         self._pipes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pipe] = weakref.WeakKeyDictionary()
-        self._background: set[asyncio.Task[None]] = set()  # settles sent again whole (EVAL)
 
     def _pipe(self) -> _Pipe:
         loop = asyncio.get_running_loop()
@@ -437,13 +442,13 @@ class RedisLimitStore:
     def settle(
         self, reservation: str, checks: Sequence[Check], *, used_tokens: int, now: float
     ) -> asyncio.Future[None]:
-        """Written on the loop's connection at once when it is open, and then done: Redis runs a connection's
-        commands in order, and any later command of another connection reaches it after this one, so the
-        caller's next request sees the settle whichever worker or host reserves it. Its reply is checked in
-        the background."""
+        """Written on the loop's connection at once when it is open (`settles_in_order`); the future is done when
+        Redis has answered (a failure is logged)."""
         loop = asyncio.get_running_loop()
+        applied: asyncio.Future[None] = loop.create_future()
         if not checks:
-            return _done(loop)
+            applied.set_result(None)
+            return applied
         keys = [self.reservation_key(reservation), *map(self.counter_key, checks)]
         args: list[str | float] = [f"{now:.6f}", used_tokens, reservation]
         for check in checks:
@@ -452,21 +457,25 @@ class RedisLimitStore:
         reply = pipe.send_now("EVALSHA", _SETTLE_SCRIPT.digest, len(keys), *keys, *args)
         if reply is None:  # not connected yet (or any more): connect, then settle
             return loop.create_task(self._settle(pipe, keys, args))
-        reply.add_done_callback(lambda answered: self._settle_answered(answered, pipe, keys, args))
-        return _done(loop)
+        reply.add_done_callback(lambda answered: self._settle_answered(answered, applied, pipe, keys, args))
+        return applied
 
     def _settle_answered(
-        self, reply: asyncio.Future[Any], pipe: _Pipe, keys: Sequence[str], args: Sequence[str | float]
+        self,
+        reply: asyncio.Future[Any],
+        applied: asyncio.Future[None],
+        pipe: _Pipe,
+        keys: Sequence[str],
+        args: Sequence[str | float],
     ) -> None:
         error = reply.exception()
-        if error is None:
-            return
-        if _unknown_script(error):  # Redis's scripts were flushed: send it whole
+        if error is not None and _unknown_script(error):  # Redis's scripts were flushed: send it whole
             task = asyncio.get_running_loop().create_task(self._settle(pipe, keys, args))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        else:
+            task.add_done_callback(lambda _task: applied.set_result(None))
+            return
+        if error is not None:
             logger.warning("limit store (Redis) failed settling a reservation: %s", _unavailable(error))
+        applied.set_result(None)
 
     async def _settle(self, pipe: _Pipe, keys: Sequence[str], args: Sequence[str | float]) -> None:
         try:
@@ -496,8 +505,6 @@ class RedisLimitStore:
 
     async def aclose(self) -> None:
         """Close this loop's connection (a server's loop lives as long as the process)."""
-        if self._background:
-            await asyncio.wait(self._background, timeout=self.timeout * 2)
         pipe = self._pipes.pop(asyncio.get_running_loop(), None)
         if pipe is not None:
             await pipe.aclose()
@@ -510,12 +517,6 @@ def _whole(number: float) -> int | float:
     """A whole number as an int: hiredis writes a float through repr(), several times slower."""
     whole = int(number)
     return whole if whole == number else number
-
-
-def _done(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
-    done = loop.create_future()
-    done.set_result(None)
-    return done
 
 
 def _verdict(reply: list[Any]) -> Verdict:
