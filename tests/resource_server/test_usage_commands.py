@@ -102,9 +102,18 @@ def test_report_as_json_per_day_with_a_date_since(usage: dict[str, Any]) -> None
     assert [row["requests"] for row in totals] == [10]
 
 
+def test_report_of_one_user_or_one_project(usage: dict[str, Any]) -> None:
+    mine = orjson.loads(_report("--user", "ada@anl.gov", "--by", "model", "--format", "json"))["rows"]
+    assert {row["model"]: row["requests"] for row in mine} == {"llama": 5, "mistral": 1}, "not the deleted user's"
+    charged = orjson.loads(_report("--project", "climate", "--by", "user", "--format", "json"))["rows"]
+    assert {row["user"]: row["requests"] for row in charged} == {"ada@anl.gov": 5, "(deleted user #9999)": 4}
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
+        (("--user", "nobody@anl.gov"), "No user is named 'nobody@anl.gov'"),
+        (("--project", "fusion"), "No project is named 'fusion'"),
         (("--since", "yesterday"), "--since must be Nd or a date"),
         (("--since", "0d"), "at least 1"),
         (("--until", "2026-02-30"), "--until must be a date"),

@@ -1,5 +1,5 @@
-"""python manage.py usage_report [--since 30d|DATE] [--until DATE] [--by day,project,...] [--model M]
-[--format csv|json]"""
+"""python manage.py usage_report [--since 30d|DATE] [--until DATE] [--by day,project,...] [--user NAME]
+[--project NAME] [--model M] [--format csv|json]"""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import orjson
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from resource_server.models import Project, User
 from resource_server.selectors.usage import (
     DIMENSIONS,
     Dimension,
@@ -43,6 +44,8 @@ class Command(BaseCommand):
             default="day",
             help=f"Comma-separated, any of: {','.join(DIMENSIONS)}. Empty: one line of totals. Default: day.",
         )
+        parser.add_argument("--user", default=None, help="Only this user (their username).")
+        parser.add_argument("--project", default=None, help="Only requests charged to this project (its name).")
         parser.add_argument("--model", default=None, help="Only this model (as requests named it).")
         parser.add_argument("--format", choices=("csv", "json"), default="csv")
 
@@ -53,7 +56,13 @@ class Command(BaseCommand):
         if since > until:
             raise CommandError(f"--since ({since}) is after --until ({until}).")
         by = _dimensions(options["by"])
-        where = UsageFilter(since=since, until=until, model=options["model"])
+        where = UsageFilter(
+            since=since,
+            until=until,
+            user_id=_user_id(options["user"]),
+            project_id=_project_id(options["project"]),
+            model=options["model"],
+        )
         lines = usage_list(where=where, by=by)
         columns = usage_columns(by)
         if options["format"] == "json":
@@ -64,6 +73,24 @@ class Command(BaseCommand):
         writer = csv.writer(self.stdout, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(usage_row(line) for line in lines)
+
+
+def _user_id(username: str | None) -> int | None:
+    if username is None:
+        return None
+    found = User.objects.filter(username=username).values_list("pk", flat=True).first()
+    if found is None:
+        raise CommandError(f"No user is named {username!r}.")
+    return found
+
+
+def _project_id(name: str | None) -> int | None:
+    if name is None:
+        return None
+    found = Project.objects.filter(name=name).values_list("pk", flat=True).first()
+    if found is None:
+        raise CommandError(f"No project is named {name!r}.")
+    return found
 
 
 def _since(text: str, until: date) -> date:
