@@ -17,7 +17,6 @@ from resource_server.auth.base import Principal
 from resource_server.bootstrap import runtime
 from resource_server.db import db_run
 from resource_server.errors import InvalidRequest
-from resource_server.selectors.limits import Budget
 from resource_server.selectors.usage import UsageLine, UsageSums, UserUsage, user_usage_get
 
 router = Router(auth=bearer_auth, tags=["Account"])
@@ -66,19 +65,6 @@ class BudgetOut(Schema):
     remaining: int
     resets_at: dt.datetime | None = Field(description="When it starts again (UTC); null for an allocation.")
 
-    @staticmethod
-    def of(budget: Budget) -> BudgetOut:
-        return BudgetOut(
-            limit=budget.limit,
-            scope=budget.scope,
-            scope_name=budget.scope_name,
-            model=budget.model,
-            tokens=budget.tokens,
-            used=budget.used,
-            remaining=budget.remaining,
-            resets_at=budget.resets_at,
-        )
-
 
 class UsageOut(Schema):
     object: Literal["usage"] = "usage"
@@ -104,7 +90,7 @@ class UsageOut(Schema):
             data=[day(line) for line in usage.days],
             models=[UsageModelOut(model=line.key[0], **UsageTotalsOut.fields_of(line.sums)) for line in usage.models],
             totals=UsageTotalsOut(**UsageTotalsOut.fields_of(usage.totals)),
-            budgets=[BudgetOut.of(budget) for budget in usage.budgets],
+            budgets=[BudgetOut.model_validate(budget) for budget in usage.budgets],
         )
 
 
