@@ -19,8 +19,8 @@ transaction of the gateway starts with BEGIN IMMEDIATE (settings: transaction_mo
 one write lock, so transactions run one at a time across processes and FOR UPDATE is not needed (nor written).
 
 The steps are raw SQL, the same text on SQLite and PostgreSQL (table and column names from the models' _meta,
-values always parameters): the ORM spent about ten times the database's own time building the same statements
-(bulk_update writes a CASE WHEN per row and field).
+values always parameters): built by the ORM (bulk_update writes a CASE WHEN per row and field), the same steps
+cost ten times the CPU.
 
 On PostgreSQL these transactions commit without waiting for their WAL to reach the disk (synchronous_commit
 off, for them alone): a reserve then costs no disk flush. A PostgreSQL crash may lose the last fraction of a
@@ -101,7 +101,7 @@ def _counters_lock(cursor: CursorWrapper, keys: Sequence[str]) -> dict[str, _Cou
         f"SELECT {_KEY}, {_VALUE}, {_STAMP}, {_EXPIRES} FROM {_COUNTERS} WHERE {_KEY} IN ({_marks(len(keys))})"  # noqa: S608 (names from the models)
         f" ORDER BY {_KEY}"
     )
-    if connection.features.has_select_for_update:  # PostgreSQL; SQLite's BEGIN IMMEDIATE already excludes all
+    if connection.features.has_select_for_update:  # PostgreSQL: SQLite's BEGIN IMMEDIATE holds the one write lock
         sql += " FOR UPDATE"
     cursor.execute(sql, keys)
     return {key: (value, stamp, expires_at) for key, value, stamp, expires_at in cursor.fetchall()}
