@@ -12,10 +12,15 @@ A reserve locks the counter rows of all its checks before it reads them: on Post
 UPDATE in key order, so two requests sharing counters queue on the first one rather than deadlock. A counter
 that does not exist yet (a limit's first request, or one forgotten since) is made outside the transaction, with
 INSERT ... ON CONFLICT DO NOTHING (a budget's from its seed), and the reserve runs again: a transaction never
-waits for a row insert while holding locks, so the common path is a transaction of four statements. On SQLite
-every transaction of the gateway starts with BEGIN IMMEDIATE (settings: transaction_mode), which holds the
-database's one write lock, so transactions run one at a time across processes and FOR UPDATE is not needed
-(Django leaves it out there).
+waits for a row insert while holding locks, so the common path is a transaction of four statements (lock and
+read the counters, count the leases, one INSERT of its leases, one UPDATE of its counters run for each row). A
+settle is three: delete its leases, lock and read the counters it moves, update them. On SQLite every
+transaction of the gateway starts with BEGIN IMMEDIATE (settings: transaction_mode), which holds the database's
+one write lock, so transactions run one at a time across processes and FOR UPDATE is not needed (nor written).
+
+The steps are raw SQL, the same text on SQLite and PostgreSQL (table and column names from the models' _meta,
+values always parameters): built by the ORM (bulk_update writes a CASE WHEN per row and field), the same steps
+cost ten times the CPU.
 
 On PostgreSQL these transactions commit without waiting for their WAL to reach the disk (synchronous_commit
 off, for them alone): a reserve then costs no disk flush. A PostgreSQL crash may lose the last fraction of a
@@ -36,7 +41,8 @@ from collections.abc import Callable, Sequence
 from typing import ParamSpec, TypeVar
 
 from django.db import DatabaseError, connection, transaction
-from django.db.models import Count, Min, Q
+from django.db.backends.utils import CursorWrapper
+from django.db.models import Model
 
 from resource_server.db import db_run
 from resource_server.limits.base import BudgetSeed, Check, CheckState, Kind, LimitStoreUnavailable, Verdict
@@ -61,6 +67,51 @@ _TIDY_SECONDS = 60.0
 _TIDY_BATCH = 1000
 # Rows of one refresh per statement: SQLite allows 32,766 parameters in one statement.
 _REFRESH_BATCH = 1000
+
+
+# The statements below are written once for SQLite and PostgreSQL: names come from the models, quoted as Django
+# quotes them for both; every value is a parameter.
+def _quoted(model: type[Model], *fields: str) -> list[str]:
+    """A model's table and the columns of these fields, in double quotes."""
+    columns = {field.name: field.column for field in model._meta.concrete_fields}
+    return [f'"{model._meta.db_table}"', *(f'"{columns[field]}"' for field in fields)]
+
+
+_COUNTERS, _KEY, _VALUE, _STAMP, _EXPIRES = _quoted(LimitCounter, "key", "value", "stamp", "expires_at")
+_LEASES, _LEASE_KEY, _RESERVATION, _LEASE_EXPIRES = _quoted(LimitLease, "key", "reservation", "expires_at")
+
+_COUNTERS_UPDATE = f"UPDATE {_COUNTERS} SET {_VALUE} = %s, {_STAMP} = %s, {_EXPIRES} = %s WHERE {_KEY} = %s"  # noqa: S608 (names from the models)
+
+
+def _marks(count: int, width: int = 1) -> str:
+    """Placeholders for `count` values (`width` 1: "%s, %s") or rows ("(%s, %s), (%s, %s)"). No values: NULL, since
+    `IN ()` is not SQL and `IN (NULL)` matches nothing."""
+    if count == 0:
+        return "NULL"
+    one = "%s" if width == 1 else "(" + ", ".join(["%s"] * width) + ")"
+    return ", ".join([one] * count)
+
+
+_Counter = tuple[float, float, float]  # value, stamp, expires_at
+
+
+def _counters_lock(cursor: CursorWrapper, keys: Sequence[str]) -> dict[str, _Counter]:
+    """Lock these counters (those that exist), in key order as every step locks them; read them by key."""
+    sql = (
+        f"SELECT {_KEY}, {_VALUE}, {_STAMP}, {_EXPIRES} FROM {_COUNTERS} WHERE {_KEY} IN ({_marks(len(keys))})"  # noqa: S608 (names from the models)
+        f" ORDER BY {_KEY}"
+    )
+    if connection.features.has_select_for_update:  # PostgreSQL: SQLite's BEGIN IMMEDIATE holds the one write lock
+        sql += " FOR UPDATE"
+    cursor.execute(sql, keys)
+    return {key: (value, stamp, expires_at) for key, value, stamp, expires_at in cursor.fetchall()}
+
+
+def _counters_update(cursor: CursorWrapper, rows: Sequence[tuple[float, float, float, str]]) -> None:
+    """Write (value, stamp, expires_at, key) of counters this transaction has locked."""
+    if rows:
+        # One statement run for each row: SQLite prepares it once, psycopg sends the rows in one pipeline.
+        cursor.executemany(_COUNTERS_UPDATE, rows)
 
 
 class DatabaseLimitStore:
@@ -93,25 +144,21 @@ class DatabaseLimitStore:
 
     def _reserve(self, reservation: str, checks: Sequence[Check], now: float) -> Verdict | list[Check]:
         """The verdict, or the checks that have no counter yet (then nothing was changed)."""
-        with transaction.atomic():
+        with transaction.atomic(), connection.cursor() as cursor:
             _commit_without_flush()
-            rows = {
-                row.key: row
-                for row in LimitCounter.objects.select_for_update()
-                .filter(key__in=[check.key for check in checks])
-                .order_by("key")
-            }
+            rows = _counters_lock(cursor, [check.key for check in checks])
             if len(rows) < len(checks):
                 return [check for check in checks if check.key not in rows]
+            # Read after the lock, in a statement of its own: on PostgreSQL it then sees (READ COMMITTED) the leases
+            # of the transactions it waited for, which a statement begun before the wait would not.
             slots = [check.key for check in checks if check.kind is Kind.CONCURRENT]
-            held: dict[str, tuple[int, float]] = {
-                key: (count, first)
-                for key, count, first in LimitLease.objects.filter(expires_at__gt=now)
-                .filter(Q(key__in=slots) | Q(key=_MARKER, reservation=reservation))
-                .values("key")
-                .annotate(count=Count("id"), first=Min("expires_at"))
-                .values_list("key", "count", "first")
-            }
+            cursor.execute(
+                f"SELECT {_LEASE_KEY}, COUNT(*), MIN({_LEASE_EXPIRES}) FROM {_LEASES} WHERE {_LEASE_EXPIRES} > %s"  # noqa: S608 (names from the models)
+                f" AND ({_LEASE_KEY} IN ({_marks(len(slots))}) OR ({_LEASE_KEY} = %s AND {_RESERVATION} = %s))"
+                f" GROUP BY {_LEASE_KEY}",
+                [now, *slots, _MARKER, reservation],
+            )
+            held: dict[str, tuple[int, float]] = {key: (count, first) for key, count, first in cursor.fetchall()}
             taken = _MARKER in held  # a retried call: already reserved, count nothing again
 
             values: list[float] = []
@@ -122,7 +169,7 @@ class DatabaseLimitStore:
                     value: float = held.get(check.key, (0, 0.0))[0]
                     fits = value + check.amount <= check.limit
                 elif check.kind is Kind.BUDGET:
-                    value = rows[check.key].value
+                    value = rows[check.key][0]
                     fits = value + check.amount <= check.limit
                     wait = check.period_end - now
                 else:
@@ -137,25 +184,27 @@ class DatabaseLimitStore:
             admitted = taken or refused < 0
 
             if admitted and not taken:
-                leases = [LimitLease(key=_MARKER, reservation=reservation, expires_at=now + RESERVATION_MEMORY_SECONDS)]
+                leases = [(_MARKER, reservation, now + RESERVATION_MEMORY_SECONDS)]
                 changed = []
                 for index, check in enumerate(checks):
-                    row = rows[check.key]
                     if check.kind is Kind.CONCURRENT:
-                        leases.append(LimitLease(key=check.key, reservation=reservation, expires_at=now + self.ttl))
+                        leases.append((check.key, reservation, now + self.ttl))
                         values[index] += 1
                         count, first = held.get(check.key, (0, math.inf))
                         held[check.key] = (count + 1, min(first, now + self.ttl))
                     elif check.kind is Kind.BUDGET:
-                        row.value = values[index] = row.value + check.amount
-                        changed.append(row)
+                        values[index] += check.amount
+                        _value, stamp, expires_at = rows[check.key]
+                        changed.append((values[index], stamp, expires_at, check.key))
                     else:
                         values[index] -= check.amount
-                        _bucket_store(row, check, values[index], now)
-                        changed.append(row)
-                LimitLease.objects.bulk_create(leases)
-                if changed:
-                    LimitCounter.objects.bulk_update(changed, ["value", "stamp", "expires_at"])
+                        changed.append((*_bucket(check, values[index], now), check.key))
+                cursor.execute(
+                    f"INSERT INTO {_LEASES} ({_LEASE_KEY}, {_RESERVATION}, {_LEASE_EXPIRES})"  # noqa: S608 (names from the models)
+                    f" VALUES {_marks(len(leases), 3)}",
+                    [value for lease in leases for value in lease],
+                )
+                _counters_update(cursor, changed)
 
         states = []
         for check, value in zip(checks, values, strict=True):
@@ -214,16 +263,20 @@ def _commit_without_flush() -> None:
 def _create(checks: Sequence[Check], seeds: dict[str, int], now: float, *, ttl: float) -> None:
     """The counters of these checks, unless another request made them first: a bucket full, a budget at its
     seed (`seeds`: used tokens by key), a concurrency limit's row to lock."""
-    rows = []
+    rows: list[tuple[str, float, float, float]] = []  # key, value, stamp, expires_at
     for check in sorted(checks, key=lambda check: check.key):
         if check.kind is Kind.BUDGET:
-            expires_at = max(check.period_end + BUDGET_GRACE_SECONDS, now + 1)
-            rows.append(LimitCounter(key=check.key, value=seeds[check.key], expires_at=expires_at))
+            rows.append((check.key, seeds[check.key], 0.0, max(check.period_end + BUDGET_GRACE_SECONDS, now + 1)))
         elif check.kind is Kind.CONCURRENT:
-            rows.append(LimitCounter(key=check.key, expires_at=now + ttl))  # goes when a lease would have
+            rows.append((check.key, 0.0, 0.0, now + ttl))  # goes when a lease would have
         else:
-            rows.append(LimitCounter(key=check.key, value=check.limit, stamp=now, expires_at=now))  # full: may go
-    LimitCounter.objects.bulk_create(rows, ignore_conflicts=True)
+            rows.append((check.key, check.limit, now, now))  # full: may go
+    with transaction.atomic(savepoint=False), connection.cursor() as cursor:  # within a settle's: no savepoint
+        cursor.execute(
+            f"INSERT INTO {_COUNTERS} ({_KEY}, {_VALUE}, {_STAMP}, {_EXPIRES}) VALUES {_marks(len(rows), 4)}"  # noqa: S608 (names from the models)
+            " ON CONFLICT DO NOTHING",
+            [value for row in rows for value in row],
+        )
 
 
 # The bucket arithmetic is the Redis script's, operation for operation, so that both stores round alike.
@@ -231,14 +284,15 @@ def _rate(check: Check) -> float:
     return check.limit / check.window
 
 
-def _level(row: LimitCounter, check: Check, now: float) -> float:
+def _level(counter: _Counter, check: Check, now: float) -> float:
     """A bucket's level at `now`: refilled at limit/window per second since it was stored, up to the limit."""
-    return min(check.limit, row.value + max(now - row.stamp, 0.0) * _rate(check))
+    value, stamp, _expires_at = counter
+    return min(check.limit, value + max(now - stamp, 0.0) * _rate(check))
 
 
-def _bucket_store(row: LimitCounter, check: Check, level: float, now: float) -> None:
-    row.value, row.stamp = level, now
-    row.expires_at = now + (check.limit - level) / _rate(check)  # when it is full again
+def _bucket(check: Check, level: float, now: float) -> _Counter:
+    """A bucket's row at this level: value, stamp, and when it is full again (then it may be forgotten)."""
+    return level, now, now + (check.limit - level) / _rate(check)
 
 
 def _ms(seconds: float) -> float:
@@ -247,43 +301,54 @@ def _ms(seconds: float) -> float:
 
 
 def _settle(reservation: str, checks: Sequence[Check], used: int, now: float) -> None:
-    with transaction.atomic():
+    with transaction.atomic(), connection.cursor() as cursor:
         _commit_without_flush()
         # Its slots, and the row that says it was reserved: none for a reservation refused, unknown or settled.
-        known = LimitLease.objects.filter(reservation=reservation).delete()[0] > 0
+        # Found by key and reservation (the unique index, not a scan): the checks are those given to reserve.
+        keys = [_MARKER, *(check.key for check in checks if check.kind is Kind.CONCURRENT)]
+        cursor.execute(
+            f"DELETE FROM {_LEASES} WHERE {_RESERVATION} = %s AND {_LEASE_KEY} IN ({_marks(len(keys))})",  # noqa: S608 (names from the models)
+            [reservation, *keys],
+        )
+        known = cursor.rowcount > 0
         moved = sorted(
             (check for check in checks if check.kind in _MOVED and check.amount != used), key=lambda check: check.key
         )
         if not known or not moved:
             return
-        # A bucket forgotten since it was full again is full: made so, then moved. (Inserted before any row is
-        # locked, in key order, as reserves lock: waiting for another's insert never holds a lock it needs.)
-        buckets = [check for check in moved if check.kind is Kind.TOKENS]
+        # A bucket forgotten since it was full again is full: made so when this request takes more than it
+        # reserved (given back, tokens would leave it full, as missing). Inserted before any row is locked, in key
+        # order, as reserves lock: waiting for another's insert never holds a lock it needs.
+        buckets = [check for check in moved if check.kind is Kind.TOKENS and used > check.amount]
         if buckets:
             _create(buckets, {}, now, ttl=0.0)
-        rows = LimitCounter.objects.select_for_update().filter(key__in=[check.key for check in moved]).order_by("key")
-        found = {row.key: row for row in rows}
+        found = _counters_lock(cursor, [check.key for check in moved])
         changed = []
         for check in moved:
-            row = found.get(check.key)
-            if row is None:
-                continue  # a budget whose counter went: its seed will read this request's usage instead
+            counter = found.get(check.key)
+            if counter is None:
+                # A budget whose counter went: its seed will read this request's usage instead. A bucket: full.
+                continue
             if check.kind is Kind.BUDGET:
-                row.value += used - check.amount
+                value, stamp, expires_at = counter
+                changed.append((value + used - check.amount, stamp, expires_at, check.key))
             else:
-                _bucket_store(row, check, min(check.limit, _level(row, check, now) + check.amount - used), now)
-            changed.append(row)
-        if changed:
-            LimitCounter.objects.bulk_update(changed, ["value", "stamp", "expires_at"])
+                level = min(check.limit, _level(counter, check, now) + check.amount - used)
+                changed.append((*_bucket(check, level, now), check.key))
+        _counters_update(cursor, changed)
 
 
 def _refresh(leases: Sequence[tuple[str, str]], now: float, ttl: float) -> None:
     # By reservation: a request in flight has every lease it holds renewed, which is what the caller asks for.
     reservations = sorted({reservation for _key, reservation in leases})
-    for start in range(0, len(reservations), _REFRESH_BATCH):
-        LimitLease.objects.filter(
-            reservation__in=reservations[start : start + _REFRESH_BATCH], expires_at__gt=now
-        ).exclude(key=_MARKER).update(expires_at=now + ttl)
+    with connection.cursor() as cursor:
+        for start in range(0, len(reservations), _REFRESH_BATCH):
+            batch = reservations[start : start + _REFRESH_BATCH]
+            cursor.execute(
+                f"UPDATE {_LEASES} SET {_LEASE_EXPIRES} = %s WHERE {_RESERVATION} IN ({_marks(len(batch))})"  # noqa: S608 (names from the models)
+                f" AND {_LEASE_EXPIRES} > %s AND {_LEASE_KEY} <> %s",
+                [now + ttl, *batch, now, _MARKER],
+            )
 
 
 def _tidy(now: float) -> None:
