@@ -172,6 +172,27 @@ def test_no_location_drops_the_security_headers() -> None:
         assert "add_header" not in location, f"this location would drop the server's headers: {location}"
 
 
+def test_every_proxied_location_streams_and_keeps_the_forwarded_headers() -> None:
+    """The proxy settings are the server's, set once: a location with a proxy_set_header of its own would inherit
+    none of the server's (Host, X-Forwarded-For, the keep-alive Connection)."""
+    https = https_server_block()
+    server_level = re.sub(r"location[^{]*\{[^{}]*\}", "", https)
+    for setting in (
+        r"proxy_http_version\s+1\.1;",
+        r'proxy_set_header\s+Connection\s+"";',
+        r"proxy_set_header\s+Host\s+\$host;",
+        r"proxy_set_header\s+X-Forwarded-For\s+\$proxy_add_x_forwarded_for;",
+        r"proxy_set_header\s+X-Forwarded-Proto\s+\$scheme;",
+        r"proxy_buffering\s+off;",
+        r"proxy_cache\s+off;",
+    ):
+        assert re.search(setting, server_level), setting
+    proxied = [location for location in re.findall(r"location[^{]*\{[^{}]*\}", https) if "proxy_pass" in location]
+    assert len(proxied) == 2
+    for location in proxied:
+        assert "proxy_set_header" not in location and "proxy_buffering" not in location, location
+
+
 def test_plain_http_only_redirects_to_https() -> None:
     config = re.sub(r"#[^\n]*", "", NGINX_CONF.read_text())
     [plain] = re.findall(r"server\s*\{([^{}]*listen\s+80\b[^{}]*)\}", config)
