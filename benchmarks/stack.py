@@ -153,10 +153,13 @@ def redis_server() -> Iterator[str]:
     gateway itself does, as with a Redis on other cores or another host. Yields its URL."""
     cores = Cores.detect()
     port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-redis-"))
-    log = workdir / "redis.log"
     args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    with _process(args, cwd=workdir, env={}, cpus=cores.client, log=log) as process:
+    with (
+        tempfile.TemporaryDirectory(prefix="gateway-bench-redis-") as workdir,
+        _process(
+            args, cwd=Path(workdir), env={}, cpus=cores.client, log=(log := Path(workdir) / "redis.log")
+        ) as process,
+    ):
         deadline = time.monotonic() + 10
         while True:
             try:
