@@ -30,6 +30,11 @@ class TcpProxy:
         self._replying = threading.Event()  # what the target answers
         self._replying.set()
 
+    @property
+    def is_open(self) -> bool:
+        """Whether it accepts connections (restored, not cut since)."""
+        return self._open
+
     def restore(self) -> None:
         listener = socket.create_server(("127.0.0.1", self.port))
         with self._lock:

@@ -40,20 +40,26 @@ def usage_row(timeout: float = 10.0, **lookup: Any) -> RequestLog:
     raise AssertionError(f"no RequestLog row for {lookup}")
 
 
+# How long the usage row count must hold still before a test's rows count as written: four of the gateway's
+# flush intervals (USAGE_FLUSH_SECONDS, 0.05 s here), read every interval.
+SETTLED_SECONDS = 0.2
+SETTLE_POLL_SECONDS = 0.05
+
+
 @pytest.fixture(autouse=True)
 def _usage_writes_settled(transactional_db: None) -> Iterator[None]:
     """Let the gateway write a test's last usage rows before the test database is emptied.
 
     Emptying it (TRUNCATE) while the gateway inserts a row can deadlock in PostgreSQL, which then fails
-    the next test's set-up. The gateway writes every 0.05 s here: the row count holding still for 0.3 s
-    means it is done. (Torn down before `transactional_db`, which it depends on.)
+    the next test's set-up. The gateway writes every 0.05 s here: the row count holding still for
+    SETTLED_SECONDS means it is done. (Torn down before `transactional_db`, which it depends on.)
     """
     yield
     deadline = time.monotonic() + 5
-    count = -1
-    while time.monotonic() < deadline:
+    count = RequestLog.objects.count()
+    still_since = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - still_since < SETTLED_SECONDS:
+        time.sleep(SETTLE_POLL_SECONDS)
         latest = RequestLog.objects.count()
-        if latest == count:
-            return
-        count = latest
-        time.sleep(0.3)
+        if latest != count:
+            count, still_since = latest, time.monotonic()

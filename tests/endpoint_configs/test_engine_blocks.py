@@ -137,6 +137,7 @@ def test_with_two_blocks_one_that_ends_is_replaced_at_the_next_task(
 ) -> None:
     """The walltime overlap needs the engine to bring a second block back while the first still serves: Parsl
     starts blocks only for load, so the cluster configs' `parallelism` must make one task count as load."""
+    from globus_compute_common.messagepack import unpack
     from parsl.jobs.states import JobState
 
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -147,6 +148,11 @@ def test_with_two_blocks_one_that_ends_is_replaced_at_the_next_task(
     engine_config["block_error_handler"] = False
     engine_config["job_status_kwargs"] = {**polaris_engine["job_status_kwargs"], "strategy_period": 0.5}
     engine_config["max_workers_per_node"] = 4
+    # The interchange learns that a block's workers are gone only from their missing heartbeats: by default
+    # after 120 s, and a task it hands them meanwhile is lost (answered as failed once they expire). Beats
+    # every second, expired after a few, let the test wait for it (below) in seconds.
+    engine_config["heartbeat_period"] = 1
+    engine_config["heartbeat_threshold"] = 6
     provider = engine_config["provider"]
     provider.update({key: polaris[key] for key in ("init_blocks", "min_blocks", "max_blocks", "parallelism")})
     provider["worker_init"] = ""  # no vLLM: this is about blocks, the task only has to run somewhere
@@ -157,17 +163,22 @@ def test_with_two_blocks_one_that_ends_is_replaced_at_the_next_task(
     def running() -> set[str]:
         return {block for block, status in executor.status_facade.items() if status.state == JobState.RUNNING}
 
+    def managed_blocks() -> set[str]:
+        return {str(manager["block_id"]) for manager in engine.get_connected_managers()}
+
     try:
         wait_for(lambda: running() == {"0", "1"} and len(engine.get_connected_managers()) == 2, "two blocks serve")
         job = executor.blocks_to_job_id["0"]
         os.killpg(os.getpgid(executor.provider.resources[job]["remote_pid"]), signal.SIGKILL)  # its walltime is up
         wait_for(lambda: executor.status_facade["0"].terminal, "block 0 ends")
+        wait_for(lambda: managed_blocks() == {"1"}, "the interchange forgets block 0's workers")
 
         # Parsl sees load only while a task is outstanding when its strategy runs: like a real request, this one
         # takes seconds (a vLLM that accepts the connection and answers nothing until the read timeout).
         with socket.create_server(("127.0.0.1", 0)) as silent:
             future = health_task(engine, silent.getsockname()[1], read_timeout=5)
-            assert future.result(timeout=120)  # served by block 1...
+            result = unpack(future.result(timeout=120))
+            assert not result.is_error, result  # served by block 1...
         wait_for(lambda: running() == {"1", "2"}, "...and the task brought a fresh block for the one that ended")
     finally:
         engine.shutdown()

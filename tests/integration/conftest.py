@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -18,6 +20,9 @@ FLUSH_SECONDS = 0.05
 CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
+REDIS_URL = os.environ.get("REDIS_URL", "")
+
+
 @pytest.fixture
 def proxy() -> Iterator[TcpProxy]:
     """A proxy in front of the test database's PostgreSQL server."""
@@ -27,6 +32,29 @@ def proxy() -> Iterator[TcpProxy]:
     yield tcp
     tcp.resume()
     tcp.cut()
+
+
+@pytest.fixture(scope="module")
+def redis_proxy() -> Iterator[TcpProxy]:
+    """A proxy in front of the tests' Redis (REDIS_URL), shared by a module's tests and gateways."""
+    target = urlsplit(REDIS_URL)
+    tcp = TcpProxy((target.hostname or "127.0.0.1", target.port or 6379))
+    tcp.restore()
+    yield tcp
+    tcp.cut()
+
+
+@pytest.fixture
+def redis_up(redis_proxy: TcpProxy) -> TcpProxy:
+    """The module's Redis proxy, passing traffic again (an earlier test may have left it cut)."""
+    if not redis_proxy.is_open:
+        redis_proxy.restore()
+    return redis_proxy
+
+
+def redis_through(proxy: TcpProxy) -> str:
+    """REDIS_URL, by way of `proxy`."""
+    return urlsplit(REDIS_URL)._replace(netloc=f"127.0.0.1:{proxy.port}").geturl()
 
 
 def gateway_env(proxy: TcpProxy, data_dir: Path) -> dict[str, str]:

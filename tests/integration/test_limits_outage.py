@@ -6,11 +6,8 @@ The gateway reaches Redis through a TCP proxy the test cuts: connections refused
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -19,9 +16,8 @@ from resource_server.models import Limit, RequestLog, User
 from resource_server.services.api_keys import api_key_create
 from tests.conftest import Seeded, seed
 from tests.e2e.conftest import _usage_writes_settled, e2e_gateway, usage_row
+from tests.integration.conftest import REDIS_URL, redis_through
 from tests.tcp_proxy import TcpProxy
-
-REDIS_URL = os.environ.get("REDIS_URL", "")
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -33,17 +29,8 @@ CHAT = {"model": "demo-model", "messages": [{"role": "user", "content": "Hi"}], 
 
 
 @pytest.fixture
-def redis_proxy() -> Iterator[TcpProxy]:
-    target = urlsplit(REDIS_URL)
-    proxy = TcpProxy((target.hostname or "127.0.0.1", target.port or 6379))
-    proxy.restore()
-    yield proxy
-    proxy.cut()
-
-
-@pytest.fixture
-def through_proxy(redis_proxy: TcpProxy) -> str:
-    return urlsplit(REDIS_URL)._replace(netloc=f"127.0.0.1:{redis_proxy.port}").geturl()
+def through_proxy(redis_up: TcpProxy) -> str:
+    return redis_through(redis_up)
 
 
 def _another_user(seeded: Seeded) -> Seeded:

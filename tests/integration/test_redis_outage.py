@@ -21,9 +21,8 @@ import pytest
 from resource_server.models import Cluster, Endpoint, User
 from resource_server.services.api_keys import api_key_create
 from tests.e2e.conftest import _usage_writes_settled, e2e_gateway, usage_row
+from tests.integration.conftest import REDIS_URL, redis_through
 from tests.tcp_proxy import TcpProxy
-
-REDIS_URL = os.environ.get("REDIS_URL", "")
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -36,19 +35,9 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 
 
 @pytest.fixture(scope="module")
-def redis_proxy() -> Iterator[TcpProxy]:
-    target = urlsplit(REDIS_URL)
-    proxy = TcpProxy((target.hostname or "127.0.0.1", target.port or 6379))
-    proxy.restore()
-    yield proxy
-    proxy.cut()
-
-
-@pytest.fixture(scope="module")
 def gateway_url(django_db_setup: None, tmp_path_factory: Any, redis_proxy: TcpProxy) -> Iterator[str]:
-    through_proxy = urlsplit(REDIS_URL)._replace(netloc=f"127.0.0.1:{redis_proxy.port}").geturl()
     # Shedding by event-loop lag (issue 9, item 9) must not refuse these streams on a loaded test machine.
-    with e2e_gateway(tmp_path_factory, REDIS_URL=through_proxy) as url:
+    with e2e_gateway(tmp_path_factory, REDIS_URL=redis_through(redis_proxy)) as url:
         yield url
 
 
