@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import re
 import secrets
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, Self
@@ -267,7 +268,7 @@ class JobsPoller:
         try:
             jobs = await self._reader.read(config)
         except SchedulerReadError as exc:
-            if last is None or last.error != exc.reason:  # logged when it starts failing, or fails otherwise
+            if last is None or _shape(last.error) != _shape(exc.reason):  # when it starts failing, or fails otherwise
                 logger.warning("scheduler of cluster %s could not be read: %s", cluster, exc.reason)
             if exc.unknown or last is None:
                 return JobsRecord(None, None, exc.reason, now)
@@ -275,3 +276,9 @@ class JobsPoller:
         if last is not None and last.error is not None:
             logger.info("scheduler of cluster %s read again (%d jobs)", cluster, len(jobs.jobs))
         return JobsRecord(jobs, now, None, now)
+
+
+def _shape(reason: str | None) -> str | None:
+    """A failure's message without its numbers: a scheduler that prints the same garbage with another timestamp,
+    or cut at another length, fails the same way (and is not logged again)."""
+    return None if reason is None else re.sub(r"\d+", "#", reason)

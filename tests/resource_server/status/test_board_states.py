@@ -27,7 +27,7 @@ from resource_server.dispatch.local import LocalExecutors
 from resource_server.models import Cluster, Endpoint, EndpointStart
 from resource_server.status.base import State
 from resource_server.status.board import StatusBoard
-from resource_server.status.scheduler import SchedulerFunction, installed_scheduler_function
+from resource_server.status.scheduler import SchedulerFunction, _shape, installed_scheduler_function
 from tests.conftest import FakeScheduler
 from tests.resource_server.status.conftest import Clock, build_board, scheduler_commands
 from tests.resource_server.status.fake_scheduler import fake_scheduler_jobs
@@ -215,6 +215,17 @@ async def test_live_draining_offline_queued_starting_live_with_etas_load_times_a
     changes = [found.group(1) for _, message in _changes(caplog) if (found := re.search(r"\) is (\w+) \(", message))]
     assert changes == ["live", "draining", "offline", "queued", "starting", "live"], "each change once"
     assert [level for level, message in _changes(caplog) if " is offline" in message] == [logging.WARNING]
+
+
+def test_failing_the_same_way_ignores_the_numbers_in_the_message() -> None:
+    """qstat's garbage carries its timestamp, and a cut-short output another length: the same failure."""
+    garbage = (
+        "`qstat -f -F json` printed invalid JSON (Expecting ',' delimiter: line 1 column {} (char {})): "
+        "'{{\"timestamp\":{}'"
+    )
+    assert _shape(garbage.format(80, 79, 1796000000)) == _shape(garbage.format(81, 80, 1796000001))
+    assert _shape("`qstat` exited with status 1: cannot connect") != _shape(garbage.format(80, 79, 1796000000))
+    assert _shape(None) is None
 
 
 @pytest.mark.parametrize(
