@@ -59,8 +59,8 @@ class Command(BaseCommand):
         where = UsageFilter(
             since=since,
             until=until,
-            user_id=_user_id(options["user"]),
-            project_id=_project_id(options["project"]),
+            user_id=_id_named(User, "username", options["user"]),
+            project_id=_id_named(Project, "name", options["project"]),
             model=options["model"],
         )
         lines = usage_list(where=where, by=by)
@@ -75,22 +75,14 @@ class Command(BaseCommand):
         writer.writerows(usage_row(line) for line in lines)
 
 
-def _user_id(username: str | None) -> int | None:
-    if username is None:
-        return None
-    found = User.objects.filter(username=username).values_list("pk", flat=True).first()
-    if found is None:
-        raise CommandError(f"No user is named {username!r}.")
-    return found
-
-
-def _project_id(name: str | None) -> int | None:
+def _id_named(model: type[User] | type[Project], field: str, name: str | None) -> int | None:
+    """The id of the user or project called `name` (None: no such filter)."""
     if name is None:
         return None
-    found = Project.objects.filter(name=name).values_list("pk", flat=True).first()
+    found = model.objects.filter(**{field: name}).values_list("pk", flat=True).first()
     if found is None:
-        raise CommandError(f"No project is named {name!r}.")
-    return found
+        raise CommandError(f"No {model._meta.verbose_name} is named {name!r}.")
+    return int(found)
 
 
 def _since(text: str, until: date) -> date:
