@@ -27,7 +27,7 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from resource_server.admin_usage import UsageDailyAdmin
+from resource_server.admin_usage import UsageDailyAdmin, UsageRecordsReadOnly
 from resource_server.models import (
     ApiKey,
     Cluster,
@@ -735,7 +735,7 @@ MODEL_SHOWN = 24
 
 
 @admin.register(RequestLog)
-class RequestLogAdmin(WideChangelist, admin.ModelAdmin[RequestLog]):
+class RequestLogAdmin(UsageRecordsReadOnly, WideChangelist, admin.ModelAdmin[RequestLog]):
     """Usage rows are accounting records: listed and shown, never added, changed or deleted here (`prune_usage`
     deletes rows past the retention, their totals kept in the daily rollup)."""
 
@@ -773,15 +773,6 @@ class RequestLogAdmin(WideChangelist, admin.ModelAdmin[RequestLog]):
     show_full_result_count = False
     paginator = EstimatedCountPaginator
     list_per_page = 50
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[RequestLog], search_term: str

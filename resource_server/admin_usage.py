@@ -71,12 +71,9 @@ class UsagePageForm(forms.Form):
         )
 
 
-class UsageDailyAdmin(admin.ModelAdmin[UsageDaily]):
-    """The usage page in place of a list of rollup rows; no add, change or delete page exists for them."""
-
-    def get_urls(self) -> list[URLPattern]:
-        info = self.opts.app_label, self.opts.model_name
-        return [path("", self.admin_site.admin_view(self.usage_view), name="{}_{}_changelist".format(*info))]
+class UsageRecordsReadOnly:
+    """Usage rows and their totals are accounting records: an admin may read them, never add, edit or delete
+    one (the request log and the daily rollup)."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -86,6 +83,14 @@ class UsageDailyAdmin(admin.ModelAdmin[UsageDaily]):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class UsageDailyAdmin(UsageRecordsReadOnly, admin.ModelAdmin[UsageDaily]):
+    """The usage page in place of a list of rollup rows; no add, change or delete page exists for them."""
+
+    def get_urls(self) -> list[URLPattern]:
+        info = self.opts.app_label, self.opts.model_name
+        return [path("", self.admin_site.admin_view(self.usage_view), name="{}_{}_changelist".format(*info))]
 
     def usage_view(self, request: HttpRequest) -> HttpResponseBase:
         if not self.has_view_permission(request):
