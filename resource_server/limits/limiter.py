@@ -38,7 +38,7 @@ class Refusal:
 class LimitReservation:
     """What one admitted request holds, until settled with what it used."""
 
-    __slots__ = ("_limiter", "_settled", "checks", "id", "tight", "verdict")
+    __slots__ = ("_limiter", "_settled", "checks", "id", "verdict")
 
     def __init__(self, limiter: Limiter, reservation_id: str, checks: Sequence[Check], verdict: Verdict) -> None:
         self._limiter = limiter
@@ -46,8 +46,13 @@ class LimitReservation:
         self.id = reservation_id
         self.checks = checks
         self.verdict = verdict
-        # The same request again would not fit now: whether this one's settle is applied decides the next one.
-        self.tight = any(state.remaining < check.amount for check, state in zip(checks, verdict.states, strict=True))
+
+    @property
+    def tight(self) -> bool:
+        """The same request again would not fit now: whether this one's settle is applied decides the next one."""
+        return any(
+            state.remaining < check.amount for check, state in zip(self.checks, self.verdict.states, strict=True)
+        )
 
     def settle(self, used_tokens: int) -> None:
         """Release and correct the reservation (once), started now; `settled()` waits until later requests see
@@ -69,7 +74,7 @@ class LimitReservation:
         settling = self._settled
         if settling is None or settling.done():
             return
-        if self.tight or not self._limiter.store.settles_in_order:
+        if not self._limiter.store.settles_in_order or self.tight:
             await asyncio.shield(settling)
 
 
