@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 from tests.servers import free_port
 
@@ -92,3 +94,15 @@ class TcpProxy:
             for sock in (source, sink):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def proxy_to(url: str, default_port: int) -> Iterator[TcpProxy]:
+    """An open proxy in front of the server a URL names (redis://, http://, ...), cut on exit."""
+    address = urlsplit(url)
+    tcp = TcpProxy((address.hostname or "127.0.0.1", address.port or default_port))
+    tcp.restore()
+    try:
+        yield tcp
+    finally:
+        tcp.cut()

@@ -42,7 +42,7 @@ from tests.conftest import seed
 from tests.e2e.conftest import e2e_gateway
 from tests.proc import worker_answering, worker_pids, workers_by_client_port
 from tests.servers import fake_stats
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, proxy_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -83,12 +83,8 @@ class Gateway:
 
 @pytest.fixture(scope="module")
 def proxy(model_server: str) -> Iterator[TcpProxy]:
-    address = urlsplit(model_server)
-    tcp = TcpProxy((address.hostname or "127.0.0.1", address.port or 80))
-    tcp.restore()
-    yield tcp
-    tcp.resume()
-    tcp.cut()
+    with proxy_to(model_server, 80) as tcp:
+        yield tcp
 
 
 @pytest.fixture(scope="module", params=["redis", "database"])

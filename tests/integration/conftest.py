@@ -13,7 +13,7 @@ import pytest
 from django.db import connection
 
 from resource_server.models import RequestLog
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, proxy_to
 
 # Usage rows are written within this long of a request's end, so tests wait little for them.
 FLUSH_SECONDS = 0.05
@@ -37,11 +37,8 @@ def proxy() -> Iterator[TcpProxy]:
 @pytest.fixture(scope="module")
 def redis_proxy() -> Iterator[TcpProxy]:
     """A proxy in front of the tests' Redis (REDIS_URL), shared by a module's tests and gateways."""
-    target = urlsplit(REDIS_URL)
-    tcp = TcpProxy((target.hostname or "127.0.0.1", target.port or 6379))
-    tcp.restore()
-    yield tcp
-    tcp.cut()
+    with proxy_to(REDIS_URL, 6379) as tcp:
+        yield tcp
 
 
 @pytest.fixture

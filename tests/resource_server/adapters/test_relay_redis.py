@@ -15,7 +15,7 @@ import pytest
 
 from resource_server.adapters.relay import Delivery, RedisRelayHub, RelayMessage
 from resource_server.errors import ServiceUnavailable
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, proxy_to
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 
@@ -79,11 +79,8 @@ async def test_more_streams_than_redis_pys_default_pool_can_wait_at_once() -> No
 
 @pytest.fixture
 def proxy() -> Iterator[TcpProxy]:
-    target = urlsplit(REDIS_URL)
-    tcp = TcpProxy((target.hostname or "127.0.0.1", target.port or 6379))
-    tcp.restore()
-    yield tcp
-    tcp.cut()
+    with proxy_to(REDIS_URL, 6379) as tcp:
+        yield tcp
 
 
 async def test_a_redis_outage_fails_reads_and_opens_closing_stays_quiet_and_the_hub_recovers(

@@ -21,7 +21,7 @@ from resource_server.limits.base import Check, Kind, LimitStore, LimitStoreUnava
 from resource_server.limits.store_db import DatabaseLimitStore
 from resource_server.limits.store_redis import RedisLimitStore
 from tests.resource_server.limits.racers import Race, race
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, proxy_to
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 needs_redis = pytest.mark.skipif(not REDIS_URL, reason="needs REDIS_URL pointing at Redis")
@@ -376,12 +376,8 @@ def test_processes_racing_for_one_limit_are_admitted_exactly_as_many_as_fit(
 
 @pytest.fixture
 def redis_proxy() -> Iterator[TcpProxy]:
-    target = urlsplit(REDIS_URL)
-    tcp = TcpProxy((target.hostname or "127.0.0.1", target.port or 6379))
-    tcp.restore()
-    yield tcp
-    tcp.resume()
-    tcp.cut()
+    with proxy_to(REDIS_URL, 6379) as tcp:
+        yield tcp
 
 
 @needs_redis
