@@ -55,6 +55,16 @@ def limit_form(**fields: str) -> dict[str, str]:
     return {**form, **fields}
 
 
+def period(starts: str, ends: str) -> dict[str, str]:
+    """An allocation period's fields as the admin's split date and time inputs post them (midnight UTC)."""
+    return {
+        "allocation_starts_0": starts,
+        "allocation_starts_1": "00:00:00",
+        "allocation_ends_0": ends,
+        "allocation_ends_1": "00:00:00",
+    }
+
+
 def refused(client: Client, form: dict[str, str]) -> dict[str, list[str]]:
     """The add form's errors, by field ("__all__": the limit as a whole); asserts nothing was saved."""
     response = client.post(ADD, form)
@@ -69,10 +79,7 @@ def test_valid_limit_is_saved(admin_client: Client, project: Project) -> None:
         project=str(project.pk),
         requests_per_minute="600",
         allocation_tokens="1000000",
-        allocation_starts_0="2026-01-01",
-        allocation_starts_1="00:00:00",
-        allocation_ends_0="2026-07-01",
-        allocation_ends_1="00:00:00",
+        **period("2026-01-01", "2026-07-01"),
     )
     response = admin_client.post(ADD, form)
     assert response.status_code == 302, response.context["adminform"].form.errors
@@ -129,10 +136,7 @@ def test_an_allocation_ending_before_it_starts_is_refused(admin_client: Client, 
     form = limit_form(
         project=str(project.pk),
         allocation_tokens="1000",
-        allocation_starts_0="2026-07-01",
-        allocation_starts_1="00:00:00",
-        allocation_ends_0="2026-01-01",
-        allocation_ends_1="00:00:00",
+        **period("2026-07-01", "2026-01-01"),
     )
     assert refused(admin_client, form) == {"allocation_ends": ["The allocation must end after it starts."]}
 
@@ -146,10 +150,7 @@ def test_a_date_that_cannot_be_read_is_refused_on_its_field(admin_client: Client
     form = limit_form(
         project=str(project.pk),
         allocation_tokens="1000",
-        allocation_starts_0="next monday",
-        allocation_starts_1="00:00:00",
-        allocation_ends_0="2026-01-01",
-        allocation_ends_1="00:00:00",
+        **period("next monday", "2026-01-01"),
     )
     assert "allocation_starts" in refused(admin_client, form)
 
